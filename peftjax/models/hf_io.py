@@ -1,0 +1,232 @@
+"""Hugging Face checkpoints (config.json + safetensors) ↔ flax param trees.
+
+The mapping is generic, derived from the flax param names, so a new family needs no table:
+
+    flax ``<module path>.kernel``    (in, out)  ↔  HF ``<module path>.weight`` (out, in), transposed
+    flax ``<module path>.scale``                ↔  HF ``<module path>.weight``  (norms)
+    flax ``<module path>.embedding``            ↔  HF ``<module path>.weight``  (embeddings)
+    flax ``<module path>.bias``                 ↔  HF ``<module path>.bias``
+
+A bare-backbone checkpoint (e.g. ``BertModel``: ``encoder.layer.0...``) loads into a model with
+a head (``bert.encoder.layer.0...``) by prefix, as transformers' ``base_model_prefix`` does;
+the head is then freshly initialised and reported. Weights are read with safetensors only:
+pickled ``.bin`` checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from peftjax.models.registry import Model, build_model
+
+log = logging.getLogger(__name__)
+
+_LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# Old TF-converted BERT checkpoints name LayerNorm params gamma/beta.
+_LEGACY = {"weight": "gamma", "bias": "beta"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says exactly why."""
+
+
+def flatten(params: dict) -> dict[str, Any]:
+    return traverse_util.flatten_dict(params, sep=".")
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def hf_name(path: str) -> tuple[str, bool]:
+    """HF tensor name of a flax param path, and whether the array is transposed."""
+    module, _, leaf = path.rpartition(".")
+    if leaf not in _LEAF_TO_HF:
+        raise ValueError(f"param {path!r} has no Hugging Face name mapping")
+    return f"{module}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
+
+
+def _candidates(name: str, prefix: str) -> Iterable[str]:
+    """Names a tensor may carry: as is, with or without the backbone prefix, legacy LN names."""
+    names = [name]
+    module, _, leaf = name.rpartition(".")
+    if module.endswith("LayerNorm") and leaf in _LEGACY:
+        names.append(f"{module}.{_LEGACY[leaf]}")
+    for n in names:
+        yield n
+        if prefix:
+            yield n[len(prefix) + 1:] if n.startswith(prefix + ".") else f"{prefix}.{n}"
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The safetensors files of a checkpoint folder (a sharded index is followed)."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {missing}")
+        return [os.path.join(folder, s) for s in shards]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(folder, f) for f in files]
+    pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickled:
+        raise CheckpointError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}); peftjax never unpickles "
+            "files (loading a pickle can run arbitrary code). Convert the checkpoint to safetensors "
+            "first, e.g. in a trusted environment: transformers.AutoModel.from_pretrained(folder)"
+            ".save_pretrained(out, safe_serialization=True)")
+    raise CheckpointError(f"{folder} has no *.safetensors weights")
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for path in safetensors_files(folder):
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _to_dtype(array: np.ndarray, dtype: Any) -> jax.Array:
+    return jnp.asarray(array, dtype=dtype)
+
+
+def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: Any = jnp.float32,
+                        rng: jax.Array | None = None, source: str = "checkpoint") -> tuple[dict, list[str]]:
+    """Maps HF tensors onto the model's param tree.
+
+    Returns ``(params, newly_initialised)``: task-head params absent from the checkpoint are
+    initialised randomly (listed in the second value); any other missing or mis-shaped tensor is
+    an error naming each one.
+    """
+    abstract = flatten(model.abstract_params())
+    prefix = model.backbone_prefix
+    head = model.head_prefixes
+    out: dict[str, Any] = {}
+    missing, misshaped, fresh = [], [], []
+    for path, spec in abstract.items():
+        name, transpose = hf_name(path)
+        found = next((c for c in _candidates(name, prefix) if c in tensors), None)
+        if found is None:
+            if any(path == h or path.startswith(h + ".") for h in head):
+                fresh.append(path)
+            else:
+                missing.append(name)
+            continue
+        array = tensors[found]
+        if transpose:
+            array = array.T
+        if tuple(array.shape) != tuple(spec.shape):
+            misshaped.append(f"{found}: checkpoint {tuple(tensors[found].shape)}, model expects "
+                             f"{tuple(spec.shape[::-1]) if transpose else tuple(spec.shape)}")
+            continue
+        out[path] = _to_dtype(array, dtype)
+    if missing or misshaped:
+        lines = []
+        if missing:
+            lines.append(f"missing tensors ({len(missing)}): {', '.join(missing[:50])}"
+                         + (" ..." if len(missing) > 50 else ""))
+        if misshaped:
+            lines.append(f"mis-shaped tensors ({len(misshaped)}): {'; '.join(misshaped[:50])}")
+        raise CheckpointError(f"{source} does not fit the {model.family.name} model:\n  "
+                              + "\n  ".join(lines))
+    if fresh:
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        init = flatten(model.init(rng))
+        for path in fresh:
+            out[path] = init[path].astype(dtype)
+        log.info("newly initialised (not in %s): %s", source, ", ".join(fresh))
+    return unflatten(out), fresh
+
+
+def load_pretrained(folder: str, head: str = "none", num_labels: int | None = None, *,
+                    dtype: Any = jnp.float32, rng: jax.Array | None = None,
+                    remat: bool = False) -> tuple[Model, dict]:
+    """Builds the model of a checkpoint folder and loads its weights (fp32 or bf16)."""
+    config = read_config(folder)
+    model = build_model(config, head=head, num_labels=num_labels, remat=remat)
+    params, _ = params_from_tensors(model, read_safetensors(folder), dtype=dtype, rng=rng,
+                                    source=folder)
+    return model, params
+
+
+def tensors_from_params(params: dict) -> dict[str, np.ndarray]:
+    """The HF-named tensors of a param tree (inverse of ``params_from_tensors``)."""
+    out = {}
+    for path, value in flatten(params).items():
+        name, transpose = hf_name(path)
+        array = np.asarray(jax.device_get(value))
+        out[name] = np.ascontiguousarray(array.T if transpose else array)
+    return out
+
+
+def save_pretrained(model: Model, params: dict, folder: str, *,
+                    max_shard_bytes: int | None = None) -> None:
+    """Writes ``config.json`` and safetensors in the Hugging Face layout (sharded when asked).
+
+    Each file is written to a temporary name and renamed, so a kill leaves no half file.
+    """
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tensors = tensors_from_params(params)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+
+    def write(path: str, fn) -> None:
+        tmp = path + ".tmp"
+        fn(tmp)
+        os.replace(tmp, path)
+
+    if len(shards) == 1:
+        write(os.path.join(folder, "model.safetensors"),
+              lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write(os.path.join(folder, fname), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            weight_map.update({k: fname for k in shard})
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+                 "weight_map": weight_map}
+        write(os.path.join(folder, "model.safetensors.index.json"),
+              lambda p: open(p, "w").write(json.dumps(index, indent=2)))
+    config = model.hf_config.to_dict()
+    write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+
+
+def load_tokenizer(folder: str):
+    """The checkpoint's tokenizer through transformers (``AutoTokenizer.from_pretrained``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

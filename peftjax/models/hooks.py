@@ -1,0 +1,111 @@
+"""The hook points a model exposes to PEFT methods, and nothing more.
+
+Why hooks and a context, not wrapped modules: the model zoo stays ignorant of every method.
+Each model calls four functions at fixed places in its forward pass; by default they return
+their input unchanged, so a model without a method is exactly the pretrained model. A method
+becomes active for one traced call with ``with hooks.use(bound_method): model.apply(...)``
+(the same mechanism flax uses for ``nn.intercept_methods``). Because the context is entered
+inside the jitted function, the method's parameters are ordinary traced values.
+
+The hook points (``design.md``):
+
+* ``linear``        every dense layer (q/k/v/o, FFN in/out, heads): LoRA family, IA3-style scaling.
+* ``attention_kv``  keys/values and the mask of every attention layer: prefix tuning.
+* ``embeddings``    the input-embedding sequence before positions are added: prompt tuning.
+* ``block_output``  the output of each attention block and FFN block before the residual:
+                    adapters (Houlsby, Pfeiffer).
+
+Each hook receives the calling flax module; ``site(module)`` gives its dotted Hugging Face
+path (``bert.encoder.layer.0.attention.self.query``) which methods use as the key of their
+own parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import jax
+
+Array = jax.Array
+
+
+class Hooks:
+    """No-op hooks. PEFT methods override the points they need."""
+
+    def linear(self, module, x: Array, y: Array, kernel: Array, bias: Array | None) -> Array:
+        """``y = x @ kernel + bias`` was computed by ``module``; return the adapted output."""
+        return y
+
+    def attention_kv(self, module, key: Array, value: Array, mask: Array) -> tuple[Array, Array, Array]:
+        """key/value ``(batch, kv_len, kv_heads, head_dim)``, mask ``(batch, 1, q_len, kv_len)`` bool."""
+        return key, value, mask
+
+    def embeddings(self, module, embeds: Array, attention_mask: Array,
+                   token_type_ids: Array | None) -> tuple[Array, Array, Array | None]:
+        """Token embeddings ``(batch, seq, hidden)`` before positions are added."""
+        return embeds, attention_mask, token_type_ids
+
+    def block_output(self, module, kind: str, h: Array) -> Array:
+        """``kind`` is ``'attention'`` or ``'ffn'``; ``h`` is the block's projected output."""
+        return h
+
+
+_NOOP = Hooks()
+_state = threading.local()
+
+
+def active() -> Hooks:
+    """The hooks in force for the model call being traced (no-op hooks when none)."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else _NOOP
+
+
+@contextlib.contextmanager
+def use(hooks: Hooks | None) -> Iterator[Hooks]:
+    """Activates ``hooks`` for every model call traced inside the ``with`` block."""
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(hooks if hooks is not None else _NOOP)
+    try:
+        yield stack[-1]
+    finally:
+        stack.pop()
+
+
+def site(module) -> str:
+    """The dotted module path of a flax module, in Hugging Face naming."""
+    return ".".join(module.path)
+
+
+class Recorder(Hooks):
+    """Records every hook call with its site and shapes (used to discover a model's sites).
+
+    Run under ``jax.eval_shape`` so no array is allocated: this is how a method learns, without
+    knowing the model, which linear layers exist, their in/out features, and where the
+    attention and FFN blocks are.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def linear(self, module, x, y, kernel, bias):
+        self.calls.append(dict(point="linear", site=site(module), in_features=kernel.shape[0],
+                               out_features=kernel.shape[1], has_bias=bias is not None))
+        return y
+
+    def attention_kv(self, module, key, value, mask):
+        self.calls.append(dict(point="attention_kv", site=site(module), kv_heads=key.shape[2],
+                               head_dim=key.shape[3]))
+        return key, value, mask
+
+    def embeddings(self, module, embeds, attention_mask, token_type_ids):
+        self.calls.append(dict(point="embeddings", site=site(module), hidden=embeds.shape[-1]))
+        return embeds, attention_mask, token_type_ids
+
+    def block_output(self, module, kind, h):
+        self.calls.append(dict(point="block_output", site=site(module), kind=kind,
+                               hidden=h.shape[-1]))
+        return h

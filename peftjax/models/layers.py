@@ -1,0 +1,160 @@
+"""Building blocks shared by the model families, each calling its hook point.
+
+Parameter names follow flax (``kernel`` of shape (in, out), ``scale``, ``bias``, ``embedding``);
+module names follow Hugging Face, so a param path reads
+``bert.encoder.layer.0.attention.self.query.kernel`` and PEFT target patterns carry over.
+``peftjax.models.hf_io`` maps these names to the safetensors keys (``weight`` transposed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftjax.models import hooks
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def normal_init(std: float) -> Initializer:
+    """Hugging Face initialises linear and embedding weights from N(0, initializer_range)."""
+    return nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+    """``y = x W + b`` whose output passes through the ``linear`` hook.
+
+    The kernel and the input are cast to ``dtype`` (the compute dtype, e.g. bf16) while the
+    stored parameter keeps ``param_dtype``.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = normal_init(0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        y = jnp.dot(x, kernel)
+        if bias is not None:
+            bias = bias.astype(self.dtype)
+            y = y + bias
+        return hooks.active().linear(self, x, y, kernel, bias)
+
+
+class Embed(nn.Module):
+    """Token (or position) embedding table; ``attend`` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Initializer = normal_init(0.02)
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", self.embedding_init,
+                                    (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        return jnp.dot(h.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 (as torch does for fp32 and autocast), params ``scale``/``bias``."""
+
+    epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (Zhang & Sennrich 2019): ``x / rms(x) * scale``, statistics in fp32.
+
+    Matches transformers' LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then
+    multiply by the weight.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def attention_weights_and_output(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                                 dropout: Callable[[jax.Array], jax.Array] | None = None,
+                                 scale: float | None = None,
+                                 bias: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q ``(B, Q, H, D)``, k/v ``(B, K, KVH, D)`` with ``H % KVH == 0``, mask ``(B, 1|H, Q, K)`` bool
+    (True = attend). Scores and softmax are computed in fp32. Grouped-query attention
+    (Ainslie et al. 2023) shares each key/value head among ``H / KVH`` query heads; the
+    reshape below computes it without materialising repeated keys.
+    """
+    b, ql, h, d = q.shape
+    kvh = k.shape[2]
+    groups = h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, ql, kvh, groups, d)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k).astype(jnp.float32) * scale
+    scores = scores.reshape(b, h, ql, k.shape[1])
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    probs = probs.reshape(b, kvh, groups, ql, k.shape[1])
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(b, ql, h, d)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Activation by its Hugging Face ``hidden_act`` name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None

@@ -1,0 +1,170 @@
+"""Model families registered by Hugging Face ``model_type``, and the ``Model`` handle.
+
+A ``Model`` bundles a flax module with what the rest of peftjax needs to know about it without
+knowing the architecture: which inputs it takes, which params form the task head (trained by
+every method and reported separately), and the prefix under which the bare backbone's weights
+live in a checkpoint (``bert.`` / ``roberta.`` / ``model.``). A new family is one module that
+calls ``register_family``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HEADS = ("none", "classification", "regression", "causal_lm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to build and drive one architecture family.
+
+    Attributes:
+      name: family name (``"bert"``, ``"llama"``).
+      model_types: the transformers ``model_type`` values it serves.
+      config_from_hf: transformers config → frozen family config dataclass.
+      build: ``(config, head, num_labels, dtype, remat) -> nn.Module``.
+      heads: heads this family supports (subset of ``HEADS``).
+      head_prefixes: ``(config, head) -> tuple`` of dotted param prefixes forming the task head.
+      backbone_prefix: ``(config, head) -> str``: prefix of the backbone params in the flax tree
+        (``""`` when the module is the bare backbone); checkpoints of the bare backbone load into
+        a model with a head by adding it.
+      input_names: batch keys the module's ``__call__`` takes, in order.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[Any], Any]
+    build: Callable[..., nn.Module]
+    heads: tuple[str, ...]
+    head_prefixes: Callable[[Any, str], tuple[str, ...]]
+    backbone_prefix: Callable[[Any, str], str]
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for model_type in family.model_types:
+        _FAMILIES[model_type] = family
+    return family
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def family_for(model_type: str) -> Family:
+    try:
+        return _FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(f"unsupported architecture model_type={model_type!r}; supported model types: "
+                         f"{', '.join(supported_model_types())}") from None
+
+
+def hf_config_from(spec: Any):
+    """A transformers config from a dict (``config.json`` contents) or a config object.
+
+    transformers' config classes fill in the defaults a ``config.json`` omits, so they are
+    the single source of truth for architecture facts.
+    """
+    import transformers
+
+    if isinstance(spec, transformers.PretrainedConfig):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"expected a config dict or transformers.PretrainedConfig, got {type(spec).__name__}")
+    spec = dict(spec)
+    model_type = spec.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("the model config has no 'model_type'; supported model types: "
+                         f"{', '.join(supported_model_types())}")
+    family_for(model_type)  # fail with the supported list before transformers' own error
+    return transformers.AutoConfig.for_model(model_type, **spec)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A model of a registered family with a chosen head.
+
+    ``apply(params, batch, train=..., rng=...)`` returns the head's output: logits for
+    classification / causal LM, a score for regression, hidden states for ``head="none"``.
+    """
+
+    family: Family
+    config: Any
+    head: str
+    num_labels: int
+    module: nn.Module
+    hf_config: Any
+    dtype: Any = jnp.float32
+
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        return self.family.head_prefixes(self.config, self.head)
+
+    @property
+    def backbone_prefix(self) -> str:
+        return self.family.backbone_prefix(self.config, self.head)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.family.input_names
+
+    def dummy_batch(self, batch: int = 1, seq: int = 8) -> dict[str, np.ndarray]:
+        out = {"input_ids": np.ones((batch, seq), np.int32),
+               "attention_mask": np.ones((batch, seq), np.int32)}
+        if "token_type_ids" in self.input_names:
+            out["token_type_ids"] = np.zeros((batch, seq), np.int32)
+        return out
+
+    def init(self, rng: jax.Array, batch: Mapping[str, Any] | None = None) -> dict:
+        """Randomly initialised params (a nested dict, flax layout)."""
+        batch = self.dummy_batch() if batch is None else batch
+        return self.module.init({"params": rng}, *self._inputs(batch), train=False)["params"]
+
+    def abstract_params(self) -> dict:
+        """The param tree as ``jax.ShapeDtypeStruct`` leaves: nothing is allocated (7B in seconds)."""
+        return jax.eval_shape(lambda r: self.init(r), jax.random.PRNGKey(0))
+
+    def _inputs(self, batch: Mapping[str, Any]) -> list:
+        return [batch.get(name) for name in self.input_names]
+
+    def apply(self, params: dict, batch: Mapping[str, Any], *, train: bool = False,
+              rng: jax.Array | None = None, **kwargs) -> Any:
+        rngs = {"dropout": rng} if (train and rng is not None) else None
+        out = self.module.apply({"params": params}, *self._inputs(batch), train=train, rngs=rngs,
+                                **kwargs)
+        if self.head == "none" and isinstance(out, tuple):
+            return out[0]
+        return out
+
+
+def build_model(hf_config: Any, head: str = "none", num_labels: int | None = None,
+                dtype: Any = jnp.float32, remat: bool = False) -> Model:
+    """Builds a ``Model`` from a transformers config (object or ``config.json`` dict)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    hf = hf_config_from(hf_config)
+    family = family_for(hf.model_type)
+    if head not in family.heads:
+        raise ValueError(f"the {family.name} family has no {head!r} head (task/model mismatch); "
+                         f"its heads: {', '.join(family.heads)}")
+    if head == "classification":
+        num_labels = num_labels or getattr(hf, "num_labels", 2)
+        if num_labels < 2:
+            raise ValueError(f"a classification head needs num_labels >= 2, got {num_labels}")
+    elif head == "regression":
+        num_labels = 1
+    else:
+        num_labels = 0
+    config = family.config_from_hf(hf)
+    module = family.build(config, head, num_labels, dtype, remat)
+    return Model(family=family, config=config, head=head, num_labels=num_labels, module=module,
+                 hf_config=hf, dtype=dtype)
