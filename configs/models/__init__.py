@@ -1,0 +1,45 @@
+"""Built-in named model configs: one file per model, ``get_config()`` → ConfigDict.
+
+Each holds the architecture facts of a well-known model as its transformers ``config.json``
+fields (``hf_config``) and, where weights ship offline, the ``checkpoint`` folder
+(``package:<module>/<subdir>`` resolves inside an installed package). File names are the model
+names lowercased with ``-`` and ``.`` as ``_`` (``all-MiniLM-L6-v2`` → ``all_minilm_l6_v2.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _module_name(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def available() -> list[str]:
+    names = []
+    for f in sorted(os.listdir(_DIR)):
+        if f.endswith(".py") and not f.startswith("_"):
+            names.append(_load(f[:-3]).name)
+    return names
+
+
+def _load(module: str) -> ml_collections.ConfigDict:
+    path = os.path.join(_DIR, module + ".py")
+    spec = importlib.util.spec_from_file_location(f"configs.models.{module}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get(name: str) -> ml_collections.ConfigDict:
+    """The named model config; an unknown name lists the available ones."""
+    module = _module_name(name)
+    if not os.path.exists(os.path.join(_DIR, module + ".py")):
+        raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(available())} "
+                         "(or pass a checkpoint folder with config.json)")
+    return _load(module)

@@ -1,0 +1,15 @@
+"""llama-7b: architecture facts (transformers config.json fields); no weights ship with peftjax."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="llama-7b",
+        checkpoint="",
+        hf_config=dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+                       eos_token_id=2),
+    ))

@@ -1,0 +1,14 @@
+"""roberta-large: architecture facts (transformers config.json fields); no weights ship with peftjax."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="roberta-large",
+        checkpoint="",
+        hf_config=dict(model_type="roberta", vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                       num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
+                       max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                       pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    ))
