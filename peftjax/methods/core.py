@@ -1,0 +1,347 @@
+"""The PEFT method protocol: a method is a pure transformation of parameter trees.
+
+Given a model and its pretrained params, a method returns
+
+1. a **partition** of the base params into a frozen tree and a trainable tree
+   (``Method.trains_base(path)``; the task head is always trainable and kept apart),
+2. **added params** of its own (``Method.init``), keyed by ``"<site>.<name>"`` where the site is
+   the dotted module path of a hook point (``bert.encoder.layer.0.attention.self.query``),
+3. **hooks** that say what it does at the model's hook points (``Method.hooks``), and
+   optionally a merge of its added params into the base weights (``Method.merge``).
+
+Training differentiates only ``trainable``, so gradients and optimizer state exist only for it,
+and a fine-tuned checkpoint is ``trainable`` alone::
+
+    peft = method.setup(rng, base_params)            # PeftParams(trainable, frozen, state)
+    def loss(trainable, frozen, batch):
+        logits = method.apply(model, trainable, frozen, state, batch, train=True, rng=rng)
+        ...
+    grads = jax.grad(loss)(peft.trainable, peft.frozen, batch)
+
+All trees are flat dicts ``{dotted path: array}`` (pytrees as optax, orbax and safetensors like
+them). A new method is one module that subclasses ``Method``, declares its ``Config`` dataclass
+and calls ``@register("name")``; every script, the grid and the accounting then know it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.models import hooks as hooks_lib
+from peftjax.models.registry import Model
+
+Array = jax.Array
+Flat = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Hook sites of a model, discovered by tracing it abstractly.
+
+
+@dataclasses.dataclass(frozen=True)
+class Sites:
+    """Where a model calls each hook point, with the shapes a method needs to size its params."""
+
+    linear: dict[str, dict]       # site -> {in_features, out_features, has_bias}
+    attention: dict[str, dict]    # site -> {kv_heads, head_dim}
+    embeddings: dict[str, dict]   # site -> {hidden}
+    blocks: dict[str, dict]       # site -> {kind: 'attention'|'ffn', hidden}
+    head_prefixes: tuple[str, ...]
+
+    @classmethod
+    def discover(cls, model: Model) -> "Sites":
+        """Traces the model under ``jax.eval_shape`` with a recording hook (no allocation)."""
+        recorder = hooks_lib.Recorder()
+        batch = model.dummy_batch(1, 4)
+
+        def run():
+            params = model.init(jax.random.PRNGKey(0), batch)
+            with hooks_lib.use(recorder):
+                return model.apply(params, batch)
+
+        jax.eval_shape(run)
+        groups: dict[str, dict[str, dict]] = {"linear": {}, "attention_kv": {}, "embeddings": {},
+                                              "block_output": {}}
+        for call in recorder.calls:
+            info = {k: v for k, v in call.items() if k not in ("point", "site")}
+            groups[call["point"]].setdefault(call["site"], info)
+        return cls(linear=groups["linear"], attention=groups["attention_kv"],
+                   embeddings=groups["embeddings"], blocks=groups["block_output"],
+                   head_prefixes=model.head_prefixes)
+
+    def is_head(self, path: str) -> bool:
+        return any(path == h or path.startswith(h + ".") for h in self.head_prefixes)
+
+    @property
+    def backbone_linear(self) -> dict[str, dict]:
+        """Linear sites outside the task head (the head is trained whole, never adapted)."""
+        return {s: v for s, v in self.linear.items() if not self.is_head(s)}
+
+
+def summarize_paths(paths: Iterable[str]) -> str:
+    """Paths with layer indices folded (``encoder.layer.*.attention.self.query (x12)``)."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        key = re.sub(r"\.\d+(?=\.|$)", ".*", p)
+        counts[key] = counts.get(key, 0) + 1
+    return "\n  ".join(f"{k} (x{n})" if n > 1 else k for k, n in counts.items())
+
+
+def match_targets(targets: str | Iterable[str], available: Iterable[str], what: str = "target") -> list[str]:
+    """Sites whose path contains a match of the regex ``targets`` (or of any item of a list).
+
+    A pattern (or any item of a list) that matches nothing is an error that lists the available
+    paths: HF PEFT silently ignores list items that match nothing when others do, a recurring
+    source of adapters that train less than their authors think.
+    """
+    available = list(available)
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    if not patterns or any(not p for p in patterns):
+        raise ValueError(f"{what}s must be a non-empty regex or list of regexes, got {targets!r}; "
+                         f"available module paths:\n  {summarize_paths(available)}")
+    chosen: list[str] = []
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{what} pattern {pattern!r} is not a valid regex: {e}") from None
+        hits = [s for s in available if rx.search(s)]
+        if not hits:
+            raise ValueError(f"{what} pattern {pattern!r} matches no module; available module "
+                             f"paths:\n  {summarize_paths(available)}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return [s for s in available if s in chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs.
+
+
+def config_from(cls: type, values: Mapping[str, Any] | None, method: str) -> Any:
+    """Builds a method's config dataclass; unknown keys are an error naming the valid ones."""
+    values = dict(values or {})
+    values.pop("name", None)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) for method {method!r}: {', '.join(unknown)}; "
+                         f"valid keys: {', '.join(sorted(fields))}")
+    for k, v in list(values.items()):
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    return cls(**values)
+
+
+def check_range(method: str, field: str, value: Any, valid: str, ok: bool) -> None:
+    """Raises ``ValueError`` naming the field, the bad value and the valid range."""
+    if not ok:
+        raise ValueError(f"{method}.{field}={value!r} is invalid; valid: {valid}")
+
+
+# --------------------------------------------------------------------------------------------
+# The method protocol.
+
+
+class PeftParams(NamedTuple):
+    """The partition a method makes of one model's params.
+
+    trainable: ``{"base": {path: array}, "added": {name: array}, "head": {path: array}}`` — the
+      only tree that is differentiated, optimised and checkpointed.
+    frozen: ``{path: array}``, the rest of the base params, never updated.
+    state: ``{name: array}``, a method's non-trainable state (masks, importance EMAs); updated by
+      ``Method.update_state`` and checkpointed with ``trainable``.
+    """
+
+    trainable: dict
+    frozen: Flat
+    state: Flat
+
+
+@dataclasses.dataclass(frozen=True)
+class InitContext:
+    """What a method may need at initialisation besides the params (all optional)."""
+
+    tokenizer: Any = None
+    # For data-driven methods (Fisher masks): a callable that yields batches of the training set
+    # and a per-example loss function of the full base params.
+    train_batches: Callable[[], Iterable[dict]] | None = None
+    loss_fn: Callable[[Flat, dict], Array] | None = None
+
+
+class Method:
+    """Base class: full fine-tuning semantics with no hooks. Subclasses override what they change.
+
+    Subclass attributes: ``name`` (set by ``register``), ``Config`` (a frozen dataclass).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    family: ClassVar[str] = ""        # 'low_rank' | 'additional' | 'selection' | 'baseline'
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, config: Any, model: Model, sites: Sites | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.sites = sites if sites is not None else Sites.discover(model)
+        self.validate()
+
+    # -- configuration --------------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks the config against the model before any compute; raises ``ValueError``."""
+
+    # -- partition ------------------------------------------------------------------------
+    def trains_base(self, path: str) -> bool:
+        """Whether the base param at ``path`` (outside the head) is trainable."""
+        return False
+
+    def init(self, rng: Array, base: Flat, ctx: InitContext) -> Flat:
+        """The method's added params, keyed ``"<site>.<name>"``."""
+        return {}
+
+    def init_state(self, base: Flat, added: Flat, ctx: InitContext) -> Flat:
+        return {}
+
+    def transform_base(self, base: Flat, added: Flat) -> Flat:
+        """Base params as the method starts from them (PiSSA replaces W0 by its residual)."""
+        return base
+
+    # -- forward --------------------------------------------------------------------------
+    def hooks(self, added: Flat, state: Flat, *, train: bool, rng: Array | None) -> hooks_lib.Hooks | None:
+        """Hooks bound to this call's params; ``None`` when the method adds no computation."""
+        return None
+
+    def effective_base(self, trainable: dict, frozen: Flat, state: Flat) -> Flat:
+        """The base params the model runs with (selection methods scatter sparse deltas here)."""
+        return {**frozen, **trainable["base"], **trainable["head"]}
+
+    # -- training -------------------------------------------------------------------------
+    def regularizer(self, trainable: dict, state: Flat) -> Array:
+        """An extra loss term (AdaLoRA's orthogonality penalty); 0 by default."""
+        return jnp.zeros((), jnp.float32)
+
+    def gradient_transform(self):
+        """An optax transformation applied to the gradients first (Child-tuning_F), or None."""
+        return None
+
+    def update_state(self, state: Flat, trainable: dict, grads: dict, step: Array) -> tuple[Flat, dict]:
+        """After each optimizer step: new state and possibly modified trainable (AdaLoRA masking)."""
+        return state, trainable
+
+    # -- merge ----------------------------------------------------------------------------
+    def merge(self, base: Flat, added: Flat, state: Flat) -> Flat:
+        """Base params with the method's update folded in (inference at the base model's cost)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights")
+
+    def unmerge(self, merged: Flat, added: Flat, state: Flat) -> Flat:
+        raise NotImplementedError(f"method {self.name!r} cannot be unmerged")
+
+    # -- accounting -----------------------------------------------------------------------
+    def count_added(self, abstract_base: Flat) -> int:
+        """Number of added trainable params, from shapes alone (override for data-driven sizes)."""
+        added = jax.eval_shape(lambda b: self.init(jax.random.PRNGKey(0), b, InitContext()),
+                               abstract_base)
+        return int(sum(np.prod(v.shape, dtype=np.int64) for v in added.values()))
+
+    # -- conveniences built on the protocol ----------------------------------------------
+    def partition(self, base: Flat) -> tuple[Flat, Flat, Flat]:
+        """Splits flat base params into (trainable base, head, frozen)."""
+        train, head, frozen = {}, {}, {}
+        for path, value in base.items():
+            if self.sites.is_head(path):
+                head[path] = value
+            elif self.trains_base(path):
+                train[path] = value
+            else:
+                frozen[path] = value
+        return train, head, frozen
+
+    def setup(self, rng: Array, base: Flat, ctx: InitContext | None = None) -> PeftParams:
+        """Initialises the method on (flat) pretrained base params."""
+        ctx = ctx or InitContext()
+        added = self.init(rng, base, ctx)
+        base = self.transform_base(base, added)
+        train, head, frozen = self.partition(base)
+        state = self.init_state(base, added, ctx)
+        return PeftParams({"base": train, "added": added, "head": head}, frozen, state)
+
+    def apply(self, trainable: dict, frozen: Flat, state: Flat, batch: Mapping[str, Any], *,
+              train: bool = False, rng: Array | None = None, **kwargs) -> Any:
+        """Runs the adapted model (to be called inside jit)."""
+        from flax import traverse_util
+
+        base = self.effective_base(trainable, frozen, state)
+        hook_rng, drop_rng = (jax.random.split(rng) if rng is not None else (None, None))
+        bound = self.hooks(trainable["added"], state, train=train, rng=hook_rng)
+        with hooks_lib.use(bound):
+            return self.model.apply(traverse_util.unflatten_dict(base, sep="."), batch,
+                                    train=train, rng=drop_rng, **kwargs)
+
+    def merged_params(self, trainable: dict, frozen: Flat, state: Flat) -> Flat:
+        """Flat base params with the update merged in: run the plain model on them."""
+        return self.merge(self.effective_base(trainable, frozen, state), trainable["added"], state)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry.
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator registering a method under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name].__module__}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def registered() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(registered())}") from None
+
+
+def create(name: str, model: Model, config: Mapping[str, Any] | None = None,
+           sites: Sites | None = None) -> Method:
+    """The method ``name`` configured by ``config`` (a mapping; unknown keys are errors)."""
+    cls = method_class(name)
+    return cls(config_from(cls.Config, config, name), model, sites)
+
+
+def count_params(method: Method, abstract_base: Flat | None = None) -> dict[str, int]:
+    """Trainable (excluding head), head and total param counts, on shapes alone.
+
+    total = base params (head included) + added params, the denominator HF PEFT's
+    ``print_trainable_parameters`` and the DoRA paper use.
+    """
+    from flax import traverse_util
+
+    if abstract_base is None:
+        abstract_base = traverse_util.flatten_dict(method.model.abstract_params(), sep=".")
+    size = lambda v: int(np.prod(v.shape, dtype=np.int64))
+    train = head = base_total = 0
+    for path, v in abstract_base.items():
+        base_total += size(v)
+        if method.sites.is_head(path):
+            head += size(v)
+        elif method.trains_base(path):
+            train += method.count_base(path, v) if hasattr(method, "count_base") else size(v)
+    added = method.count_added(abstract_base)
+    return {"trainable_params": train + added, "head_params": head,
+            "total_params": base_total + added}

@@ -1,0 +1,140 @@
+"""LoRA (Hu et al., ICLR 2022), with rsLoRA scaling (Kalajdzievski 2023).
+
+For each targeted linear layer with frozen kernel W0 (flax layout, (in, out))::
+
+    h = x W0 + s · dropout(x) A B,      A: (in, r), B: (r, out)
+    s = alpha / r        (LoRA, Eq. 3 and §4.1)
+    s = alpha / sqrt(r)  (rsLoRA, ``use_rslora=True``)
+
+Initialisation follows HF PEFT (``tuners/lora/layer.py``), the reference code's default:
+A ~ kaiming-uniform(a=√5) over fan-in, i.e. U(-1/√in, 1/√in); B = 0, so the adapted model
+starts equal to the base. ``init="gaussian"``: A ~ N(0, (1/r)²) (PEFT's gaussian init, std 1/r).
+PEFT stores A as (r, in) and B as (out, r) (torch layout); ``peftjax.interop`` transposes.
+
+Merging folds the update in, W = W0 + s·A B, so inference costs exactly the base model's.
+
+Only A and B are trainable: the frozen kernels receive no weight gradient (the backward pass
+computes activation gradients through them, nothing else), which is where LoRA's ~1/3 saving of
+training compute comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftjax.methods import core
+from peftjax.models import hooks as hooks_lib
+
+# PEFT's default target modules per family (query/value projections, LoRA §7.1).
+DEFAULT_TARGETS = r"\.(query|value|q_proj|v_proj)$"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False
+    init: str = "default"  # 'default' (kaiming-uniform A, zero B) | 'gaussian'
+
+
+INITS = ("default", "gaussian")
+
+
+class LoRAHooks(hooks_lib.Hooks):
+    """Adds ``s · dropout(x) A B`` at the targeted linear sites."""
+
+    def __init__(self, method: "LoRA", added: core.Flat, train: bool):
+        self.method, self.added, self.train = method, added, train
+
+    def linear(self, module, x, y, kernel, bias):
+        site = hooks_lib.site(module)
+        if site not in self.method.targets:
+            return y
+        return y + self.method.delta(module, site, x, self.added, self.train)
+
+
+@core.register("lora")
+class LoRA(core.Method):
+    """Low-rank adaptation of the targeted linear layers."""
+
+    Config = LoRAConfig
+    family = "low_rank"
+    mergeable = True
+    inits = INITS
+
+    def validate(self) -> None:
+        c = self.config
+        name = self.name
+        core.check_range(name, "rank", c.rank, "an integer >= 1", isinstance(c.rank, int) and c.rank >= 1)
+        core.check_range(name, "dropout", c.dropout, "0 <= dropout < 1", 0 <= c.dropout < 1)
+        core.check_range(name, "init", c.init, f"one of {list(self.inits)}", c.init in self.inits)
+        self.targets = core.match_targets(c.targets, self.sites.backbone_linear)
+        for site in self.targets:
+            info = self.sites.linear[site]
+            limit = min(info["in_features"], info["out_features"])
+            core.check_range(name, "rank", c.rank,
+                             f"1..{limit} (target {site} is {info['in_features']}x{info['out_features']})",
+                             c.rank <= limit)
+
+    @property
+    def scaling(self) -> float:
+        c = self.config
+        return c.alpha / math.sqrt(c.rank) if c.use_rslora else c.alpha / c.rank
+
+    # -- params ---------------------------------------------------------------------------
+    def init_pair(self, rng, site: str, dtype) -> tuple[jax.Array, jax.Array]:
+        info = self.sites.linear[site]
+        fan_in, fan_out, r = info["in_features"], info["out_features"], self.config.rank
+        if self.config.init == "gaussian":
+            a = jax.random.normal(rng, (fan_in, r), dtype) / r
+        else:
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5): gain·√(3/fan_in) = 1/√fan_in
+            a = jax.random.uniform(rng, (fan_in, r), dtype, -bound, bound)
+        return a, jnp.zeros((r, fan_out), dtype)
+
+    def init(self, rng, base, ctx):
+        added = {}
+        for i, site in enumerate(self.targets):
+            dtype = base[site + ".kernel"].dtype
+            a, b = self.init_pair(jax.random.fold_in(rng, i), site, dtype)
+            added[site + ".lora_A"], added[site + ".lora_B"] = a, b
+        return added
+
+    # -- forward --------------------------------------------------------------------------
+    def hooks(self, added, state, *, train, rng):
+        return LoRAHooks(self, added, train)
+
+    def delta(self, module: nn.Module, site: str, x, added, train: bool):
+        a = added[site + ".lora_A"].astype(x.dtype)
+        b = added[site + ".lora_B"].astype(x.dtype)
+        if train and self.config.dropout > 0:
+            keep = 1.0 - self.config.dropout
+            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        return (x @ a) @ b * jnp.asarray(self.scaling, x.dtype)
+
+    # -- merge ----------------------------------------------------------------------------
+    def delta_weight(self, site: str, added) -> jax.Array:
+        """ΔW = s·A B, in the kernel's (in, out) layout."""
+        return self.scaling * (added[site + ".lora_A"] @ added[site + ".lora_B"])
+
+    def merge(self, base, added, state):
+        out = dict(base)
+        for site in self.targets:
+            k = site + ".kernel"
+            out[k] = (base[k] + self.delta_weight(site, added).astype(base[k].dtype))
+        return out
+
+    def unmerge(self, merged, added, state):
+        out = dict(merged)
+        for site in self.targets:
+            k = site + ".kernel"
+            out[k] = (merged[k] - self.delta_weight(site, added).astype(merged[k].dtype))
+        return out
