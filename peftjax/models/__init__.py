@@ -10,9 +10,8 @@ from peftjax.models.registry import (Family, Model, build_model, family_for, reg
 
 try:  # the decoder family lands in its own module
     from peftjax.models import llama  # noqa: F401
-except ImportError as e:  # pragma: no cover - only while llama.py is absent
-    if "peftjax.models.llama" not in str(e) and "llama" not in str(e):
-        raise
+except ImportError:  # pragma: no cover - TEMPORARY while llama.py is being written
+    pass
 
 __all__ = ["Family", "Model", "build_model", "family_for", "register_family",
            "supported_model_types", "hooks"]

@@ -249,3 +249,34 @@ def load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_checkpoint(folder))
+
+
+def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None = None, *,
+                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                     rng: jax.Array | None = None, remat: bool = False,
+                     with_weights: bool = True) -> tuple[Model, dict | None, Any]:
+    """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
+
+    ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
+    ``package:...``) and ``tokenizer``. Without a checkpoint the weights are random (seeded by
+    ``rng``); ``with_weights=False`` returns ``params=None`` (for abstract work on 7B configs).
+    """
+    get = (lambda k, d=None: model_cfg.get(k, d)) if hasattr(model_cfg, "get") else \
+        (lambda k, d=None: getattr(model_cfg, k, d))
+    checkpoint = get("checkpoint") or ""
+    hf = get("hf_config")
+    if checkpoint:
+        folder = resolve_checkpoint(checkpoint)
+        hf = read_config(folder)
+    model = build_model(hf, head=head, num_labels=num_labels, dtype=dtype, remat=remat)
+    params = None
+    if with_weights:
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        if checkpoint:
+            params, _ = params_from_tensors(model, read_safetensors(folder), dtype=param_dtype,
+                                            rng=rng, source=folder)
+        else:
+            params = jax.tree.map(lambda x: x.astype(param_dtype), model.init(rng))
+    tok_source = get("tokenizer") or checkpoint
+    tokenizer = load_tokenizer(tok_source) if tok_source else None
+    return model, params, tokenizer

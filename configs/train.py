@@ -1,0 +1,95 @@
+"""The composed training config: a model, a method and a task, plus training settings.
+
+    python scripts/train.py \
+      --config=configs/train.py:model=all-MiniLM-L6-v2,method=lora,task=tweet_sentiment \
+      --config.method.rank=16 --workdir=runs/lora
+
+composes ``configs/models/<model>.py``, ``configs/methods/<method>.py`` and
+``configs/tasks/<task>.py``. Each method file also gives its training defaults (learning rate:
+PEFT methods train few params and want larger rates than full fine-tuning). Any field can be
+overridden on the command line (``--config.train.steps=500``); an unknown field is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(_HERE) not in sys.path:  # so that `configs.models` imports from scripts
+    sys.path.insert(0, os.path.dirname(_HERE))
+
+DEFAULTS = dict(model="all-MiniLM-L6-v2", method="lora", task="tweet_sentiment")
+
+
+def _load(kind: str, name: str):
+    module = name.lower().replace("-", "_").replace(".", "_")
+    path = os.path.join(_HERE, kind, module + ".py")
+    if not os.path.exists(path):
+        available = sorted(f[:-3] for f in os.listdir(os.path.join(_HERE, kind))
+                           if f.endswith(".py") and not f.startswith("_"))
+        raise ValueError(f"unknown {kind[:-1]} {name!r}: no configs/{kind}/{module}.py; "
+                         f"available: {', '.join(available)}")
+    spec = importlib.util.spec_from_file_location(f"configs.{kind}.{module}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    values = dict(DEFAULTS)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise ValueError(f"bad config argument {item!r}; expected comma-separated "
+                             f"key=value with keys {', '.join(DEFAULTS)}")
+        values[key] = value
+    return values
+
+
+def train_defaults() -> dict:
+    return dict(
+        steps=1000,              # optimizer updates
+        batch_size=32,
+        eval_batch_size=128,
+        learning_rate=1e-4,
+        warmup_steps=0,          # 0: use warmup_ratio
+        warmup_ratio=0.06,
+        schedule="linear",       # linear | cosine | constant
+        weight_decay=0.01,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+        b1=0.9, b2=0.999, eps=1e-8,
+        dtype="float32",         # compute dtype: float32 | bfloat16 (params stay fp32)
+        remat=False,             # rematerialise each layer in the backward pass
+        eval_every=200,
+        log_every=10,
+        checkpoint_every=200,
+        train_limit=0,           # use only the first N training examples (0: all)
+        eval_limit=0,            # evaluate on the first N validation/test examples (0: all)
+        progress=True,
+    )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    names = parse_arg(arg)
+    from configs import models
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data_dir = ""
+    config.model = models.get(names["model"])
+    method_mod = _load("methods", names["method"])
+    config.method = method_mod.get_config()
+    task_cfg = _load("tasks", names["task"]).get_config()
+    config.task = ml_collections.ConfigDict({"name": task_cfg.name, "max_length": task_cfg.max_length})
+    train = train_defaults()
+    train["batch_size"] = task_cfg.get("batch_size", train["batch_size"])
+    train["eval_batch_size"] = task_cfg.get("eval_batch_size", train["eval_batch_size"])
+    train.update(getattr(method_mod, "train_defaults", dict)())
+    config.train = ml_collections.ConfigDict(train)
+    config.lock()  # unknown override keys are errors
+    return config

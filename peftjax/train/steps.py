@@ -1,0 +1,71 @@
+"""Jitted train and eval steps, pure functions of the partitioned trees.
+
+``jax.value_and_grad`` differentiates ``trainable`` only: frozen params are a non-differentiated
+argument, so XLA computes no weight gradient for them and optax keeps no state for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from peftjax.methods.core import Method
+from peftjax.train.losses import IGNORE, loss_for
+
+
+class TrainState(NamedTuple):
+    step: jax.Array          # micro-steps taken (optimizer updates × accumulation)
+    trainable: dict
+    opt_state: Any
+    method_state: dict
+
+
+def init_state(trainable: dict, method_state: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), method_state)
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int,
+                    loss_fn: Callable | None = None) -> Callable:
+    """``(state, frozen, batch) -> (state, metrics)``; the step's rng is fold_in(seed, step) so a
+    resumed run draws exactly the dropout masks of an uninterrupted one."""
+    loss_fn = loss_fn or loss_for(method.model.head)
+    base_rng = jax.random.PRNGKey(seed)
+
+    def step_fn(state: TrainState, frozen: dict, batch: dict):
+        rng = jax.random.fold_in(base_rng, state.step)
+
+        def objective(trainable):
+            out = method.apply(trainable, frozen, state.method_state, batch, train=True, rng=rng)
+            task = loss_fn(out, batch)
+            return task + method.regularizer(trainable, state.method_state), task
+
+        (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        method_state, trainable = method.update_state(state.method_state, trainable, grads, state.step)
+        metrics = {"loss": task_loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, trainable, opt_state, method_state), metrics
+
+    return step_fn
+
+
+def make_eval_step(method: Method) -> Callable:
+    """``(trainable, frozen, method_state, batch) -> predictions`` (class ids, scores, or LM loss sums)."""
+    head = method.model.head
+
+    def eval_fn(trainable, frozen, method_state, batch):
+        out = method.apply(trainable, frozen, method_state, batch, train=False)
+        if head == "classification":
+            return {"predictions": jnp.argmax(out, axis=-1)}
+        if head == "regression":
+            return {"predictions": out[..., 0].astype(jnp.float32)}
+        labels = batch["labels"][:, 1:]
+        valid = (labels != IGNORE) & batch["mask"][:, None]
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            out[:, :-1].astype(jnp.float32), jnp.where(valid, labels, 0))
+        return {"nll_sum": jnp.sum(ce * valid), "tokens": jnp.sum(valid)}
+
+    return eval_fn

@@ -1,0 +1,8 @@
+"""Lets the scripts run from a checkout (``python scripts/x.py``) without installing peftjax."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
