@@ -56,7 +56,7 @@ def builder(task: Task | str, data_dir: str | os.PathLike[str] | None = None) ->
 def prepare(task: Task | str, data_dir: str | os.PathLike[str] | None = None) -> tfds.core.DatasetBuilder:
     """Downloads and prepares the GLUE config of `task` unless already on disk (needs internet once)."""
     b = builder(task, data_dir)
-    if not b.is_prepared():
+    if not storage.is_prepared(b):
         try:
             b.download_and_prepare(file_format=storage.FILE_FORMAT)
         except Exception as e:  # connection errors come in many types (requests, urllib3, OSError)

@@ -32,6 +32,11 @@ def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "peftjax", "tensorflow_datasets")
 
 
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether `builder` is complete on disk (checked quietly: TFDS warns about missing folders)."""
+    return os.path.exists(os.path.join(os.fspath(builder.data_path), "dataset_info.json")) and builder.is_prepared()
+
+
 def read_records(builder: tfds.core.DatasetBuilder, split: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Reads the first `limit` records (all if None) of a prepared builder's split.
 
