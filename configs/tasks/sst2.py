@@ -1,0 +1,17 @@
+"""Task config: GLUE SST-2 (67k sentences).
+
+Data-side defaults only; the learning rate is method-specific and lives in configs/methods.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the sst2 defaults (name must match peftjax.data.get_task)."""
+    config = ml_collections.ConfigDict()
+    config.name = "sst2"
+    config.max_length = 128
+    config.batch_size = 32
+    config.eval_batch_size = 128
+    config.num_epochs = 3
+    return config

@@ -1,0 +1,34 @@
+"""configs/tasks/*.py: one per registered task, loadable by file path like config_flags does."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from peftjax.data import get_task, list_tasks
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tasks"
+
+
+def load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"task_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_one_config_per_task():
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.py")) == list_tasks()
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_config_fields(name):
+    config = load(CONFIG_DIR / f"{name}.py")
+    assert config.name == name
+    get_task(config.name)
+    assert config.max_length >= 16 and config.batch_size >= 1 and config.eval_batch_size >= 1
+    assert "learning_rate" not in config  # method-specific
+    if name.startswith("tweet_"):
+        assert config.max_length == 64
