@@ -16,6 +16,7 @@ Regression tasks (stsb) show label mean/std/min/max instead of class counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from peftjax import data  # noqa: E402
@@ -39,7 +41,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, f"TFDS data dir; default ${dat
 def describe(task_name: str, data_dir: str | None = None) -> dict[str, Any]:
     """Per-split statistics of a task: {'task', 'kind', 'splits': {split: {...}}}."""
     task = data.get_task(task_name)
-    builder = data.prepare(task_name, data_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its "preparing" notice to stdout
+        builder = data.prepare(task_name, data_dir)
     splits: dict[str, Any] = {}
     for split in builder.info.splits:
         labels = np.asarray([e["label"] for e in data.load_examples(task_name, split, data_dir)])
@@ -90,6 +93,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unknown task {_TASK.value!r}; registered: {', '.join(data.list_tasks())}")
     if not flags.FLAGS["verbosity"].present:  # TFDS logs every info-file read at INFO.
         logging.set_verbosity(logging.WARNING)
+    tfds.disable_progress_bar()  # keep stdout to the table and the JSON line
     summary = describe(_TASK.value, _DATA_DIR.value)
     print(format_table(summary))
     print("JSON: " + json.dumps(summary, sort_keys=False))

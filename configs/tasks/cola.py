@@ -1,4 +1,4 @@
-"""Task config: GLUE CoLA (8.5k sentences): small, so more epochs.
+"""Task config: GLUE CoLA (8.5k sentences).
 
 Data-side defaults only; the learning rate is method-specific and lives in configs/methods.
 """
@@ -13,5 +13,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_length = 128
     config.batch_size = 32
     config.eval_batch_size = 128
-    config.num_epochs = 10
     return config

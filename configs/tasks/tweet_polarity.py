@@ -13,5 +13,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_length = 64
     config.batch_size = 32
     config.eval_batch_size = 128
-    config.num_epochs = 5
     return config
