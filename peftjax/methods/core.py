@@ -56,7 +56,18 @@ class Sites:
 
     @classmethod
     def discover(cls, model: Model) -> "Sites":
-        """Traces the model under ``jax.eval_shape`` with a recording hook (no allocation)."""
+        """Traces the model under ``jax.eval_shape`` with a recording hook (no allocation).
+
+        Cached on the model, which is immutable.
+        """
+        cached = model.__dict__.get("_sites")
+        if cached is None:
+            cached = cls._discover(model)
+            object.__setattr__(model, "_sites", cached)
+        return cached
+
+    @classmethod
+    def _discover(cls, model: Model) -> "Sites":
         recorder = hooks_lib.Recorder()
         batch = model.dummy_batch(1, 4)
 

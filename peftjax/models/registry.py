@@ -129,11 +129,20 @@ class Model:
     def init(self, rng: jax.Array, batch: Mapping[str, Any] | None = None) -> dict:
         """Randomly initialised params (a nested dict, flax layout)."""
         batch = self.dummy_batch() if batch is None else batch
-        return self.module.init({"params": rng}, *self._inputs(batch), train=False)["params"]
+        # Jitted: op-by-op initialisation dispatches hundreds of tiny computations.
+        init = jax.jit(lambda r, inputs: self.module.init({"params": r}, *inputs, train=False)["params"])
+        return init(rng, self._inputs(batch))
 
     def abstract_params(self) -> dict:
-        """The param tree as ``jax.ShapeDtypeStruct`` leaves: nothing is allocated (7B in seconds)."""
-        return jax.eval_shape(lambda r: self.init(r), jax.random.PRNGKey(0))
+        """The param tree as ``jax.ShapeDtypeStruct`` leaves: nothing is allocated (7B in seconds).
+
+        Cached on the model: methods, counting and discovery all ask for it.
+        """
+        cached = self.__dict__.get("_abstract_params")
+        if cached is None:
+            cached = jax.eval_shape(lambda r: self.init(r), jax.random.PRNGKey(0))
+            object.__setattr__(self, "_abstract_params", cached)
+        return cached
 
     def _inputs(self, batch: Mapping[str, Any]) -> list:
         return [batch.get(name) for name in self.input_names]

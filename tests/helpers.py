@@ -1,0 +1,86 @@
+"""Shared test fixtures: tiny random models of each family, learnable batches, count formulas."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from configs import models as model_configs
+from peftjax.models import build_model
+
+FAMILIES = ("bert", "llama")
+TINY = {"bert": ("tiny-bert", "classification", 3), "llama": ("tiny-llama", "causal_lm", None)}
+
+# Small configurations of every registered method for the contract matrix.
+METHOD_CONFIGS: dict[str, dict] = {
+    "full": {},
+    "lora": {"rank": 4, "alpha": 8.0},
+    "bitfit": {},
+    "adapter": {"bottleneck": 8},
+    "prompt_tuning": {"num_virtual_tokens": 4, "init": "vocab"},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(family: str):
+    name, head, labels = TINY[family]
+    model = build_model(model_configs.get(name).hf_config, head=head, num_labels=labels)
+    params = model.init(jax.random.PRNGKey(0))
+    return model, traverse_util.flatten_dict(params, sep=".")
+
+
+def tiny_model(family: str):
+    """(model, flat params) of the family's tiny random model (cached; do not mutate)."""
+    model, flat = _tiny(family)
+    return model, dict(flat)
+
+
+def learnable_batch(model, batch: int = 8, seq: int = 12, seed: int = 0) -> dict:
+    """A fixed batch with a learnable target (a classifier can fit it, an LM can memorise it)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 200, size=(batch, seq)).astype(np.int32)
+    out = {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask": np.ones((batch,), bool)}
+    if "token_type_ids" in model.input_names:
+        out["token_type_ids"] = np.zeros_like(ids)
+    if model.head == "causal_lm":
+        labels = ids.copy()
+        labels[:, : seq // 2] = -100  # prompt tokens are masked out of the loss
+        out["labels"] = labels
+    elif model.head == "regression":
+        out["labels"] = (ids[:, 1] % 7).astype(np.float32) / 7
+    else:
+        out["labels"] = (ids[:, 1] % model.num_labels).astype(np.int32)
+    return out
+
+
+def tree_size(tree) -> int:
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+def formula_count(method, base: dict) -> int:
+    """Each method's trainable-parameter formula, written independently of its code."""
+    sites = method.sites
+    non_head = {k: v for k, v in base.items() if not sites.is_head(k)}
+    name = method.name
+    if name == "full":
+        return tree_size(non_head)
+    if name == "lora":
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   for s in method.targets)
+    if name == "bitfit":
+        return tree_size({k: v for k, v in non_head.items() if k.endswith(".bias")})
+    if name == "adapter":
+        total = 0
+        for s in method.targets:
+            d = sites.blocks[s]["hidden"]
+            m = method.config.bottleneck
+            total += 2 * m * d + d + m
+        return total
+    if name == "prompt_tuning":
+        (info,) = sites.embeddings.values()
+        return method.config.num_virtual_tokens * info["hidden"]
+    raise KeyError(f"no count formula for method {name!r}: add one to tests/helpers.py")

@@ -1,0 +1,129 @@
+"""The shared method contract: every method × every model family, on tiny random models.
+
+Each registered method must: count exactly what it trains (abstract count == real tree == the
+method's formula), leave frozen params bit-identical after training, decrease the loss on a
+small learnable task, keep optimizer state only for the trainable tree, round-trip through a
+checkpoint, and (where defined) give the same outputs merged as unmerged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import optax
+
+from flax import traverse_util
+
+from peftjax import methods
+from peftjax.train import init_state, make_train_step
+from peftjax.train.checkpoint import Checkpointer
+from tests.helpers import FAMILIES, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
+
+CASES = [(m, f) for m in sorted(METHOD_CONFIGS) for f in FAMILIES]
+
+
+def test_every_registered_method_is_in_the_matrix():
+    assert set(methods.registered()) <= set(METHOD_CONFIGS), (
+        "add new methods to tests/helpers.py METHOD_CONFIGS so the contract covers them")
+
+
+METHOD_CONFIGS_LR = {"full": 3e-3, "prompt_tuning": 3e-2}
+TRAIN_STEPS = 25
+
+
+class Case:
+    """One (method, family) cell, trained once and shared by the contract tests."""
+
+    def __init__(self, method_name: str, family: str):
+        self.model, self.base = tiny_model(family)
+        self.method = methods.create(method_name, self.model, METHOD_CONFIGS[method_name])
+        self.peft = self.method.setup(jax.random.PRNGKey(1), self.base)
+        self.frozen_before = jax.tree.map(np.array, self.peft.frozen)
+        self.batch = learnable_batch(self.model)
+        self.tx = optax.adam(METHOD_CONFIGS_LR.get(method_name, 1e-2))
+        state = init_state(self.peft.trainable, self.peft.state, self.tx)
+        step = jax.jit(make_train_step(self.method, self.tx, seed=0))
+        self.losses = []
+        for _ in range(TRAIN_STEPS):
+            state, m = step(state, self.peft.frozen, self.batch)
+            self.losses.append(float(m["loss"]))
+        self.state = state
+        self.apply = jax.jit(lambda trainable, state: self.method.apply(
+            trainable, self.peft.frozen, state, self.batch))
+
+
+@pytest.fixture(scope="module")
+def case():
+    cache: dict = {}
+
+    def get(method_name: str, family: str) -> Case:
+        if (method_name, family) not in cache:
+            cache[method_name, family] = Case(method_name, family)
+        return cache[method_name, family]
+
+    return get
+
+
+@pytest.mark.parametrize("method_name,family", CASES)
+def test_trainable_count_matches_formula(case, method_name, family):
+    c = case(method_name, family)
+    base, method, peft = c.base, c.method, c.peft
+    counts = methods.count_params(method)
+    real = tree_size(peft.trainable["base"]) + tree_size(peft.trainable["added"])
+    assert counts["trainable_params"] == real == formula_count(method, base)
+    assert counts["head_params"] == tree_size(peft.trainable["head"])
+    assert counts["total_params"] == tree_size(base) + tree_size(peft.trainable["added"])
+
+
+@pytest.mark.parametrize("method_name,family", CASES)
+def test_training_decreases_loss_and_keeps_frozen_params(case, method_name, family):
+    c = case(method_name, family)
+    peft, state, losses = c.peft, c.state, c.losses
+    assert losses[-1] < 0.9 * losses[0], losses
+    for path, value in peft.frozen.items():
+        np.testing.assert_array_equal(np.asarray(value), c.frozen_before[path], err_msg=path)
+    # The added params did move (the method trains what it claims to).
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.trainable, peft.trainable)
+    assert any(jax.tree.leaves(moved["added"]) + jax.tree.leaves(moved["base"]))
+
+
+@pytest.mark.parametrize("method_name,family", CASES)
+def test_optimizer_state_exists_only_for_trainable(case, method_name, family):
+    c = case(method_name, family)
+    base, peft = c.base, c.peft
+    state = init_state(peft.trainable, peft.state, optax.adamw(1e-3))
+    moments = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    assert moments == 2 * tree_size(peft.trainable)
+    assert tree_size(peft.trainable) < tree_size(base) or method_name == "full"
+
+
+@pytest.mark.parametrize("method_name,family", CASES)
+def test_checkpoint_round_trip(case, method_name, family, tmp_path):
+    c = case(method_name, family)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(TRAIN_STEPS, {"state": c.state})
+    ckpt.close()
+    fresh = init_state(c.peft.trainable, c.peft.state, c.tx)
+    restored = Checkpointer(str(tmp_path / "ckpt")).restore({"state": fresh})["state"]
+    for a, b in zip(jax.tree.leaves(c.state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out_a = c.apply(c.state.trainable, c.state.method_state)
+    out_b = c.apply(restored[1], restored[3])
+    np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
+
+
+@pytest.mark.parametrize("method_name,family",
+                         [c for c in CASES if methods.method_class(c[0]).mergeable])
+def test_merge_equals_unmerged(case, method_name, family):
+    c = case(method_name, family)
+    method, state = c.method, c.state
+    unmerged = c.apply(state.trainable, state.method_state)
+    merged = method.merged_params(state.trainable, c.peft.frozen, state.method_state)
+    plain = jax.jit(c.model.apply)(traverse_util.unflatten_dict(merged, sep="."), c.batch)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(unmerged), atol=1e-5, rtol=1e-5)
+    back = method.unmerge(merged, state.trainable["added"], state.method_state)
+    full_base = method.effective_base(state.trainable, c.peft.frozen, state.method_state)
+    for k in full_base:
+        np.testing.assert_allclose(np.asarray(back[k]), np.asarray(full_base[k]), atol=1e-6)
