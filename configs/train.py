@@ -85,7 +85,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     method_mod = _load("methods", names["method"])
     config.method = method_mod.get_config()
     task_cfg = _load("tasks", names["task"]).get_config()
-    config.task = ml_collections.ConfigDict({"name": task_cfg.name, "max_length": task_cfg.max_length})
+    config.task = ml_collections.ConfigDict({
+        "name": task_cfg.name,
+        "max_length": task_cfg.max_length,
+        # auto: an encoder's task head when the family has one, else a decoder's LM format
+        # (prompt template + verbaliser, classes scored by log-likelihood).
+        "format": "auto",
+        "lm_template": task_cfg.get("lm_template", ""),
+    })
     train = train_defaults()
     train["batch_size"] = task_cfg.get("batch_size", train["batch_size"])
     train["eval_batch_size"] = task_cfg.get("eval_batch_size", train["eval_batch_size"])

@@ -13,4 +13,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_length = 64
     config.batch_size = 32
     config.eval_batch_size = 128
+    config.lm_template = "Tweet: {text_a}\nSentiment:"  # decoders: prompt + verbaliser
     return config

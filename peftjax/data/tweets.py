@@ -122,7 +122,8 @@ def stratified_split(
     Per class, examples are ranked by SHA-256(seed, text); the first splits in `fractions` get
     round(n_class * fraction) of them and the last split gets the rest, so every split holds each
     class in proportion (to within one example per class). Each split's indices are returned in
-    hash order, which shuffles classes and sources together.
+    the order of a second, independent hash, which shuffles classes and sources together (a
+    prefix of a split is an unbiased sample).
 
     Texts must be unique (see `clean_corpus`): the hash is the only source of randomness.
     """
@@ -142,7 +143,11 @@ def stratified_split(
             out[name].extend(members[start : start + count])
             start += count
         out[names[-1]].extend(members[start:])
-    return {name: sorted(idx, key=keys.__getitem__) for name, idx in out.items()}
+    # Order each split by a second, independent hash: ordering by the split hash itself would put
+    # each class's quantile boundary at the start of a split, so a `limit=` prefix of it would be
+    # class-biased (the first 64 polarity validation tweets were all negative).
+    order = [hashlib.sha256(f"order\x00{seed}\x00{t}".encode("utf-8")).digest() for t in texts]
+    return {name: sorted(idx, key=order.__getitem__) for name, idx in out.items()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -163,8 +168,9 @@ def polarity_splits(seed: int = SEED, path: str | None = None) -> dict[str, list
 class _TweetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared code: features text/label/idx, fixed split order, no TFDS shuffling."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Dedup + conflict drop, stratified 80/10/10 by SHA-256(seed 0, text)."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Dedup + conflict drop, stratified 80/10/10 by SHA-256(seed 0, text).",
+                     "1.1.0": "Each split ordered by an independent hash, so prefixes are unbiased."}
     LABEL_NAMES: tuple[str, ...] = ()
     DESCRIPTION = ""
 

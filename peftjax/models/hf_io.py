@@ -254,7 +254,8 @@ def load_tokenizer(folder: str):
 def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None = None, *,
                      dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                      rng: jax.Array | None = None, remat: bool = False,
-                     with_weights: bool = True) -> tuple[Model, dict | None, Any]:
+                     with_weights: bool = True, with_tokenizer: bool = True
+                     ) -> tuple[Model, dict | None, Any]:
     """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
 
     ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
@@ -278,5 +279,5 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
         else:
             params = jax.tree.map(lambda x: x.astype(param_dtype), model.init(rng))
     tok_source = get("tokenizer") or checkpoint
-    tokenizer = load_tokenizer(tok_source) if tok_source else None
+    tokenizer = load_tokenizer(tok_source) if (tok_source and with_tokenizer) else None
     return model, params, tokenizer

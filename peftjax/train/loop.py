@@ -91,18 +91,50 @@ def _flat(params: dict) -> dict:
     return traverse_util.flatten_dict(params, sep=".")
 
 
-def build(config, *, with_weights: bool = True):
+FORMATS = ("auto", "head", "lm")
+
+
+def task_format(config, task) -> str:
+    """'head' (an encoder's classification/regression head) or 'lm' (a decoder, verbalisers).
+
+    ``auto`` picks the head when the model family has one for the task, else the LM format.
+    """
+    fmt = config.task.get("format", "auto")
+    if fmt not in FORMATS:
+        raise ValueError(f"task.format={fmt!r} is invalid; valid: {', '.join(FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    from peftjax.models.registry import family_for, hf_config_from
+
+    hf = config.model.hf_config
+    family = family_for(hf.get("model_type") if hasattr(hf, "get") else hf.model_type)
+    return "head" if HEAD_FOR_TASK_KIND[task.kind] in family.heads else "lm"
+
+
+def build(config, *, with_weights: bool = True, with_tokenizer: bool = True):
     """Model, tokenizer, method and flat base params from a composed train config."""
     task = data_lib.get_task(config.task.name)
-    head = HEAD_FOR_TASK_KIND[task.kind]
+    fmt = task_format(config, task)
+    head = "causal_lm" if fmt == "lm" else HEAD_FOR_TASK_KIND[task.kind]
     dtype = DTYPES[config.train.dtype]
     model, params, tokenizer = hf_io.load_from_config(
-        config.model, head=head, num_labels=task.num_labels if task.kind == "classification" else None,
+        config.model, head=head,
+        num_labels=task.num_labels if head == "classification" else None,
         dtype=dtype, rng=jax.random.PRNGKey(config.seed), remat=config.train.remat,
-        with_weights=with_weights)
+        with_weights=with_weights, with_tokenizer=with_tokenizer)
     method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
     method = methods_lib.create(config.method.name, model, method_cfg)
     return task, model, tokenizer, method, (_flat(params) if params is not None else None)
+
+
+def encode_split(config, task, tokenizer, split: str, limit: int | None, *, for_eval: bool) -> dict:
+    examples = data_lib.load_examples(task.name, split, data_dir=config.data_dir or None, limit=limit)
+    if task_format(config, task) == "lm":
+        from peftjax.data.lm import DEFAULT_TEMPLATE, encode_lm
+
+        return encode_lm(examples, tokenizer, config.task.max_length, task,
+                         config.task.get("lm_template", "") or DEFAULT_TEMPLATE, candidates=for_eval)
+    return data_lib.encode(examples, tokenizer, config.task.max_length)
 
 
 def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int, task) -> dict[str, float]:
@@ -115,11 +147,12 @@ def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int,
         loss = nll / max(tokens, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
     preds, labels = [], []
+    label_key = "class_labels" if "class_labels" in encoded else "labels"
     for batch in data_lib.eval_batches(encoded, batch_size):
         out = jax.device_get(eval_fn(trainable, frozen, method_state, batch))
         keep = np.asarray(batch["mask"], bool)
         preds.append(np.asarray(out["predictions"])[keep])
-        labels.append(np.asarray(batch["labels"])[keep])
+        labels.append(np.asarray(batch[label_key])[keep])
     return data_lib.compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
 
 
@@ -143,15 +176,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     if tokenizer is None:
         raise ValueError(f"model {config.model.name!r} has no tokenizer; set model.tokenizer")
 
-    max_length = config.task.max_length
     splits = dict(zip(("train", "validation", "test"), task.splits))
     limits = {"train": tc.train_limit or None, "validation": tc.eval_limit or None,
               "test": tc.eval_limit or None}
-    encoded = {}
-    for key, split in splits.items():
-        examples = data_lib.load_examples(task.name, split, data_dir=config.data_dir or None,
-                                          limit=limits[key])
-        encoded[key] = data_lib.encode(examples, tokenizer, max_length)
+    encoded = {key: encode_split(config, task, tokenizer, split, limits[key], for_eval=key != "train")
+               for key, split in splits.items()}
+    lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
 
     ctx = methods_lib.InitContext(tokenizer=tokenizer)
     peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, ctx)
@@ -175,7 +205,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         log.info("resumed from step %d", start)
 
     train_step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(method))
+    eval_fn = jax.jit(make_eval_step(method, lm_classes))
 
     times: list[float] = []
     compiled_shapes: set = set()
@@ -252,8 +282,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "step_time_s": measure.median(times),
         "peak_memory_bytes": memory.get("peak_memory_bytes"),
         "memory": memory,
-        "majority_rate": (data_lib.majority_rate(encoded["test"]["labels"])
-                          if task.kind == "classification" else None),
+        "format": task_format(config, task),
+        "majority_rate": (data_lib.majority_rate(
+            encoded["test"]["class_labels" if lm_classes else "labels"])
+            if task.kind == "classification" else None),
         "config": config.to_dict(),
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),

@@ -52,12 +52,34 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int,
     return step_fn
 
 
-def make_eval_step(method: Method) -> Callable:
-    """``(trainable, frozen, method_state, batch) -> predictions`` (class ids, scores, or LM loss sums)."""
+def sequence_log_likelihood(logits, labels) -> jax.Array:
+    """Summed log p(label tokens) per row; positions labelled ``IGNORE`` do not count."""
+    labels = labels[:, 1:]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    valid = labels != IGNORE
+    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(picked * valid, axis=-1)
+
+
+def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
+    """``(trainable, frozen, method_state, batch) -> outputs`` for the metrics.
+
+    Classification heads give class ids, regression heads scores, causal LMs the summed NLL.
+    With ``lm_classes = K`` a decoder classifies: each class's verbaliser sequence
+    (``cand{k}_*`` in the batch) is scored by its log-likelihood and the best class wins.
+    """
     head = method.model.head
 
     def eval_fn(trainable, frozen, method_state, batch):
-        out = method.apply(trainable, frozen, method_state, batch, train=False)
+        run = lambda b: method.apply(trainable, frozen, method_state, b, train=False)
+        if lm_classes:
+            scores = []
+            for k in range(lm_classes):
+                sub = {"input_ids": batch[f"cand{k}_input_ids"],
+                       "attention_mask": batch[f"cand{k}_attention_mask"]}
+                scores.append(sequence_log_likelihood(run(sub), batch[f"cand{k}_labels"]))
+            return {"predictions": jnp.argmax(jnp.stack(scores, axis=-1), axis=-1)}
+        out = run(batch)
         if head == "classification":
             return {"predictions": jnp.argmax(out, axis=-1)}
         if head == "regression":
