@@ -1,0 +1,535 @@
+"""Decoder family: Llama 1/2/3 (and Llama-architecture models) in Flax linen.
+
+Module names are Hugging Face's (``model.layers.0.self_attn.q_proj``, ``model.layers.0.mlp.gate_proj``,
+``model.norm``, ``lm_head``), so checkpoints load by name through ``hf_io`` and PEFT target
+patterns (``q_proj|v_proj``) carry over. The forward pass follows transformers'
+``modeling_llama`` (Touvron et al. 2023, "LLaMA"; "Llama 2"; Grattafiori et al. 2024, "The Llama 3
+herd of models"), which the parity tests check to 1e-4 against PyTorch:
+
+* pre-norm residual blocks:  ``h = h + Attn(RMSNorm(h));  h = h + MLP(RMSNorm(h))``, final RMSNorm
+  (Zhang & Sennrich 2019, ``x / sqrt(mean(x^2) + eps) * w``).
+* SwiGLU MLP (Shazeer 2020, "GLU variants improve Transformer"):
+  ``down(act(gate(x)) * up(x))`` with ``act = silu``.
+* rotary position embeddings (Su et al. 2021, "RoFormer"): for a head vector ``x`` at position
+  ``p``, ``rope(x) = x * cos(p θ) + rotate_half(x) * sin(p θ)`` with ``θ_i = base^(-2i/d)``
+  duplicated over the two halves (the "rotate_half" layout of transformers, not the interleaved
+  one of the original paper), plus the context-extension variants transformers implements
+  (``modeling_rope_utils``): linear position interpolation (Chen et al. 2023), dynamic NTK
+  (bloc97/emozilla 2023), Llama-3.1 frequency-dependent scaling, and YaRN (Peng et al. 2023).
+* grouped-query attention (Ainslie et al. 2023): ``num_key_value_heads`` key/value heads shared
+  by ``num_attention_heads / num_key_value_heads`` query heads each; causal mask AND padding mask;
+  scores and softmax in fp32 (``layers.attention_weights_and_output``).
+
+Positions: when none are given they are ``cumsum(attention_mask) - 1`` (clipped at 0), i.e. the
+count of real tokens before each token. For right padding (training) this equals the
+``arange`` transformers uses; for left padding (batched generation) it is what transformers'
+``generate`` computes, so a left-padded row gives the same logits as the row unpadded.
+
+Hook points (``peftjax.models.hooks``): every Dense calls ``linear``; the model calls
+``embeddings`` right after the token lookup (a prompt method may prepend virtual tokens; the LM
+head drops those positions again so logits keep the input's length); each attention layer calls
+``attention_kv`` after RoPE and after the KV-cache update (a prefix method may prepend keys and
+values); ``block_output`` is called on the attention output after ``o_proj`` and on the MLP output
+after ``down_proj``, before each residual add.
+
+Incremental decoding: pass a ``generation.KVCache`` (preallocated ``(B, max_len, kv_heads,
+head_dim)`` buffers per layer, written with ``lax.dynamic_update_slice`` so every decode step has
+static shapes) and the call returns ``(output, new_cache)``; see ``peftjax.models.generation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.models import hooks, registry
+from peftjax.models.generation import KVCache
+from peftjax.models.layers import (Dense, Embed, RMSNorm, activation, attention_weights_and_output,
+                                   normal_init)
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _rope_from_hf(hf: Any) -> tuple[float, str, tuple[tuple[str, Any], ...]]:
+    """``(rope_theta, rope_type, other rope parameters)`` from a transformers v5 or v4 config.
+
+    transformers 5 keeps every RoPE setting in ``config.rope_parameters`` (``{"rope_type",
+    "rope_theta", "factor", ...}``); transformers 4 had ``config.rope_theta`` and an optional
+    ``config.rope_scaling`` dict whose type key was ``"type"`` (old) or ``"rope_type"``.
+    """
+    params = getattr(hf, "rope_parameters", None)
+    if not isinstance(params, Mapping) or not params:
+        params = getattr(hf, "rope_scaling", None) or {}
+    params = {k: v for k, v in dict(params).items() if v is not None}
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = getattr(hf, "rope_theta", None)
+    theta = 10000.0 if theta is None else float(theta)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(f"per-layer-type rope_parameters are not supported by the llama family: {params}")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not part of the Llama architecture")
+    params.pop("partial_rotary_factor", None)
+    return theta, rope_type, _hashable(params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture facts of a Llama-family model (from a transformers config).
+
+    Frozen and hashable (rope parameters are a sorted tuple of pairs, eos ids a tuple) so that the
+    config can be a static argument of jitted functions.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "LlamaConfig":
+        """From a transformers ``LlamaConfig`` (v5 ``rope_parameters`` or v4 ``rope_theta`` +
+        ``rope_scaling``), or any object with those attributes."""
+        def get(name: str, default: Any = None) -> Any:
+            value = getattr(hf, name, None)
+            return default if value is None else value
+
+        heads = int(get("num_attention_heads", cls.num_attention_heads))
+        hidden = int(get("hidden_size", cls.hidden_size))
+        theta, rope_type, rope_scaling = _rope_from_hf(hf)
+        eos = get("eos_token_id", ())
+        eos = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        pad = getattr(hf, "pad_token_id", None)
+        bos = getattr(hf, "bos_token_id", None)
+        return cls(
+            vocab_size=int(get("vocab_size", cls.vocab_size)),
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size", cls.intermediate_size)),
+            num_hidden_layers=int(get("num_hidden_layers", cls.num_hidden_layers)),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads", heads)),
+            head_dim=int(get("head_dim", hidden // heads)),
+            hidden_act=str(get("hidden_act", cls.hidden_act)),
+            max_position_embeddings=int(get("max_position_embeddings", cls.max_position_embeddings)),
+            rms_norm_eps=float(get("rms_norm_eps", cls.rms_norm_eps)),
+            rope_theta=theta,
+            rope_type=rope_type,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+            attention_dropout=float(get("attention_dropout", 0.0)),
+            initializer_range=float(get("initializer_range", cls.initializer_range)),
+            pad_token_id=None if pad is None else int(pad),
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=eos,
+        )
+
+    def rope_param(self, key: str, default: Any = None) -> Any:
+        return dict(self.rope_scaling).get(key, default)
+
+
+# --------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(config: LlamaConfig, seq_len: jax.Array | int | None = None) -> tuple[Any, float]:
+    """Inverse frequencies ``θ_i`` (``head_dim / 2`` values, fp32) and the cos/sin scale.
+
+    Computed in fp32 exactly as transformers' ``modeling_rope_utils`` does, so logits match:
+
+    * default (Su et al. 2021): ``θ_i = 1 / base^(2i/d)``.
+    * linear (Chen et al. 2023, position interpolation): ``θ_i / factor``.
+    * dynamic NTK: ``base' = base * (factor * L / L_max - (factor - 1))^(d / (d - 2))`` with
+      ``L = max(seq_len, L_max)``; ``seq_len`` is the largest position + 1 of the call (traced).
+    * llama3: wavelengths ``λ = 2π/θ`` above ``L_orig / low_freq_factor`` are divided by
+      ``factor``, below ``L_orig / high_freq_factor`` kept, in between smoothly interpolated.
+    * yarn (Peng et al. 2023): a linear ramp between interpolated (``θ/factor``) and extrapolated
+      (``θ``) frequencies over the correction range given by ``beta_fast``/``beta_slow``; cos and
+      sin are scaled by ``attention_factor`` (default ``0.1 ln(factor) + 1``).
+    """
+    dim = config.head_dim
+    base = config.rope_theta
+    kind = config.rope_type
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+
+    def default(b: float) -> np.ndarray:
+        return (np.float32(1.0) / (np.float32(b) ** exponents)).astype(np.float32)
+
+    if kind == "default":
+        return default(base), 1.0
+    factor = config.rope_param("factor")
+    if kind == "linear":
+        return (default(base) / np.float32(factor)).astype(np.float32), 1.0
+    if kind == "dynamic":
+        max_pos = config.max_position_embeddings
+        if seq_len is None:
+            return default(base), 1.0
+        length = jnp.maximum(jnp.asarray(seq_len), max_pos).astype(jnp.float32)
+        new_base = base * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (new_base ** jnp.asarray(exponents)), 1.0
+    if kind == "llama3":
+        inv_freq = default(base)
+        low, high = config.rope_param("low_freq_factor"), config.rope_param("high_freq_factor")
+        old_len = config.rope_param("original_max_position_embeddings", config.max_position_embeddings)
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+        smooth = ((np.float32(old_len) / wavelen - np.float32(low))
+                  / np.float32(high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        old_len = config.rope_param("original_max_position_embeddings", config.max_position_embeddings)
+        if factor is None:
+            factor = config.max_position_embeddings / old_len
+        attention_factor = config.rope_param("attention_factor")
+        mscale, mscale_all_dim = config.rope_param("mscale"), config.rope_param("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if attention_factor is None:
+            attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+                                if mscale and mscale_all_dim else get_mscale(factor))
+        beta_fast = config.rope_param("beta_fast") or 32
+        beta_slow = config.rope_param("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if config.rope_param("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo), 0, 1)
+        extrapolation_factor = (1 - ramp).astype(np.float32)
+        pos_freqs = (np.float32(base) ** exponents).astype(np.float32)
+        extrapolated = np.float32(1.0) / pos_freqs
+        interpolated = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+        inv_freq = interpolated * (1 - extrapolation_factor) + extrapolated * extrapolation_factor
+        return inv_freq.astype(np.float32), float(attention_factor)
+    raise ValueError(f"unsupported rope_type {kind!r}")
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``cos(p θ)`` and ``sin(p θ)`` of shape ``(B, L, head_dim)`` (θ duplicated over the halves),
+    computed in fp32 and cast to the compute dtype, as transformers' ``LlamaRotaryEmbedding``."""
+    seq_len = jnp.max(positions) + 1 if config.rope_type == "dynamic" else None
+    inv_freq, scale = rope_inv_freq(config, seq_len)
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` of shape ``(B, L, heads, head_dim)``."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------- modules
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with RoPE and an optional preallocated KV cache."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, mask, cos, sin, layer_cache, cache_index, train: bool):
+        c = self.config
+        init = normal_init(c.initializer_range)
+        b, l, _ = h.shape
+
+        def proj(features: int, name: str) -> Dense:
+            return Dense(features, use_bias=c.attention_bias, dtype=self.dtype, kernel_init=init, name=name)
+
+        heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = proj(heads * d, "q_proj")(h).reshape(b, l, heads, d)
+        k = proj(kv_heads * d, "k_proj")(h).reshape(b, l, kv_heads, d)
+        v = proj(kv_heads * d, "v_proj")(h).reshape(b, l, kv_heads, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            k_buf, v_buf = layer_cache
+            start = (jnp.int32(0), cache_index, jnp.int32(0), jnp.int32(0))
+            k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), start)
+            v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), start)
+            new_cache = (k_buf, v_buf)
+            k, v = k_buf.astype(self.dtype), v_buf.astype(self.dtype)
+        k, v, mask = hooks.active().attention_kv(self, k, v, mask)
+        dropout = None
+        if train and c.attention_dropout > 0:
+            drop = nn.Dropout(c.attention_dropout)
+            dropout = lambda p: drop(p, deterministic=False)
+        out = attention_weights_and_output(q, k, v, mask, dropout, scale=c.head_dim ** -0.5)
+        out = proj(c.hidden_size, "o_proj")(out.reshape(b, l, c.num_attention_heads * c.head_dim))
+        return hooks.active().block_output(self, "attention", out), new_cache
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        init = normal_init(c.initializer_range)
+        dense = lambda f, name: Dense(f, use_bias=c.mlp_bias, dtype=self.dtype, kernel_init=init, name=name)
+        h = activation(c.hidden_act)(dense(c.intermediate_size, "gate_proj")(x)) * \
+            dense(c.intermediate_size, "up_proj")(x)
+        h = dense(c.hidden_size, "down_proj")(h)
+        return hooks.active().block_output(self, "ffn", h)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: ``h += Attn(RMSNorm(h)); h += MLP(RMSNorm(h))``."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, mask, cos, sin, layer_cache, cache_index, train: bool):
+        c = self.config
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
+        a, new_cache = LlamaAttention(c, self.dtype, name="self_attn")(
+            x, mask, cos, sin, layer_cache, cache_index, train)
+        h = h + a
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
+        h = h + LlamaMLP(c, self.dtype, name="mlp")(x)
+        return h, new_cache
+
+
+class LlamaLayerStack(nn.Module):
+    """Holds layers named "0", "1", ... so paths read ``model.layers.3``."""
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, h, mask, cos, sin, caches, cache_index, train: bool):
+        layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(7,)) if self.remat else LlamaDecoderLayer
+        new_caches = []
+        for i in range(self.config.num_hidden_layers):
+            layer_cache = None if caches is None else caches[i]
+            h, new_cache = layer_cls(self.config, self.dtype, name=str(i))(
+                h, mask, cos, sin, layer_cache, cache_index, train)
+            new_caches.append(new_cache)
+        return h, (None if caches is None else new_caches)
+
+
+class LlamaModel(nn.Module):
+    """The bare decoder: returns ``(hidden states, effective attention mask, new cache or None)``.
+
+    Hidden states and mask cover the sequence as the layers saw it: if a prompt method prepended
+    ``n`` virtual tokens through the ``embeddings`` hook they come first (``L_in + n`` positions).
+
+    With ``cache`` (a ``generation.KVCache``), the input tokens are written into the cache at
+    ``cache.index`` and attend to everything cached before them. A cache that has not been
+    ``prefilled`` yet takes the virtual tokens of a prompt method too (its buffers grow by ``n``);
+    on later (decode) calls the hook's prepended positions are dropped, since the cache already
+    holds them.
+    """
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype,
+                                  embedding_init=normal_init(c.initializer_range))
+        self.layers = LlamaLayerStack(c, self.dtype, self.remat)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied LM head: ``h @ embed_tokens.T``."""
+        return self.embed_tokens.attend(h)
+
+    def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None,
+                 cache: KVCache | None = None):
+        input_ids = jnp.asarray(input_ids)
+        attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+        b, l_in = input_ids.shape
+        h = self.embed_tokens(input_ids)
+        h, attention_mask, _ = hooks.active().embeddings(self, h, attention_mask, None)
+        n_pre = h.shape[1] - l_in
+        if n_pre < 0:
+            raise ValueError("the embeddings hook shortened the sequence; only prepending is supported")
+        if n_pre and cache is not None and cache.prefilled:
+            # Decode step: the prompt method's virtual tokens are already in the cache.
+            h, attention_mask, n_pre = h[:, n_pre:], attention_mask[:, n_pre:], 0
+        l = h.shape[1]
+        valid = attention_mask.astype(bool)
+        if positions is None:
+            start = 0 if cache is None else cache.next_position[:, None]
+            positions = jnp.maximum(start + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        elif n_pre:
+            positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_pre, dtype=jnp.int32), (b, n_pre)),
+                                         positions.astype(jnp.int32) + n_pre], axis=1)
+        positions = positions.astype(jnp.int32)
+
+        if cache is None:
+            causal = jnp.tril(jnp.ones((l, l), bool))
+            mask = causal[None, None] & valid[:, None, None, :]
+            caches, index = None, None
+        else:
+            if n_pre and not cache.prefilled:
+                cache = cache.grow(n_pre)
+            if l > cache.max_len:
+                raise ValueError(f"{l} tokens do not fit a KV cache of max_len {cache.max_len}")
+            index = cache.index.astype(jnp.int32)
+            kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (jnp.int32(0), index))
+            q_slots = index + jnp.arange(l, dtype=jnp.int32)
+            causal = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :] <= q_slots[:, None]
+            mask = causal[None, None] & kv_valid[:, None, None, :]
+            caches = list(zip(cache.keys, cache.values))
+        mask = jnp.broadcast_to(mask, (b, 1, l, mask.shape[-1]))
+
+        cos, sin = rope_cos_sin(self.config, positions, self.dtype)
+        h, new_caches = self.layers(h, mask, cos, sin, caches, index, train)
+        h = self.norm(h)
+        new_cache = None
+        if cache is not None:
+            next_position = jnp.maximum(
+                cache.next_position, jnp.max(jnp.where(valid, positions + 1, 0), axis=1).astype(jnp.int32))
+            new_cache = cache.replace(keys=tuple(k for k, _ in new_caches),
+                                      values=tuple(v for _, v in new_caches), mask=kv_valid,
+                                      index=index + l, next_position=next_position, prefilled=True)
+        return h, attention_mask, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM: logits ``(B, L_in, vocab)`` in fp32; ``(logits, new_cache)`` when given a cache.
+
+    ``lm_head`` is absent when ``tie_word_embeddings`` (logits ``= h @ embed_tokens.T``).
+    """
+
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        c = self.config
+        self.model = LlamaModel(c, self.dtype, self.remat)
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
+                                 kernel_init=normal_init(c.initializer_range))
+
+    def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None,
+                 cache: KVCache | None = None):
+        h, _, new_cache = self.model(input_ids, attention_mask, train, positions, cache)
+        n_pre = h.shape[1] - input_ids.shape[1]
+        if n_pre:  # a prompt method's virtual tokens predict nothing the caller asked for
+            h = h[:, n_pre:]
+        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def last_valid_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the rightmost real token of each row (left or right padding)."""
+    valid = attention_mask.astype(bool)
+    return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+
+
+class LlamaForSequenceClassification(nn.Module):
+    """``score`` (no bias) on the hidden state of the last real token (num_labels == 1: regression).
+
+    transformers pools at the rightmost token that differs from ``pad_token_id``; we use the
+    rightmost position of ``attention_mask``, which is the same token whenever padding is masked
+    and also works when ``pad_token_id`` equals the eos id.
+    """
+
+    config: LlamaConfig
+    num_labels: int
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        h, _, _ = LlamaModel(self.config, self.dtype, self.remat, name="model")(
+            input_ids, attention_mask, train, positions)
+        h = h[:, h.shape[1] - input_ids.shape[1]:]
+        idx = last_valid_index(attention_mask)
+        pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+        return Dense(self.num_labels, use_bias=False, dtype=self.dtype,
+                     kernel_init=normal_init(self.config.initializer_range), name="score")(pooled)
+
+
+def _build(config: LlamaConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
+    if head == "none":
+        return LlamaModel(config, dtype, remat)
+    if head == "causal_lm":
+        return LlamaForCausalLM(config, dtype, remat)
+    return LlamaForSequenceClassification(config, num_labels, dtype, remat)
+
+
+def _head_prefixes(config: LlamaConfig, head: str) -> tuple[str, ...]:
+    # The LM head is pretrained (part of the checkpoint), not a task head.
+    return ("score",) if head in ("classification", "regression") else ()
+
+
+def _backbone_prefix(config: LlamaConfig, head: str) -> str:
+    return "" if head == "none" else "model"
+
+
+FAMILY = registry.register_family(registry.Family(
+    name="llama",
+    model_types=("llama",),
+    config_from_hf=LlamaConfig.from_hf,
+    build=_build,
+    heads=("none", "causal_lm", "classification", "regression"),
+    head_prefixes=_head_prefixes,
+    backbone_prefix=_backbone_prefix,
+    input_names=("input_ids", "attention_mask"),
+))
