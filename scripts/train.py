@@ -12,7 +12,7 @@ head_params, total_params, metrics.validation / metrics.test, step_time_s, peak_
 import json
 
 import _bootstrap  # noqa: F401
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "configs/train.py:model=...,method=...,task=...",
@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from peftjax.train import train_and_evaluate
 
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)

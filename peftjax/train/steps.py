@@ -24,6 +24,13 @@ class TrainState(NamedTuple):
 
 
 def init_state(trainable: dict, method_state: dict, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh train state that owns its buffers.
+
+    The trees are copied: the train step donates its state, and donating arrays shared with the
+    caller's base params (full fine-tuning's trainable tree *is* the base) would delete them.
+    """
+    trainable = jax.tree.map(jnp.copy, trainable)
+    method_state = jax.tree.map(jnp.copy, method_state)
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), method_state)
 
 

@@ -1,0 +1,105 @@
+"""Train-step speed and memory of methods on one model, measured on this machine.
+
+    python scripts/bench.py --model=all-MiniLM-L6-v2 --methods=full,lora --batch=32 --seq=64
+
+prints a JSON list, one object per method: ``method``, ``train_step_s`` (median of ``--steps``
+timed steps after compilation and warm-up), ``train_step_s_all`` (every timed step),
+``peak_memory_bytes`` (XLA memory analysis of the compiled step: arguments + outputs +
+temporaries − donated), ``trainable_params``, ``flops`` (XLA cost analysis) and the backend.
+Each method uses its configs/methods/<name>.py defaults (override with --method_overrides) and
+the same random batch, AdamW, fp32 unless --dtype=bfloat16.
+"""
+
+import json
+import os
+
+import _bootstrap  # noqa: F401
+from absl import app, flags, logging
+
+flags.DEFINE_string("model", "all-MiniLM-L6-v2", "named model (configs/models) ")
+flags.DEFINE_list("methods", ["full", "lora"], "methods to time")
+flags.DEFINE_integer("batch", 32, "batch size")
+flags.DEFINE_integer("seq", 64, "sequence length")
+flags.DEFINE_integer("steps", 10, "timed steps per method (after compilation and warm-up)")
+flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+flags.DEFINE_integer("num_labels", 3, "classification labels (encoders)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+flags.DEFINE_bool("remat", False, "rematerialise layers in the backward pass")
+flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over config defaults")
+FLAGS = flags.FLAGS
+
+
+def bench_method(name, model, base, batch, overrides, steps, warmup):
+    import jax
+    import optax
+
+    from configs.train import _load
+    from peftjax import methods
+    from peftjax.train import init_state, make_train_step
+    from peftjax.train import measure
+
+    cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
+    cfg.update(overrides.get(name, {}))
+    method = methods.create(name, model, cfg)
+    peft = method.setup(jax.random.PRNGKey(1), base)
+    tx = optax.adamw(1e-4)
+    state = init_state(peft.trainable, peft.state, tx)
+    step = jax.jit(make_train_step(method, tx, seed=0), donate_argnums=(0,))
+    compiled = step.lower(state, peft.frozen, batch).compile()
+    memory = measure.memory_analysis(compiled)
+    holder = {"state": state}
+
+    def one():
+        holder["state"], m = compiled(holder["state"], peft.frozen, batch)
+        jax.block_until_ready(m["loss"])
+
+    times = measure.time_calls(one, steps, warmup)
+    counts = methods.count_params(method)
+    return {"method": name, "train_step_s": measure.median(times),
+            "train_step_s_all": [round(t, 4) for t in times],
+            "peak_memory_bytes": memory.get("peak_memory_bytes"),
+            "trainable_params": counts["trainable_params"], "head_params": counts["head_params"],
+            "total_params": counts["total_params"], **measure.cost_analysis(compiled)}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from configs import models
+    from peftjax.models import hf_io
+
+    model_cfg = models.get(FLAGS.model)
+    head = "classification"
+    from peftjax.models.registry import family_for
+
+    if "classification" not in family_for(model_cfg.hf_config.model_type).heads:
+        head = "causal_lm"
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+    model, params, _ = hf_io.load_from_config(model_cfg, head=head, num_labels=FLAGS.num_labels,
+                                              dtype=dtype, remat=FLAGS.remat, with_tokenizer=False)
+    base = traverse_util.flatten_dict(params, sep=".")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 20000, size=(FLAGS.batch, FLAGS.seq)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask": np.ones(FLAGS.batch, bool)}
+    if "token_type_ids" in model.input_names:
+        batch["token_type_ids"] = np.zeros_like(ids)
+    batch["labels"] = (ids if head == "causal_lm" else rng.integers(0, FLAGS.num_labels, FLAGS.batch)
+                       ).astype(np.int32)
+    overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
+    results = []
+    for name in FLAGS.methods:
+        r = bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
+        r.update(model=FLAGS.model, batch=FLAGS.batch, seq=FLAGS.seq, dtype=FLAGS.dtype,
+                 remat=FLAGS.remat, backend=jax.default_backend(),
+                 device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
+        results.append(r)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
