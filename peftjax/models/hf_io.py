@@ -15,9 +15,11 @@ pickled ``.bin`` checkpoints are refused, never unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import re
 from typing import Any, Iterable
 
 import jax
@@ -122,6 +124,8 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
 
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no config.json")
     with open(path) as f:
@@ -141,7 +145,10 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
     an error naming each one.
     """
     abstract = flatten(model.abstract_params())
-    prefix = model.backbone_prefix
+    # A bare model (prefix "") also loads a checkpoint saved with a head (bert-base-uncased's
+    # "bert.*", a causal LM's "model.*"): try the prefix the family's headed models use.
+    prefix = model.backbone_prefix or next(
+        (p for h in model.family.heads if (p := model.family.backbone_prefix(model.config, h))), "")
     head = model.head_prefixes
     out: dict[str, Any] = {}
     missing, misshaped, fresh = [], [], []
@@ -228,6 +235,7 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
         os.replace(tmp, path)
 
     if len(shards) == 1:
+        written = {"model.safetensors"}
         write(os.path.join(folder, "model.safetensors"),
               lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
     else:
@@ -240,7 +248,17 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
                  "weight_map": weight_map}
         write(os.path.join(folder, "model.safetensors.index.json"),
               lambda p: open(p, "w").write(json.dumps(index, indent=2)))
-    config = model.hf_config.to_dict()
+        written = {*weight_map.values(), "model.safetensors.index.json"}
+    # Weights of an earlier save into this folder would shadow these (a stale index is preferred
+    # by our loader, a stale model.safetensors by transformers'): remove them, as HF does.
+    for f in os.listdir(folder):
+        if f not in written and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", f):
+            os.remove(os.path.join(folder, f))
+    hf = model.hf_config
+    if model.head in ("classification", "regression") and hf.num_labels != model.num_labels:
+        hf = copy.deepcopy(hf)  # the head's size, not the source config's label count
+        hf.num_labels = model.num_labels
+    config = hf.to_dict()
     write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
 
 
