@@ -291,4 +291,5 @@ FAMILY = registry.register_family(registry.Family(
     head_prefixes=_head_prefixes,
     backbone_prefix=_backbone_prefix,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
+    optional_params=r"(^|\.)pooler\.",
 ))

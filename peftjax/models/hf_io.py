@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import re
 from typing import Any, Iterable
 
 import jax
@@ -140,8 +141,8 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
                         rng: jax.Array | None = None, source: str = "checkpoint") -> tuple[dict, list[str]]:
     """Maps HF tensors onto the model's param tree.
 
-    Returns ``(params, newly_initialised)``: task-head params absent from the checkpoint are
-    initialised randomly (listed in the second value); any other missing or mis-shaped tensor is
+    Returns ``(params, newly_initialised)``: task-head params (and the family's optional params,
+    e.g. a pooler) absent from the checkpoint are initialised randomly (listed in the second value); any other missing or mis-shaped tensor is
     an error naming each one.
     """
     abstract = flatten(model.abstract_params())
@@ -150,13 +151,15 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
     prefix = model.backbone_prefix or next(
         (p for h in model.family.heads if (p := model.family.backbone_prefix(model.config, h))), "")
     head = model.head_prefixes
+    optional = re.compile(model.family.optional_params) if model.family.optional_params else None
     out: dict[str, Any] = {}
     missing, misshaped, fresh = [], [], []
     for path, spec in abstract.items():
         name, transpose = hf_name(path)
         found = next((c for c in _candidates(name, prefix) if c in tensors), None)
         if found is None:
-            if any(path == h or path.startswith(h + ".") for h in head):
+            if any(path == h or path.startswith(h + ".") for h in head) or (
+                    optional is not None and optional.search(path)):
                 fresh.append(path)
             else:
                 missing.append(name)

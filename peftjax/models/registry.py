@@ -35,6 +35,8 @@ class Family:
         (``""`` when the module is the bare backbone); checkpoints of the bare backbone load into
         a model with a head by adding it.
       input_names: batch keys the module's ``__call__`` takes, in order.
+      optional_params: regex over param paths that a checkpoint may lack and that are then
+        initialised fresh, as transformers does (BERT's pooler: MLM checkpoints ship none).
     """
 
     name: str
@@ -45,6 +47,7 @@ class Family:
     head_prefixes: Callable[[Any, str], tuple[str, ...]]
     backbone_prefix: Callable[[Any, str], str]
     input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+    optional_params: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}

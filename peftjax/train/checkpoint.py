@@ -32,6 +32,11 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def restore_raw(self, step: int | None = None) -> Any:
+        """Restores a step as saved, without a template (named tuples come back as dicts)."""
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.StandardRestore())
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -1,0 +1,89 @@
+"""LoRA specifics: PEFT's initialisation, scaling (plain and rsLoRA), merge/unmerge, dropout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import models as model_configs
+from peftjax import methods
+from tests.helpers import learnable_batch, tiny_model
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_model("bert")
+
+
+def test_default_init_is_kaiming_uniform_a_and_zero_b(bert):
+    model, base = bert
+    m = methods.create("lora", model, {"rank": 8})
+    added = m.init(jax.random.PRNGKey(0), base, methods.InitContext())
+    a = np.asarray(added["bert.encoder.layer.0.attention.self.query.lora_A"])
+    b = np.asarray(added["bert.encoder.layer.0.attention.self.query.lora_B"])
+    assert a.shape == (32, 8) and b.shape == (8, 32)
+    bound = 1 / math.sqrt(32)  # kaiming_uniform(a=sqrt(5)) on fan_in 32
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
+    assert not b.any()
+
+
+def test_gaussian_init_std_is_one_over_rank():
+    cfg = model_configs.get("bert-base-uncased").hf_config
+    from peftjax.models import build_model
+
+    model = build_model(cfg)
+    m = methods.create("lora", model, {"rank": 4, "init": "gaussian"})
+    base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
+    site = "encoder.layer.0.attention.self.query"
+    a, _ = m.init_pair(jax.random.PRNGKey(0), site, jnp.float32)
+    assert abs(float(jnp.std(a)) - 0.25) < 0.01
+
+
+def test_adapted_model_starts_equal_to_base(bert):
+    model, base = bert
+    m = methods.create("lora", model, {"rank": 4})
+    peft = m.setup(jax.random.PRNGKey(0), base)
+    batch = learnable_batch(model)
+    plain = model.apply(traverse_util.unflatten_dict(base, sep="."), batch)
+    adapted = m.apply(peft.trainable, peft.frozen, peft.state, batch)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(adapted))
+
+
+@pytest.mark.parametrize("rslora,expected", [(False, 16 / 4), (True, 16 / 2)])
+def test_scaling(bert, rslora, expected):
+    m = methods.create("lora", bert[0], {"rank": 4, "alpha": 16.0, "use_rslora": rslora})
+    assert m.scaling == expected
+
+
+def test_update_is_scaled_low_rank_product(bert):
+    """h = x W0 + s x A B, checked against the explicit formula on one layer."""
+    model, base = bert
+    m = methods.create("lora", model, {"rank": 2, "alpha": 6.0, "targets": r"layer\.0\.attention\.self\.query$"})
+    peft = m.setup(jax.random.PRNGKey(0), base)
+    site = m.targets[0]
+    rng = np.random.default_rng(0)
+    added = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in peft.trainable["added"].items()}
+    merged = m.merge(base, added, {})
+    expected = base[site + ".kernel"] + 3.0 * added[site + ".lora_A"] @ added[site + ".lora_B"]
+    np.testing.assert_allclose(np.asarray(merged[site + ".kernel"]), np.asarray(expected), atol=1e-6)
+    untouched = [k for k in base if k != site + ".kernel"]
+    assert all(merged[k] is base[k] for k in untouched)
+
+
+def test_dropout_applies_only_in_training(bert):
+    model, base = bert
+    m = methods.create("lora", model, {"rank": 4, "dropout": 0.5})
+    peft = m.setup(jax.random.PRNGKey(0), base)
+    added = jax.tree.map(lambda x: x + 0.5, peft.trainable["added"])
+    trainable = {**peft.trainable, "added": added}
+    batch = learnable_batch(model)
+    # Model dropout off is not possible in train mode, so compare two rngs: train differs, eval not.
+    e1 = m.apply(trainable, peft.frozen, {}, batch, train=False)
+    e2 = m.apply(trainable, peft.frozen, {}, batch, train=False)
+    np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
+    t1 = m.apply(trainable, peft.frozen, {}, batch, train=True, rng=jax.random.PRNGKey(1))
+    t2 = m.apply(trainable, peft.frozen, {}, batch, train=True, rng=jax.random.PRNGKey(2))
+    assert not np.allclose(np.asarray(t1), np.asarray(t2))
