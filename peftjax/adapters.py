@@ -1,0 +1,261 @@
+"""Several named LoRA adapters on one frozen base: switch, disable, combine.
+
+Design (why stacked arrays and an index, not a dict of methods): every adapter is padded into
+one stack per adapted site — ``A: (N, in, R)`` and ``B: (N, R, out)`` with R the largest rank and
+each adapter's scaling folded into its B; an adapter that does not target a site, or has a
+smaller rank, contributes zero rows/columns, which adds exactly zero. The active adapter is then
+a traced int32 *index* into the stack, so one compiled program serves every adapter and the
+disabled state (``DISABLED = -1``: the plain base model): switching adapters per call never
+recompiles, and the frozen base is passed as an argument, never baked into the program as a
+constant. Only adding an adapter (which changes the stack's shapes) compiles again. Task heads
+are stacked the same way (``N + 1`` slots, the last one the base head, used when disabled), so
+several classifiers can share one backbone. The cost is memory for padding (N·R instead of Σrᵢ)
+— small next to the base for research-sized adapter sets.
+
+Only additive LoRA (``lora``, with or without rsLoRA) fits this: DoRA re-normalises the weight
+(not a sum of deltas) and PiSSA replaces the base kernels, so both are refused.
+
+Combination, as PEFT's ``add_weighted_adapter``: ΔW = Σ wᵢ sᵢ Aᵢ Bᵢ.
+``combination="cat"`` concatenates along the rank: A = [A₁ … A_k] (in, Σrᵢ),
+B = [w₁s₁B₁; …; w_k s_k B_k] (Σrᵢ, out), scaling 1 — exact. ``rank=k`` then truncates each
+site's ΔW to its best rank-k approximation (Eckart–Young), computed from thin QRs of A and Bᵀ so
+that the (in, out) matrix is never formed: A = Q_a R_a, Bᵀ = Q_b R_b, R_a R_bᵀ = U S Vᵀ,
+A' = Q_a U_k √S_k, B' = √S_k V_kᵀ Q_bᵀ.
+
+Usage::
+
+    aset = AdapterSet(model, base_params)                # flat or nested base params
+    aset.add("sst2", lora_method, trainable)              # or aset.load("sst2", peft_folder)
+    aset.add("mnli", other_method, other_trainable)
+    logits = aset.apply(batch, "sst2")                    # jitted; the name → an index
+    base = aset.apply(batch, None)                        # adapters disabled
+    method, trainable = aset.combine("mix", ["sst2", "mnli"], [0.5, 0.5])
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.methods import core
+from peftjax.models import hf_io
+from peftjax.models import hooks as hooks_lib
+from peftjax.models.registry import Model
+
+DISABLED = -1
+ADDITIVE = ("lora",)
+
+
+class _StackHooks(hooks_lib.Hooks):
+    """Adds ``x A[i] B[i]`` (scaling folded into B, zero when disabled) at the stacked sites."""
+
+    def __init__(self, a: Mapping[str, jax.Array], b: Mapping[str, jax.Array], index, on):
+        self.a, self.b, self.index, self.on = a, b, index, on
+
+    def linear(self, module, x, y, kernel, bias):
+        site = hooks_lib.site(module)
+        if site not in self.a:
+            return y
+        a = self.a[site][self.index].astype(x.dtype)
+        b = (self.b[site][self.index] * self.on).astype(x.dtype)
+        return y + (x @ a) @ b
+
+
+def _flat(params: Mapping) -> dict:
+    nested = any(isinstance(v, Mapping) for v in params.values())
+    return hf_io.flatten(dict(params)) if nested else dict(params)
+
+
+def _targets_regex(sites: Sequence[str]) -> str:
+    return "^(?:" + "|".join(re.escape(s) for s in sites) + ")$"
+
+
+class AdapterSet:
+    """Named additive LoRA adapters sharing one frozen base model (see the module docstring)."""
+
+    def __init__(self, model: Model, base: Mapping):
+        self.model = model
+        self.sites = core.Sites.discover(model)
+        flat = _flat(base)
+        self.frozen = {k: v for k, v in flat.items() if not self.sites.is_head(k)}
+        self.base_head = {k: v for k, v in flat.items() if self.sites.is_head(k)}
+        self._adapters: dict[str, tuple[core.Method, dict, dict]] = {}
+        self._stack: dict | None = None
+        self.traces = 0  # how many times the forward was traced (compiled); for tests
+        self._jitted = jax.jit(self._forward)
+
+    # -- registry -------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def index(self, name: str | int | None) -> int:
+        """The stack index of ``name``; ``None`` (or ``DISABLED``) is the base model."""
+        if name is None or name == DISABLED:
+            return DISABLED
+        if isinstance(name, (int, np.integer)):
+            if not 0 <= name < len(self._adapters):
+                raise ValueError(f"adapter index {name} out of range 0..{len(self._adapters) - 1}")
+            return int(name)
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no adapter named {name!r}; adapters: {', '.join(self.names) or '(none)'}") from None
+
+    def get(self, name: str) -> tuple[core.Method, dict]:
+        """``(method, trainable)`` of a named adapter."""
+        method, added, head = self._adapters[self.names[self.index(name)]]
+        return method, {"base": {}, "added": added, "head": head}
+
+    def add(self, name: str, method: core.Method, trainable: Mapping) -> None:
+        """Adds an adapter: ``trainable`` is ``{"base","added","head"}`` or just the added params."""
+        if not name or name in self._adapters:
+            raise ValueError(f"adapter name {name!r} is empty or already used; adapters: {self.names}")
+        if method.model is not self.model and method.model.hf_config.to_dict() != self.model.hf_config.to_dict():
+            raise ValueError(f"adapter {name!r} was built for another model")
+        if method.name not in ADDITIVE or getattr(method.config, "init", "") == "pissa":
+            raise ValueError(f"adapter {name!r}: method {method.name!r}"
+                             f"{' (init=pissa)' if method.name in ADDITIVE else ''} is not an additive "
+                             f"low-rank update; an AdapterSet holds: {', '.join(ADDITIVE)} "
+                             "(DoRA re-normalises the weight, PiSSA rewrites the base)")
+        if "added" in trainable:
+            if trainable.get("base"):
+                raise ValueError(f"adapter {name!r} trains base params; an AdapterSet shares one frozen base")
+            added, head = dict(trainable["added"]), dict(trainable.get("head") or {})
+        else:
+            added, head = dict(trainable), {}
+        if head and set(head) != set(self.base_head):
+            raise ValueError(f"adapter {name!r}: head params {sorted(head)} do not match the "
+                             f"model's head {sorted(self.base_head)}")
+        self._adapters[name] = (method, added, head)
+        self._stack = None
+
+    def load(self, name: str, folder: str, *, require_head: bool = False) -> None:
+        """Adds an adapter from a Hugging Face PEFT folder (``peftjax.interop``)."""
+        from peftjax.interop import import_adapter
+
+        method, trainable = import_adapter(folder, self.model, require_head=require_head)
+        self.add(name, method, trainable)
+
+    def remove(self, name: str) -> None:
+        del self._adapters[self.names[self.index(name)]]
+        self._stack = None
+
+    # -- stacking -------------------------------------------------------------------------
+    def stack(self) -> dict:
+        """``{"A": {site: (N, in, R)}, "B": {site: (N, R, out)}, "head": {path: (N+1, ...)}}``."""
+        if self._stack is not None:
+            return self._stack
+        if not self._adapters:
+            raise ValueError("the AdapterSet is empty: add an adapter first")
+        entries = list(self._adapters.values())
+        sites = [s for s in self.sites.linear if any(s in m.targets for m, _, _ in entries)]
+        rmax = max(m.config.rank for m, _, _ in entries)
+        a_stack, b_stack = {}, {}
+        for site in sites:
+            info = self.sites.linear[site]
+            a_rows, b_rows = [], []
+            for method, added, _ in entries:
+                a = np.zeros((info["in_features"], rmax), np.float32)
+                b = np.zeros((rmax, info["out_features"]), np.float32)
+                if site in method.targets:
+                    r = method.config.rank
+                    a[:, :r] = np.asarray(added[site + ".lora_A"], np.float32)
+                    b[:r] = method.scaling * np.asarray(added[site + ".lora_B"], np.float32)
+                a_rows.append(a)
+                b_rows.append(b)
+            a_stack[site], b_stack[site] = jnp.asarray(np.stack(a_rows)), jnp.asarray(np.stack(b_rows))
+        heads = {k: jnp.stack([jnp.asarray(head.get(k, v)) for _, _, head in entries] + [jnp.asarray(v)])
+                 for k, v in self.base_head.items()}
+        self._stack = {"A": a_stack, "B": b_stack, "head": heads}
+        return self._stack
+
+    # -- forward --------------------------------------------------------------------------
+    def _forward(self, stack, frozen, batch, index):
+        from flax import traverse_util
+
+        self.traces += 1
+        n = next(iter(stack["A"].values())).shape[0] if stack["A"] else len(self._adapters)
+        on = index >= 0
+        i = jnp.clip(index, 0, n - 1)
+        head = {k: v[jnp.where(on, index, n)] for k, v in stack["head"].items()}
+        hooks = _StackHooks(stack["A"], stack["B"], i, on.astype(jnp.float32))
+        with hooks_lib.use(hooks):
+            return self.model.apply(traverse_util.unflatten_dict({**frozen, **head}, sep="."), batch)
+
+    def apply(self, batch: Mapping[str, Any], adapter: str | int | None) -> jax.Array:
+        """The model's output with ``adapter`` active (``None``: disabled, the base model).
+
+        Jitted; the adapter is a traced index, so switching never recompiles.
+        """
+        index = jnp.asarray(self.index(adapter), jnp.int32)
+        return self._jitted(self.stack(), self.frozen, batch, index)
+
+    # -- combination ----------------------------------------------------------------------
+    def delta_weights(self, name: str) -> dict[str, jax.Array]:
+        """ΔW = s·A B per targeted site, flax (in, out) layout."""
+        method, added, _ = self._adapters[self.names[self.index(name)]]
+        return {site: method.delta_weight(site, added) for site in method.targets}
+
+    def combine(self, name: str, adapters: Sequence[str], weights: Sequence[float], *,
+                rank: int | None = None, head: str | None = None) -> tuple[core.Method, dict]:
+        """Adds (and returns) the adapter ΔW = Σ wᵢ sᵢ Aᵢ Bᵢ as one LoRA.
+
+        Without ``rank`` it is exact, of rank Σrᵢ (PEFT's ``"cat"``); with ``rank`` each site's
+        ΔW is truncated to its best rank-``rank`` approximation. ``head`` names the adapter
+        whose head the result keeps (default: the base head).
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"combine needs one weight per adapter, got {len(adapters)} adapters "
+                             f"and {len(weights)} weights")
+        entries = [self._adapters[self.names[self.index(a)]] for a in adapters]
+        sites = [s for s in self.sites.linear if any(s in m.targets for m, _, _ in entries)]
+        total = sum(m.config.rank for m, _, _ in entries)
+        target_rank = total if rank is None else int(rank)
+        added = {}
+        for site in sites:
+            info = self.sites.linear[site]
+            a_parts, b_parts = [], []
+            for (method, params, _), w in zip(entries, weights):
+                r = method.config.rank
+                if site in method.targets:
+                    a_parts.append(jnp.asarray(params[site + ".lora_A"], jnp.float32))
+                    b_parts.append(w * method.scaling * jnp.asarray(params[site + ".lora_B"], jnp.float32))
+                else:
+                    a_parts.append(jnp.zeros((info["in_features"], r), jnp.float32))
+                    b_parts.append(jnp.zeros((r, info["out_features"]), jnp.float32))
+            a, b = jnp.concatenate(a_parts, axis=1), jnp.concatenate(b_parts, axis=0)
+            if rank is not None:
+                a, b = truncate(a, b, target_rank)
+            added[site + ".lora_A"], added[site + ".lora_B"] = a, b
+        try:
+            method = core.create("lora", self.model, {"rank": target_rank, "alpha": float(target_rank),
+                                                      "targets": _targets_regex(sites)}, sites=self.sites)
+        except ValueError as e:
+            raise ValueError(f"combine {name!r}: {e}; pass rank= to truncate") from None
+        head_params = dict(self._adapters[self.names[self.index(head)]][2]) if head else {}
+        trainable = {"base": {}, "added": added, "head": head_params}
+        self.add(name, method, trainable)
+        return method, trainable
+
+
+def truncate(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Best rank-``rank`` factors (A', B') of A B (Eckart–Young), without forming A B.
+
+    ``rank`` larger than A's width is padded with zero columns (the product is unchanged).
+    """
+    qa, ra = jnp.linalg.qr(a)            # (in, R), (R, R)
+    qb, rb = jnp.linalg.qr(b.T)          # (out, R), (R, R)
+    u, s, vt = jnp.linalg.svd(ra @ rb.T)
+    k = min(rank, s.shape[0])
+    root = jnp.sqrt(s[:k])
+    a2 = (qa @ u[:, :k]) * root[None, :]
+    b2 = root[:, None] * (vt[:k] @ qb.T)
+    if k < rank:
+        a2 = jnp.pad(a2, ((0, 0), (0, rank - k)))
+        b2 = jnp.pad(b2, ((0, rank - k), (0, 0)))
+    return a2, b2
