@@ -11,6 +11,16 @@ A ~ kaiming-uniform(a=√5) over fan-in, i.e. U(-1/√in, 1/√in); B = 0, so th
 starts equal to the base. ``init="gaussian"``: A ~ N(0, (1/r)²) (PEFT's gaussian init, std 1/r).
 PEFT stores A as (r, in) and B as (out, r) (torch layout); ``peftjax.interop`` transposes.
 
+``init="pissa"`` (PiSSA, Meng et al. 2024; PEFT ``init_lora_weights="pissa"``, ``pissa_init`` in
+``tuners/lora/layer.py``): with the SVD of the base weight, the adapter starts on its principal
+components and the frozen kernel becomes the residual. PEFT, on the torch weight
+W (out, in) = U S Vh: A = diag(sqrt(S_r / s)) Vh_r (r, in), B = U_r diag(sqrt(S_r / s)) (out, r),
+W_res = W - s·B A. Here the flax kernel K = Wᵀ (in, out) is decomposed directly, K = U' S V'ᵀ
+(U' = Vhᵀ, V' = U), so A = U'_r diag(sqrt(S_r / s)) (in, r) and B = diag(sqrt(S_r / s)) V'ᵀ_r
+(r, out) — the transposes of PEFT's — and the residual kernel K - s·A B (``transform_base``).
+The adapted model therefore starts equal to the base (to float tolerance). The SVD runs in
+float32 (PEFT does the same) and the results are cast back to the kernel's dtype.
+
 Merging folds the update in, W = W0 + s·A B, so inference costs exactly the base model's.
 
 Only A and B are trainable: the frozen kernels receive no weight gradient (the backward pass
@@ -41,10 +51,10 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: str | tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False
-    init: str = "default"  # 'default' (kaiming-uniform A, zero B) | 'gaussian'
+    init: str = "default"  # 'default' (kaiming-uniform A, zero B) | 'gaussian' | 'pissa'
 
 
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa")
 
 
 class LoRAHooks(hooks_lib.Hooks):
@@ -99,13 +109,35 @@ class LoRA(core.Method):
             a = jax.random.uniform(rng, (fan_in, r), dtype, -bound, bound)
         return a, jnp.zeros((r, fan_out), dtype)
 
+    def pissa_pair(self, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """PiSSA's principal-component init of (A, B) from a flax (in, out) kernel."""
+        r = self.config.rank
+        u, s, vt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+        root = jnp.sqrt(s[:r] / self.scaling)
+        return ((u[:, :r] * root[None, :]).astype(kernel.dtype),
+                (root[:, None] * vt[:r]).astype(kernel.dtype))
+
     def init(self, rng, base, ctx):
         added = {}
         for i, site in enumerate(self.targets):
             dtype = base[site + ".kernel"].dtype
-            a, b = self.init_pair(jax.random.fold_in(rng, i), site, dtype)
+            if self.config.init == "pissa":
+                a, b = self.pissa_pair(base[site + ".kernel"])
+            else:
+                a, b = self.init_pair(jax.random.fold_in(rng, i), site, dtype)
             added[site + ".lora_A"], added[site + ".lora_B"] = a, b
         return added
+
+    def transform_base(self, base, added):
+        """PiSSA: each targeted kernel becomes the residual W0 - s·A B (other inits: unchanged)."""
+        if self.config.init != "pissa":
+            return base
+        out = dict(base)
+        for site in self.targets:
+            k = site + ".kernel"
+            delta = self.scaling * (added[site + ".lora_A"] @ added[site + ".lora_B"])
+            out[k] = base[k] - delta.astype(base[k].dtype)
+        return out
 
     # -- forward --------------------------------------------------------------------------
     def hooks(self, added, state, *, train, rng):
