@@ -123,6 +123,8 @@ def build(config, *, with_weights: bool = True, with_tokenizer: bool = True):
         dtype=dtype, rng=jax.random.PRNGKey(config.seed), remat=config.train.remat,
         with_weights=with_weights, with_tokenizer=with_tokenizer)
     method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
+    if method_cfg.get("total_step", None) == 0:  # schedule-driven methods (AdaLoRA): the run's length
+        method_cfg["total_step"] = config.train.steps * config.train.grad_accum_steps
     method = methods_lib.create(config.method.name, model, method_cfg)
     return task, model, tokenizer, method, (_flat(params) if params is not None else None)
 

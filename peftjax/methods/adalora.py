@@ -1,0 +1,267 @@
+"""AdaLoRA: adaptive budget allocation over SVD-form low-rank updates (Zhang et al., ICLR 2023).
+
+Each targeted linear layer gets ΔW = P Λ Q (§3.1, Eq. 3) with Λ = diag(λ_1..λ_r) holding the
+"triplets" (P_{·i}, λ_i, Q_{i·}). Layout here (flax kernels are (in, out), ΔW in the same layout)::
+
+    lora_A  (in, r)   = Q transposed       (PEFT: lora_A (r, in))
+    lora_E  (r,)      = Λ                  (PEFT: lora_E (r, 1))
+    lora_B  (r, out)  = P transposed       (PEFT: lora_B (out, r))
+    h = x W0 + s · ((dropout(x) A) ⊙ E) B,    s = alpha / (ranknum + 1e-5)
+
+Scaling follows the reference code (PEFT ``AdaLoraLayer``, QingruZhang/AdaLoRA ``loralib``):
+``scaling = lora_alpha`` and the output is divided by ``ranknum``, a constant equal to the
+layer's initial rank ``init_r`` during training (masking zeroes λ's, it does not change ranknum).
+Init (PEFT): E = 0, A and B ~ N(0, 0.02²), so the adapted model starts equal to the base.
+
+Importance (§3.2, Eqs. 8-10; PEFT ``RankAllocator.update_ipt``), for every entry w of A, E, B
+after the optimizer step, with the step's gradient::
+
+    I = |w · ∂L/∂w|,  Ī ← β1 Ī + (1-β1) I,  Ū ← β2 Ū + (1-β2) |I - Ī|,  s(w) = Ī · Ū
+
+(Ī updated first, Ū uses the new Ī; β1 = β2 = 0.85). A triplet's score (Eq. 11) is
+s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji).
+
+Budget (Eq. 12; PEFT ``budget_schedule``), in triplets summed over all targeted layers, with
+b0 = init_r · n_layers, b_T = target_r · n_layers, T = total_step::
+
+    t <= t_init:                  b0, no masking
+    t_init < t <= T - t_final:    int(b_T + (b0 - b_T) (1 - (t - t_init)/(T - t_final - t_init))³),
+                                  mask when t % deltaT == 0
+    t >  T - t_final:             b_T, the rank pattern fixed at t = T - t_final is re-applied
+
+Masking (PEFT ``mask_to_budget``) is global: the (b0 - b)-th smallest triplet score is the
+threshold and every λ with score <= threshold is set to zero (as the reference does; optimizer
+moments are left alone, so a masked λ may regrow before the next masking step). At
+t = T - t_final the mask is forced at b_T, stored as the final rank pattern, and the importance
+EMAs are reset; afterwards the pattern is applied every step. The importance is updated only
+while t < T - t_final. ``t`` is the train step's counter (micro-steps; equal to optimizer steps
+without gradient accumulation), starting at 0 as in PEFT's ``update_and_allocate(global_step)``.
+
+The schedule is precomputed in Python as tables over t = 0..T (exact integer budgets, as PEFT's
+``int(...)``), so ``update_state`` is jittable: the dynamic budget becomes a threshold via a sort.
+
+Orthogonality regulariser (Eq. 4; PEFT ``AdaLoraModel.forward``)::
+
+    R = mean over all A's and B's of ||Aᵀ A - I||_F, ||B Bᵀ - I||_F   (Frobenius, not squared)
+
+added to the loss with weight ``orth_reg_weight`` (PEFT default 0.5; official GLUE scripts 0.1).
+
+Defaults are PEFT's ``AdaLoraConfig``: init_r 12, target_r 8, lora_alpha 8, tinit 0, tfinal 0,
+deltaT 1, beta1 = beta2 = 0.85, orth_reg_weight 0.5; ``total_step`` is required (PEFT raises
+without it). In a training run ``total_step = 0`` means "the run's number of steps": the loop
+fills it from ``train.steps × train.grad_accum_steps`` (``peftjax.train.loop.build``).
+
+``report()`` gives the final per-layer ranks (``adalora_ranks``); ``merge`` folds the current
+(masked) ΔW into the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.methods import core, lora
+from peftjax.models import hooks as hooks_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoRAConfig:
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = lora.DEFAULT_TARGETS
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int = 0
+
+
+def budget_schedule(step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int,
+                    total_step: int, deltaT: int) -> tuple[int, bool]:
+    """(budget, mask now?) at ``step``: PEFT's ``RankAllocator.budget_schedule``."""
+    if step <= tinit:
+        return init_bgt, False
+    if step > total_step - tfinal:
+        return target_bgt, True
+    mul = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    return int((init_bgt - target_bgt) * (mul ** 3) + target_bgt), step % deltaT == 0
+
+
+PARTS = ("lora_A", "lora_E", "lora_B")
+
+
+class AdaLoRAHooks(lora.LoRAHooks):
+    pass
+
+
+@core.register("adalora")
+class AdaLoRA(lora.LoRA):
+    """SVD-form LoRA whose global rank budget shrinks from init_r to target_r per layer."""
+
+    Config = AdaLoRAConfig
+    family = "low_rank"
+    mergeable = True
+
+    def validate(self) -> None:
+        c, name = self.config, self.name
+        core.check_range(name, "init_r", c.init_r, "an integer >= 1", isinstance(c.init_r, int) and c.init_r >= 1)
+        core.check_range(name, "target_r", c.target_r, f"1..init_r={c.init_r}",
+                         isinstance(c.target_r, int) and 1 <= c.target_r <= c.init_r)
+        core.check_range(name, "dropout", c.dropout, "0 <= dropout < 1", 0 <= c.dropout < 1)
+        core.check_range(name, "deltaT", c.deltaT, "an integer >= 1", c.deltaT >= 1)
+        core.check_range(name, "tinit", c.tinit, ">= 0", c.tinit >= 0)
+        core.check_range(name, "tfinal", c.tfinal, ">= 0", c.tfinal >= 0)
+        for f in ("beta1", "beta2"):
+            core.check_range(name, f, getattr(c, f), "0 <= beta < 1", 0 <= getattr(c, f) < 1)
+        core.check_range(name, "orth_reg_weight", c.orth_reg_weight, ">= 0", c.orth_reg_weight >= 0)
+        if c.total_step <= c.tinit + c.tfinal:
+            raise ValueError(
+                f"adalora.total_step={c.total_step!r} is invalid; valid: the number of training "
+                f"steps, > tinit + tfinal = {c.tinit} + {c.tfinal} (the budget must have steps "
+                "to shrink over). In a training run 0 is filled from train.steps; when creating "
+                "the method directly, pass total_step")
+        self.targets = core.match_targets(c.targets, self.sites.backbone_linear)
+        for site in self.targets:
+            info = self.sites.linear[site]
+            limit = min(info["in_features"], info["out_features"])
+            core.check_range(name, "init_r", c.init_r,
+                             f"1..{limit} (target {site} is {info['in_features']}x{info['out_features']})",
+                             c.init_r <= limit)
+        n = len(self.targets)
+        self.init_bgt, self.target_bgt = c.init_r * n, c.target_r * n
+        table = [budget_schedule(t, init_bgt=self.init_bgt, target_bgt=self.target_bgt,
+                                 tinit=c.tinit, tfinal=c.tfinal, total_step=c.total_step,
+                                 deltaT=c.deltaT) for t in range(c.total_step + 1)]
+        self.budgets = np.array([b for b, _ in table], np.int32)
+        self.mask_steps = np.array([m for _, m in table], bool)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.alpha / (self.config.init_r + 1e-5)
+
+    # -- params and state -----------------------------------------------------------------
+    def init(self, rng, base, ctx):
+        r = self.config.init_r
+        added = {}
+        for i, site in enumerate(self.targets):
+            info = self.sites.linear[site]
+            dtype = base[site + ".kernel"].dtype
+            ka, kb = jax.random.split(jax.random.fold_in(rng, i))
+            added[site + ".lora_A"] = 0.02 * jax.random.normal(ka, (info["in_features"], r), dtype)
+            added[site + ".lora_E"] = jnp.zeros((r,), dtype)
+            added[site + ".lora_B"] = 0.02 * jax.random.normal(kb, (r, info["out_features"]), dtype)
+        return added
+
+    def init_state(self, base, added, ctx):
+        state = {}
+        for site in self.targets:
+            for part in PARTS:
+                shape = added[f"{site}.{part}"].shape
+                state[f"{site}.{part}.ipt"] = jnp.zeros(shape, jnp.float32)
+                state[f"{site}.{part}.unc"] = jnp.zeros(shape, jnp.float32)
+            state[site + ".rank_mask"] = jnp.ones((self.config.init_r,), jnp.float32)
+        return state
+
+    def transform_base(self, base, added):
+        return base
+
+    # -- forward --------------------------------------------------------------------------
+    def hooks(self, added, state, *, train, rng):
+        return AdaLoRAHooks(self, added, train)
+
+    def delta(self, module, site, x, added, train):
+        a = added[site + ".lora_A"].astype(x.dtype)
+        e = added[site + ".lora_E"].astype(x.dtype)
+        b = added[site + ".lora_B"].astype(x.dtype)
+        if train and self.config.dropout > 0:
+            keep = 1.0 - self.config.dropout
+            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        return ((x @ a) * e) @ b * jnp.asarray(self.scaling, x.dtype)
+
+    def delta_weight(self, site, added):
+        a, e, b = (added[f"{site}.{p}"] for p in PARTS)
+        return self.scaling * ((a * e[None, :]) @ b)
+
+    # -- training -------------------------------------------------------------------------
+    def regularizer(self, trainable, state):
+        if self.config.orth_reg_weight == 0:
+            return jnp.zeros((), jnp.float32)
+        return self.config.orth_reg_weight * orth_penalty(trainable["added"], self.targets)
+
+    def triplet_scores(self, state: core.Flat, site: str) -> jax.Array:
+        s = {p: state[f"{site}.{p}.ipt"] * state[f"{site}.{p}.unc"] for p in PARTS}
+        return s["lora_E"] + jnp.mean(s["lora_A"], axis=0) + jnp.mean(s["lora_B"], axis=1)
+
+    def update_state(self, state, trainable, grads, step):
+        c = self.config
+        added, g = trainable["added"], grads["added"]
+        boundary = c.total_step - c.tfinal
+        t = jnp.clip(step, 0, c.total_step)
+        updating = step < boundary
+        state = dict(state)
+        # 1. importance EMAs (only while t < T - t_final)
+        for site in self.targets:
+            for p in PARTS:
+                name = f"{site}.{p}"
+                ipt = jnp.abs(added[name] * g[name]).astype(jnp.float32)
+                avg = c.beta1 * state[name + ".ipt"] + (1 - c.beta1) * ipt
+                unc = c.beta2 * state[name + ".unc"] + (1 - c.beta2) * jnp.abs(ipt - avg)
+                state[name + ".ipt"] = jnp.where(updating, avg, state[name + ".ipt"])
+                state[name + ".unc"] = jnp.where(updating, unc, state[name + ".unc"])
+        # 2. the global threshold for this step's budget
+        scores = jnp.concatenate([self.triplet_scores(state, s) for s in self.targets])
+        n_masked = self.init_bgt - jnp.asarray(self.budgets)[t]
+        ordered = jnp.sort(scores)
+        threshold = jnp.where(n_masked > 0, ordered[jnp.maximum(n_masked - 1, 0)], -jnp.inf)
+        forced = step == boundary
+        mask_now = (updating & jnp.asarray(self.mask_steps)[t]) | forced
+        apply = mask_now | (step > boundary)
+        new_added = dict(added)
+        r = c.init_r
+        for i, site in enumerate(self.targets):
+            keep = (scores[i * r:(i + 1) * r] > threshold).astype(jnp.float32)
+            pattern = jnp.where(mask_now, keep, state[site + ".rank_mask"])
+            state[site + ".rank_mask"] = pattern
+            e = added[site + ".lora_E"]
+            new_added[site + ".lora_E"] = jnp.where(apply, e * pattern.astype(e.dtype), e)
+            # 3. the final pattern is fixed: reset the importance (PEFT ``reset_ipt``)
+            for p in PARTS:
+                for k in (".ipt", ".unc"):
+                    key = f"{site}.{p}{k}"
+                    state[key] = jnp.where(forced, jnp.zeros_like(state[key]), state[key])
+        return state, {**trainable, "added": new_added}
+
+    # -- results --------------------------------------------------------------------------
+    def ranks(self, state) -> dict[str, int]:
+        return {site: int(np.asarray(state[site + ".rank_mask"]).sum()) for site in self.targets}
+
+    def report(self, trainable, state) -> dict:
+        ranks = self.ranks(state)
+        return {"adalora_ranks": ranks, "adalora_total_rank": int(sum(ranks.values())),
+                "adalora_budget": {"init": self.init_bgt, "target": self.target_bgt}}
+
+
+def _fro(m: jax.Array) -> jax.Array:
+    """Frobenius norm with a finite gradient at 0."""
+    sq = jnp.sum(jnp.square(m))
+    safe = jnp.where(sq > 0, sq, 1.0)
+    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+
+def orth_penalty(added: core.Flat, targets) -> jax.Array:
+    """mean over matrices of ||AᵀA - I||_F and ||B Bᵀ - I||_F (A: (in, r), B: (r, out))."""
+    terms = []
+    for site in targets:
+        a = added[site + ".lora_A"].astype(jnp.float32)
+        b = added[site + ".lora_B"].astype(jnp.float32)
+        terms.append(_fro(a.T @ a - jnp.eye(a.shape[1])))
+        terms.append(_fro(b @ b.T - jnp.eye(b.shape[0])))
+    return jnp.mean(jnp.stack(terms))
