@@ -25,6 +25,12 @@ METHOD_CONFIGS: dict[str, dict] = {
     "bitfit": {},
     "adapter": {"bottleneck": 8},
     "prompt_tuning": {"num_virtual_tokens": 4, "init": "vocab"},
+    "dora": {"rank": 4, "alpha": 8.0},
+    # 25 contract steps: warm-up 5, budget shrinks over steps 6..15 (masking every 2), fixed after.
+    "adalora": {"init_r": 4, "target_r": 2, "alpha": 8.0, "tinit": 5, "tfinal": 10, "deltaT": 2,
+                "total_step": 25},
+    "dylora": {"rank": 4, "alpha": 8.0},
+    "vera": {"rank": 64},
 }
 
 
@@ -76,6 +82,20 @@ def formula_count(method, base: dict) -> int:
         r = method.config.rank
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
                    for s in method.targets)
+    if name == "dora":  # LoRA plus one magnitude per output unit
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   + sites.linear[s]["out_features"] for s in method.targets)
+    if name == "adalora":  # P (out x r), Q (r x in) and the r singular values, at init_r
+        r = method.config.init_r
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"] + 1)
+                   for s in method.targets)
+    if name == "dylora":  # LoRA at r_max
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   for s in method.targets)
+    if name == "vera":  # d (r) and b (out) per layer; the shared A/B are frozen
+        return sum(method.config.rank + sites.linear[s]["out_features"] for s in method.targets)
     if name == "bitfit":
         return tree_size({k: v for k, v in non_head.items() if k.endswith(".bias")})
     if name == "adapter":
