@@ -31,7 +31,6 @@ load. Weights are read with safetensors only; pickled ``adapter_model.bin`` is r
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import Any, Iterable
@@ -287,7 +286,7 @@ def _module_map(model: Model, modules: Iterable[str]) -> dict[str, str]:
     return {m: m for m in modules}
 
 
-def _peft_targets_regex(target_modules: Any, sites: core.Sites, model: Model) -> str:
+def _peft_targets_regex(target_modules: Any, sites: core.Sites) -> str:
     """PEFT's module matching as a peftjax target regex (``re.search`` over site paths)."""
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
@@ -358,7 +357,7 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
     kwargs = dict(rank=int(r), alpha=float(config.get("lora_alpha", 8)),
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   use_rslora=bool(config.get("use_rslora", False)),
-                  targets=_peft_targets_regex(config.get("target_modules"), sites, model),
+                  targets=_peft_targets_regex(config.get("target_modules"), sites),
                   init="gaussian" if init == "gaussian" else "default")
     try:
         method = core.create(method_name, model, kwargs, sites=sites)
