@@ -1,0 +1,140 @@
+"""AdaLoRA specifics: the cubic budget, global masking to the budget, the orthogonality penalty,
+the final rank report, and ``total_step`` (validated; filled from the run length by the loop)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax import methods
+from peftjax.methods.adalora import budget_schedule, orth_penalty
+from tests.helpers import tiny_model
+
+CFG = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 4, "deltaT": 1, "total_step": 16,
+       "targets": r"\.(query|key|value)$"}
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_model("bert")
+
+
+def test_budget_schedule_at_key_steps():
+    kw = dict(init_bgt=24, target_bgt=16, tinit=10, tfinal=20, total_step=100, deltaT=5)
+    assert budget_schedule(0, **kw) == (24, False)
+    assert budget_schedule(10, **kw) == (24, False)               # warm-up, t <= t_init
+    assert budget_schedule(11, **kw) == (23, False)               # int(16 + 8 (69/70)^3) = 23; 11 % 5
+    assert budget_schedule(45, **kw) == (17, True)                # halfway: 16 + 8/8
+    assert budget_schedule(80, **kw) == (16, True)                # t = T - t_final: b_T
+    assert budget_schedule(81, **kw) == (16, True)                # final phase
+    assert budget_schedule(100, **kw) == (16, True)
+
+
+def test_schedule_table_matches_function(bert):
+    m = methods.create("adalora", bert[0], CFG)
+    assert m.init_bgt == 4 * 6 and m.target_bgt == 2 * 6         # 2 layers x q,k,v
+    for t in range(17):
+        b, mask = budget_schedule(t, init_bgt=24, target_bgt=12, tinit=2, tfinal=4, total_step=16,
+                                  deltaT=1)
+        assert (int(m.budgets[t]), bool(m.mask_steps[t])) == (b, mask)
+
+
+def _random_grads(peft, seed):
+    rng = np.random.default_rng(seed)
+    return {**jax.tree.map(jnp.zeros_like, peft.trainable),
+            "added": {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+                      for k, v in peft.trainable["added"].items()}}
+
+
+def _ones_e(trainable):
+    added = {k: (jnp.ones_like(v) if k.endswith(".lora_E") else v) for k, v in trainable["added"].items()}
+    return {**trainable, "added": added}
+
+
+def test_masking_keeps_exactly_the_budget_of_top_triplets(bert):
+    m = methods.create("adalora", bert[0], CFG)
+    peft = m.setup(jax.random.PRNGKey(0), bert[1])
+    update = jax.jit(m.update_state)
+    state, trainable = peft.state, peft.trainable
+    for t in range(8):  # budget phase: steps 3..12 mask every step
+        state, trainable = update(state, _ones_e(trainable), _random_grads(peft, t), jnp.asarray(t))
+        budget = int(m.budgets[t])
+        e = np.concatenate([np.asarray(trainable["added"][s + ".lora_E"]) for s in m.targets])
+        if t <= 2:
+            assert (e != 0).sum() == 24, t                         # warm-up: nothing masked
+            continue
+        assert (e != 0).sum() == budget, (t, budget)
+        scores = np.concatenate([np.asarray(m.triplet_scores(state, s)) for s in m.targets])
+        kept = set(np.flatnonzero(e != 0))
+        assert kept == set(np.argsort(-scores)[:budget])           # the highest-scoring triplets
+        pattern = np.concatenate([np.asarray(state[s + ".rank_mask"]) for s in m.targets])
+        np.testing.assert_array_equal(pattern, e != 0)
+
+
+def test_final_pattern_is_fixed_reapplied_and_reported(bert):
+    m = methods.create("adalora", bert[0], CFG)
+    peft = m.setup(jax.random.PRNGKey(0), bert[1])
+    update = jax.jit(m.update_state)
+    state, trainable = peft.state, peft.trainable
+    for t in range(13):  # t = 12 = T - t_final: forced mask at b_T, EMAs reset
+        state, trainable = update(state, _ones_e(trainable), _random_grads(peft, t), jnp.asarray(t))
+    assert all(not np.asarray(state[k]).any() for k in state if k.endswith((".ipt", ".unc")))
+    ranks = m.report(trainable, state)["adalora_ranks"]
+    assert sum(ranks.values()) == m.target_bgt == 12
+    pattern = {s: np.asarray(state[s + ".rank_mask"]) for s in m.targets}
+    for t in range(13, 16):  # E regrows (all ones) but the fixed pattern is re-applied
+        state, trainable = update(state, _ones_e(trainable), _random_grads(peft, t), jnp.asarray(t))
+        for s in m.targets:
+            np.testing.assert_array_equal(np.asarray(trainable["added"][s + ".lora_E"]), pattern[s])
+    assert m.report(trainable, state)["adalora_ranks"] == ranks
+
+
+def test_orth_regulariser_zero_for_orthonormal_factors(bert):
+    m = methods.create("adalora", bert[0], CFG)
+    peft = m.setup(jax.random.PRNGKey(0), bert[1])
+    rng = np.random.default_rng(0)
+    added = {}
+    for s in m.targets:
+        q_in, _ = np.linalg.qr(rng.normal(size=(32, 4)))           # (in, r), orthonormal columns
+        q_out, _ = np.linalg.qr(rng.normal(size=(32, 4)))          # (out, r) -> B (r, out) rows
+        added[s + ".lora_A"], added[s + ".lora_B"] = jnp.asarray(q_in, jnp.float32), jnp.asarray(q_out.T, jnp.float32)
+    assert float(orth_penalty(added, m.targets)) < 1e-5
+    trainable = {**peft.trainable, "added": {**peft.trainable["added"], **added}}
+    assert float(m.regularizer(trainable, peft.state)) < 1e-5
+    # random factors: mean of ||A^T A - I||_F and ||B B^T - I||_F, times the weight 0.5
+    a, b = peft.trainable["added"][m.targets[0] + ".lora_A"], peft.trainable["added"][m.targets[0] + ".lora_B"]
+    expected = np.mean([np.linalg.norm(np.asarray(peft.trainable["added"][s + ".lora_A"]).T
+                                       @ np.asarray(peft.trainable["added"][s + ".lora_A"]) - np.eye(4))
+                        for s in m.targets] +
+                       [np.linalg.norm(np.asarray(peft.trainable["added"][s + ".lora_B"])
+                                       @ np.asarray(peft.trainable["added"][s + ".lora_B"]).T - np.eye(4))
+                        for s in m.targets])
+    np.testing.assert_allclose(float(m.regularizer(peft.trainable, peft.state)), 0.5 * expected, rtol=1e-5)
+    assert np.isfinite(np.asarray(jax.grad(lambda ad: orth_penalty(ad, m.targets))(added)[
+        m.targets[0] + ".lora_A"])).all()
+
+
+def test_scaling_is_alpha_over_init_rank_and_merge(bert):
+    model, base = bert
+    m = methods.create("adalora", model, {**CFG, "alpha": 8.0})
+    assert abs(m.scaling - 2.0) < 1e-5                             # PEFT: lora_alpha / (ranknum + 1e-5)
+    peft = m.setup(jax.random.PRNGKey(0), base)
+    s = m.targets[0]
+    ad = {**peft.trainable["added"], s + ".lora_E": jnp.arange(1.0, 5.0)}
+    merged = m.merge(base, ad, peft.state)
+    expected = base[s + ".kernel"] + m.scaling * (ad[s + ".lora_A"] * ad[s + ".lora_E"]) @ ad[s + ".lora_B"]
+    np.testing.assert_allclose(np.asarray(merged[s + ".kernel"]), np.asarray(expected), atol=1e-6)
+
+
+def test_total_step_is_required_and_filled_by_the_loop(bert):
+    with pytest.raises(ValueError, match=r"adalora.total_step=0 is invalid.*> tinit \+ tfinal"):
+        methods.create("adalora", bert[0], {"tinit": 5, "tfinal": 5})
+    with pytest.raises(ValueError, match="total_step=10"):
+        methods.create("adalora", bert[0], {"tinit": 5, "tfinal": 5, "total_step": 10})
+    from configs.train import get_config
+    from peftjax.train.loop import build
+
+    config = get_config("model=tiny-bert,method=adalora")
+    config.train.steps, config.train.grad_accum_steps = 300, 2
+    method = build(config, with_weights=False, with_tokenizer=False)[3]
+    assert method.config.total_step == 600
