@@ -70,3 +70,26 @@ def test_one_rank_per_step_drawn_uniformly(bert):
     assert methods.create("dylora", bert[0], {"rank": 4}).eval_rank == 4   # eval_rank 0: r_max
     with pytest.raises(ValueError, match="eval_rank"):
         methods.create("dylora", bert[0], {"rank": 4, "eval_rank": 5})
+
+
+def test_rank_sweep_script_on_a_finished_run(tmp_path):
+    """scripts/dylora_sweep.py restores the run's best adapter; at r_max it reproduces its test."""
+    import json
+    import sys
+
+    from tests.train.test_loop import tiny_config
+    from peftjax.train import train_and_evaluate
+
+    sys.path.insert(0, "scripts")
+    import dylora_sweep
+
+    config = tiny_config(str(tmp_path / "tfds"), method="dylora", steps=4, eval_every=2,
+                         train_limit=32, eval_limit=16)
+    config.method.rank = 4
+    workdir = str(tmp_path / "run")
+    result = train_and_evaluate(config, workdir)
+    out = dylora_sweep.sweep(workdir, [1, 4])
+    assert set(out["ranks"]) == {"1", "4"}
+    assert out["ranks"]["4"]["test"] == result["metrics"]["test"]
+    with open(tmp_path / "run" / "rank_sweep.json") as f:
+        assert json.load(f) == out
