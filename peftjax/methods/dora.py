@@ -26,7 +26,8 @@ q,k,v,up,down, r 32, alpha 64 (``configs/methods/dora.py``).
 
 Merge: W' above, bias unchanged. Unmerge needs n, which cannot be recovered from W' alone (the
 merged columns have norm |m|): like PEFT's ``_cache_store("...-weight_norm")``, ``merge`` records
-the norms it used and ``unmerge`` requires a preceding ``merge`` of the same adapter.
+the norms it used and ``unmerge`` requires a preceding ``merge`` of the same adapter. The cache
+lives on the method instance, so call ``merge``/``unmerge`` eagerly, not inside ``jax.jit``.
 """
 
 from __future__ import annotations
