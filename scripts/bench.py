@@ -26,6 +26,8 @@ flags.DEFINE_integer("num_labels", 3, "classification labels (encoders)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("remat", False, "rematerialise layers in the backward pass")
 flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over config defaults")
+flags.DEFINE_bool("inference", False, "also time inference: the adapted model, its merged form "
+                  "(mergeable methods) and the base model, each a jitted forward pass")
 FLAGS = flags.FLAGS
 
 
@@ -55,11 +57,39 @@ def bench_method(name, model, base, batch, overrides, steps, warmup):
 
     times = measure.time_calls(one, steps, warmup)
     counts = methods.count_params(method)
-    return {"method": name, "train_step_s": measure.median(times),
+    extra = {}
+    if FLAGS.inference:
+        extra = bench_inference(method, model, base, peft, holder["state"], batch, steps, warmup)
+    return {**extra, "method": name, "train_step_s": measure.median(times),
             "train_step_s_all": [round(t, 4) for t in times],
             "peak_memory_bytes": memory.get("peak_memory_bytes"),
             "trainable_params": counts["trainable_params"], "head_params": counts["head_params"],
             "total_params": counts["total_params"], **measure.cost_analysis(compiled)}
+
+
+def bench_inference(method, model, base, peft, state, batch, steps, warmup) -> dict:
+    """Median forward time of the adapted model, its merged form and the plain base model."""
+    import jax
+    from flax import traverse_util
+
+    from peftjax.train import measure
+
+    def timed(fn, *args):
+        compiled = jax.jit(fn).lower(*args).compile()
+        return measure.median(measure.time_calls(
+            lambda: jax.block_until_ready(compiled(*args)), steps, warmup))
+
+    inputs = {k: v for k, v in batch.items() if k in model.input_names}
+    out = {"infer_adapted_s": timed(
+        lambda t, f, s, b: method.apply(t, f, s, b), state.trainable, peft.frozen,
+        state.method_state, inputs)}
+    plain = lambda p, b: model.apply(p, b)
+    out["infer_base_s"] = timed(plain, traverse_util.unflatten_dict(base, sep="."), inputs)
+    if method.mergeable:
+        merged = method.merged_params(state.trainable, peft.frozen, state.method_state)
+        out["infer_merged_s"] = timed(plain, traverse_util.unflatten_dict(merged, sep="."), inputs)
+        out["merged_over_base"] = out["infer_merged_s"] / out["infer_base_s"]
+    return out
 
 
 def main(argv):

@@ -180,10 +180,7 @@ class AdaLoRA(lora.LoRA):
         a = added[site + ".lora_A"].astype(x.dtype)
         e = added[site + ".lora_E"].astype(x.dtype)
         b = added[site + ".lora_B"].astype(x.dtype)
-        if train and self.config.dropout > 0:
-            keep = 1.0 - self.config.dropout
-            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        x = core.input_dropout(module, x, self.config.dropout, train)
         return ((x @ a) * e) @ b * jnp.asarray(self.scaling, x.dtype)
 
     def delta_weight(self, site, added):

@@ -130,6 +130,15 @@ def match_targets(targets: str | Iterable[str], available: Iterable[str], what: 
     return [s for s in available if s in chosen]
 
 
+def input_dropout(module, x: Array, rate: float, train: bool) -> Array:
+    """Dropout on a layer's input before the adapter (LoRA §4.2; PEFT's ``lora_dropout``)."""
+    if not train or rate <= 0:
+        return x
+    from peftjax.models.layers import dropout
+
+    return dropout(x, rate, module.make_rng("dropout"))
+
+
 # --------------------------------------------------------------------------------------------
 # Configs.
 

@@ -91,9 +91,7 @@ class DoRA(lora.LoRA):
         scale = (mag.astype(jnp.float32) / self.weight_norm(site, kernel, added)).astype(x.dtype)
         s = jnp.asarray(self.scaling, x.dtype)
         if train and self.config.dropout > 0:
-            keep = 1.0 - self.config.dropout
-            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-            xd = jnp.where(mask, x / keep, 0).astype(x.dtype)
+            xd = core.input_dropout(module, x, self.config.dropout, train)
             return y + (scale - 1) * (xd @ kernel.astype(x.dtype)) + scale * ((xd @ a) @ b) * s
         base_out = y if bias is None else y - bias.astype(y.dtype)
         out = scale * (base_out + ((x @ a) @ b) * s)

@@ -97,10 +97,7 @@ class DyLoRA(lora.LoRA):
 
     def truncated_delta(self, module, site, x, added, train, b):
         a, bm, scale = self.factors(site, added, b, frozen=train and self.config.frozen)
-        if train and self.config.dropout > 0:
-            keep = 1.0 - self.config.dropout
-            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        x = core.input_dropout(module, x, self.config.dropout, train)
         return (x @ a.astype(x.dtype)) @ bm.astype(x.dtype) * scale.astype(x.dtype)
 
     def delta_weight(self, site, added, rank: int | None = None):

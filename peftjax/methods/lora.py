@@ -146,11 +146,9 @@ class LoRA(core.Method):
     def delta(self, module: nn.Module, site: str, x, added, train: bool):
         a = added[site + ".lora_A"].astype(x.dtype)
         b = added[site + ".lora_B"].astype(x.dtype)
-        if train and self.config.dropout > 0:
-            keep = 1.0 - self.config.dropout
-            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-        return (x @ a) @ b * jnp.asarray(self.scaling, x.dtype)
+        x = core.input_dropout(module, x, self.config.dropout, train)
+        # The scaling multiplies the small (r, out) matrix, not the (batch, seq, out) output.
+        return (x @ a) @ (b * jnp.asarray(self.scaling, x.dtype))
 
     # -- merge ----------------------------------------------------------------------------
     def delta_weight(self, site: str, added) -> jax.Array:

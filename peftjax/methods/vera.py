@@ -62,10 +62,7 @@ class VeRAHooks(hooks_lib.Hooks):
         a, b = m.projections(self.state, site)
         d = self.added[site + ".vera_lambda_d"].astype(x.dtype)
         scale_b = self.added[site + ".vera_lambda_b"].astype(x.dtype)
-        if self.train and m.config.dropout > 0:
-            keep = 1.0 - m.config.dropout
-            mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        x = core.input_dropout(module, x, m.config.dropout, self.train)
         return y + (((x @ a.astype(x.dtype)) * d) @ b.astype(x.dtype)) * scale_b
 
 

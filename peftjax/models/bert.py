@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models import hooks, registry
-from peftjax.models.layers import (Dense, Embed, LayerNorm, activation,
+from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, activation,
                                    attention_weights_and_output, normal_init)
 
 
@@ -94,7 +94,7 @@ class BertEmbeddings(nn.Module):
         embeds = embeds + Embed(c.type_vocab_size, c.hidden_size, self.dtype,
                                 embedding_init=init, name="token_type_embeddings")(token_type_ids)
         embeds = LayerNorm(c.layer_norm_eps, self.dtype, name="LayerNorm")(embeds)
-        embeds = nn.Dropout(c.hidden_dropout_prob)(embeds, deterministic=not train)
+        embeds = Dropout(c.hidden_dropout_prob)(embeds, deterministic=not train)
         return embeds, attention_mask
 
 
@@ -112,7 +112,7 @@ class BertSelfAttention(nn.Module):
         k = heads(Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="key")(h))
         v = heads(Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="value")(h))
         k, v, mask = hooks.active().attention_kv(self, k, v, mask)
-        drop = nn.Dropout(c.attention_probs_dropout_prob)
+        drop = Dropout(c.attention_probs_dropout_prob)
         out = attention_weights_and_output(q, k, v, mask, lambda p: drop(p, deterministic=not train))
         return out.reshape(b, l, c.hidden_size)
 
@@ -129,7 +129,7 @@ class BertOutput(nn.Module):
         c = self.config
         h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=normal_init(c.initializer_range),
                   name="dense")(h)
-        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=not train)
+        h = Dropout(c.hidden_dropout_prob)(h, deterministic=not train)
         h = hooks.active().block_output(self, self.kind, h)
         return LayerNorm(c.layer_norm_eps, self.dtype, name="LayerNorm")(h + residual)
 
@@ -240,9 +240,9 @@ class RobertaClassificationHead(nn.Module):
         c = self.config
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         init = normal_init(c.initializer_range)
-        x = nn.Dropout(rate)(h[:, 0], deterministic=not train)
+        x = Dropout(rate)(h[:, 0], deterministic=not train)
         x = jnp.tanh(Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="dense")(x))
-        x = nn.Dropout(rate)(x, deterministic=not train)
+        x = Dropout(rate)(x, deterministic=not train)
         return Dense(self.num_labels, dtype=self.dtype, kernel_init=init, name="out_proj")(x)
 
 
@@ -263,7 +263,7 @@ class BertForSequenceClassification(nn.Module):
         if roberta:
             return RobertaClassificationHead(c, self.num_labels, self.dtype, name="classifier")(h, train)
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-        pooled = nn.Dropout(rate)(pooled, deterministic=not train)
+        pooled = Dropout(rate)(pooled, deterministic=not train)
         return Dense(self.num_labels, dtype=self.dtype, kernel_init=normal_init(c.initializer_range),
                      name="classifier")(pooled)
 

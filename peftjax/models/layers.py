@@ -8,6 +8,8 @@ module names follow Hugging Face, so a param path reads
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -72,6 +74,43 @@ class Embed(nn.Module):
         return jnp.dot(h.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """LayerNorm over the last axis in fp32: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    A hand-written VJP (the standard closed form, e.g. Ba et al. 2016 / any LN backward):
+    ``dx = (g - mean(g) - x̂ · mean(g · x̂)) / σ`` with ``g = dy · scale``. Autodiff of the forward
+    produces a longer elementwise chain that XLA's CPU fusion duplicates into several consumers
+    and recomputes; the closed form is fewer ops and fuses cleanly.
+    """
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centered = x32 - mean
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + epsilon)
+    xhat = centered * inv
+    y = (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    return y, (xhat, inv, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, res, dy):
+    xhat, inv, scale, bias = res
+    dy32 = dy.astype(jnp.float32)
+    g = dy32 * scale.astype(jnp.float32)
+    dx = inv * (g - jnp.mean(g, axis=-1, keepdims=True)
+                - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    reduce_axes = tuple(range(dy.ndim - 1))
+    dscale = jnp.sum(dy32 * xhat, axis=reduce_axes).astype(scale.dtype)
+    dbias = jnp.sum(dy32, axis=reduce_axes).astype(bias.dtype)
+    return dx.astype(dy.dtype), dscale, dbias  # y, hence dy, has x's dtype
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in fp32 (as torch does for fp32 and autocast), params ``scale``/``bias``."""
 
@@ -84,12 +123,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
 
 
 class RMSNorm(nn.Module):
@@ -138,6 +172,44 @@ def attention_weights_and_output(q: jax.Array, k: jax.Array, v: jax.Array, mask:
     probs = probs.reshape(b, kvh, groups, ql, k.shape[1])
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
     return out.reshape(b, ql, h, d)
+
+
+def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
+    """A Bernoulli(1 - rate) keep mask from 16 random bits per element, and its exact keep rate.
+
+    Why not ``jax.random.bernoulli``: it draws 32 bits per element, and on CPU the threefry
+    generator is a large share of a training step (MiniLM, batch 32 x 64: 24M draws, ~120 ms of
+    a ~0.9 s LoRA step). Two 16-bit draws per 32-bit word halve that. The keep probability is
+    quantised to a multiple of 1/65536 (0.9 -> 0.899994); dividing by the returned exact rate
+    keeps the expectation of the dropped-out activation exact.
+    """
+    n = math.prod(shape)
+    threshold = min(max(round((1.0 - rate) * 65536), 1), 65535)
+    bits = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(bits, jnp.uint16).reshape(-1)[:n].reshape(shape)
+    return halves < jnp.uint16(threshold), threshold / 65536
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Inverted dropout with ``keep_mask``."""
+    if rate <= 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    mask, keep = keep_mask(rng, x.shape, rate)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """Dropout (Srivastava et al. 2014) with the cheaper 16-bit keep masks of ``keep_mask``."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

@@ -50,7 +50,7 @@ import numpy as np
 
 from peftjax.models import hooks, registry
 from peftjax.models.generation import KVCache
-from peftjax.models.layers import (Dense, Embed, RMSNorm, activation, attention_weights_and_output,
+from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
                                    normal_init)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -304,7 +304,7 @@ class LlamaAttention(nn.Module):
         k, v, mask = hooks.active().attention_kv(self, k, v, mask)
         dropout = None
         if train and c.attention_dropout > 0:
-            drop = nn.Dropout(c.attention_dropout)
+            drop = Dropout(c.attention_dropout)
             dropout = lambda p: drop(p, deterministic=False)
         out = attention_weights_and_output(q, k, v, mask, dropout, scale=c.head_dim ** -0.5)
         out = proj(c.hidden_size, "o_proj")(out.reshape(b, l, c.num_attention_heads * c.head_dim))

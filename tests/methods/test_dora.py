@@ -8,6 +8,7 @@ from flax import traverse_util
 
 from peftjax import methods
 from peftjax.methods.dora import column_norm
+from peftjax.models.layers import keep_mask
 from tests.helpers import learnable_batch, tiny_model
 
 SITE = "bert.encoder.layer.0.attention.self.query"
@@ -87,8 +88,8 @@ def test_dropout_follows_peft(bert):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, kernel.shape[0])), jnp.float32)
     y = x @ kernel + bias
     got = m.dora_output(_FakeModule(), SITE, x, y, kernel, bias, added, train=True)
-    keep = jax.random.bernoulli(jax.random.PRNGKey(7), 0.5, x.shape)
-    xd = jnp.where(keep, x / 0.5, 0)
+    mask, keep = keep_mask(jax.random.PRNGKey(7), x.shape, 0.5)  # the project's dropout draw
+    xd = jnp.where(mask, x / keep, 0)
     a, b, mag = added[SITE + ".lora_A"], added[SITE + ".lora_B"], added[SITE + ".lora_magnitude"]
     scale = mag / jnp.linalg.norm(kernel + m.scaling * a @ b, axis=0)
     expected = y + (scale - 1) * (xd @ kernel) + scale * m.scaling * (xd @ a @ b)
