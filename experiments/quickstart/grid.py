@@ -21,11 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.methods = ["full", "lora", "bitfit", "adapter", "prompt_tuning"]
     # Overrides of configs/train.py's `train` section, shared by every cell.
     c.train = ml_collections.ConfigDict(dict(
-        steps=120,
+        steps=100,
         batch_size=32,
         eval_batch_size=128,
-        eval_every=40,
-        checkpoint_every=40,
+        eval_every=50,
+        checkpoint_every=50,
         eval_limit=1000,
         warmup_ratio=0.1,
     ))
