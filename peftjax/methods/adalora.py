@@ -127,13 +127,7 @@ class AdaLoRA(lora.LoRA):
                 f"steps, > tinit + tfinal = {c.tinit} + {c.tfinal} (the budget must have steps "
                 "to shrink over). In a training run 0 is filled from train.steps; when creating "
                 "the method directly, pass total_step")
-        self.targets = core.match_targets(c.targets, self.sites.backbone_linear)
-        for site in self.targets:
-            info = self.sites.linear[site]
-            limit = min(info["in_features"], info["out_features"])
-            core.check_range(name, "init_r", c.init_r,
-                             f"1..{limit} (target {site} is {info['in_features']}x{info['out_features']})",
-                             c.init_r <= limit)
+        self.targets = self.match_low_rank_targets(c.targets, "init_r", c.init_r)
         n = len(self.targets)
         self.init_bgt, self.target_bgt = c.init_r * n, c.target_r * n
         table = [budget_schedule(t, init_bgt=self.init_bgt, target_bgt=self.target_bgt,

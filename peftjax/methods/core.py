@@ -215,6 +215,17 @@ class Method:
     def validate(self) -> None:
         """Checks the config against the model before any compute; raises ``ValueError``."""
 
+    def match_low_rank_targets(self, targets, field: str, rank: int) -> list[str]:
+        """Linear sites matching ``targets``, checking ``rank`` fits each (1..min(in, out))."""
+        matched = match_targets(targets, self.sites.backbone_linear)
+        for site in matched:
+            info = self.sites.linear[site]
+            limit = min(info["in_features"], info["out_features"])
+            check_range(self.name, field, rank,
+                        f"1..{limit} (target {site} is {info['in_features']}x{info['out_features']})",
+                        rank <= limit)
+        return matched
+
     # -- partition ------------------------------------------------------------------------
     def trains_base(self, path: str) -> bool:
         """Whether the base param at ``path`` (outside the head) is trainable."""

