@@ -31,6 +31,10 @@ METHOD_CONFIGS: dict[str, dict] = {
                 "total_step": 25},
     "dylora": {"rank": 4, "alpha": 8.0},
     "vera": {"rank": 64},
+    "child_tuning_f": {"reserve_p": 0.3},
+    # Fisher from the learnable batch (fisher_context); a tenth of the tiny models' params.
+    "fishmask": {"keep_ratio": 0.1, "num_examples": 8, "progress": False},
+    "child_tuning_d": {"reserve_p": 0.3, "progress": False},
 }
 
 
@@ -67,6 +71,17 @@ def learnable_batch(model, batch: int = 8, seq: int = 12, seed: int = 0) -> dict
     return out
 
 
+def fisher_context(model, batch: dict | None = None):
+    """An InitContext whose training set is ``learnable_batch`` (for Fisher-mask methods)."""
+    from peftjax.methods.core import InitContext
+    from peftjax.methods.fisher import per_example_loss_fn
+
+    batch = batch if batch is not None else learnable_batch(model)
+    n = len(batch["input_ids"])
+    return InitContext(train_batches=lambda: iter([batch]), loss_fn=per_example_loss_fn(model),
+                       num_train_examples=n)
+
+
 def tree_size(tree) -> int:
     return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
 
@@ -76,7 +91,7 @@ def formula_count(method, base: dict) -> int:
     sites = method.sites
     non_head = {k: v for k, v in base.items() if not sites.is_head(k)}
     name = method.name
-    if name == "full":
+    if name in ("full", "child_tuning_f"):  # Child-tuning_F trains every base param
         return tree_size(non_head)
     if name == "lora":
         r = method.config.rank
@@ -96,6 +111,15 @@ def formula_count(method, base: dict) -> int:
                    for s in method.targets)
     if name == "vera":  # d (r) and b (out) per layer; the shared A/B are frozen
         return sum(method.config.rank + sites.linear[s]["out_features"] for s in method.targets)
+    if name == "fishmask":  # round(ratio x all params), the head inside the budget
+        k = int(round(method.config.keep_ratio * tree_size(base)))
+        return k - (tree_size(base) - tree_size(non_head)) if method.config.head_in_budget else k
+    if name == "child_tuning_d":  # outside the layers whole, round(p x layer params) inside
+        import re
+
+        layer = {k: v for k, v in non_head.items() if re.search(r"\.layers?\.\d+\.", k)}
+        return tree_size(non_head) - tree_size(layer) + int(round(method.config.reserve_p
+                                                                   * tree_size(layer)))
     if name == "bitfit":
         return tree_size({k: v for k, v in non_head.items() if k.endswith(".bias")})
     if name == "adapter":

@@ -192,6 +192,7 @@ class InitContext:
     # and a per-example loss function of the full base params.
     train_batches: Callable[[], Iterable[dict]] | None = None
     loss_fn: Callable[[Flat, dict], Array] | None = None
+    num_train_examples: int | None = None   # size of the training set, to refuse N > it early
 
 
 class Method:
@@ -374,5 +375,7 @@ def count_params(method: Method, abstract_base: Flat | None = None) -> dict[str,
         elif method.trains_base(path):
             train += method.count_base(path, v) if hasattr(method, "count_base") else size(v)
     added = method.count_added(abstract_base)
+    if hasattr(method, "count_selected"):  # sparse selections (FishMask): entries, not tensors
+        train += method.count_selected(abstract_base)
     return {"trainable_params": train + added, "head_params": head,
             "total_params": base_total + added}

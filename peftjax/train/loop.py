@@ -176,6 +176,24 @@ def _better(task, new: dict, old: dict | None) -> bool:
     return new[task.primary_metric] > old[task.primary_metric]
 
 
+def init_context(model, tokenizer, train_encoded: dict, chunk: int = 8) -> "methods_lib.InitContext":
+    """What ``Method.setup`` gets: the tokenizer and, for Fisher masks, the training rows in order
+    (full length, ``chunk`` at a time, ``mask`` False on padding rows) with a per-example loss."""
+    from peftjax.methods.fisher import per_example_loss_fn
+
+    n = data_lib.num_rows(train_encoded)
+
+    def batches():
+        for start in range(0, n, chunk):
+            rows = np.minimum(np.arange(start, start + chunk), n - 1)
+            batch = {k: np.asarray(v)[rows] for k, v in train_encoded.items()}
+            batch["mask"] = np.arange(start, start + chunk) < n
+            yield batch
+
+    return methods_lib.InitContext(tokenizer=tokenizer, train_batches=batches,
+                                   loss_fn=per_example_loss_fn(model), num_train_examples=n)
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the result.
 
@@ -195,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                for key, split in splits.items()}
     lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
 
-    ctx = methods_lib.InitContext(tokenizer=tokenizer)
+    ctx = init_context(model, tokenizer, encoded["train"])
     peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, ctx)
     total = tc.steps * tc.grad_accum_steps
     tx, schedule = make_optimizer(tc, tc.steps, method.gradient_transform())

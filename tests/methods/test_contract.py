@@ -19,7 +19,7 @@ from flax import traverse_util
 from peftjax import methods
 from peftjax.train import init_state, make_train_step
 from peftjax.train.checkpoint import Checkpointer
-from tests.helpers import FAMILIES, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
+from tests.helpers import FAMILIES, fisher_context, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
 
 CASES = [(m, f) for m in sorted(METHOD_CONFIGS) for f in FAMILIES]
 
@@ -30,7 +30,7 @@ def test_every_registered_method_is_in_the_matrix():
 
 
 # AdaLoRA starts from E = 0 with A, B ~ N(0, 0.02²) (the reference init): it needs a larger step.
-METHOD_CONFIGS_LR = {"full": 3e-3, "prompt_tuning": 3e-2, "adalora": 5e-2,
+METHOD_CONFIGS_LR = {"full": 3e-3, "child_tuning_f": 3e-3, "child_tuning_d": 3e-3, "prompt_tuning": 3e-2, "adalora": 5e-2,
                      "vera": 1e-1}  # VeRA: two scaling vectors per layer (the paper also uses large rates)
 TRAIN_STEPS = 25
 
@@ -41,10 +41,12 @@ class Case:
     def __init__(self, method_name: str, family: str):
         self.model, self.base = tiny_model(family)
         self.method = methods.create(method_name, self.model, METHOD_CONFIGS[method_name])
-        self.peft = self.method.setup(jax.random.PRNGKey(1), self.base)
+        self.peft = self.method.setup(jax.random.PRNGKey(1), self.base, fisher_context(self.model))
         self.frozen_before = jax.tree.map(np.array, self.peft.frozen)
         self.batch = learnable_batch(self.model)
         self.tx = optax.adam(METHOD_CONFIGS_LR.get(method_name, 1e-2))
+        if self.method.gradient_transform() is not None:  # Child-tuning_F's gradient mask
+            self.tx = optax.chain(self.method.gradient_transform(), self.tx)
         state = init_state(self.peft.trainable, self.peft.state, self.tx)
         step = jax.jit(make_train_step(self.method, self.tx, seed=0))
         self.losses = []
@@ -98,7 +100,7 @@ def test_optimizer_state_exists_only_for_trainable(case, method_name, family):
     state = init_state(peft.trainable, peft.state, optax.adamw(1e-3))
     moments = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
     assert moments == 2 * tree_size(peft.trainable)
-    assert tree_size(peft.trainable) < tree_size(base) or method_name == "full"
+    assert tree_size(peft.trainable) < tree_size(base) or method_name in ("full", "child_tuning_f")
 
 
 @pytest.mark.parametrize("method_name,family", CASES)

@@ -1,0 +1,131 @@
+"""Empirical Fisher information of the base params, the selection criterion of FishMask
+(Sung et al. 2021) and Child-tuning_D (Xu et al. 2021).
+
+    F̂_θ = (1/N) Σ_{i=1..N} (∂ log p(y_i | x_i; θ) / ∂θ)²
+
+on the TRUE labels y_i (the "empirical" Fisher), one example at a time (batch size 1): the
+per-example gradients are taken with ``jax.vmap`` over chunks of examples, inside one jitted
+function, and their squares summed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from tqdm.auto import tqdm
+
+Flat = dict
+
+
+def per_example_loss_fn(model) -> Callable[[Flat, dict], jax.Array]:
+    """``(flat base params, batch) -> scalar loss`` of ``model`` (eval mode: no dropout).
+
+    Rows whose ``mask`` is False weigh zero, so a padded example contributes no gradient.
+    """
+    from peftjax.train.losses import loss_for
+
+    loss = loss_for(model.head)
+
+    def fn(flat: Flat, batch: dict) -> jax.Array:
+        out = model.apply(traverse_util.unflatten_dict(flat, sep="."), batch, train=False)
+        return loss(out, batch)
+
+    return fn
+
+
+def empirical_fisher(loss_fn: Callable[[Flat, dict], jax.Array], base: Flat, paths: list[str],
+                     batches: Iterable[dict], num_examples: int, *, desc: str = "fisher",
+                     progress: bool = True) -> tuple[Flat, int]:
+    """Σ over the first ``num_examples`` real rows of (∂ loss_i / ∂θ)² for θ in ``paths``.
+
+    ``batches`` yields batches (any size) with a bool ``mask``; each row is one example, taken
+    at batch size 1. Returns (the sums as float32 arrays, the number of examples used).
+    """
+    chosen = {p: base[p] for p in paths}
+    rest = {p: v for p, v in base.items() if p not in chosen}
+
+    @jax.jit
+    def chunk_sum(acc, chosen, rest, batch, keep):
+        def one(row, k):
+            ex = jax.tree.map(lambda x: x[None], row)
+            ex["mask"] = jnp.reshape(jnp.logical_and(ex["mask"][0], k), (1,))
+            return jax.grad(lambda c: loss_fn({**rest, **c}, ex))(chosen)
+
+        grads = jax.vmap(one)(batch, keep)
+        return jax.tree.map(lambda a, g: a + jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
+                            acc, grads)
+
+    acc = {p: jnp.zeros(v.shape, jnp.float32) for p, v in chosen.items()}
+    used = 0
+    bar = tqdm(total=num_examples, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    for batch in batches:
+        if used >= num_examples:
+            break
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        real = np.asarray(batch["mask"], bool)
+        keep = real & (np.cumsum(real) + used <= num_examples)
+        acc = chunk_sum(acc, chosen, rest, batch, keep)
+        n = int(keep.sum())
+        used += n
+        bar.update(n)
+    bar.close()
+    return acc, used
+
+
+def global_top_k(scores: Flat, k: int) -> dict[str, np.ndarray]:
+    """Sorted int32 flat indices per path of the ``k`` largest scores over all paths together.
+
+    Ties are broken by position (lower path order, then lower index, first), so the choice is
+    deterministic and exactly ``k`` entries are kept.
+    """
+    paths = list(scores)
+    flat = np.concatenate([np.asarray(scores[p], np.float32).reshape(-1) for p in paths])
+    if not 0 <= k <= flat.size:
+        raise ValueError(f"cannot keep {k} of {flat.size} entries")
+    order = np.argsort(-flat, kind="stable")[:k]
+    chosen = np.zeros(flat.size, bool)
+    chosen[order] = True
+    out, offset = {}, 0
+    for p in paths:
+        size = int(np.prod(np.shape(scores[p]), dtype=np.int64))
+        idx = np.nonzero(chosen[offset:offset + size])[0].astype(np.int32)
+        out[p] = idx
+        offset += size
+    return out
+
+
+def clipped_batch_fisher(loss_fn: Callable[[Flat, dict], jax.Array], base: Flat, paths: list[str],
+                         batches: Iterable[dict], max_grad_norm: float, *, desc: str = "fisher",
+                         progress: bool = True) -> tuple[Flat, int]:
+    """(1/B) Σ_b clip(∂ loss_b / ∂θ)² over one pass of B batches (Child-tuning_D).
+
+    Each param's batch gradient is clipped to norm ``max_grad_norm`` on its own (the reference
+    calls ``clip_grad_norm_`` per parameter) before it is squared. Returns (F, B).
+    """
+    chosen = {p: base[p] for p in paths}
+    rest = {p: v for p, v in base.items() if p not in chosen}
+
+    @jax.jit
+    def add(acc, chosen, rest, batch):
+        g = jax.grad(lambda c: loss_fn({**rest, **c}, batch))(chosen)
+
+        def clipped_sq(a, x):
+            x = x.astype(jnp.float32)
+            norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+            x = x * jnp.minimum(1.0, max_grad_norm / (norm + 1e-6))
+            return a + jnp.square(x)
+
+        return jax.tree.map(clipped_sq, acc, g)
+
+    acc = {p: jnp.zeros(v.shape, jnp.float32) for p, v in chosen.items()}
+    count = 0
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+        acc = add(acc, chosen, rest, {k: np.asarray(v) for k, v in batch.items()})
+        count += 1
+    if count == 0:
+        raise ValueError("the training set yielded no batch for the Fisher estimate")
+    return {p: a / count for p, a in acc.items()}, count

@@ -1,0 +1,76 @@
+"""Child-tuning_F: the gradient mask keeps a fraction ≈ p of entries, rescaled by 1/p, fresh each
+step and reproducible for a seed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from peftjax import methods
+from peftjax.methods.child_tuning import bernoulli_gradient_mask
+from peftjax.train import init_state, make_train_step
+from tests.helpers import learnable_batch, tiny_model
+
+
+def _grads():
+    return {"base": {"w": jnp.ones((300, 200)), "b": jnp.ones((200,))},
+            "added": {}, "head": {"h": jnp.ones((50, 4))}}
+
+
+def test_mask_rate_and_rescaling():
+    p = 0.3
+    tx = bernoulli_gradient_mask(p, seed=0)
+    out, _ = tx.update(_grads(), tx.init(None))
+    w = np.asarray(out["base"]["w"])
+    assert set(np.unique(w)) <= {0.0, np.float32(1 / p)}
+    rate = np.mean(w != 0)
+    assert abs(rate - p) < 0.01, rate          # 60,000 draws: std 0.0019
+    assert np.any(np.asarray(out["head"]["h"]) == 0)   # the reference masks the classifier too
+
+
+def test_mask_is_fresh_each_step_and_reproducible_for_a_seed():
+    tx = bernoulli_gradient_mask(0.3, seed=7)
+    s = tx.init(None)
+    a1, s = tx.update(_grads(), s)
+    a2, _ = tx.update(_grads(), s)
+    assert not np.array_equal(np.asarray(a1["base"]["w"]), np.asarray(a2["base"]["w"]))
+    tx_again = bernoulli_gradient_mask(0.3, seed=7)
+    b1, _ = tx_again.update(_grads(), tx_again.init(None))
+    np.testing.assert_array_equal(np.asarray(a1["base"]["w"]), np.asarray(b1["base"]["w"]))
+    other = bernoulli_gradient_mask(0.3, seed=8)
+    c1, _ = other.update(_grads(), other.init(None))
+    assert not np.array_equal(np.asarray(a1["base"]["w"]), np.asarray(c1["base"]["w"]))
+    # jitted update draws the same mask
+    d1, _ = jax.jit(tx.update)(_grads(), tx.init(None))
+    np.testing.assert_array_equal(np.asarray(a1["base"]["w"]), np.asarray(d1["base"]["w"]))
+
+
+def test_mask_head_false_leaves_head_gradient_alone():
+    tx = bernoulli_gradient_mask(0.3, seed=0, mask_head=False)
+    out, _ = tx.update(_grads(), tx.init(None))
+    np.testing.assert_array_equal(np.asarray(out["head"]["h"]), 1.0)
+    assert np.mean(np.asarray(out["base"]["w"]) != 0) < 0.5
+
+
+def test_bad_reserve_p_is_refused():
+    model, _ = tiny_model("bert")
+    for p in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="reserve_p"):
+            methods.create("child_tuning_f", model, {"reserve_p": p})
+
+
+def test_one_step_updates_only_unmasked_entries_with_sgd():
+    """With plain SGD, an entry whose mask is 0 at step 0 does not move."""
+    model, base = tiny_model("bert")
+    method = methods.create("child_tuning_f", model, {"reserve_p": 0.3, "seed": 3})
+    peft = method.setup(jax.random.PRNGKey(0), base)
+    tx = optax.chain(method.gradient_transform(), optax.sgd(1e-1))
+    state = init_state(peft.trainable, peft.state, tx)
+    step = jax.jit(make_train_step(method, tx, seed=0))
+    new, _ = step(state, peft.frozen, learnable_batch(model))
+    path = "bert.encoder.layer.0.attention.self.query.kernel"
+    before = np.asarray(peft.trainable["base"][path])
+    after = np.asarray(new.trainable["base"][path])
+    moved = np.mean(before != after)
+    assert 0.2 < moved < 0.4, moved

@@ -1,0 +1,171 @@
+"""FishMask: exact budget, the Fisher it ranks by, fixed sparse training, refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from configs import models as model_configs
+from peftjax import methods
+from peftjax.methods import fisher
+from peftjax.models import build_model
+from peftjax.train import init_state, make_train_step
+from peftjax.train.loop import init_context
+from tests.helpers import fisher_context, learnable_batch, tiny_model, tree_size
+
+CFG = {"keep_ratio": 0.05, "num_examples": 8, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, base = tiny_model("bert")
+    method = methods.create("fishmask", model, CFG)
+    peft = method.setup(jax.random.PRNGKey(0), base, fisher_context(model))
+    return model, base, method, peft
+
+
+def test_kept_fraction_is_exact(setup):
+    model, base, method, peft = setup
+    total = tree_size(base)
+    head = tree_size(peft.trainable["head"])
+    assert tree_size(peft.trainable["base"]) + head == int(round(0.05 * total))
+    counts = methods.count_params(method)
+    assert counts["trainable_params"] + counts["head_params"] == int(round(0.05 * total))
+    assert counts["total_params"] == total
+    for path, vals in peft.trainable["base"].items():
+        idx = np.asarray(peft.state[path + ".indices"])
+        assert idx.dtype == np.int32 and idx.shape == vals.shape
+        assert np.all(np.diff(idx) > 0) and idx[0] >= 0 and idx[-1] < np.size(base[path])
+        np.testing.assert_array_equal(np.asarray(vals), np.asarray(base[path]).reshape(-1)[idx])
+
+
+def test_bert_large_budget_is_half_a_percent_of_all_params():
+    cfg = model_configs.get("bert-large-uncased")
+    model = build_model(cfg.hf_config.to_dict(), head="classification", num_labels=2)
+    method = methods.create("fishmask", model, {})
+    c = methods.count_params(method)
+    assert c["trainable_params"] + c["head_params"] == int(round(0.005 * c["total_params"]))
+    out = methods.create("fishmask", model, {"head_in_budget": False})
+    assert methods.count_params(out)["trainable_params"] == int(round(0.005 * c["total_params"]))
+
+
+def test_mask_is_the_global_top_k_of_the_empirical_fisher(setup):
+    model, base, method, peft = setup
+    batch = learnable_batch(model)
+    loss_fn = fisher.per_example_loss_fn(model)
+    paths = [p for p in base if not method.sites.is_head(p)]
+    # Reference: one example at a time, plain jax.grad, squared and summed.
+    ref = {p: np.zeros(np.shape(base[p]), np.float32) for p in paths}
+    for i in range(8):
+        ex = {k: np.asarray(v)[i:i + 1] for k, v in batch.items()}
+        g = jax.grad(lambda c: loss_fn({**base, **c}, ex))({p: base[p] for p in paths})
+        for p in paths:
+            ref[p] += np.square(np.asarray(g[p]))
+    got, used = fisher.empirical_fisher(loss_fn, base, paths, iter([batch]), 8, progress=False)
+    assert used == 8
+    for p in paths:
+        np.testing.assert_allclose(np.asarray(got[p]), ref[p], rtol=1e-4, atol=1e-9)
+    # Every kept entry scores at least as high as every dropped one.
+    mask = method.dense_mask(peft.state, peft.frozen)
+    kept = np.concatenate([ref[p][mask[p]] for p in paths])
+    dropped = np.concatenate([ref[p][~mask[p]] for p in paths])
+    assert kept.min() >= dropped.max() * (1 - 1e-4)
+
+
+def test_only_examples_up_to_n_count():
+    model, base = tiny_model("bert")
+    loss_fn = fisher.per_example_loss_fn(model)
+    batch = learnable_batch(model)
+    paths = ["bert.pooler.dense.bias"]
+    first3, used = fisher.empirical_fisher(loss_fn, base, paths, iter([batch]), 3, progress=False)
+    sub = {k: np.asarray(v)[:3] for k, v in batch.items()}
+    again, _ = fisher.empirical_fisher(loss_fn, base, paths, iter([sub]), 8, progress=False)
+    assert used == 3
+    np.testing.assert_allclose(np.asarray(first3[paths[0]]), np.asarray(again[paths[0]]), rtol=1e-6)
+
+
+def _train(method, peft, tx, steps=5):
+    model = method.model
+    state = init_state(peft.trainable, peft.state, tx)
+    step = jax.jit(make_train_step(method, tx, seed=0))
+    batch = learnable_batch(model)
+    for _ in range(steps):
+        state, _ = step(state, peft.frozen, batch)
+    return state
+
+
+def test_entries_outside_the_mask_are_bit_identical_after_training(setup):
+    model, base, method, peft = setup
+    state = _train(method, peft, optax.adam(1e-2))
+    eff = method.effective_base(state.trainable, peft.frozen, state.method_state)
+    mask = method.dense_mask(peft.state, peft.frozen)
+    moved = 0
+    for p, m in mask.items():
+        a, b = np.asarray(eff[p]), np.asarray(base[p])
+        np.testing.assert_array_equal(a[~m], b[~m], err_msg=p)
+        moved += int(np.sum(a[m] != b[m]))
+    assert moved > 0  # (selected entries with zero gradient on this batch stay put)
+
+
+def test_sparse_and_dense_masked_trajectories_agree(setup):
+    """Sparse values + scatter == full fine-tuning with the gradient multiplied by the 0/1 mask."""
+    model, base, method, peft = setup
+    sparse = _train(method, peft, optax.adam(1e-2))
+    eff = method.effective_base(sparse.trainable, peft.frozen, sparse.method_state)
+
+    full = methods.create("full", model, {})
+    fpeft = full.setup(jax.random.PRNGKey(0), base)
+    mask = method.dense_mask(peft.state, peft.frozen)
+    masks = {"base": {p: jnp.asarray(m, jnp.float32) for p, m in mask.items()}, "added": {},
+             "head": jax.tree.map(jnp.ones_like, fpeft.trainable["head"])}
+    masking = optax.GradientTransformation(
+        lambda p: optax.EmptyState(), lambda g, s, p=None: (jax.tree.map(jnp.multiply, g, masks), s))
+    dense = _train(full, fpeft, optax.chain(masking, optax.adam(1e-2)))
+    for p in mask:
+        np.testing.assert_allclose(np.asarray(eff[p]), np.asarray(dense.trainable["base"][p]),
+                                   rtol=1e-5, atol=1e-6, err_msg=p)
+    for p in fpeft.trainable["head"]:
+        np.testing.assert_allclose(np.asarray(sparse.trainable["head"][p]),
+                                   np.asarray(dense.trainable["head"][p]), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_is_refused_before_compute():
+    model, base = tiny_model("bert")
+    for ratio in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            methods.create("fishmask", model, {"keep_ratio": ratio})
+    with pytest.raises(ValueError, match="head"):
+        methods.create("fishmask", model, {"keep_ratio": 1e-5})
+    method = methods.create("fishmask", model, {"num_examples": 9, "progress": False})
+
+    def no_data():
+        raise AssertionError("the training data must not be read")
+
+    ctx = fisher_context(model)
+    ctx = type(ctx)(train_batches=no_data, loss_fn=ctx.loss_fn, num_train_examples=8)
+    with pytest.raises(ValueError, match="num_examples=9 is larger than the training set"):
+        method.setup(jax.random.PRNGKey(0), base, ctx)
+    with pytest.raises(ValueError, match="train_batches"):
+        method.setup(jax.random.PRNGKey(0), base)
+
+
+def test_loop_init_context_yields_the_training_rows_in_order():
+    model, base = tiny_model("bert")
+    batch = learnable_batch(model)
+    encoded = {k: v for k, v in batch.items() if k != "mask"}
+    ctx = init_context(model, None, encoded, chunk=3)
+    assert ctx.num_train_examples == 8
+    got = list(ctx.train_batches())
+    assert [b["input_ids"].shape for b in got] == [(3, 12)] * 3
+    np.testing.assert_array_equal(np.concatenate([b["mask"] for b in got]),
+                                  np.arange(9) < 8)
+    np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in got])[:8],
+                                  batch["input_ids"])
+    method = methods.create("fishmask", model, CFG)
+    a = method.setup(jax.random.PRNGKey(0), base, ctx)
+    b = method.setup(jax.random.PRNGKey(0), base, fisher_context(model))
+    assert a.state.keys() == b.state.keys()
+    for k in a.state:
+        np.testing.assert_array_equal(np.asarray(a.state[k]), np.asarray(b.state[k]))
