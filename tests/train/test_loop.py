@@ -152,3 +152,25 @@ def test_bf16_compute_trains(data_dir, tmp_path):
     config = tiny_config(data_dir, steps=4, dtype="bfloat16")
     result = train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(result["metrics"]["test"]["accuracy"])
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("fishmask", {"num_examples": 16, "keep_ratio": 0.05, "progress": False}),
+    ("child_tuning_d", {"progress": False}),
+    ("child_tuning_f", {}),
+])
+def test_selection_methods_train_through_the_loop(data_dir, tmp_path, method, overrides):
+    """The loop hands Fisher methods the training rows and a per-example loss (InitContext)."""
+    config = tiny_config(data_dir, method=method, steps=2, eval_every=2, checkpoint_every=2)
+    for k, v in overrides.items():
+        config.method[k] = v
+    result = train_and_evaluate(config, str(tmp_path))
+    assert all(np.isfinite(v) for v in result["metrics"]["test"].values())
+
+
+def test_fishmask_more_examples_than_the_training_set_is_refused(data_dir, tmp_path):
+    config = tiny_config(data_dir, method="fishmask", steps=2)
+    config.method.num_examples = 65
+    config.method.progress = False
+    with pytest.raises(ValueError, match="num_examples=65 is larger than the training set"):
+        train_and_evaluate(config, str(tmp_path))
