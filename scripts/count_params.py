@@ -33,6 +33,8 @@ def main(argv):
     out = {"method": method.name, "model": config.model.name, "task": task.name, "head": model.head,
            **counts,
            "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4)}
+    if getattr(method, "count_rule", None):  # e.g. FishMask: whether the head is in the budget
+        out["count_rule"] = method.count_rule
     print(json.dumps(out))
 
 

@@ -55,6 +55,15 @@ class SparseSelection(core.Method):
         """Params the selection chooses entries from."""
         return [p for p in base if not self.sites.is_head(p) and not self.trains_base(p)]
 
+    @property
+    def count_rule(self) -> str:
+        """How the head is counted, stated beside the counts (scripts/count_params.py)."""
+        if self.config.head_in_budget:
+            return (f"head inside the budget (Sung et al. 2021): trainable_params + head_params = "
+                    f"round({self.config.keep_ratio} x total_params)")
+        return (f"head outside the budget: trainable_params = round({self.config.keep_ratio} x "
+                "total_params), head_params trained on top")
+
     def num_selected(self, abstract_base: dict) -> int:
         raise NotImplementedError
 

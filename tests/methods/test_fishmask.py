@@ -47,8 +47,10 @@ def test_bert_large_budget_is_half_a_percent_of_all_params():
     method = methods.create("fishmask", model, {})
     c = methods.count_params(method)
     assert c["trainable_params"] + c["head_params"] == int(round(0.005 * c["total_params"]))
+    assert method.count_rule.startswith("head inside the budget")
     out = methods.create("fishmask", model, {"head_in_budget": False})
     assert methods.count_params(out)["trainable_params"] == int(round(0.005 * c["total_params"]))
+    assert out.count_rule.startswith("head outside the budget")
 
 
 def test_mask_is_the_global_top_k_of_the_empirical_fisher(setup):
