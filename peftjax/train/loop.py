@@ -284,20 +284,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             if stop_after_step is not None and done >= stop_after_step:
                 ckpt.wait()
                 return {"stopped_at": done}
+        bar.close()
+        if not memory:  # resumed after the last step: compile once to measure
+            memory = measure.memory_analysis(
+                train_step.lower(state, frozen, next(data_lib.train_batches(
+                    encoded["train"], tc.batch_size, config.seed))).compile())
+        test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
+                        tc.eval_batch_size, task)
+        metrics_log.write(total, "test", test)
     finally:
         bar.close()
         ckpt.close()
         metrics_log.close()
-
-    if not memory:  # resumed after the last step: compile once to measure
-        memory = measure.memory_analysis(
-            train_step.lower(state, frozen, next(data_lib.train_batches(
-                encoded["train"], tc.batch_size, config.seed))).compile())
-    test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
-                    tc.eval_batch_size, task)
-    metrics_log = MetricsLog(workdir)
-    metrics_log.write(total, "test", test)
-    metrics_log.close()
     counts = methods_lib.count_params(method, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                                                for k, v in base.items()})
     result = {
