@@ -64,7 +64,7 @@ def train_defaults() -> dict:
         grad_accum_steps=1,
         b1=0.9, b2=0.999, eps=1e-8,
         dtype="float32",         # compute dtype: float32 | bfloat16 (params stay fp32)
-        remat=False,             # rematerialise each layer in the backward pass
+        remat="none",            # rematerialise each block in the backward pass: none | block | block_dots
         eval_every=200,
         log_every=10,
         checkpoint_every=200,
@@ -84,7 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = models.get(names["model"])
     method_mod = _load("methods", names["method"])
     config.method = method_mod.get_config()
-    task_cfg = _load("tasks", names["task"]).get_config()
+    # task=<file>:<arg> hands <arg> to configs/tasks/<file>.py (task=jsonl:/data/train.jsonl).
+    task_file, _, task_arg = names["task"].partition(":")
+    task_mod = _load("tasks", task_file)
+    task_cfg = task_mod.get_config(task_arg) if task_arg else task_mod.get_config()
     config.task = ml_collections.ConfigDict({
         "name": task_cfg.name,
         "max_length": task_cfg.max_length,
@@ -93,10 +96,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "format": "auto",
         "lm_template": task_cfg.get("lm_template", ""),
     })
+    # Task-specific settings pass through (instruction tasks: format, source, fields, templates).
+    config.task.update({k: v for k, v in task_cfg.items()
+                        if k not in ("batch_size", "eval_batch_size")})
     train = train_defaults()
     train["batch_size"] = task_cfg.get("batch_size", train["batch_size"])
     train["eval_batch_size"] = task_cfg.get("eval_batch_size", train["eval_batch_size"])
     train.update(getattr(method_mod, "train_defaults", dict)())
     config.train = ml_collections.ConfigDict(train)
+    # Device mesh (peftjax.parallel; docs/distributed.md): sizes of the data / fsdp / tensor
+    # axes, -1 = the devices the others leave. All 1: no mesh, the single-device path.
+    # e.g. --config.mesh.data=-1 (data parallel on all devices), --config.mesh.fsdp=8.
+    # min_shard_elements: arrays smaller than this (or 1-D) that no rule names are replicated.
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, min_shard_elements=1024))
+    # Multi-host: jax.distributed.initialize (also when PEFTJAX_DISTRIBUTED=1). Empty / -1
+    # fields come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or JAX's
+    # cluster auto-detection (SLURM, Open MPI, TPU pod slices).
+    config.distributed = ml_collections.ConfigDict(dict(
+        initialize=False, coordinator_address="", num_processes=-1, process_id=-1,
+        local_device_ids="", initialization_timeout=0))
     config.lock()  # unknown override keys are errors
     return config
