@@ -67,6 +67,17 @@ def _prompt_ids(tokenizer, parts, example: Example, budget: int) -> list[int]:
     return fixed
 
 
+def prompt_ids(tokenizer: Any, example: Example, template: str = DEFAULT_TEMPLATE,
+               max_text_tokens: int | None = None) -> list[int]:
+    """One example's template tokens (no BOS, no answer), its texts cut (longest first) to
+    ``max_text_tokens`` in total; ``None`` keeps them whole (used for in-context demonstrations)."""
+    parts = _pieces(template)
+    fixed_len = sum(len(_ids(tokenizer, v)) for k, v in parts if k == "lit")
+    if max_text_tokens is None:
+        max_text_tokens = sum(len(_ids(tokenizer, example[v] or "")) for k, v in parts if k == "field")
+    return _prompt_ids(tokenizer, parts, example, fixed_len + max_text_tokens)
+
+
 def _specials(tokenizer) -> tuple[list[int], list[int]]:
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     eos = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
@@ -74,7 +85,8 @@ def _specials(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode_lm(examples: Sequence[Example], tokenizer: Any, max_length: int, task: Task,
-              template: str = DEFAULT_TEMPLATE, *, candidates: bool = False) -> dict[str, np.ndarray]:
+              template: str = DEFAULT_TEMPLATE, *, candidates: bool = False,
+              prefixes: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """Tokenises examples as prompt + verbaliser sequences for causal-LM training/evaluation.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (token ids on the verbaliser and EOS,
@@ -82,6 +94,9 @@ def encode_lm(examples: Sequence[Example], tokenizer: Any, max_length: int, task
     returns, for every class k, ``cand{k}_input_ids`` / ``cand{k}_attention_mask`` /
     ``cand{k}_labels`` (the prompt followed by class k's verbaliser), which ``attention_mask``
     then covers so that batching keeps them whole.
+
+    ``prefixes`` (one token-id list per example, e.g. in-context demonstrations) go after BOS and
+    before the prompt; they count against ``max_length`` and are never truncated.
     """
     words = verbalizers(task)
     parts = _pieces(template)
@@ -103,7 +118,16 @@ def encode_lm(examples: Sequence[Example], tokenizer: Any, max_length: int, task
             labels[i, len(prompt):len(seq)] = answer
         out[f"{prefix}input_ids"], out[f"{prefix}attention_mask"], out[f"{prefix}labels"] = ids, mask, labels
 
-    prompts = [bos + _prompt_ids(tokenizer, parts, e, budget) for e in examples]
+    if prefixes is None:
+        prefixes = [[]] * n
+    elif len(prefixes) != n:
+        raise ValueError(f"prefixes has {len(prefixes)} entries for {n} examples; give one per example")
+    prompts = []
+    for e, pre in zip(examples, prefixes):
+        if budget - len(pre) < 0:
+            raise ValueError(f"a prefix of {len(pre)} tokens leaves no room for the prompt in "
+                             f"max_length={max_length}; raise max_length or shorten the prefix")
+        prompts.append(bos + list(pre) + _prompt_ids(tokenizer, parts, e, budget - len(pre)))
     classes = np.asarray([e["label"] for e in examples], np.int32)
     fill("", [(p, word_ids[c] + eos if c >= 0 else []) for p, c in zip(prompts, classes)])
     if candidates:
