@@ -1,0 +1,319 @@
+"""Runs the cells of a sweep: sequentially or in N worker processes, resumably.
+
+Layout of a sweep's ``workdir``::
+
+    results.jsonl     one line per finished attempt of a cell (ok or failed), kill-safe (ResultsStore)
+    cells/<id>/       the cell's training workdir: checkpoints, metrics.jsonl, result.json
+    cells/<id>/cell.json   the cell (resolved config, variant, grid values, seed)
+    stamps.jsonl      the reproducibility stamp of every invocation (git commit, versions, device)
+    sweep.json        the sweep definition as given, and its expanded cell ids
+
+Guarantees:
+
+* **Skip finished.** A cell whose latest line is ``ok`` is never rerun. A cell whose latest line
+  is ``failed`` is skipped too unless ``retry_failed`` (then its workdir is cleared and it starts
+  over, since the failure may have been caused by code that has changed since).
+* **Failure isolation.** A cell that raises records its error and traceback and the grid goes
+  on. With workers, a cell whose process dies (segfault, out of memory) is recorded as failed and
+  the worker replaced.
+* **Kill-safe.** Only this process writes ``results.jsonl``, one complete line per write +
+  fsync; a kill at any moment leaves complete lines only (a torn tail is dropped on the next
+  append). A cell killed mid-run has no line, so the rerun runs it again, resuming from its own
+  checkpoints (``train_and_evaluate`` resumes bit-identically). Worker processes die with the
+  runner (``PR_SET_PDEATHSIG``), so a killed runner leaves no orphan training the same cell.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from peftjax.grid.results import ResultsStore
+from peftjax.grid.sweep import Cell
+
+CellFn = Callable[[Cell, str], dict]
+DEFAULT_CELL_FN = "peftjax.grid.runner:train_cell"
+
+
+# --------------------------------------------------------------------------------------------
+# What one cell does.
+
+
+def load_cell_fn(spec: str) -> CellFn:
+    """``"package.module:function"`` → the function (it must be importable by worker processes)."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"cell function {spec!r} must be 'module:function'")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"cell function {spec!r}: {module} has no callable {name!r}")
+    return fn
+
+
+def read_curves(workdir: str) -> dict:
+    """Learning curves from the loop's ``metrics.jsonl``: per split, the steps and each metric."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    curves: dict[str, dict[str, list]] = {}
+    if not os.path.exists(path):
+        return curves
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            split = row.pop("split")
+            step = row.pop("step")
+            c = curves.setdefault(split, {"step": []})
+            c["step"].append(step)
+            for k, v in row.items():
+                c.setdefault(k, []).append(v)
+    return curves
+
+
+def train_cell(cell: Cell, workdir: str) -> dict:
+    """The default cell: ``train_and_evaluate`` on the cell's config (resuming in ``workdir``),
+    plus the learning curves and, for DyLoRA with ``rank_sweep``, the rank sweep."""
+    import ml_collections
+
+    from peftjax.train import train_and_evaluate
+
+    config = ml_collections.ConfigDict(cell.config)
+    result = train_and_evaluate(config, workdir)
+    result["curves"] = read_curves(workdir)
+    if cell.rank_sweep:
+        result["rank_sweep"] = _dylora_sweep(workdir, list(cell.rank_sweep))
+    return result
+
+
+def _dylora_sweep(workdir: str, ranks: list[int]) -> dict:
+    """``scripts/dylora_sweep.py`` on the finished DyLoRA cell (its own process: the script owns
+    absl flags); returns its ``rank_sweep.json``."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [sys.executable, os.path.join(root, "scripts", "dylora_sweep.py"), f"--workdir={workdir}",
+           f"--ranks={','.join(str(r) for r in ranks)}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"DyLoRA rank sweep failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    with open(os.path.join(workdir, "rank_sweep.json")) as f:
+        return json.load(f)
+
+
+def _task_info(task: str) -> dict:
+    try:
+        from peftjax import data as data_lib
+
+        t = data_lib.get_task(task)
+    except (ImportError, ValueError):
+        return {}
+    primary = "loss" if t.kind == "causal_lm" else t.primary_metric
+    return {"primary_metric": primary, "task_kind": t.kind}
+
+
+def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
+    """Runs one cell and returns its results row (``status`` ok or failed; never raises on a
+    cell's own error: the error and traceback are in the row)."""
+    celldir = os.path.join(workdir, "cells", cell.id)
+    os.makedirs(celldir, exist_ok=True)
+    _write_json_atomic(os.path.join(celldir, "cell.json"), cell.to_dict())
+    row = {"cell": cell.id, "label": cell.label, "variant": cell.variant, "method": cell.method,
+           "model": cell.model, "task": cell.task, "seed": cell.seed, "hp": cell.hp,
+           **_task_info(cell.task)}
+    t0 = time.time()
+    try:
+        result = cell_fn(cell, celldir)
+    except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
+        return {**row, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(), "config": cell.config,
+                "cell_seconds": time.time() - t0}
+    return {**result, **row, "status": "ok", "config": result.get("config", cell.config),
+            "cell_seconds": time.time() - t0}
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Status of a sweep folder.
+
+
+def latest_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+    """The last row of each cell (a retried cell's new line supersedes its failure)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if "cell" in r:
+            out[r["cell"]] = dict(r)
+    return out
+
+
+def status(cells: Sequence[Cell], workdir: str) -> dict[str, str]:
+    """``{cell id: "ok" | "failed" | "pending"}``."""
+    latest = latest_rows(ResultsStore(os.path.join(workdir, "results.jsonl")).read())
+    return {c.id: latest.get(c.id, {}).get("status", "pending") for c in cells}
+
+
+# --------------------------------------------------------------------------------------------
+# Workers.
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (no orphan keeps training)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            return
+
+
+def _worker(wid: int, parent_pid: int, tasks, results, cell_fn_spec: str, workdir: str) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    # The running cell's bar sits below the overall bar, one line per worker (tqdm reads
+    # TQDM_* environment variables as defaults).
+    os.environ["TQDM_POSITION"] = str(wid + 1)
+    cell_fn = load_cell_fn(cell_fn_spec)
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        cell = Cell.from_dict(item)
+        results.put(("start", wid, cell.id))
+        results.put(("done", wid, run_cell(cell, workdir, cell_fn)))
+
+
+# --------------------------------------------------------------------------------------------
+# The runner.
+
+
+def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: bool = False,
+        cell_fn: str = DEFAULT_CELL_FN, definition: Mapping[str, Any] | None = None,
+        progress: bool = True) -> dict[str, int]:
+    """Runs every pending cell of ``cells`` in ``workdir``; returns counts by outcome.
+
+    ``workers=1`` runs the cells one after another in this process; ``workers=N`` in N spawned
+    processes. ``cell_fn`` (``module:function``, called as ``fn(cell, celldir) -> dict``) is what
+    a cell does: by default, training and evaluating its config.
+    """
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
+    load_cell_fn(cell_fn)  # a bad spec fails here, not in every worker
+    os.makedirs(workdir, exist_ok=True)
+    from peftjax.grid.stamp import stamp
+
+    ResultsStore(os.path.join(workdir, "stamps.jsonl")).append(stamp())
+    if definition is not None:
+        _write_json_atomic(os.path.join(workdir, "sweep.json"),
+                           {"definition": definition, "cells": [c.id for c in cells]})
+    store = ResultsStore(os.path.join(workdir, "results.jsonl"))
+    state = status(cells, workdir)
+    todo = [c for c in cells if state[c.id] == "pending" or (retry_failed and state[c.id] == "failed")]
+    for c in todo:
+        if state[c.id] == "failed":  # start a retried cell afresh
+            shutil.rmtree(os.path.join(workdir, "cells", c.id), ignore_errors=True)
+    counts = {"total": len(cells), "skipped_ok": sum(s == "ok" for s in state.values()),
+              "skipped_failed": sum(s == "failed" for s in state.values()) - (
+                  sum(state[c.id] == "failed" for c in todo)),
+              "ok": 0, "failed": 0}
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep",
+               position=0, dynamic_ncols=True, disable=not progress, smoothing=0.0)
+
+    def record(row: dict) -> None:
+        store.append(row)
+        counts[row["status"]] += 1
+        bar.update(1)
+        if row["status"] == "failed":
+            bar.write(f"FAILED {row['label']} ({row['cell']}): {row['error']}")
+
+    try:
+        if workers == 1:
+            fn = load_cell_fn(cell_fn)
+            for cell in todo:
+                bar.set_postfix_str(cell.label)
+                record(run_cell(cell, workdir, fn))
+        else:
+            _run_pool(todo, workdir, workers, cell_fn, bar, record)
+    finally:
+        bar.close()
+    return counts
+
+
+def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, bar, record) -> None:
+    import multiprocessing as mp
+    import queue as queue_lib
+
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for cell in todo:
+        tasks.put(cell.to_dict())
+    by_id = {c.id: c for c in todo}
+    n = min(workers, len(todo))
+    for _ in range(n):
+        tasks.put(None)
+    procs: dict[int, Any] = {}
+    running: dict[int, str] = {}
+
+    def start(wid: int) -> None:
+        p = ctx.Process(target=_worker, args=(wid, os.getpid(), tasks, results, cell_fn, workdir),
+                        daemon=True)
+        p.start()
+        procs[wid] = p
+
+    for wid in range(n):
+        start(wid)
+    remaining = len(todo)
+    restarts = 0
+    try:
+        while remaining:
+            try:
+                kind, wid, payload = results.get(timeout=1.0)
+            except queue_lib.Empty:
+                for wid, p in list(procs.items()):
+                    if not p.is_alive() and wid in running:  # died mid-cell
+                        cell = by_id[running.pop(wid)]
+                        record({"cell": cell.id, "label": cell.label, "variant": cell.variant,
+                                "method": cell.method, "model": cell.model, "task": cell.task,
+                                "seed": cell.seed, "hp": cell.hp, "status": "failed",
+                                "error": f"worker process died (exit code {p.exitcode})",
+                                "traceback": "", "config": cell.config, **_task_info(cell.task)})
+                        remaining -= 1
+                        start(wid)  # takes the sentinel the dead worker never reached
+                    elif not p.is_alive() and p.exitcode not in (0, None) and remaining:
+                        restarts += 1  # died between cells (e.g. at start-up)
+                        if restarts > 3 * workers:
+                            raise RuntimeError(f"sweep workers keep dying (last exit code "
+                                               f"{p.exitcode}); run with --workers=1 to see why")
+                        start(wid)
+                continue
+            if kind == "start":
+                running[wid] = payload
+                bar.set_postfix_str(by_id[payload].label)
+            else:
+                running.pop(wid, None)
+                record(payload)
+                remaining -= 1
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,300 @@
+"""Sweep definitions → cells: expansion, validation against the registries, stable cell ids.
+
+A sweep definition is an ml-collections file (``experiments/<name>/grid.py``) whose
+``get_config()`` returns::
+
+    name      str                      the experiment's name
+    models    [model names]            configs/models/<model>.py
+    tasks     [task names]             registered tasks (peftjax.data) with configs/tasks/<task>.py
+    seeds     [ints]
+    base      {section: {key: value}}  overrides of the composed train config for every cell
+    task_overrides {task: {section: {key: value}}}   (optional) per task, for every variant
+    variants  {name: variant}          the named methods of the comparison
+    report    {"order": [variant names]}  (optional) row order of the report's tables
+
+and each variant is::
+
+    method    a registered method (peftjax.methods.registered())
+    overrides {section: {key: value}}            (optional) fixed settings of this variant
+    task_overrides {task: {section: {...}}}      (optional) per task, for this variant only
+    grid      {section: {key: [values, ...]}}    (optional) the variant's hyperparameter grid
+    rank_sweep [ints]                            (optional, dylora) evaluate the finished run at
+                                                 these ranks (DyLoRA's rank sweep, no retraining)
+
+The cells are the product models × tasks × variants × (the variant's grid) × seeds. Each cell's
+config is ``configs/train.py``'s composed config with, in this order, ``base``,
+``task_overrides[task]``, the variant's ``overrides``, its ``task_overrides[task]`` and its grid
+values applied; then ``seed``. Sections are those of the train config (``train``, ``method``,
+``task``, ``model``; ``seed``/``data_dir`` are top-level keys given as ``{"seed": ...}``).
+
+Everything is validated at expansion, before any cell runs: an unknown model, task, method or
+config key, or a value of the wrong type, raises :class:`GridError` naming the cell and the
+field. A cell's id is the sha256 of its resolved config as sorted JSON (display-only keys such as
+``progress`` left out), so ids are stable across runs and machines, and any change of a setting
+or of a default makes a new cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+# Keys that change what is displayed, not what is computed: left out of the cell id.
+DISPLAY_ONLY_KEYS = frozenset({"progress"})
+VARIANT_KEYS = frozenset({"method", "overrides", "task_overrides", "grid", "rank_sweep"})
+SWEEP_KEYS = frozenset({"name", "description", "models", "tasks", "seeds", "base", "task_overrides",
+                        "variants", "report"})
+
+
+class GridError(ValueError):
+    """A sweep definition that cannot be expanded; the message names the cell and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a fully resolved train config and where it came from."""
+
+    id: str                 # 12 hex digits of sha256(resolved config)
+    variant: str
+    method: str
+    model: str
+    task: str
+    seed: int
+    hp: dict                # the variant's grid values of this cell, {"section.key": value}
+    config: dict            # the resolved train config (configs/train.py's structure)
+    rank_sweep: tuple = ()  # dylora: ranks to evaluate after training
+
+    @property
+    def label(self) -> str:
+        hp = ",".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in self.hp.items())
+        return f"{self.model}/{self.task}/{self.variant}" + (f"[{hp}]" if hp else "") + f"/seed={self.seed}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rank_sweep"] = list(self.rank_sweep)
+        d["label"] = self.label
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Cell":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in fields}
+        values["rank_sweep"] = tuple(values.get("rank_sweep", ()))
+        return cls(**values)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _plain(x: Any) -> Any:
+    """ConfigDicts, tuples and FieldReferences as plain JSON-able Python."""
+    if isinstance(x, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _strip_display(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _strip_display(v) for k, v in x.items() if k not in DISPLAY_ONLY_KEYS}
+    return x
+
+
+def cell_id(config: Mapping[str, Any], rank_sweep: Iterable[int] = ()) -> str:
+    """sha256 (first 12 hex digits) of the resolved config as sorted, compact JSON.
+
+    A DyLoRA rank sweep changes what the cell records, so its ranks are part of the id.
+    """
+    payload: dict[str, Any] = {"config": _strip_display(_plain(config))}
+    if rank_sweep:
+        payload["rank_sweep"] = [int(r) for r in rank_sweep]
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def flatten(tree: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"learning_rate": 1e-3}} → {"train.learning_rate": 1e-3} (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in _plain(tree or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any, where: str) -> None:
+    """Sets a dotted ``key`` of the locked train config; unknown keys and wrong types are errors."""
+    parts = key.split(".")
+    if key == "method.name":
+        raise GridError(f"{where}: field 'method.name' cannot be overridden; set the variant's "
+                        "'method' instead")
+    node = config
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise GridError(f"{where}: unknown config key {key!r} ({'.'.join(parts[:i + 1])!r} "
+                            f"does not exist; valid keys there: {', '.join(valid)})")
+        if i < len(parts) - 1:
+            node = node[part]
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise GridError(f"{where}: config key {key!r} cannot take {value!r}: {e}") from None
+
+
+def _registries():
+    from configs import models as model_configs
+    from peftjax import data as data_lib
+    from peftjax import methods as methods_lib
+
+    return model_configs, data_lib, methods_lib
+
+
+def load_definition(path: str) -> ml_collections.ConfigDict:
+    """The sweep definition in ``path`` (a python file with ``get_config()``)."""
+    import importlib.util
+    import os
+
+    if not os.path.exists(path):
+        raise GridError(f"sweep definition {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("peftjax_sweep_definition", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Cell]:
+    """Every cell of the sweep, validated, in a fixed order (model, task, variant, grid, seed).
+
+    Raises :class:`GridError` on the first invalid cell, before anything runs.
+    """
+    from configs.train import get_config
+
+    d = _plain(definition)
+    unknown = sorted(set(d) - SWEEP_KEYS)
+    if unknown:
+        raise GridError(f"sweep definition: unknown field(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(sorted(SWEEP_KEYS))}")
+    for field in ("models", "tasks", "seeds", "variants"):
+        if not d.get(field):
+            raise GridError(f"sweep definition: field {field!r} is missing or empty")
+    if len(set(d["seeds"])) != len(d["seeds"]) or not all(isinstance(s, int) for s in d["seeds"]):
+        raise GridError(f"sweep definition: seeds must be distinct integers, got {d['seeds']!r}")
+    order = (d.get("report") or {}).get("order", [])
+    bad_order = [v for v in order if v not in d["variants"]]
+    if bad_order or set(d.get("report") or {}) - {"order"}:
+        raise GridError(f"sweep definition: field 'report' may only hold 'order', a list of variant "
+                        f"names; unknown variants there: {bad_order}")
+    model_configs, data_lib, methods_lib = _registries()
+    registered = methods_lib.registered()
+    models = set(model_configs.available())
+    tasks = set(data_lib.list_tasks())
+
+    for model in d["models"]:
+        if model not in models:
+            raise GridError(f"cell {model}/*: unknown model {model!r} (field 'models'); "
+                            f"available: {', '.join(sorted(models))}")
+    for task in d["tasks"]:
+        if task not in tasks:
+            raise GridError(f"cell */{task}: unknown task {task!r} (field 'tasks'); "
+                            f"registered: {', '.join(sorted(tasks))}")
+    for task in d.get("task_overrides", {}):
+        if task not in d["tasks"]:
+            raise GridError(f"field 'task_overrides.{task}': task {task!r} is not in 'tasks'")
+
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    for model, task, (vname, variant) in itertools.product(d["models"], d["tasks"],
+                                                           d["variants"].items()):
+        where = f"cell {model}/{task}/{vname}"
+        if not isinstance(variant, dict):
+            raise GridError(f"{where}: field 'variants.{vname}' must be a dict with a 'method'")
+        bad = sorted(set(variant) - VARIANT_KEYS)
+        if bad:
+            raise GridError(f"{where}: unknown field(s) {', '.join(f'variants.{vname}.{b}' for b in bad)}; "
+                            f"valid: {', '.join(sorted(VARIANT_KEYS))}")
+        method = variant.get("method")
+        if method not in registered:
+            raise GridError(f"{where}: unknown method {method!r} (field 'variants.{vname}.method'); "
+                            f"registered: {', '.join(registered)}")
+        for t in variant.get("task_overrides", {}):
+            if t not in d["tasks"]:
+                raise GridError(f"{where}: field 'variants.{vname}.task_overrides.{t}': task {t!r} "
+                                "is not in 'tasks'")
+        grid = flatten(variant.get("grid"))
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise GridError(f"{where}: field 'variants.{vname}.grid.{key}' must be a non-empty "
+                                f"list of values, got {values!r}")
+        rank_sweep = tuple(int(r) for r in variant.get("rank_sweep", ()))
+        if rank_sweep and method != "dylora":
+            raise GridError(f"{where}: field 'variants.{vname}.rank_sweep' needs method 'dylora', "
+                            f"not {method!r}")
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            hp = dict(zip(keys, combo))
+            for seed in d["seeds"]:
+                label = where + ("[" + ",".join(f"{k}={_fmt(v)}" for k, v in hp.items()) + "]"
+                                 if hp else "") + f"/seed={seed}"
+                try:
+                    config = get_config(f"model={model},method={method},task={task}")
+                except ValueError as e:
+                    raise GridError(f"{label}: {e}") from None
+                layers = [("base", flatten(d.get("base"))),
+                          (f"task_overrides.{task}", flatten(d.get("task_overrides", {}).get(task))),
+                          (f"variants.{vname}.overrides", flatten(variant.get("overrides"))),
+                          (f"variants.{vname}.task_overrides.{task}",
+                           flatten(variant.get("task_overrides", {}).get(task))),
+                          (f"variants.{vname}.grid", hp),
+                          ("seeds", {"seed": seed})]
+                for field, values in layers:
+                    for key, value in values.items():
+                        _set(config, key, value, f"{label} (field {field!r})")
+                _check_method_config(methods_lib, config, label, vname)
+                if rank_sweep:
+                    r_max = config.method.rank
+                    if not all(1 <= r <= r_max for r in rank_sweep):
+                        raise GridError(f"{label}: field 'variants.{vname}.rank_sweep' = "
+                                        f"{list(rank_sweep)} must lie in 1..method.rank={r_max}")
+                resolved = config.to_dict()
+                cid = cell_id(resolved, rank_sweep)
+                if cid in seen:
+                    raise GridError(f"{label}: resolves to the same config as {seen[cid]} "
+                                    f"(cell {cid}); a grid value or variant has no effect")
+                seen[cid] = label
+                cells.append(Cell(id=cid, variant=vname, method=method, model=model, task=task,
+                                  seed=seed, hp=hp, config=resolved, rank_sweep=rank_sweep))
+    return cells
+
+
+def _check_method_config(methods_lib, config, label: str, variant: str) -> None:
+    """The method section against the method's own Config dataclass (keys and constructor checks)."""
+    from peftjax.methods.core import config_from, method_class
+
+    cls = method_class(config.method.name)
+    values = {k: v for k, v in config.method.to_dict().items() if k != "name"}
+    try:
+        config_from(cls.Config, values, config.method.name)
+    except (TypeError, ValueError) as e:
+        raise GridError(f"{label} (variant {variant!r}, section 'method'): {e}") from None
+
+
+def describe(cells: list[Cell]) -> str:
+    """A plain-text listing of the cells (for ``--dry_run``) ending with their count."""
+    lines = [f"{c.id}  {c.label}" for c in cells]
+    variants = sorted({c.variant for c in cells})
+    lines.append(f"{len(cells)} cells ({len(variants)} variants, "
+                 f"{len({c.task for c in cells})} tasks, {len({c.model for c in cells})} models, "
+                 f"{len({c.seed for c in cells})} seeds)")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Expand a sweep definition into cells and run them (resumably).
+
+    python scripts/sweep.py --config=experiments/tweet_methods/grid.py --workdir=runs/tweet_methods --dry_run
+    python scripts/sweep.py --config=experiments/tweet_methods/grid.py --workdir=runs/tweet_methods [--workers=2]
+    python scripts/report.py runs/tweet_methods
+
+``--dry_run`` lists the cells (id = hash of the resolved config, label) with their count and, if
+WORKDIR has results, each cell's status; nothing is trained. A run skips finished cells, records
+a failing cell's error and traceback and goes on (``--retry_failed`` reruns failures), and a
+killed run, restarted, resumes the interrupted cell from its checkpoints. The whole definition is
+validated before any cell runs: an unknown model, task, method or config key is an error naming
+the cell and the field. See peftjax/grid/sweep.py for the definition format.
+"""
+
+import json
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "the sweep definition (experiments/<name>/grid.py)",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "the sweep's folder: results.jsonl, cells/<id>/, stamps")
+flags.DEFINE_bool("dry_run", False, "list the cells and their count; run nothing")
+flags.DEFINE_integer("workers", 1, "cells run at once, each worker a separate process (1: in this process)")
+flags.DEFINE_bool("retry_failed", False, "rerun cells whose last attempt failed (from scratch)")
+flags.DEFINE_string("cell_fn", "peftjax.grid.runner:train_cell",
+                    "module:function run for each cell as fn(cell, celldir) -> result dict")
+flags.DEFINE_bool("progress", True, "progress bars")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from peftjax.grid import runner, sweep
+
+    try:
+        cells = sweep.expand(FLAGS.config)
+    except sweep.GridError as e:
+        print(f"error: invalid sweep definition: {e}", file=sys.stderr)
+        return 2
+    if FLAGS.dry_run:
+        if FLAGS.workdir and os.path.exists(os.path.join(FLAGS.workdir, "results.jsonl")):
+            state = runner.status(cells, FLAGS.workdir)
+            for c in cells:
+                print(f"{c.id}  {state[c.id]:<7}  {c.label}")
+            counts = {s: list(state.values()).count(s) for s in ("ok", "failed", "pending")}
+            print(f"{len(cells)} cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        else:
+            print(sweep.describe(cells))
+        return 0
+    if not FLAGS.workdir:
+        print("error: --workdir is required to run the sweep", file=sys.stderr)
+        return 2
+    definition = sweep._plain(FLAGS.config)
+    counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
+                        cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress)
+    print(json.dumps(counts))
+    print(f"results: {os.path.join(FLAGS.workdir, 'results.jsonl')}\n"
+          f"report:  python scripts/report.py {FLAGS.workdir}")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,126 @@
+"""Sweep expansion: counts, stable ids, validation before anything runs, committed definitions."""
+
+import copy
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peftjax.grid import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def definition(**changes):
+    d = {
+        "name": "t", "models": ["tiny-bert"], "tasks": ["tweet_sentiment", "tweet_polarity"],
+        "seeds": [0, 1], "base": {"train": {"steps": 4}},
+        "variants": {
+            "lora": {"method": "lora", "overrides": {"method": {"alpha": 16.0}},
+                     "grid": {"method": {"rank": [1, 2, 4]}, "train": {"learning_rate": [1e-3, 2e-3]}}},
+            "full": {"method": "full", "task_overrides": {"tweet_polarity": {"train": {"steps": 6}}}},
+            "dylora": {"method": "dylora", "rank_sweep": [1, 8]},
+        },
+    }
+    d.update(changes)
+    return d
+
+
+def test_expansion_counts_order_and_resolved_values():
+    cells = sweep.expand(definition())
+    # 2 tasks × (3·2 lora + 1 full + 1 dylora) × 2 seeds
+    assert len(cells) == 2 * (6 + 1 + 1) * 2
+    assert len({c.id for c in cells}) == len(cells)
+    lora = [c for c in cells if c.variant == "lora" and c.task == "tweet_sentiment"]
+    assert {(c.hp["method.rank"], c.hp["train.learning_rate"], c.seed) for c in lora} == {
+        (r, lr, s) for r in (1, 2, 4) for lr in (1e-3, 2e-3) for s in (0, 1)}
+    c = lora[0]
+    assert c.config["method"]["alpha"] == 16.0 and c.config["train"]["steps"] == 4
+    assert c.config["method"]["rank"] == c.hp["method.rank"] and c.config["seed"] == c.seed
+    full = {c.task: c.config["train"]["steps"] for c in cells if c.variant == "full"}
+    assert full == {"tweet_sentiment": 4, "tweet_polarity": 6}  # per-task override, this variant only
+    assert all(c.config["train"]["steps"] == 4 for c in cells
+               if c.variant == "lora" and c.task == "tweet_polarity")
+    assert [c.rank_sweep for c in cells if c.variant == "dylora"][0] == (1, 8)
+    assert "lora" in c.label and "rank=" in c.label and "seed=" in c.label
+
+
+def test_cell_ids_are_stable_and_follow_the_config():
+    a, b = sweep.expand(definition()), sweep.expand(definition())
+    assert [c.id for c in a] == [c.id for c in b]
+    # sha256 of the sorted compact JSON: the same on every machine and Python run.
+    assert sweep.cell_id({"b": {"y": [1, 2]}, "a": 1.5}) == sweep.cell_id({"a": 1.5, "b": {"y": [1, 2]}})
+    expected = hashlib.sha256(b'{"config":{"a":1.5,"b":{"y":[1,2]}}}').hexdigest()[:12]
+    assert sweep.cell_id({"a": 1.5, "b": {"y": [1, 2]}}) == expected == "9a9fc7d71fc7"
+    # Display-only keys do not change a cell; any real setting does.
+    config = a[0].config
+    quiet = copy.deepcopy(config)
+    quiet["train"]["progress"] = not config["train"]["progress"]
+    assert sweep.cell_id(quiet) == a[0].id
+    other = copy.deepcopy(config)
+    other["train"]["learning_rate"] *= 2
+    assert sweep.cell_id(other) != a[0].id
+    roundtrip = sweep.Cell.from_dict(a[0].to_dict())
+    assert roundtrip == a[0]
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda d: d["variants"]["full"].update(method="fulll"),
+     ["cell tiny-bert/tweet_sentiment/full", "unknown method 'fulll'", "variants.full.method"]),
+    (lambda d: d.update(models=["tiny-bertt"]), ["unknown model 'tiny-bertt'", "'models'"]),
+    (lambda d: d.update(tasks=["tweet_sentimentt"]), ["unknown task 'tweet_sentimentt'", "'tasks'"]),
+    (lambda d: d["variants"]["lora"]["grid"]["method"].update(rnk=[1]),
+     ["tiny-bert/tweet_sentiment/lora[", "seed=0", "variants.lora.grid", "unknown config key 'method.rnk'"]),
+    (lambda d: d["base"]["train"].update(stepz=3), ["tiny-bert/tweet_sentiment/", "'base'", "'train.stepz'"]),
+    (lambda d: d["variants"]["lora"]["grid"]["method"].update(rank=["a"]),
+     ["lora[", "'method.rank' cannot take 'a'"]),
+    (lambda d: d["variants"]["full"].update(overrides={"method": {"rank": 2}}),
+     ["full/seed=0", "variants.full.overrides", "'method.rank'"]),
+    (lambda d: d["variants"]["full"].update(rank_sweep=[1]), ["'variants.full.rank_sweep' needs method 'dylora'"]),
+    (lambda d: d["variants"]["dylora"].update(rank_sweep=[16]), ["dylora/seed=0", "1..method.rank=8"]),
+    (lambda d: d["variants"]["lora"]["grid"]["method"].update(alpha=[16.0, 16]),
+     ["resolves to the same config"]),
+    (lambda d: d["variants"]["lora"].update(grd={}), ["variants.lora.grd"]),
+])
+def test_bad_definitions_fail_at_expansion_naming_cell_and_field(change, expect):
+    d = definition()
+    change(d)
+    with pytest.raises(sweep.GridError) as e:
+        sweep.expand(d)
+    for text in expect:
+        assert text in str(e.value), (text, str(e.value))
+
+
+def test_committed_definitions_expand():
+    """tweet_methods (every method, 2 tasks, 3 seeds) and glue_roberta_base (LoRA Table 9)."""
+    tweets = sweep.load_definition(os.path.join(ROOT, "experiments/tweet_methods/grid.py"))
+    cells = sweep.expand(tweets)
+    variants = {c.variant for c in cells}
+    assert len(variants) == 16 and {c.method for c in cells} >= {
+        "full", "lora", "dora", "adalora", "dylora", "vera", "adapter", "prompt_tuning", "prefix_tuning",
+        "bitfit", "child_tuning_f", "child_tuning_d", "fishmask"}
+    assert len(cells) == (15 + 6) * 2 * 3  # LoRA's rank grid {1..32}: 6 settings
+    by = {c.variant: c.config for c in cells}
+    assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
+    assert by["adapter_pfeiffer"]["method"]["placement"] == "pfeiffer"
+
+    glue = sweep.load_definition(os.path.join(ROOT, "experiments/glue_roberta_base/grid.py"))
+    cells = sweep.expand(glue)
+    assert len(cells) == 8 * 5 * (1 + 3)
+    mrpc = [c.config for c in cells if c.task == "mrpc" and c.variant == "lora"][0]
+    # LoRA Table 9: MRPC 30 epochs of batch 16 at 4e-4, r 8, alpha 8, max length 512.
+    assert mrpc["train"]["steps"] == 30 * 230 and mrpc["train"]["learning_rate"] == 4e-4
+    assert (mrpc["method"]["rank"], mrpc["method"]["alpha"], mrpc["task"]["max_length"]) == (8, 8.0, 512)
+    assert mrpc["train"]["batch_size"] == 16 and mrpc["train"]["warmup_ratio"] == 0.06
+
+
+def test_dry_run_cli_lists_cells_with_count():
+    out = subprocess.run([sys.executable, "scripts/sweep.py",
+                          "--config=experiments/glue_roberta_base/grid.py", "--dry_run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("160 cells (2 variants, 8 tasks, 1 models, 5 seeds)")
+    assert "roberta-base/mnli/lora/seed=0" in out.stdout and len(lines) == 161
