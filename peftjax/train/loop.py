@@ -91,11 +91,12 @@ def _flat(params: dict) -> dict:
     return traverse_util.flatten_dict(params, sep=".")
 
 
-FORMATS = ("auto", "head", "lm")
+FORMATS = ("auto", "head", "lm", "instruction")
 
 
 def task_format(config, task) -> str:
-    """'head' (an encoder's classification/regression head) or 'lm' (a decoder, verbalisers).
+    """'head' (an encoder's classification/regression head), 'lm' (a decoder, verbalisers) or
+    'instruction' (a decoder on instruction records, ``peftjax.data.instructions``; set by the task).
 
     ``auto`` picks the head when the model family has one for the task, else the LM format.
     """
@@ -111,11 +112,20 @@ def task_format(config, task) -> str:
     return "head" if HEAD_FOR_TASK_KIND[task.kind] in family.heads else "lm"
 
 
+def get_task(config):
+    """The registered task, or for ``task.format='instruction'`` the instruction task it describes."""
+    if config.task.get("format", "auto") == "instruction":
+        from peftjax.data import instructions
+
+        return instructions.task_from_config(config.task)
+    return data_lib.get_task(config.task.name)
+
+
 def build(config, *, with_weights: bool = True, with_tokenizer: bool = True):
     """Model, tokenizer, method and flat base params from a composed train config."""
-    task = data_lib.get_task(config.task.name)
+    task = get_task(config)
     fmt = task_format(config, task)
-    head = "causal_lm" if fmt == "lm" else HEAD_FOR_TASK_KIND[task.kind]
+    head = "causal_lm" if fmt in ("lm", "instruction") else HEAD_FOR_TASK_KIND[task.kind]
     dtype = DTYPES[config.train.dtype]
     model, params, tokenizer = hf_io.load_from_config(
         config.model, head=head,
@@ -135,6 +145,16 @@ def encode_split(config, task, tokenizer, split: str, limit: int | None, *, for_
     Sorting makes each eval batch pad to the smallest bucket that fits it (about half the
     compute on tweets); metrics do not depend on the order of examples.
     """
+    if task_format(config, task) == "instruction":  # response-only labels, no classes
+        from peftjax.data import instructions
+
+        encoded = instructions.encode_split(config.task, split, tokenizer, limit=limit,
+                                            hf_config=config.model.hf_config.to_dict(),
+                                            data_dir=config.data_dir or None)
+        if for_eval:
+            order = np.argsort(encoded["attention_mask"].sum(axis=1), kind="stable")
+            encoded = {k: v[order] for k, v in encoded.items()}
+        return encoded
     examples = data_lib.load_examples(task.name, split, data_dir=config.data_dir or None, limit=limit)
     if task_format(config, task) == "lm":
         from peftjax.data.lm import DEFAULT_TEMPLATE, encode_lm

@@ -1,0 +1,83 @@
+"""Decoders through the training loop on text: instruction tuning (JSONL, response-only loss) and
+classification through verbalisers (task.format='lm'), on tiny random models, offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from configs.train import get_config
+from peftjax.data import tweets
+from peftjax.train import train_and_evaluate
+
+COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red",
+           "sun": "yellow", "sea": "blue", "leaf": "green"}
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    """A learnable instruction file: the colour of a thing, with and without an input field."""
+    rows = []
+    for i in range(96):
+        thing = list(COLOURS)[i % len(COLOURS)]
+        if i % 4:
+            rows.append({"instruction": "Name its colour.", "input": f"{thing} {i}", "output": COLOURS[thing]})
+        else:
+            rows.append({"instruction": f"Name the colour of {thing} {i}.", "output": COLOURS[thing]})
+    path = tmp_path_factory.mktemp("instr") / "colours.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def tiny_decoder_config(task: str, method: str = "lora", **train):
+    config = get_config(f"model=tiny-llama,method={method},task={task}")
+    with config.unlocked():
+        # Larger random init: with hidden 32 and N(0, 0.02) weights the frozen LM head keeps every
+        # logit within ~0.1 of uniform over 30k tokens, and no adapter could move the loss visibly.
+        config.model.hf_config.initializer_range = 0.2
+    values = dict(steps=12, batch_size=8, eval_batch_size=16, eval_every=4, checkpoint_every=100,
+                  log_every=1, learning_rate=1e-2, warmup_ratio=0.0, progress=False)
+    values.update(train)
+    for k, v in values.items():
+        config.train[k] = v
+    return config
+
+
+def rows(workdir, split):
+    with open(f"{workdir}/metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_instruction_tuning_learns_the_responses_and_is_deterministic(jsonl, tmp_path):
+    config = tiny_decoder_config(f"jsonl:{jsonl}")
+    config.task.prompt_template, config.task.prompt_template_no_input = "{instruction} {input} =>", "{instruction} =>"
+    config.task.max_length = 24
+    a = train_and_evaluate(config, str(tmp_path / "a"))
+    assert a["format"] == "instruction" and a["task"] == f"jsonl:{jsonl}"
+    val = [r["loss"] for r in rows(tmp_path / "a", "validation")]
+    assert len(val) == 3 and val[-1] < val[0] - 0.5, val  # response-token loss on held-out records
+    assert a["metrics"]["test"]["perplexity"] == pytest.approx(np.exp(a["metrics"]["test"]["loss"]), rel=1e-5)
+    assert a["metrics"]["validation"]["loss"] == min(val)  # the best (lowest-loss) step is kept
+    b = train_and_evaluate(config, str(tmp_path / "b"))
+    assert a["metrics"] == b["metrics"]
+    assert open(tmp_path / "a" / "metrics.jsonl").read() == open(tmp_path / "b" / "metrics.jsonl").read()
+
+
+def test_verbaliser_classification_through_the_loop(tmp_path, monkeypatch):
+    """task.format='lm' (peftjax.data.lm): a decoder classifies tweets by verbaliser likelihood."""
+    texts = [(f"i {w} this flight number {i}", y) for i in range(12)
+             for w, y in (("hate", 0), ("saw", 1), ("love", 2))]
+    splits = {"train": texts[:24], "validation": texts[24:30], "test": texts[30:]}
+    monkeypatch.setattr(tweets, "sentiment_splits", lambda seed=0, path=None: (splits, {}))
+    config = tiny_decoder_config("tweet_sentiment", steps=8, learning_rate=5e-3)
+    config.data_dir = str(tmp_path / "tfds")
+    config.task.format = "lm"  # the Llama family also has a classification head ('auto' picks it)
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["format"] == "lm"
+    train = [r["loss"] for r in rows(tmp_path / "run", "train")]
+    assert np.mean(train[-3:]) < np.mean(train[:3]), train  # verbaliser + EOS loss
+    test = result["metrics"]["test"]
+    assert set(test) == {"accuracy", "macro_f1"} and 0.0 <= test["accuracy"] <= 1.0
+    assert result["majority_rate"] == pytest.approx(1 / 3)
