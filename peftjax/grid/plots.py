@@ -66,3 +66,89 @@ def rank_allocation_heatmap(ranks: Mapping[str, int], stem: str, title: str = ""
     paths = _save(fig, stem)
     plt.close(fig)
     return paths
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated under (fewer params, higher score), by increasing x.
+
+    A point is on the front when no other point has at most its parameters and a higher score
+    (ties in x keep the best score only).
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def score_vs_params(points: list[dict], stem: str, *, ylabel: str, title: str = "") -> list[str]:
+    """Score (mean ± std over seeds) against trainable parameters, log x, with the Pareto front.
+
+    ``points``: dicts with ``label``, ``params``, ``mean``, ``std``.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [max(p["params"], 1) for p in points]
+    ys = [p["mean"] for p in points]
+    ax.errorbar(xs, ys, yerr=[p["std"] for p in points], fmt="o", ms=5, capsize=3, color="tab:blue",
+                ecolor="0.6", zorder=3)
+    for x, y, p in zip(xs, ys, points):
+        ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front(list(zip(xs, ys)))
+    fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+    ax.step(fx, fy, where="post", color="tab:red", lw=1.2, label="Pareto front", zorder=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def grouped_bars(labels: list[str], series: dict[str, list[float | None]], stem: str, *,
+                 ylabel: str, title: str = "", log: bool = False) -> list[str]:
+    """One bar per label for each series (e.g. per method, one bar per task)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(labels) * max(1, len(series)) + 1.5), 3.8))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    for k, (name, values) in enumerate(series.items()):
+        vals = [np.nan if v is None else v for v in values]
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, label=name)
+    ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
+def curves(series: dict[str, tuple[list[float], list[float], list[float]]], stem: str, *,
+           xlabel: str, ylabel: str, title: str = "", logx: bool = False) -> list[str]:
+    """Lines with a ±std band: ``series[label] = (x, mean, std)`` (learning curves, ablations)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (x, mean, std) in series.items():
+        x, mean, std = (np.asarray(v, float) for v in (x, mean, std))
+        (line,) = ax.plot(x, mean, marker="o" if len(x) <= 12 else None, ms=3, lw=1.2, label=label)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths

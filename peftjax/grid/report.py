@@ -1,8 +1,18 @@
-"""Tables of results as Markdown (paper-ready LaTeX and plots build on the same rows)."""
+"""Reports of sweeps: honest hyperparameter selection on validation, tables as Markdown and
+LaTeX (booktabs) with the best value per column in bold, plots, and a reproducibility stamp.
+
+    python scripts/report.py runs/tweet_methods   # → report.md, report.tex, plots/, resolved_configs.json
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
 from typing import Any, Sequence
+
+import numpy as np
 
 
 def human_bytes(n: float | None) -> str:
@@ -43,3 +53,420 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
             cells.append("n/a" if value is None else fmt(value))
         body.append("| " + " | ".join(cells) + " |")
     return "\n".join([header, rule, *body])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweep reports: honest selection, tables (Markdown + LaTeX booktabs), plots, stamp.
+
+LOWER_IS_BETTER_METRICS = frozenset({"loss", "perplexity"})
+
+
+def _get(row: Any, path: str) -> Any:
+    for part in path.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
+
+
+def _hp_key(hp: dict) -> str:
+    return json.dumps(hp or {}, sort_keys=True)
+
+
+def _hp_text(hp: dict) -> str:
+    if not hp:
+        return "-"
+    return ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                     for k, v in sorted(hp.items()))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single seed)."""
+    arr = np.asarray([v for v in values if v is not None], float)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def primary_of(row: dict) -> tuple[str, bool]:
+    """(primary metric, higher is better) of a results row."""
+    metric = row.get("primary_metric")
+    if metric is None:
+        from peftjax import data as data_lib
+
+        task = data_lib.get_task(row["task"])
+        metric = "loss" if task.kind == "causal_lm" else task.primary_metric
+    return metric, metric not in LOWER_IS_BETTER_METRICS
+
+
+@dataclasses.dataclass
+class Selection:
+    """The hyperparameters chosen on validation for one (model, task, variant), and their seeds.
+
+    ``candidates``: hp key → (mean validation score over seeds, seeds); ``rows``: the chosen hp's
+    finished seeds, whose test scores are the only ones reported.
+    """
+
+    model: str
+    task: str
+    variant: str
+    method: str
+    metric: str
+    higher_is_better: bool
+    hp: dict
+    rows: list
+    candidates: dict
+
+    def stat(self, path: str) -> tuple[float, float]:
+        return _mean_std([_get(r, path) for r in self.rows])
+
+    def first(self, path: str) -> Any:
+        for r in self.rows:
+            v = _get(r, path)
+            if v is not None:
+                return v
+        return None
+
+
+def finished_rows(rows: Sequence[dict]) -> list[dict]:
+    """The latest line of each cell, keeping those that finished (status ok)."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if "cell" in r:
+            latest[r["cell"]] = r
+    return [r for r in latest.values() if r.get("status", "ok") == "ok"]
+
+
+def select(rows: Sequence[dict], fixed: dict | None = None) -> list[Selection]:
+    """Honest model selection: per (model, task, variant), the hp setting with the best mean
+    validation score over its seeds; test is then read for that setting only.
+
+    (The best *step* within a run was already chosen on validation by the training loop, which
+    evaluated test once, at that step.) ``fixed`` restricts to rows whose hp has these values
+    (used by ablations: the best of the other hps at each value of one).
+    """
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        if fixed and any((r.get("hp") or {}).get(k) != v for k, v in fixed.items()):
+            continue
+        key = (r["model"], r["task"], r["variant"])
+        groups.setdefault(key, {}).setdefault(_hp_key(r.get("hp")), []).append(r)
+    out = []
+    for (model, task, variant), by_hp in groups.items():
+        metric, higher = primary_of(next(iter(by_hp.values()))[0])
+        cands = {}
+        for hk, rs in by_hp.items():
+            val, _ = _mean_std([_get(r, f"metrics.validation.{metric}") for r in rs])
+            cands[hk] = (val, sorted(r["seed"] for r in rs))
+        valid = [hk for hk in cands if not math.isnan(cands[hk][0])]
+        if not valid:
+            continue
+        best = (max if higher else min)(sorted(valid), key=lambda hk: cands[hk][0])
+        chosen = sorted(by_hp[best], key=lambda r: r["seed"])
+        out.append(Selection(model, task, variant, chosen[0].get("method", variant), metric, higher,
+                             json.loads(best), chosen, cands))
+    return out
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in LOWER_IS_BETTER_METRICS else 100.0
+
+
+def _latex_escape(s: str) -> str:
+    s = s.replace("\\", "\x00")
+    for a, b in (("{", r"\{"), ("}", r"\}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
+                 ("#", r"\#"), ("$", r"\$")):
+        s = s.replace(a, b)
+    return s.replace("\x00", r"\textbackslash{}")
+
+
+def task_table(sels: Sequence[Selection], metrics: Sequence[str]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, cells (text) and best-in-column flags for one task's selections.
+
+    Columns: variant, method, chosen hps, seeds, test metrics (mean ± std over seeds, ×100 for
+    rates), validation primary metric, trainable params, % of total, peak memory, step time.
+    Best: the highest (or, for losses, lowest) mean score; the fewest params, least memory and
+    fastest step.
+    """
+    header = ["variant", "method", "chosen hp", "seeds"] + [f"test {m}" for m in metrics] + [
+        f"val {sels[0].metric}" if sels else "val", "trainable", "% of total", "peak memory",
+        "step time (s)"]
+    cols_value: list[list[float]] = []
+    text: list[list[str]] = []
+    for s in sels:
+        row_text = [s.variant, s.method, _hp_text(s.hp), str(len(s.rows))]
+        values: list[float] = []
+        for split, m in [("test", m) for m in metrics] + [("validation", s.metric)]:
+            mean, std = s.stat(f"metrics.{split}.{m}")
+            k = _scale(m)
+            row_text.append("n/a" if math.isnan(mean) else f"{k * mean:.1f} ± {k * std:.1f}"
+                            if k != 1 else f"{mean:.3f} ± {std:.3f}")
+            values.append(mean if m not in LOWER_IS_BETTER_METRICS else -mean)
+        params = s.first("trainable_params")
+        pct = s.first("trainable_percent")
+        mem, _ = s.stat("peak_memory_bytes")
+        step, _ = s.stat("step_time_s")
+        row_text += [human_count(params) if params is not None else "n/a",
+                     f"{pct:.3f}%" if pct is not None else "n/a",
+                     human_bytes(None if math.isnan(mem) else mem),
+                     "n/a" if math.isnan(step) else f"{step:.3f}"]
+        values += [-(params if params is not None else math.nan), -(pct if pct is not None else math.nan),
+                   -mem, -step]
+        text.append(row_text)
+        cols_value.append(values)
+    best = [[False] * len(header) for _ in sels]
+    first_value_col = 4
+    for j in range(len(cols_value[0]) if cols_value else 0):
+        col = np.asarray([v[j] for v in cols_value], float)
+        if np.all(np.isnan(col)):
+            continue
+        top = np.nanmax(col)
+        for i in range(len(sels)):
+            best[i][first_value_col + j] = bool(col[i] == top)
+    return header, text, best
+
+
+def render_markdown(header, text, best) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row, flags in zip(text, best):
+        lines.append("| " + " | ".join(f"**{c}**" if b else c for c, b in zip(row, flags)) + " |")
+    return "\n".join(lines)
+
+
+def render_latex(header, text, best, caption: str, label: str) -> str:
+    def cell(c: str, b: bool) -> str:
+        c = _latex_escape(c).replace("±", r"$\pm$")
+        return rf"\textbf{{{c}}}" if b else c
+
+    spec = "lll r" + "r" * (len(header) - 4)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             rf"\caption{{{_latex_escape(caption)}}}", rf"\label{{{label}}}",
+             rf"\begin{{tabular}}{{{spec.replace(' ', '')}}}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for row, flags in zip(text, best):
+        lines.append(" & ".join(cell(c, b) for c, b in zip(row, flags)) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def _order(sels: Sequence[Selection], variant_order: Sequence[str]) -> list[Selection]:
+    rank = {v: i for i, v in enumerate(variant_order)}
+    return sorted(sels, key=lambda s: (rank.get(s.variant, len(rank)), s.variant))
+
+
+def _curve_stats(sel: Selection, split: str, metric: str):
+    """Mean ± std over seeds of a learning curve, on the steps every seed logged."""
+    per_seed = []
+    for r in sel.rows:
+        c = _get(r, f"curves.{split}")
+        if c and metric in c:
+            per_seed.append(dict(zip(c["step"], c[metric])))
+    if not per_seed:
+        return None
+    steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+    vals = np.asarray([[p[s] for s in steps] for p in per_seed], float)
+    std = vals.std(axis=0, ddof=1) if len(per_seed) > 1 else np.zeros(len(steps))
+    return steps, vals.mean(axis=0), std
+
+
+def write_report(workdir: str, out: str | None = None, *, title: str | None = None,
+                 command: str | None = None) -> dict[str, Any]:
+    """Writes ``report.md``, ``report.tex``, ``plots/*.{png,pdf}`` and ``resolved_configs.json``
+    to ``out`` (default: ``workdir``) from ``workdir/results.jsonl``; returns what was written."""
+    from peftjax.grid import plots
+    from peftjax.grid.results import ResultsStore
+    from peftjax.grid.stamp import stamp
+
+    out = out or workdir
+    all_rows = ResultsStore(os.path.join(workdir, "results.jsonl")).read()
+    if not all_rows:
+        raise ValueError(f"{workdir}/results.jsonl has no results; run scripts/sweep.py first")
+    latest: dict[str, dict] = {}
+    for r in all_rows:
+        latest[r["cell"]] = r
+    rows = finished_rows(all_rows)
+    failed = [r for r in latest.values() if r.get("status") == "failed"]
+    sweep_path = os.path.join(workdir, "sweep.json")
+    definition = {}
+    if os.path.exists(sweep_path):
+        with open(sweep_path) as f:
+            definition = json.load(f).get("definition", {})
+    variant_order = ((definition.get("report") or {}).get("order")
+                     or list((definition.get("variants") or {}).keys()))
+    name = title or definition.get("name") or os.path.basename(os.path.abspath(workdir))
+    stamps = ResultsStore(os.path.join(workdir, "stamps.jsonl")).read()
+    now = stamp()
+    plot_dir = os.path.join(out, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    written: dict[str, Any] = {"plots": []}
+
+    sels = select(rows)
+    tasks = sorted({s.task for s in sels})
+    md = [f"# {name}", ""]
+    if command:
+        md += [f"Command: `{command}`", ""]
+    md += ["Model selection: per (model, task, variant) the hyperparameters with the best mean "
+           "validation score over seeds are chosen; within each run the training loop keeps the "
+           "step with the best validation score and evaluates test there once. Test is reported "
+           "for the chosen setting only, as mean ± std (sample std) over its seeds. Best value per "
+           "column in bold (highest score; fewest params, least memory, fastest step).", ""]
+    tex = [r"% Generated by scripts/report.py; needs \usepackage{booktabs}.", ""]
+    for model in sorted({s.model for s in sels}):
+        for task in tasks:
+            ts = _order([s for s in sels if s.task == task and s.model == model], variant_order)
+            if not ts:
+                continue
+            metrics_names = list(_get(ts[0].rows[0], "metrics.test") or {}) or [ts[0].metric]
+            metrics_names = [ts[0].metric] + [m for m in metrics_names if m != ts[0].metric]
+            header, text, best = task_table(ts, metrics_names)
+            md += [f"## {model} × {task}", "", render_markdown(header, text, best), ""]
+            tex += [render_latex(header, text, best, f"{model} on {task}: test "
+                                 f"{ts[0].metric} at the hyperparameters chosen on validation "
+                                 "(mean ± std over seeds).",
+                                 f"tab:{model}-{task}".replace("_", "-")), ""]
+            # Plots for this (model, task).
+            tag = f"{model}_{task}".replace("/", "_")
+            k = _scale(ts[0].metric)
+            pts = []
+            for s in ts:
+                p = s.first("trainable_params")
+                mean, std = s.stat(f"metrics.test.{s.metric}")
+                if p is not None and not math.isnan(mean):
+                    pts.append({"label": s.variant, "params": p, "mean": k * mean, "std": k * std})
+            if pts:
+                written["plots"] += plots.score_vs_params(
+                    pts, os.path.join(plot_dir, f"pareto_{tag}"), ylabel=f"test {ts[0].metric}",
+                    title=f"{model} × {task}: score vs trainable parameters")
+            lc = {}
+            for s in ts:
+                st = _curve_stats(s, "validation", s.metric)
+                if st:
+                    lc[s.variant] = (st[0], k * st[1], k * st[2])
+            if lc:
+                written["plots"] += plots.curves(
+                    lc, os.path.join(plot_dir, f"curves_{tag}"), xlabel="step",
+                    ylabel=f"validation {ts[0].metric}", title=f"{model} × {task}: learning curves "
+                    "(chosen hps, mean ± std over seeds)")
+            written["plots"] += _rank_plots(rows, ts, plot_dir, tag, model, task)
+    # Memory and step time per variant (one bar per task).
+    labels = _order_names(sorted({s.variant for s in sels}), variant_order)
+    if labels:
+        for key, fname, ylabel, scale in (("peak_memory_bytes", "memory", "peak memory (MB)", 1e-6),
+                                          ("step_time_s", "step_time", "train step time (s)", 1.0)):
+            series = {}
+            for task in tasks:
+                vals = []
+                for v in labels:
+                    match = [s for s in sels if s.task == task and s.variant == v]
+                    m = match[0].stat(key)[0] if match else math.nan
+                    vals.append(None if math.isnan(m) else scale * m)
+                series[task] = vals
+            written["plots"] += plots.grouped_bars(labels, series, os.path.join(plot_dir, fname),
+                                                   ylabel=ylabel, title=f"{ylabel} per method")
+    md += ["## Plots", ""]
+    for p in written["plots"]:
+        if p.endswith(".png"):
+            rel = os.path.relpath(p, out)
+            md += [f"![{os.path.basename(p)[:-4]}]({rel})", ""]
+    md += ["## Validation scores across each hyperparameter grid", "",
+           "| model | task | variant | hp | val (mean over seeds) | seeds | chosen |", "|---|---|---|---|---|---|---|"]
+    for s in sorted(sels, key=lambda s: (s.model, s.task, s.variant)):
+        for hk, (val, seeds) in sorted(s.candidates.items()):
+            chosen = hk == _hp_key(s.hp)
+            md.append(f"| {s.model} | {s.task} | {s.variant} | {_hp_text(json.loads(hk))} | "
+                      f"{_scale(s.metric) * val:.2f} | {','.join(map(str, seeds))} | {'yes' if chosen else ''} |")
+    md.append("")
+    if failed:
+        md += ["## Failed cells", "", "| cell | label | error |", "|---|---|---|"]
+        for r in failed:
+            error = (str(r.get("error", "")).splitlines() or [""])[0][:200].replace("|", "\\|")
+            md.append(f"| {r['cell']} | {r.get('label', '')} | {error} |")
+        md += ["", f"Tracebacks: {os.path.join(workdir, 'results.jsonl')}.", ""]
+    configs = {r["cell"]: r.get("config") for r in rows}
+    configs_path = os.path.join(out, "resolved_configs.json")
+    _write_text(configs_path, json.dumps(configs, indent=1, sort_keys=True) + "\n")
+    md += _stamp_md(now, stamps, len(rows), len(latest), os.path.relpath(configs_path, out))
+    tex += ["% Reproducibility stamp:", *[f"% {line}" for line in _stamp_lines(now, stamps)]]
+    written["md"] = os.path.join(out, "report.md")
+    written["tex"] = os.path.join(out, "report.tex")
+    written["configs"] = configs_path
+    _write_text(written["md"], "\n".join(md) + "\n")
+    _write_text(written["tex"], "\n".join(tex) + "\n")
+    written["selections"] = sels
+    return written
+
+
+def _order_names(names: list[str], order: Sequence[str]) -> list[str]:
+    rank = {v: i for i, v in enumerate(order)}
+    return sorted(names, key=lambda v: (rank.get(v, len(rank)), v))
+
+
+def _rank_plots(rows, ts: Sequence[Selection], plot_dir: str, tag: str, model: str, task: str) -> list[str]:
+    """Rank ablations: each variant whose grid varies a ``*.rank`` key (best other hps on
+    validation at each rank, test mean ± std); DyLoRA's rank sweep; AdaLoRA's rank allocation."""
+    from peftjax.grid import plots
+
+    paths: list[str] = []
+    series = {}
+    for s in ts:
+        rank_keys = sorted({k for hk in s.candidates for k in json.loads(hk) if k.endswith(".rank")})
+        for key in rank_keys:
+            values = sorted({json.loads(hk)[key] for hk in s.candidates})
+            if len(values) < 2:
+                continue
+            xs, ms, ss = [], [], []
+            for v in values:
+                sub = [x for x in select([r for r in rows if r["variant"] == s.variant
+                                          and r["task"] == task and r["model"] == model], {key: v})]
+                if sub:
+                    mean, std = sub[0].stat(f"metrics.test.{s.metric}")
+                    xs.append(v), ms.append(_scale(s.metric) * mean), ss.append(_scale(s.metric) * std)
+            series[f"{s.variant} ({key.split('.')[-1]})"] = (xs, ms, ss)
+    for s in ts:
+        sweeps = [r.get("rank_sweep") for r in s.rows if r.get("rank_sweep")]
+        if sweeps:
+            ranks = sorted(set.intersection(*(set(sw["ranks"]) for sw in sweeps)), key=int)
+            for split in ("test", "validation"):
+                vals = np.asarray([[sw["ranks"][r][split][s.metric] for r in ranks] for sw in sweeps])
+                std = vals.std(axis=0, ddof=1) if len(sweeps) > 1 else np.zeros(len(ranks))
+                series[f"{s.variant} eval rank sweep ({split})"] = (
+                    [int(r) for r in ranks], _scale(s.metric) * vals.mean(axis=0), _scale(s.metric) * std)
+    if series:
+        paths += plots.curves(series, os.path.join(plot_dir, f"rank_ablation_{tag}"), xlabel="rank",
+                              ylabel=f"{ts[0].metric}", logx=True,
+                              title=f"{model} × {task}: rank ablations (test unless marked)")
+    for s in ts:
+        ranks = s.first("adalora_ranks")
+        if ranks:
+            paths += plots.rank_allocation_heatmap(
+                ranks, os.path.join(plot_dir, f"adalora_ranks_{tag}_{s.variant}"),
+                title=f"{s.variant} on {task}: final rank allocation (seed {s.rows[0]['seed']})")
+    return paths
+
+
+def _stamp_lines(now: dict, stamps: Sequence[dict]) -> list[str]:
+    commits = sorted({(s.get("commit"), s.get("dirty")) for s in stamps}, key=str)
+    lines = [f"report generated {now['date']} at commit {now.get('commit')} "
+             f"(dirty: {now.get('dirty')})"]
+    for c, d in commits:
+        lines.append(f"sweep run at commit {c} (dirty: {d})")
+    if stamps:
+        lines.append(f"sweep invocations: {len(stamps)}, first {stamps[0]['date']}, last {stamps[-1]['date']}")
+        dev = stamps[-1].get("device", {})
+        lines.append("device: " + ", ".join(f"{k}={v}" for k, v in dev.items() if k != "host"))
+        lines.append("packages: " + ", ".join(f"{k} {v}" for k, v in stamps[-1].get("packages", {}).items()))
+    return lines
+
+
+def _stamp_md(now: dict, stamps: Sequence[dict], n_ok: int, n_cells: int, configs_rel: str) -> list[str]:
+    md = ["## Reproducibility", "", f"- {n_ok} finished cells of {n_cells} recorded; resolved "
+          f"configs of every reported cell: `{configs_rel}` (cell id = sha256 of the resolved config)."]
+    md += [f"- {line}" for line in _stamp_lines(now, stamps)]
+    return md + [""]
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

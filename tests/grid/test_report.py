@@ -1,0 +1,103 @@
+"""Reports from a synthetic results file: honest selection, tables (md + booktabs), plots, stamp."""
+
+import json
+import os
+
+import numpy as np
+
+from peftjax.grid import ResultsStore
+from peftjax.grid.plots import pareto_front
+from peftjax.grid.report import select, write_report
+
+TASKS = ("tweet_sentiment", "tweet_polarity")
+
+
+def row(task, variant, method, seed, hp, val, test, params, **extra):
+    steps = [10, 20, 30]
+    return {"cell": f"{task}-{variant}-{json.dumps(hp, sort_keys=True)}-{seed}", "status": "ok",
+            "model": "m", "task": task, "variant": variant, "method": method, "seed": seed, "hp": hp,
+            "primary_metric": "accuracy", "task_kind": "classification",
+            "metrics": {"validation": {"accuracy": val, "macro_f1": val - 0.1},
+                        "test": {"accuracy": test, "macro_f1": test - 0.1}},
+            "trainable_params": params, "trainable_percent": params / 1e5, "peak_memory_bytes": 5e8 + params,
+            "step_time_s": 0.1 + params / 1e7, "config": {"seed": seed, "variant": variant},
+            "curves": {"validation": {"step": steps, "accuracy": [val - 0.2, val - 0.1, val]}}, **extra}
+
+
+def synthetic_rows():
+    rows = []
+    for task in TASKS:
+        for seed in (0, 1, 2):
+            e = 0.01 * seed
+            rows.append(row(task, "full", "full", seed, {}, 0.80 + e, 0.79 + e, 1_000_000))
+            # The rank 16 setting has the best *test* score but not the best validation score:
+            # honest selection must pick rank 4 (best validation) and report its test score.
+            for rank, val, test in ((1, 0.60, 0.60), (4, 0.75, 0.70), (16, 0.74, 0.90)):
+                rows.append(row(task, "lora", "lora", seed, {"method.rank": rank},
+                                val + e, test + e, 100 * rank))
+            rows.append(row(task, "bitfit", "bitfit", seed, {}, 0.70 + e, 0.69 + e, 50))
+            sweep = {"ranks": {str(r): {"validation": {"accuracy": 0.5 + r / 20},
+                                        "test": {"accuracy": 0.5 + r / 20 + e}} for r in (1, 2, 4, 8)}}
+            rows.append(row(task, "dylora", "dylora", seed, {}, 0.72 + e, 0.71 + e, 800, rank_sweep=sweep))
+            ranks = {f"bert.encoder.layer.{i}.attention.self.{m}": (i + seed) % 4
+                     for i in range(2) for m in ("query", "value")}
+            rows.append(row(task, "adalora", "adalora", seed, {}, 0.71 + e, 0.70 + e, 900,
+                            adalora_ranks=ranks))
+    return rows
+
+
+def test_selection_uses_validation_and_reports_test_of_the_choice_only():
+    sels = {(s.task, s.variant): s for s in select(synthetic_rows())}
+    lora = sels[("tweet_sentiment", "lora")]
+    assert lora.hp == {"method.rank": 4} and len(lora.rows) == 3
+    mean, std = lora.stat("metrics.test.accuracy")
+    assert np.isclose(mean, 0.71) and np.isclose(std, 0.01)  # seeds 0.70, 0.71, 0.72; ddof 1
+    assert set(lora.candidates) == {'{"method.rank": 1}', '{"method.rank": 4}', '{"method.rank": 16}'}
+    assert pareto_front([(1, 0.5), (10, 0.4), (10, 0.7), (100, 0.6), (1000, 0.9)]) == [0, 2, 4]
+
+
+def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
+    store = ResultsStore(str(tmp_path / "results.jsonl"))
+    for r in synthetic_rows():
+        store.append(r)
+    store.append({"cell": "x", "status": "failed", "label": "m/tweet_sentiment/vera/seed=0",
+                  "variant": "vera", "task": "tweet_sentiment", "model": "m", "seed": 0, "hp": {},
+                  "error": "RuntimeError: boom | bad", "traceback": "Traceback ..."})
+    ResultsStore(str(tmp_path / "stamps.jsonl")).append(
+        {"date": "2026-01-01T00:00:00+00:00", "commit": "abc123", "dirty": False,
+         "packages": {"jax": "0.0"}, "device": {"backend": "cpu", "cpu_count": 2}})
+    with open(tmp_path / "sweep.json", "w") as f:
+        json.dump({"definition": {"name": "synthetic", "report": {"order": ["full", "lora", "dylora",
+                                                                            "adalora", "bitfit"]}}}, f)
+    out = write_report(str(tmp_path), str(tmp_path / "report"), command="python scripts/sweep.py ...")
+    md = open(out["md"]).read()
+    tex = open(out["tex"]).read()
+    assert md.startswith("# synthetic") and "Command: `python scripts/sweep.py ...`" in md
+    table = md.split("## m × tweet_sentiment")[1].split("##")[0].strip().splitlines()
+    assert [line.split(" | ")[0].strip("| ") for line in table[2:]] == [
+        "full", "lora", "dylora", "adalora", "bitfit"]  # the definition's order
+    lora = next(line for line in table if line.startswith("| lora"))
+    assert "rank=4" in lora and "71.0 ± 1.0" in lora and "91" not in lora
+    full = next(line for line in table if line.startswith("| full"))
+    assert "**80.0 ± 1.0**" in full  # best test accuracy in bold
+    bitfit = next(line for line in table if line.startswith("| bitfit"))
+    assert "**50**" in bitfit  # fewest trainable params in bold
+    assert "| m | tweet_sentiment | lora | rank=16 | 75.00 | 0,1,2 |  |" in md  # candidates listed
+    assert "| m | tweet_sentiment | lora | rank=4 | 76.00 | 0,1,2 | yes |" in md
+    assert "RuntimeError: boom \\| bad" in md
+    for needle in ("commit abc123", "packages: jax 0.0", "device: backend=cpu", "report generated",
+                   "resolved_configs.json"):
+        assert needle in md, needle
+    assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{80.0 $\pm$ 1.0}",
+                                  r"tweet\_sentiment", "% sweep run at commit abc123"))
+    assert tex.count(r"\begin{tabular}") == 2
+    plots = {os.path.basename(p) for p in out["plots"]}
+    for task in TASKS:
+        for stem in (f"pareto_m_{task}", f"curves_m_{task}", f"rank_ablation_m_{task}",
+                     f"adalora_ranks_m_{task}_adalora"):
+            assert {f"{stem}.png", f"{stem}.pdf"} <= plots, stem
+    assert {"memory.png", "memory.pdf", "step_time.png", "step_time.pdf"} <= plots
+    assert all(os.path.getsize(p) > 1000 for p in out["plots"])
+    assert "![pareto_m_tweet_polarity](plots/pareto_m_tweet_polarity.png)" in md
+    configs = json.load(open(out["configs"]))
+    assert len(configs) == len(synthetic_rows())

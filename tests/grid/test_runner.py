@@ -1,0 +1,127 @@
+"""The sweep runner: skip finished, failure isolation, retry, worker processes, SIGKILL + resume.
+
+Cells run tests/grid/fake_cell.py (a few sleeps that checkpoint and resume like the training
+loop), so each test takes seconds; the real cell (train_and_evaluate) is exercised by
+tests/train and by the smoke run documented in experiments/tweet_methods/README.md.
+"""
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peftjax.grid import ResultsStore, runner, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKE = "tests.grid.fake_cell:cell"
+STEPS = 6
+
+
+def definition(steps=3, seeds=(0, 1)):
+    return {"name": "fake", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": list(seeds),
+            "base": {"train": {"steps": steps}},
+            "variants": {"a": {"method": "full", "grid": {"train": {"learning_rate": [1e-3, 2e-3]}}},
+                         "broken": {"method": "bitfit"}}}
+
+
+def rows_by_cell(workdir):
+    rows = ResultsStore(os.path.join(workdir, "results.jsonl")).read()
+    out = collections.defaultdict(list)
+    for r in rows:
+        out[r["cell"]].append(r)
+    return out
+
+
+def test_failures_are_recorded_and_isolated_finished_cells_skipped_and_retry(tmp_path, monkeypatch):
+    cells = sweep.expand(definition())
+    assert len(cells) == 6
+    monkeypatch.setenv("FAKE_FAIL_VARIANTS", "broken")
+    counts = runner.run(cells, str(tmp_path), cell_fn=FAKE, progress=False)
+    assert counts["ok"] == 4 and counts["failed"] == 2
+    rows = rows_by_cell(tmp_path)
+    failed = [r[0] for r in rows.values() if r[0]["status"] == "failed"]
+    assert {r["variant"] for r in failed} == {"broken"}
+    assert all("RuntimeError: fake failure of broken" == r["error"] for r in failed)
+    assert all("Traceback" in r["traceback"] and "fake_cell.py" in r["traceback"] for r in failed)
+    ok = [r[0] for r in rows.values() if r[0]["status"] == "ok"]
+    assert all(r["metrics"]["test"]["accuracy"] > 0 and r["cell_seconds"] >= 0 for r in ok)
+    assert runner.status(cells, str(tmp_path)) == {
+        c.id: "failed" if c.variant == "broken" else "ok" for c in cells}
+    # A rerun runs nothing: finished cells are skipped, failures too unless asked.
+    counts = runner.run(cells, str(tmp_path), cell_fn=FAKE, progress=False)
+    assert (counts["ok"], counts["failed"], counts["skipped_ok"], counts["skipped_failed"]) == (0, 0, 4, 2)
+    monkeypatch.setenv("FAKE_FAIL_VARIANTS", "")
+    counts = runner.run(cells, str(tmp_path), cell_fn=FAKE, retry_failed=True, progress=False)
+    assert (counts["ok"], counts["failed"]) == (2, 0)
+    assert set(runner.status(cells, str(tmp_path)).values()) == {"ok"}
+    rows = rows_by_cell(tmp_path)
+    assert sum(len(r) for r in rows.values()) == 8  # 6 first attempts + 2 retries
+    stamps = ResultsStore(os.path.join(tmp_path, "stamps.jsonl")).read()
+    assert len(stamps) == 3 and all(s["commit"] and s["packages"]["jax"] for s in stamps)
+    with open(os.path.join(tmp_path, "cells", cells[0].id, "cell.json")) as f:
+        assert sweep.Cell.from_dict(json.load(f)) == cells[0]
+
+
+def test_worker_processes_run_every_cell_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_VARIANTS", "broken")
+    cells = sweep.expand(definition())
+    counts = runner.run(cells, str(tmp_path), workers=2, cell_fn=FAKE, progress=False)
+    assert (counts["ok"], counts["failed"]) == (4, 2)
+    rows = rows_by_cell(tmp_path)
+    assert sorted(rows) == sorted(c.id for c in cells) and all(len(r) == 1 for r in rows.values())
+    assert len({r[0]["pid"] for r in rows.values() if r[0]["status"] == "ok"} - {os.getpid()}) >= 1
+
+
+def test_bad_cell_function_fails_before_running(tmp_path):
+    with pytest.raises(ValueError, match="module:function"):
+        runner.run(sweep.expand(definition())[:1], str(tmp_path), cell_fn="nocolon", progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_sigkill_mid_cell_then_rerun_gives_one_result_per_cell(tmp_path, workers):
+    grid = tmp_path / "grid.py"
+    grid.write_text("def get_config():\n    import ml_collections\n"
+                    f"    return ml_collections.ConfigDict({definition(steps=STEPS, seeds=(0,))!r})\n")
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "scripts/sweep.py", f"--config={grid}", f"--workdir={workdir}",
+           f"--cell_fn={FAKE}", f"--workers={workers}", "--progress=false"]
+    env = {**os.environ, "FAKE_STEP_SECONDS": "0.1", "FAKE_FAIL_VARIANTS": ""}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cells = sweep.expand(definition(steps=STEPS, seeds=(0,)))
+
+    def mid_cell():  # a cell with some progress, no result line, and at least one result written
+        done = rows_by_cell(workdir)
+        for c in cells:
+            p = workdir / "cells" / c.id / "progress"
+            if done and c.id not in done and p.exists() and 0 < int(p.read_text() or 0) < STEPS:
+                return c
+        return None
+
+    deadline = time.time() + 60
+    killed_cell = None
+    while time.time() < deadline and proc.poll() is None and killed_cell is None:
+        killed_cell = mid_cell()
+        time.sleep(0.05)
+    assert killed_cell is not None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = rows_by_cell(workdir)
+    assert killed_cell.id not in before and len(before) < len(cells)
+    progress = workdir / "cells" / killed_cell.id / "progress"
+    stopped_at = int(progress.read_text())
+    time.sleep(0.5)  # no orphaned worker keeps training the killed cell
+    assert int(progress.read_text()) == stopped_at
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = rows_by_cell(workdir)
+    assert sorted(after) == sorted(c.id for c in cells)
+    assert all(len(r) == 1 and r[0]["status"] == "ok" for r in after.values())
+    # The killed cell resumed from its checkpoint instead of starting over.
+    assert after[killed_cell.id][0]["resumed_from"] == stopped_at > 0
+    with open(workdir / "results.jsonl", "rb") as f:
+        assert f.read().endswith(b"\n")
