@@ -1,0 +1,263 @@
+"""Prefix tuning (Li & Liang, ACL 2021): trainable key/value prefixes at every attention layer.
+
+Every attention layer ``l`` attends over ``p`` extra positions whose keys and values are free
+parameters ``P_k^l, P_v^l ∈ R^{p × kv_heads × head_dim}`` (Li & Liang §4.2: the prefix
+activations ``h_i = P_θ[i, :]`` for ``i ∈ P_idx`` at every layer), concatenated before the
+layer's own keys and values::
+
+    Attn(Q, [P_k^l; K], [P_v^l; V]),   mask = [1 … 1 | padding/causal mask]
+
+so the plain (folded) method has ``2 · L · p · (kv_heads · head_dim)`` params: 2·12·p·768 on
+roberta-base, 2·32·p·4096 on llama2-7b (``kv_heads · head_dim = 4096``).
+
+Details, each as the reference implementation (HF PEFT ``PrefixTuningConfig`` /
+``PrefixEncoder``, which passes the prefixes as ``past_key_values``):
+
+* **Keys are not rotated.** The prefixes enter after RoPE (the ``attention_kv`` hook runs after
+  it, as past keys in transformers' cache are stored rotated and never touched again), so a
+  prefix key is a raw vector learned directly in rotated space.
+* **Positions do not move.** Real tokens keep positions ``0, 1, …`` (transformers 5 numbers the
+  tokens after a prefix cache from 0 too; checked against PEFT in the tests).
+* **Grouped-query attention.** Prefixes have ``kv_heads`` heads (PEFT sizes its ``token_dim``
+  as ``num_key_value_heads · head_dim`` for GQA models); each is shared by its query group.
+* **Padding and the KV cache.** Prefix columns are always attendable, by every query. The hook
+  is called after the KV-cache update, so prefixes are never written into the cache: they are
+  prepended afresh at every prefill/decode step, and cached decoding equals recomputation.
+* **No dropout** on the prefixes (PEFT has none; attention dropout still applies to the
+  attention probabilities over prefix and tokens alike).
+
+Reparameterisation (Li & Liang §4.3: optimising ``P`` directly is unstable, so
+``P = MLP_θ(P'_θ)`` with a smaller matrix ``P'``; after training only ``P`` is kept). As PEFT's
+``prefix_projection=True``::
+
+    E ∈ R^{p × d}                      (d = kv_heads · head_dim, PEFT's ``token_dim``)
+    P = tanh(E W1 + b1) W2 + b2        W1: d × m, W2: m × 2·L·d   (m = ``encoder_hidden_size``)
+
+and the row ``P[i]`` splits as ``(L, 2, kv_heads, head_dim)`` — layer ``l``'s key then value,
+PEFT's ``past_key_values`` layout. ``m`` defaults to ``d`` (PEFT's default when
+``encoder_hidden_size`` is unset; Li & Liang's code used a 512-wide hidden layer). Training
+then updates ``p·d + d·m + m + m·2Ld + 2Ld`` params; ``fold`` evaluates the MLP once and
+returns the plain prefixes, and ``folded()`` is the method that runs them — the form that is
+saved and used at inference, with outputs equal to the unfolded ones. ``count_params`` reports
+the folded count (what the adapted model carries, as the paper counts it); ``report()`` (in
+``result.json``) and ``training_params`` give the count with the MLP.
+
+Init as PEFT: ``E`` (or the plain prefixes) ~ N(0, 1) like ``torch.nn.Embedding``; ``W``, ``b``
+~ U(-1/√fan_in, 1/√fan_in) like ``torch.nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.methods import core
+from peftjax.models import hooks as hooks_lib
+
+ENCODER = "prefix_encoder"   # key prefix of the reparameterisation's params (not a model site)
+KEY, VALUE = "prefix_key", "prefix_value"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningConfig:
+    num_virtual_tokens: int = 20     # p
+    prefix_projection: bool = True   # train through the MLP (Li & Liang §4.3)
+    encoder_hidden_size: int = 0     # m; 0 = d (kv_heads · head_dim), PEFT's default
+
+
+class PrefixHooks(hooks_lib.Hooks):
+    """Prepends each layer's (p, kv_heads, head_dim) key/value prefixes; prefix columns unmasked."""
+
+    def __init__(self, prefixes: dict[str, tuple[jax.Array, jax.Array]]):
+        self.prefixes = prefixes
+
+    def attention_kv(self, module, key, value, mask):
+        site = hooks_lib.site(module)
+        if site not in self.prefixes:
+            raise ValueError(f"prefix_tuning has no prefixes for attention site {site!r}; it was "
+                             f"set up for {sorted(self.prefixes)} (a different model?)")
+        pk, pv = self.prefixes[site]
+        b, p = key.shape[0], pk.shape[0]
+        pk = jnp.broadcast_to(pk.astype(key.dtype)[None], (b,) + pk.shape)
+        pv = jnp.broadcast_to(pv.astype(value.dtype)[None], (b,) + pv.shape)
+        visible = jnp.ones(mask.shape[:-1] + (p,), bool)
+        return (jnp.concatenate([pk, key], axis=1), jnp.concatenate([pv, value], axis=1),
+                jnp.concatenate([visible, mask.astype(bool)], axis=-1))
+
+
+def _linear_init(rng: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
+    """torch.nn.Linear's default init: kernel and bias ~ U(-1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / np.sqrt(fan_in)
+    k_rng, b_rng = jax.random.split(rng)
+    return (jax.random.uniform(k_rng, (fan_in, fan_out), jnp.float32, -bound, bound),
+            jax.random.uniform(b_rng, (fan_out,), jnp.float32, -bound, bound))
+
+
+@core.register("prefix_tuning")
+class PrefixTuning(core.Method):
+    Config = PrefixTuningConfig
+    family = "additional"
+
+    def validate(self) -> None:
+        c = self.config
+        core.check_range("prefix_tuning", "num_virtual_tokens", c.num_virtual_tokens,
+                         "an integer >= 1", isinstance(c.num_virtual_tokens, int)
+                         and not isinstance(c.num_virtual_tokens, bool) and c.num_virtual_tokens >= 1)
+        core.check_range("prefix_tuning", "prefix_projection", c.prefix_projection, "True or False",
+                         isinstance(c.prefix_projection, bool))
+        core.check_range("prefix_tuning", "encoder_hidden_size", c.encoder_hidden_size,
+                         "an integer >= 0 (0 = kv_heads * head_dim)",
+                         isinstance(c.encoder_hidden_size, int) and c.encoder_hidden_size >= 0)
+        if not self.sites.attention:
+            raise ValueError("prefix_tuning needs attention layers with the attention_kv hook; "
+                             f"model {type(self.model.module).__name__} has none")
+        shapes = {(v["kv_heads"], v["head_dim"]) for v in self.sites.attention.values()}
+        if len(shapes) != 1:
+            raise ValueError("prefix_tuning needs the same (kv_heads, head_dim) at every attention "
+                             f"layer (one prefix encoder feeds them all); found {sorted(shapes)}")
+        self.layers = list(self.sites.attention)     # in call order: layer 0, 1, ...
+        (self.kv_heads, self.head_dim), = shapes
+        self.token_dim = self.kv_heads * self.head_dim
+        self.hidden = c.encoder_hidden_size or self.token_dim
+
+    # -- params ---------------------------------------------------------------------------
+    def init(self, rng, base, ctx):
+        c = self.config
+        p, d, L = c.num_virtual_tokens, self.token_dim, len(self.layers)
+        if not c.prefix_projection:
+            table = jax.random.normal(rng, (p, 2 * L * d), jnp.float32)  # PEFT's Embedding(p, 2Ld)
+            return self._split(table)
+        e_rng, r1, r2 = jax.random.split(rng, 3)
+        w1, b1 = _linear_init(r1, d, self.hidden)
+        w2, b2 = _linear_init(r2, self.hidden, 2 * L * d)
+        return {f"{ENCODER}.embedding": jax.random.normal(e_rng, (p, d), jnp.float32),
+                f"{ENCODER}.transform.0.kernel": w1, f"{ENCODER}.transform.0.bias": b1,
+                f"{ENCODER}.transform.2.kernel": w2, f"{ENCODER}.transform.2.bias": b2}
+
+    def _split(self, table: jax.Array) -> core.Flat:
+        """``(p, 2·L·d)`` rows → per-layer ``(p, kv_heads, head_dim)`` keys and values."""
+        p = table.shape[0]
+        kv = table.reshape(p, len(self.layers), 2, self.kv_heads, self.head_dim)
+        out = {}
+        for i, site in enumerate(self.layers):
+            out[f"{site}.{KEY}"] = kv[:, i, 0]
+            out[f"{site}.{VALUE}"] = kv[:, i, 1]
+        return out
+
+    def prefix_table(self, added: core.Flat) -> jax.Array:
+        """The ``(p, 2·L·d)`` prefix matrix P: the MLP's output, or the plain prefixes stacked.
+
+        This is the tensor PEFT stores as ``prompt_embeddings`` for a prefix-tuning adapter.
+        """
+        if self.config.prefix_projection:
+            g = lambda n: added[f"{ENCODER}.{n}"].astype(jnp.float32)
+            h = jnp.tanh(g("embedding") @ g("transform.0.kernel") + g("transform.0.bias"))
+            return h @ g("transform.2.kernel") + g("transform.2.bias")
+        rows = [jnp.stack([added[f"{s}.{KEY}"], added[f"{s}.{VALUE}"]], axis=1) for s in self.layers]
+        p = self.config.num_virtual_tokens
+        return jnp.stack(rows, axis=1).reshape(p, 2 * len(self.layers) * self.token_dim)
+
+    def fold(self, added: core.Flat) -> core.Flat:
+        """Plain per-layer prefixes (the MLP evaluated once and dropped); identity when folded."""
+        if not self.config.prefix_projection:
+            return dict(added)
+        return self._split(self.prefix_table(added))
+
+    def folded(self) -> "PrefixTuning":
+        """The same method without the reparameterisation: it runs ``fold(added)``."""
+        return PrefixTuning(dataclasses.replace(self.config, prefix_projection=False), self.model,
+                            self.sites)
+
+    def fold_trainable(self, trainable: dict) -> dict:
+        """A trainable tree for ``folded()``: folded prefixes, base and head unchanged."""
+        return {**trainable, "added": self.fold(trainable["added"])}
+
+    # -- forward --------------------------------------------------------------------------
+    def hooks(self, added, state, *, train, rng):
+        plain = self.fold(added)   # the MLP runs once per forward, outside the layers
+        return PrefixHooks({s: (plain[f"{s}.{KEY}"], plain[f"{s}.{VALUE}"]) for s in self.layers})
+
+    # -- accounting -----------------------------------------------------------------------
+    def count_added(self, abstract_base) -> int:
+        """Folded count ``2 · L · p · kv_heads · head_dim`` (what the adapted model carries)."""
+        return 2 * len(self.layers) * self.config.num_virtual_tokens * self.token_dim
+
+    def training_params(self) -> int:
+        """Params updated during training: the folded count, or with the MLP
+        ``p·d + d·m + m + m·2Ld + 2Ld``."""
+        if not self.config.prefix_projection:
+            return self.count_added(None)
+        p, d, m, L = self.config.num_virtual_tokens, self.token_dim, self.hidden, len(self.layers)
+        return p * d + d * m + m + m * 2 * L * d + 2 * L * d
+
+    @property
+    def count_rule(self) -> str:
+        return (f"trainable_params counts the folded prefixes 2*L*p*d = 2*{len(self.layers)}*"
+                f"{self.config.num_virtual_tokens}*{self.token_dim}; training updates "
+                f"{self.training_params()} params"
+                + (f" (embedding + MLP, hidden {self.hidden})" if self.config.prefix_projection else ""))
+
+    def report(self, trainable, state) -> dict:
+        return {"prefix_tuning_training_params": self.training_params(),
+                "prefix_tuning_folded_params": self.count_added(None)}
+
+    # -- saving ---------------------------------------------------------------------------
+    def save_folded(self, path: str, trainable: dict) -> None:
+        """Writes the folded prefixes (and the task head) to one safetensors file, atomically.
+
+        Keys: ``added.<site>.prefix_key`` / ``prefix_value`` and ``head.<path>``; metadata holds
+        the folded config. ``load_folded`` reads it back for the same model.
+        """
+        from safetensors.numpy import save_file
+
+        if trainable.get("base"):
+            raise ValueError("prefix_tuning trains no base params; the trainable tree has "
+                             f"{sorted(trainable['base'])[:3]}…")
+        tensors = {f"added.{k}": np.asarray(v, np.float32)
+                   for k, v in self.fold(trainable["added"]).items()}
+        tensors.update({f"head.{k}": np.asarray(v) for k, v in trainable["head"].items()})
+        meta = {"method": "prefix_tuning", "num_virtual_tokens": str(self.config.num_virtual_tokens),
+                "num_layers": str(len(self.layers)), "kv_heads": str(self.kv_heads),
+                "head_dim": str(self.head_dim)}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load_folded(cls, path: str, model: Any) -> tuple["PrefixTuning", dict]:
+        """``(folded method, trainable tree)`` from a ``save_folded`` file, checked against ``model``."""
+        from safetensors import safe_open
+
+        with safe_open(path, "numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("method") != "prefix_tuning":
+            raise ValueError(f"{path} is not a prefix_tuning file (metadata {meta})")
+        method = cls(PrefixTuningConfig(num_virtual_tokens=int(meta["num_virtual_tokens"]),
+                                        prefix_projection=False), model)
+        added = {k[len("added."):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith("added.")}
+        head = {k[len("head."):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith("head.")}
+        want = {f"{s}.{n}": (method.config.num_virtual_tokens, method.kv_heads, method.head_dim)
+                for s in method.layers for n in (KEY, VALUE)}
+        got = {k: tuple(v.shape) for k, v in added.items()}
+        if got != want:
+            missing = sorted(set(want) - set(got))
+            unexpected = sorted(set(got) - set(want))
+            shaped = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+            raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected "
+                             f"{unexpected}, mis-shaped {[(k, got[k], want[k]) for k in shaped]}")
+        return method, {"base": {}, "added": added, "head": head}
