@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from peftjax.models import hooks, registry
 from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, activation,
-                                   attention_weights_and_output, normal_init)
+                                   attention_weights_and_output, normal_init, remat_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +172,11 @@ class BertLayerStack(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
 
     @nn.compact
     def __call__(self, h, mask, train: bool):
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        layer_cls = remat_block(BertLayer, self.remat, static_argnums=(3,))
         for i in range(self.config.num_hidden_layers):
             h = layer_cls(self.config, self.dtype, name=str(i))(h, mask, train)
         return h

@@ -230,3 +230,37 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+# Rematerialisation (gradient checkpointing, Chen et al. 2016, "Training Deep Nets with Sublinear
+# Memory Cost"): a transformer block wrapped in ``nn.remat`` keeps only its input for the backward
+# pass and recomputes its forward inside it; a policy says which intermediates are kept anyway.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: every intermediate the backward pass needs is stored
+    # keep nothing inside a block: one forward recomputation per block (~1/3 more FLOPs)
+    "block": jax.checkpoint_policies.nothing_saveable,
+    # keep the outputs of weight matmuls (dots without batch dims); recompute attention scores,
+    # softmax, norms and activations (cheap elementwise work)
+    "block_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(remat: bool | str) -> str:
+    """The policy name of a ``remat`` setting (``True``/``False`` mean ``"block"``/``"none"``)."""
+    if isinstance(remat, bool) or remat is None:
+        return "block" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is invalid; valid: {', '.join(REMAT_POLICIES)} "
+                         "(or True/False)")
+    return remat
+
+
+def remat_block(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """``cls`` wrapped for rematerialisation under ``remat``'s policy (``cls`` itself for none).
+
+    ``static_argnums`` counts ``self`` as 0, as ``nn.remat`` does (the ``train`` flag is static).
+    """
+    name = remat_name(remat)
+    if name == "none":
+        return cls
+    return nn.remat(cls, static_argnums=static_argnums, policy=REMAT_POLICIES[name])

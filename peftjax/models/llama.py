@@ -51,7 +51,7 @@ import numpy as np
 from peftjax.models import hooks, registry
 from peftjax.models.generation import KVCache
 from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
-                                   normal_init)
+                                   normal_init, remat_block)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -351,11 +351,11 @@ class LlamaLayerStack(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
 
     @nn.compact
     def __call__(self, h, mask, cos, sin, caches, cache_index, train: bool):
-        layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(7,)) if self.remat else LlamaDecoderLayer
+        layer_cls = remat_block(LlamaDecoderLayer, self.remat, static_argnums=(7,))
         new_caches = []
         for i in range(self.config.num_hidden_layers):
             layer_cache = None if caches is None else caches[i]

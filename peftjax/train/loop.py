@@ -121,6 +121,15 @@ def get_task(config):
     return data_lib.get_task(config.task.name)
 
 
+def _remat(value) -> bool | str:
+    """``train.remat`` as the model families take it: False for none (every family reads a falsy
+    value as no rematerialisation), else the policy name (see ``layers.REMAT_POLICIES``)."""
+    from peftjax.models.layers import remat_name
+
+    name = remat_name(value)
+    return False if name == "none" else name
+
+
 def build(config, *, with_weights: bool = True, with_tokenizer: bool = True):
     """Model, tokenizer, method and flat base params from a composed train config."""
     task = get_task(config)
@@ -130,7 +139,7 @@ def build(config, *, with_weights: bool = True, with_tokenizer: bool = True):
     model, params, tokenizer = hf_io.load_from_config(
         config.model, head=head,
         num_labels=task.num_labels if head == "classification" else None,
-        dtype=dtype, rng=jax.random.PRNGKey(config.seed), remat=config.train.remat,
+        dtype=dtype, rng=jax.random.PRNGKey(config.seed), remat=_remat(config.train.remat),
         with_weights=with_weights, with_tokenizer=with_tokenizer)
     method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
     if method_cfg.get("total_step", None) == 0:  # schedule-driven methods (AdaLoRA): the run's length

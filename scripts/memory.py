@@ -1,0 +1,88 @@
+"""Memory and compute of one train step, from abstract shapes: no weights, nothing allocated.
+
+    python scripts/memory.py --config=configs/train.py:model=T0_3B,method=lora --batch=8 --seq=64
+    python scripts/memory.py --config=configs/train.py:model=llama2-7b,method=lora \
+        --config.task.format=lm --methods=all --out=table.json
+
+compiles the jitted train step (state donated, as the trainer runs it) on ``ShapeDtypeStruct``
+inputs and prints JSON: bytes of parameters (frozen + trainable), gradients, optimizer state,
+XLA's argument / output / temporary / aliased bytes and the peak (arguments + outputs +
+temporaries − aliased), trainable and total params, FLOPs per step (XLA cost analysis), the
+backend that compiled it and how long tracing and compilation took.
+
+``--methods=all`` (or a comma list) runs each registered method with its configs/methods
+defaults (``--config.method.*`` overrides apply to the method named in ``--config`` only) and
+prints a list. Compute dtype: ``--config.train.dtype=bfloat16``; frozen params in bf16:
+``--frozen_dtype=bfloat16``; rematerialisation: ``--config.train.remat=block`` (see
+peftjax/models/layers.py ``REMAT_POLICIES``); optimizer: ``--optimizer=adamw|sgd|adafactor``.
+"""
+
+import json
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/train.py:model=...,method=...",
+                                lock_config=True)
+flags.mark_flags_as_required(["config"])
+flags.DEFINE_integer("batch", 8, "batch size")
+flags.DEFINE_integer("seq", 64, "(input) sequence length")
+flags.DEFINE_integer("target_seq", 0, "encoder-decoder target length (0: --seq)")
+flags.DEFINE_string("methods", "", "'all' or a comma list of methods (default: the config's)")
+flags.DEFINE_string("optimizer", "adamw", "adamw | sgd | adafactor")
+flags.DEFINE_enum("frozen_dtype", "float32", ["float32", "bfloat16"], "dtype of frozen base params")
+flags.DEFINE_string("out", "", "also write the JSON here (atomically)")
+FLAGS = flags.FLAGS
+
+
+def method_configs(config, names: str) -> list:
+    """One config per requested method: the given config for its own method, defaults otherwise."""
+    import copy
+
+    from configs.train import _load
+    from peftjax import methods
+
+    if not names:
+        return [config]
+    wanted = methods.registered() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    out = []
+    for name in wanted:
+        methods.method_class(name)  # unknown names fail with the registered list
+        if name == config.method.name:
+            out.append(config)
+            continue
+        cfg = copy.deepcopy(config)
+        cfg.unlock()
+        cfg.method = _load("methods", name).get_config()
+        cfg.lock()
+        out.append(cfg)
+    return out
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from tqdm.auto import tqdm
+
+    from peftjax.train.loop import write_json_atomic
+    from peftjax.train.memory import analyze_train_step
+
+    configs = method_configs(FLAGS.config, FLAGS.methods)
+    rows = []
+    for cfg in tqdm(configs, desc="compiling train steps", disable=len(configs) == 1, file=sys.stderr):
+        rows.append(analyze_train_step(cfg, batch=FLAGS.batch, seq=FLAGS.seq,
+                                       target_seq=FLAGS.target_seq or None,
+                                       optimizer=FLAGS.optimizer, frozen_dtype=FLAGS.frozen_dtype))
+    result = rows[0] if not FLAGS.methods else rows
+    text = json.dumps(result, indent=2)
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        write_json_atomic(FLAGS.out, result)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)

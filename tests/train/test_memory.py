@@ -1,0 +1,96 @@
+"""Memory and compute accounting of a compiled train step on abstract shapes (peftjax/train/memory.py)."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs.train import get_config
+from peftjax.train import memory
+
+
+def _config(model="tiny-bert", method="lora", **train):
+    c = get_config(f"model={model},method={method}")
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+@functools.lru_cache(maxsize=None)
+def _analysis(model="tiny-bert", method="lora", remat="none", optimizer="adamw",
+              frozen_dtype="float32", clip_norm=1.0):
+    c = _config(model, method, remat=remat, clip_norm=clip_norm)
+    return memory.analyze_train_step(c, batch=4, seq=16, optimizer=optimizer, frozen_dtype=frozen_dtype)
+
+
+def test_lora_accounting_is_consistent():
+    r = _analysis()
+    b, x = r["bytes"], r["xla"]
+    # LoRA r=8 on query,value of 2 tiny-bert layers (hidden 32): 2·2·(32·8 + 8·32) params
+    assert r["trainable_params"] == 2 * 2 * (32 * 8 + 8 * 32)
+    trainable_values = r["trainable_params"] + r["head_params"]
+    assert b["trainable_params"] == 4 * trainable_values          # fp32
+    assert b["gradients"] == b["trainable_params"]
+    # AdamW: mu and nu per trainable value (+ scalar counters)
+    assert 2 * b["trainable_params"] <= b["optimizer_state"] <= 2 * b["trainable_params"] + 64
+    assert b["params"] == b["frozen_params"] + b["trainable_params"]
+    assert b["params"] == 4 * r["total_params"]                   # nothing else is a param
+    # the state is donated: what goes in is reused for what comes out
+    assert x["alias_bytes"] >= b["trainable_params"] + b["optimizer_state"]
+    assert r["peak_bytes"] == x["argument_bytes"] + x["output_bytes"] + x["temp_bytes"] - x["alias_bytes"]
+    assert x["argument_bytes"] >= b["params"] + b["optimizer_state"] + b["batch"]
+    assert r["flops"] > 0
+    assert r["backend"] == jax.default_backend() and r["head"] == "classification"
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_needs_more_than_lora():
+    full, lora = _analysis(method="full"), _analysis()
+    assert full["bytes"]["frozen_params"] == 0
+    assert full["bytes"]["optimizer_state"] >= 2 * 4 * full["total_params"]
+    assert full["peak_bytes"] > lora["peak_bytes"]
+    assert full["trainable_params"] == full["total_params"] - full["head_params"]
+
+
+def test_bf16_frozen_params_sgd_and_remat():
+    """One compile (time budget) checks three options against the fp32 / AdamW / no-remat step:
+    bf16 frozen params halve the frozen bytes (trainable stay fp32 master weights), SGD keeps no
+    state, and rematerialising each block adds its forward to the backward pass (more FLOPs)."""
+    r = _analysis(optimizer="sgd", frozen_dtype="bfloat16", remat="block")
+    lora = _analysis()
+    assert r["bytes"]["frozen_params"] * 2 == lora["bytes"]["frozen_params"]
+    assert r["bytes"]["trainable_params"] == lora["bytes"]["trainable_params"]
+    assert r["bytes"]["optimizer_state"] == 0
+    assert r["xla"]["argument_bytes"] < lora["xla"]["argument_bytes"]
+    assert r["remat"] == "block" and lora["remat"] == "none"
+    assert r["flops"] > lora["flops"] * 1.2
+
+
+def test_abstract_batch_shapes():
+    from peftjax.models import build_model
+    from configs import models
+
+    model = build_model(models.get("tiny-llama").hf_config, head="causal_lm")
+    b = memory.abstract_batch(model, 3, 7)
+    assert b["input_ids"].shape == (3, 7) and b["labels"].shape == (3, 7) and b["mask"].shape == (3,)
+    with pytest.raises(ValueError, match="seq"):
+        memory.abstract_batch(model, 3, 1)
+
+
+def test_bad_arguments_are_refused():
+    c = _config()
+    with pytest.raises(NotImplementedError, match="mesh"):
+        memory.analyze_train_step(c, mesh=object())
+    with pytest.raises(ValueError, match="adamw"):
+        memory.analyze_train_step(c, optimizer="lion")
+    with pytest.raises(ValueError, match="float32"):
+        memory.analyze_train_step(c, frozen_dtype="float16")
+    c.train.remat = "everything"
+    with pytest.raises(ValueError, match="block_dots"):
+        memory.analyze_train_step(c, batch=2, seq=4)
+
+
+def test_tree_bytes():
+    tree = {"a": np.zeros((3, 4), np.float32), "b": jax.ShapeDtypeStruct((5,), jax.numpy.bfloat16)}
+    assert memory.tree_bytes(tree) == 48 + 10
