@@ -257,12 +257,20 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     return counts
 
 
+def _failed_row(cell: Cell, error: str) -> dict:
+    return {"cell": cell.id, "label": cell.label, "variant": cell.variant, "method": cell.method,
+            "model": cell.model, "task": cell.task, "seed": cell.seed, "hp": cell.hp,
+            "status": "failed", "error": error, "traceback": "", "config": cell.config,
+            **_task_info(cell.task)}
+
+
 def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, bar, record) -> None:
     import multiprocessing as mp
-    import queue as queue_lib
 
     ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
+    # Results go through a SimpleQueue: a put is written to the pipe before it returns (no
+    # feeder thread), so a worker that dies right after announcing a cell has announced it.
+    tasks, results = ctx.Queue(), ctx.SimpleQueue()
     for cell in todo:
         tasks.put(cell.to_dict())
     by_id = {c.id: c for c in todo}
@@ -282,35 +290,46 @@ def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, ba
         start(wid)
     remaining = len(todo)
     restarts = 0
+    finished: set[str] = set()
+
+    def finish(row: dict) -> None:
+        nonlocal remaining
+        finished.add(row["cell"])
+        record(row)
+        remaining -= 1
+
     try:
         while remaining:
-            try:
-                kind, wid, payload = results.get(timeout=1.0)
-            except queue_lib.Empty:
-                for wid, p in list(procs.items()):
-                    if not p.is_alive() and wid in running:  # died mid-cell
-                        cell = by_id[running.pop(wid)]
-                        record({"cell": cell.id, "label": cell.label, "variant": cell.variant,
-                                "method": cell.method, "model": cell.model, "task": cell.task,
-                                "seed": cell.seed, "hp": cell.hp, "status": "failed",
-                                "error": f"worker process died (exit code {p.exitcode})",
-                                "traceback": "", "config": cell.config, **_task_info(cell.task)})
-                        remaining -= 1
-                        start(wid)  # takes the sentinel the dead worker never reached
-                    elif not p.is_alive() and p.exitcode not in (0, None) and remaining:
-                        restarts += 1  # died between cells (e.g. at start-up)
-                        if restarts > 3 * workers:
-                            raise RuntimeError(f"sweep workers keep dying (last exit code "
-                                               f"{p.exitcode}); run with --workers=1 to see why")
-                        start(wid)
+            if not results.empty():
+                kind, wid, payload = results.get()
+                if kind == "start":
+                    running[wid] = payload
+                    bar.set_postfix_str(by_id[payload].label)
+                else:
+                    running.pop(wid, None)
+                    finish(payload)
                 continue
-            if kind == "start":
-                running[wid] = payload
-                bar.set_postfix_str(by_id[payload].label)
-            else:
-                running.pop(wid, None)
-                record(payload)
-                remaining -= 1
+            time.sleep(0.2)
+            dead = [wid for wid, p in procs.items() if not p.is_alive()]
+            if not results.empty():  # read what the dead said before judging them
+                continue
+            for wid in dead:
+                p = procs[wid]
+                if wid in running:  # died mid-cell (segfault, OOM killer)
+                    finish(_failed_row(by_id[running.pop(wid)],
+                                       f"worker process died (exit code {p.exitcode})"))
+                    start(wid)  # takes the sentinel the dead worker never reached
+                elif p.exitcode != 0 and remaining:  # died between cells (e.g. at start-up)
+                    restarts += 1
+                    if restarts > 3 * workers:
+                        raise RuntimeError(f"sweep workers keep dying (last exit code "
+                                           f"{p.exitcode}); run with --workers=1 to see why")
+                    start(wid)
+            if remaining and not any(p.is_alive() for p in procs.values()):
+                # Every worker is gone yet cells are unaccounted for (a worker died between
+                # taking a cell and announcing it): record them rather than wait forever.
+                for cell in [c for c in todo if c.id not in finished]:
+                    finish(_failed_row(cell, "lost: its worker process died before reporting it"))
     finally:
         for p in procs.values():
             if p.is_alive():

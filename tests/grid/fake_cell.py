@@ -1,6 +1,7 @@
 """A fast stand-in for training, for the runner tests: each cell "trains" for ``train.steps``
 steps of ``FAKE_STEP_SECONDS`` seconds, checkpointing its step to ``celldir/progress`` and
-resuming from it, as the real loop does. Variants listed in ``FAKE_FAIL_VARIANTS`` raise."""
+resuming from it, as the real loop does. Variants listed in ``FAKE_FAIL_VARIANTS`` raise; those
+in ``FAKE_CRASH_VARIANTS`` end their process at once (as a segfault or the OOM killer would)."""
 
 import os
 import time
@@ -9,6 +10,8 @@ import time
 def cell(cell, celldir: str) -> dict:
     if cell.variant in os.environ.get("FAKE_FAIL_VARIANTS", "").split(","):
         raise RuntimeError(f"fake failure of {cell.variant}")
+    if cell.variant in os.environ.get("FAKE_CRASH_VARIANTS", "").split(","):
+        os._exit(3)
     progress = os.path.join(celldir, "progress")
     start = int(open(progress).read()) if os.path.exists(progress) else 0
     with open(os.path.join(celldir, "starts"), "a") as f:  # one line per (re)start of the cell

@@ -67,13 +67,15 @@ def test_failures_are_recorded_and_isolated_finished_cells_skipped_and_retry(tmp
         assert sweep.Cell.from_dict(json.load(f)) == cells[0]
 
 
-def test_worker_processes_run_every_cell_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_FAIL_VARIANTS", "broken")
+def test_worker_processes_run_every_cell_once_and_survive_a_crashing_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_CRASH_VARIANTS", "broken")  # the worker process dies (exit code 3)
     cells = sweep.expand(definition())
     counts = runner.run(cells, str(tmp_path), workers=2, cell_fn=FAKE, progress=False)
     assert (counts["ok"], counts["failed"]) == (4, 2)
     rows = rows_by_cell(tmp_path)
     assert sorted(rows) == sorted(c.id for c in cells) and all(len(r) == 1 for r in rows.values())
+    assert {r[0]["error"] for r in rows.values() if r[0]["status"] == "failed"} == {
+        "worker process died (exit code 3)"}
     assert len({r[0]["pid"] for r in rows.values() if r[0]["status"] == "ok"} - {os.getpid()}) >= 1
 
 
