@@ -35,6 +35,9 @@ METHOD_CONFIGS: dict[str, dict] = {
     # Fisher from the learnable batch (fisher_context); a tenth of the tiny models' params.
     "fishmask": {"keep_ratio": 0.1, "num_examples": 8, "progress": False},
     "child_tuning_d": {"reserve_p": 0.3, "progress": False},
+    # The plain (folded) prefixes: the count the method reports is the tree it trains. The
+    # reparameterisation MLP is exercised in tests/methods/test_prefix_tuning.py.
+    "prefix_tuning": {"num_virtual_tokens": 4, "prefix_projection": False},
 }
 
 
@@ -132,4 +135,7 @@ def formula_count(method, base: dict) -> int:
     if name == "prompt_tuning":
         (info,) = sites.embeddings.values()
         return method.config.num_virtual_tokens * info["hidden"]
+    if name == "prefix_tuning":  # a key and a value prefix of p positions at every layer
+        return sum(2 * method.config.num_virtual_tokens * v["kv_heads"] * v["head_dim"]
+                   for v in sites.attention.values())
     raise KeyError(f"no count formula for method {name!r}: add one to tests/helpers.py")

@@ -31,7 +31,9 @@ def test_every_registered_method_is_in_the_matrix():
 
 # AdaLoRA starts from E = 0 with A, B ~ N(0, 0.02²) (the reference init): it needs a larger step.
 METHOD_CONFIGS_LR = {"full": 3e-3, "child_tuning_f": 3e-3, "child_tuning_d": 3e-3, "prompt_tuning": 3e-2, "adalora": 5e-2,
-                     "vera": 1e-1}  # VeRA: two scaling vectors per layer (the paper also uses large rates)
+                     "vera": 1e-1,  # VeRA: two scaling vectors per layer (the paper also uses large rates)
+                     # N(0, 1) prefixes (PEFT's init) on the tiny models: 1e-2 gives loss x0.91 in 25 steps.
+                     "prefix_tuning": 5e-2}
 TRAIN_STEPS = 25
 
 
