@@ -5,8 +5,12 @@
 prints a JSON list, one object per method: ``method``, ``train_step_s`` (median of ``--steps``
 timed steps after compilation and warm-up), ``train_step_s_all`` (every timed step),
 ``peak_memory_bytes`` (XLA memory analysis of the compiled step: arguments + outputs +
-temporaries − donated), ``trainable_params``, ``flops`` (XLA cost analysis) and the backend.
-Each method uses its configs/methods/<name>.py defaults (override with --method_overrides) and
+temporaries − donated), the exact byte sizes of the optimizer state, trainable tree, method state
+and frozen params, ``trainable_params``, ``flops`` (XLA cost analysis) and the backend. With
+``full`` among the methods each row also gets ``optimizer_state_vs_full`` and
+``peak_memory_vs_full`` (ratios to full fine-tuning's figures in the same run).
+Each method uses its configs/methods/<name>.py defaults (override with --method_overrides; a
+``name@variant`` entry is the method with the overrides given under that label) and
 the same random batch, AdamW, fp32 unless --dtype=bfloat16.
 """
 
@@ -31,7 +35,7 @@ flags.DEFINE_bool("inference", False, "also time inference: the adapted model, i
 FLAGS = flags.FLAGS
 
 
-def bench_method(name, model, base, batch, overrides, steps, warmup):
+def bench_method(label, model, base, batch, overrides, steps, warmup):
     import jax
     import optax
 
@@ -40,8 +44,9 @@ def bench_method(name, model, base, batch, overrides, steps, warmup):
     from peftjax.train import init_state, make_train_step
     from peftjax.train import measure
 
+    name = label.split("@")[0]   # "fishmask@dense": a named variant of a method
     cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
-    cfg.update(overrides.get(name, {}))
+    cfg.update(overrides.get(label, {}))
     rows = len(batch["input_ids"])
     if "num_examples" in cfg:  # Fisher masks (timing only): the bench batch is the training set
         cfg["num_examples"] = min(cfg["num_examples"], rows)
@@ -68,7 +73,14 @@ def bench_method(name, model, base, batch, overrides, steps, warmup):
     extra = {}
     if FLAGS.inference:
         extra = bench_inference(method, model, base, peft, holder["state"], batch, steps, warmup)
-    return {**extra, "method": name, "train_step_s": measure.median(times),
+    nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    return {**extra, "method": label, "train_step_s": measure.median(times),
+            # Exact sizes of what the step carries between calls: the optimizer state (Adam's
+            # two moments + a count) and gradients exist only for the trainable tree.
+            "optimizer_state_bytes": nbytes(holder["state"].opt_state),
+            "trainable_bytes": nbytes(holder["state"].trainable),
+            "method_state_bytes": nbytes(holder["state"].method_state),
+            "frozen_bytes": nbytes(peft.frozen),
             "train_step_s_all": [round(t, 4) for t in times],
             "peak_memory_bytes": memory.get("peak_memory_bytes"),
             "trainable_params": counts["trainable_params"], "head_params": counts["head_params"],
@@ -136,6 +148,12 @@ def main(argv):
                  remat=FLAGS.remat, backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
         results.append(r)
+    full = next((r for r in results if r["method"] == "full"), None)
+    if full is not None:
+        for r in results:
+            r["optimizer_state_vs_full"] = r["optimizer_state_bytes"] / full["optimizer_state_bytes"]
+            if r.get("peak_memory_bytes") and full.get("peak_memory_bytes"):
+                r["peak_memory_vs_full"] = r["peak_memory_bytes"] / full["peak_memory_bytes"]
     print(json.dumps(results, indent=2))
 
 

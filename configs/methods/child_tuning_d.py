@@ -6,7 +6,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name="child_tuning_d", reserve_p=0.3, max_grad_norm=1.0,
-                                          progress=True))
+                                          progress=True, representation="sparse"))
 
 
 def train_defaults() -> dict:

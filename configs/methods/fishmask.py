@@ -6,7 +6,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(name="fishmask", keep_ratio=0.005, num_examples=1024,
-                                          head_in_budget=True, fisher_chunk=8, progress=True))
+                                          head_in_budget=True, fisher_chunk=8, progress=True,
+                                          representation="sparse"))
 
 
 def train_defaults() -> dict:

@@ -102,7 +102,7 @@ import re  # noqa: E402
 from peftjax.methods import fisher  # noqa: E402
 from peftjax.methods.fishmask import SparseSelection, _size  # noqa: E402
 
-LAYER = re.compile(r"\.layers?\.\d+\.")   # BERT encoder.layer.N, Llama model.layers.N
+LAYER = re.compile(r"\.(layers?|h)\.\d+\.")   # BERT encoder.layer.N, Llama model.layers.N, GPT-2/BLOOM transformer.h.N
 
 
 @core.register("child_tuning_d")
@@ -131,9 +131,11 @@ class ChildTuningD(SparseSelection):
         reserve_p: float = 0.3
         max_grad_norm: float = 1.0
         progress: bool = True
+        representation: str = "sparse"   # "sparse": values + indices; "dense": masked whole params
 
     def validate(self) -> None:
         c = self.config
+        self._check_representation()
         core.check_range("child_tuning_d", "reserve_p", c.reserve_p, "(0, 1]",
                          isinstance(c.reserve_p, (int, float)) and 0.0 < c.reserve_p <= 1.0)
         core.check_range("child_tuning_d", "max_grad_norm", c.max_grad_norm, "> 0",

@@ -11,10 +11,20 @@ params, k = round(keep_ratio · |θ|) (0.5% in the paper). As in the paper the c
 head) is always trained and counts inside the budget: k − |head| entries are chosen from the rest
 (``head_in_budget=False`` chooses k entries outside the head and trains the head on top).
 
-Sparse representation: ``trainable["base"][path]`` holds only the selected entries of that param
-(a vector, one per param with at least one selected entry) and ``state[path + ".indices"]`` their
-int32 flat indices; ``effective_base`` scatters the values into the frozen weight. Gradients,
-optimizer state and the saved adapter therefore scale with k, not with the model.
+Sparse representation (``representation="sparse"``, the default): ``trainable["base"][path]``
+holds only the selected entries of that param (a vector, one per param with at least one selected
+entry) and ``state[path + ".indices"]`` their int32 flat indices; ``effective_base`` scatters the
+values into the frozen weight. Gradients, optimizer state and the saved adapter therefore scale
+with k, not with the model.
+
+Dense masked mode (``representation="dense"``), for comparison: every param with a selected entry
+is trainable whole and ``state[path + ".mask"]`` holds its boolean mask; the forward pass uses
+``where(mask, trainable, frozen)``. By the chain rule the gradient is then the full gradient times
+the 0/1 mask, i.e. exactly "fine-tune with masked gradients" — and, unlike masking the gradient
+alone, entries outside the mask stay bit-identical under AdamW's decoupled weight decay (which
+would otherwise shrink them). Per selected entry the optimizer sees the same gradients as in the
+sparse mode, so both modes follow the same trajectory (tests/methods/test_fishmask.py); the dense
+one pays gradients and optimizer state for whole params (and keeps a frozen copy of them).
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from peftjax.methods import core, fisher
 
 log = logging.getLogger(__name__)
 INDICES = ".indices"
+MASK = ".mask"
+REPRESENTATIONS = ("sparse", "dense")
 
 
 def _size(v) -> int:
@@ -74,6 +86,11 @@ class SparseSelection(core.Method):
     def count_added(self, abstract_base: dict) -> int:
         return 0
 
+    def _check_representation(self) -> None:
+        r = self.config.representation
+        core.check_range(self.name, "representation", r, " | ".join(REPRESENTATIONS),
+                         r in REPRESENTATIONS)
+
     # -- selection ------------------------------------------------------------------------
     def select(self, base: dict, ctx: core.InitContext) -> dict[str, np.ndarray]:
         """Sorted int32 flat indices of the selected entries, per candidate path."""
@@ -82,18 +99,29 @@ class SparseSelection(core.Method):
     def setup(self, rng, base: dict, ctx: core.InitContext | None = None) -> core.PeftParams:
         ctx = ctx or core.InitContext()
         selected = self.select(base, ctx)
-        dense, head, frozen = self.partition(base)
-        values, state = dict(dense), {}
+        whole, head, frozen = self.partition(base)
+        values, state = dict(whole), {}
+        dense = self.config.representation == "dense"
         for path, idx in selected.items():
             if idx.size == 0:
                 continue
-            values[path] = jnp.asarray(np.asarray(base[path]).reshape(-1)[idx])
-            state[path + INDICES] = jnp.asarray(idx, jnp.int32)
+            if dense:  # the whole param trains; the mask picks which entries the model sees
+                mask = np.zeros(_size(base[path]), bool)
+                mask[idx] = True
+                values[path] = jnp.array(base[path], copy=True)
+                state[path + MASK] = jnp.asarray(mask.reshape(np.shape(base[path])))
+            else:
+                values[path] = jnp.asarray(np.asarray(base[path]).reshape(-1)[idx])
+                state[path + INDICES] = jnp.asarray(idx, jnp.int32)
         return core.PeftParams({"base": values, "added": {}, "head": head}, frozen, state)
 
     def effective_base(self, trainable: dict, frozen: dict, state: dict) -> dict:
         out = dict(frozen)
         for path, values in trainable["base"].items():
+            if path + MASK in state:   # dense masked mode
+                out[path] = jnp.where(state[path + MASK], values.astype(frozen[path].dtype),
+                                      frozen[path])
+                continue
             if path + INDICES not in state:  # a param trained whole
                 out[path] = values
                 continue
@@ -110,6 +138,8 @@ class SparseSelection(core.Method):
             m = np.zeros(_size(w), bool)
             if path + INDICES in state:
                 m[np.asarray(state[path + INDICES])] = True
+            elif path + MASK in state:
+                m = np.asarray(state[path + MASK]).reshape(-1)
             out[path] = m.reshape(np.shape(w))
         return out
 
@@ -124,9 +154,11 @@ class FishMask(SparseSelection):
         head_in_budget: bool = True      # the classifier counts inside k (the paper)
         fisher_chunk: int = 8            # examples per vmapped, jitted Fisher step
         progress: bool = True
+        representation: str = "sparse"   # "sparse": values + indices; "dense": masked whole params
 
     def validate(self) -> None:
         c = self.config
+        self._check_representation()
         core.check_range("fishmask", "keep_ratio", c.keep_ratio, "(0, 1]",
                          isinstance(c.keep_ratio, (int, float)) and 0.0 < c.keep_ratio <= 1.0)
         core.check_range("fishmask", "num_examples", c.num_examples, ">= 1",

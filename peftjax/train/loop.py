@@ -10,6 +10,9 @@ What it guarantees:
   tree with the best validation score is kept and the test split is evaluated for it alone.
 * **Measured, not guessed.** ``step_time_s`` is the median wall time of training steps after
   compilation; ``peak_memory_bytes`` is XLA's memory analysis of the compiled step.
+* **Ends with a shareable adapter.** ``workdir/adapter/`` holds the best trainable tree and the
+  method state (no optimizer state, no frozen base) as safetensors + JSON
+  (``peftjax.methods.saving``); ``result.json`` gives its size in ``adapter_bytes``.
 * **Fails early and loudly.** Bad configs fail before compute; a NaN/inf loss stops the run with
   a message and leaves the last good checkpoint in place.
 """
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from peftjax import data as data_lib
 from peftjax import methods as methods_lib
+from peftjax.methods import saving
 from peftjax.models import hf_io
 from peftjax.train import measure
 from peftjax.train.checkpoint import Checkpointer
@@ -321,6 +325,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
                         tc.eval_batch_size, task)
         metrics_log.write(total, "test", test)
+        # The shareable result: the best trainable tree and the method state, no optimizer state.
+        adapter_bytes = saving.save_adapter(
+            os.path.join(workdir, "adapter"), method, best["trainable"], state.method_state,
+            extra={"model": config.model.name, "task": task.name, "step": int(best["step"])})
     finally:
         bar.close()
         ckpt.close()
@@ -335,6 +343,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "trainable_percent": 100.0 * counts["trainable_params"] / counts["total_params"],
         "metrics": {"validation": best["metrics"], "test": test},
         "best_step": best["step"],
+        "adapter_bytes": adapter_bytes,
         "steps": total,
         "step_time_s": measure.median(times),
         "peak_memory_bytes": memory.get("peak_memory_bytes"),

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from peftjax import methods
 from peftjax.train import init_state, make_train_step
+from peftjax.methods import saving
 from peftjax.train.checkpoint import Checkpointer
 from tests.helpers import FAMILIES, fisher_context, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
 
@@ -118,6 +119,24 @@ def test_checkpoint_round_trip(case, method_name, family, tmp_path):
     out_a = c.apply(c.state.trainable, c.state.method_state)
     out_b = c.apply(restored[1], restored[3])
     np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
+
+
+@pytest.mark.parametrize("method_name,family", CASES)
+def test_adapter_file_round_trip(case, method_name, family, tmp_path):
+    """save_adapter → load_adapter on the pretrained base gives the same model (no training data
+    needed: a Fisher mask travels as indices), and the file holds no frozen param."""
+    c = case(method_name, family)
+    size = saving.save_adapter(str(tmp_path / "adapter"), c.method, c.state.trainable,
+                               c.state.method_state)
+    method, trainable, state, frozen = saving.load_adapter(str(tmp_path / "adapter"), c.model, c.base)
+    assert method.name == c.method.name and method.config == c.method.config
+    assert set(frozen) == set(c.peft.frozen)
+    for tree in ("base", "added", "head"):
+        assert set(trainable[tree]) == set(c.state.trainable[tree])
+    payload = 4 * (tree_size(c.state.trainable) + tree_size(c.state.method_state))
+    assert payload <= size < payload + 64 * 1024   # tensors + a JSON header, nothing frozen
+    np.testing.assert_array_equal(np.asarray(c.apply(c.state.trainable, c.state.method_state)),
+                                  np.asarray(c.apply(trainable, state)))
 
 
 @pytest.mark.parametrize("method_name,family",

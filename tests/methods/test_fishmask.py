@@ -112,25 +112,31 @@ def test_entries_outside_the_mask_are_bit_identical_after_training(setup):
 
 
 def test_sparse_and_dense_masked_trajectories_agree(setup):
-    """Sparse values + scatter == full fine-tuning with the gradient multiplied by the 0/1 mask."""
+    """representation="dense" (whole params, masked) follows the sparse run step for step, under
+    AdamW with weight decay and global-norm clipping; outside the mask it stays bit-identical."""
     model, base, method, peft = setup
-    sparse = _train(method, peft, optax.adam(1e-2))
-    eff = method.effective_base(sparse.trainable, peft.frozen, sparse.method_state)
-
-    full = methods.create("full", model, {})
-    fpeft = full.setup(jax.random.PRNGKey(0), base)
+    tx = optax.chain(optax.clip_by_global_norm(0.05), optax.adamw(1e-2, weight_decay=0.1))
+    sparse = _train(method, peft, tx)
+    dmethod = methods.create("fishmask", model, {**CFG, "representation": "dense"})
+    dpeft = dmethod.setup(jax.random.PRNGKey(0), base, fisher_context(model))
     mask = method.dense_mask(peft.state, peft.frozen)
-    masks = {"base": {p: jnp.asarray(m, jnp.float32) for p, m in mask.items()}, "added": {},
-             "head": jax.tree.map(jnp.ones_like, fpeft.trainable["head"])}
-    masking = optax.GradientTransformation(
-        lambda p: optax.EmptyState(), lambda g, s, p=None: (jax.tree.map(jnp.multiply, g, masks), s))
-    dense = _train(full, fpeft, optax.chain(masking, optax.adam(1e-2)))
+    dmask = dmethod.dense_mask(dpeft.state, dpeft.frozen)
     for p in mask:
-        np.testing.assert_allclose(np.asarray(eff[p]), np.asarray(dense.trainable["base"][p]),
-                                   rtol=1e-5, atol=1e-6, err_msg=p)
-    for p in fpeft.trainable["head"]:
+        np.testing.assert_array_equal(mask[p], dmask[p], err_msg=p)   # the same selection
+    # dense: whole params in the trainable tree (the comparison the sparse mode is built to avoid)
+    assert tree_size(dpeft.trainable["base"]) > 10 * tree_size(peft.trainable["base"])
+    dense = _train(dmethod, dpeft, tx)
+    eff = method.effective_base(sparse.trainable, peft.frozen, sparse.method_state)
+    deff = dmethod.effective_base(dense.trainable, dpeft.frozen, dense.method_state)
+    for p in mask:
+        np.testing.assert_allclose(np.asarray(eff[p]), np.asarray(deff[p]), rtol=1e-5, atol=1e-6,
+                                   err_msg=p)
+        np.testing.assert_array_equal(np.asarray(deff[p])[~mask[p]], np.asarray(base[p])[~mask[p]])
+    for p in peft.trainable["head"]:
         np.testing.assert_allclose(np.asarray(sparse.trainable["head"][p]),
                                    np.asarray(dense.trainable["head"][p]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"representation='packed' is invalid; valid: sparse \| dense"):
+        methods.create("fishmask", model, {**CFG, "representation": "packed"})
 
 
 def test_bad_input_is_refused_before_compute():
@@ -171,3 +177,32 @@ def test_loop_init_context_yields_the_training_rows_in_order():
     assert a.state.keys() == b.state.keys()
     for k in a.state:
         np.testing.assert_array_equal(np.asarray(a.state[k]), np.asarray(b.state[k]))
+
+
+def test_saved_adapter_size_is_proportional_to_k(tmp_path):
+    """8 bytes per kept entry (an fp32 value + an int32 index) plus the head: the file grows with
+    k, not with the model; the dense comparison mode saves whole params."""
+    from peftjax.methods import saving
+
+    model, base = tiny_model("bert")
+    ctx = fisher_context(model)
+    sizes = {}
+    for ratio in (0.02, 0.04, 0.08):
+        method = methods.create("fishmask", model, {**CFG, "keep_ratio": ratio,
+                                                    "head_in_budget": False})
+        peft = method.setup(jax.random.PRNGKey(0), base, ctx)
+        k = methods.count_params(method)["trainable_params"]
+        assert k == int(round(ratio * tree_size(base)))
+        size = saving.save_adapter(str(tmp_path / str(ratio)), method, peft.trainable, peft.state)
+        with open(tmp_path / str(ratio) / saving.WEIGHTS, "rb") as f:   # safetensors: u64 header
+            header = 8 + int.from_bytes(f.read(8), "little")           # length, JSON, then data
+        assert header < 16 * 1024
+        sizes[ratio] = size - header
+        assert sizes[ratio] == 8 * k + 4 * tree_size(peft.trainable["head"])
+    head = 4 * tree_size(peft.trainable["head"])
+    assert (sizes[0.08] - head) / (sizes[0.02] - head) == pytest.approx(4.0, rel=1e-3)
+    dense = methods.create("fishmask", model, {**CFG, "keep_ratio": 0.02, "head_in_budget": False,
+                                               "representation": "dense"})
+    dpeft = dense.setup(jax.random.PRNGKey(0), base, ctx)
+    dsize = saving.save_adapter(str(tmp_path / "dense"), dense, dpeft.trainable, dpeft.state)
+    assert dsize > 0.5 * 4 * tree_size(base) > 10 * sizes[0.02]
