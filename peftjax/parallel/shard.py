@@ -1,0 +1,257 @@
+"""Shardings of everything a train step touches, from the rules and abstract shapes alone.
+
+The train state is ``TrainState(step, trainable, opt_state, method_state)`` plus the frozen tree
+and the batch (``peftjax.train.steps``). Their placement on a mesh:
+
+* **frozen base**: the family's rules (FSDP and/or tensor parallel), the generic fallback else;
+* **trainable** (``{"base", "added", "head"}``): the same rules by path — LoRA factors, adapter
+  kernels and prompt embeddings are sharded over ``fsdp`` when big enough, replicated when small;
+  **sparse deltas** (FishMask / Child-tuning_D keep a vector of selected values per weight, under
+  the weight's own path, and their int32 ``.indices`` in the method state) are replicated: a
+  scatter of a sharded index list would need a gather of the whole weight anyway, and they are
+  tiny (≤ 0.5 % of the weights);
+* **optimizer state**: each moment (Adam's mu/nu, ...) takes the sharding of the parameter it
+  mirrors (found by its key path and shape), scalars (counts, rng seeds) are replicated — the
+  ZeRO partition of optimizer state follows the parameter's;
+* **method state** (AdaLoRA importance EMAs, VeRA's shared A/B): the rules by name;
+* **batch**: the leading (example) dim over ``("data", "fsdp")``.
+
+``jax.jit(step, in_shardings=..., out_shardings=...)`` then lets GSPMD partition the step: it
+all-gathers FSDP-sharded weights before use, reduce-scatters their gradients and all-reduces over
+``data``. The computation is the same as on one device (up to float summation order), which the
+tests check on 8 host devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from peftjax.parallel import mesh as mesh_lib
+from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS, Placement, ShardingRules
+
+SPARSE_DELTA = "sparse delta (replicated)"
+SPARSE_INDICES = "sparse indices (replicated)"
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(s) for s in np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def _flat_placements(flat: Mapping[str, Any], rules: ShardingRules, mesh_shape: Mapping[str, int],
+                     special: Callable[[str, tuple], str | None] = lambda p, s: None) -> dict[str, Placement]:
+    out = {}
+    for path, value in flat.items():
+        shape = _shape(value)
+        reason = special(path, shape)
+        out[path] = Placement(path, shape, P(), reason) if reason else rules.place(path, shape, mesh_shape)
+    return out
+
+
+@dataclasses.dataclass
+class TrainShardings:
+    """``NamedSharding`` trees matching ``(state, frozen, batch)`` of a train step, and the
+    ``Placement`` of every param (``placements[group][path]``; groups: frozen, base, added,
+    head, method_state) for reports."""
+
+    mesh: Mesh
+    state: Any                  # a TrainState of shardings
+    frozen: dict
+    batch: NamedSharding
+    replicated: NamedSharding
+    placements: dict[str, dict[str, Placement]]
+
+    def put(self, state, frozen):
+        """``state`` and ``frozen`` placed on the mesh (single- or multi-process)."""
+        return put_tree(state, self.state), put_tree(frozen, self.frozen)
+
+    def put_batch(self, batch: Mapping[str, Any]) -> dict:
+        """A global batch (every process holds the same rows) as a sharded array dict; each
+        process transfers only the rows its own devices hold."""
+        return {k: global_batch_array(np.asarray(v), self.batch) for k, v in batch.items()}
+
+    def jit_train_step(self, step_fn: Callable, donate: bool = True) -> Callable:
+        """``step_fn`` (``steps.make_train_step``) jitted with these shardings; metrics come out
+        replicated so every process can read them."""
+        return jax.jit(step_fn, in_shardings=(self.state, self.frozen, self.batch),
+                       out_shardings=(self.state, self.replicated),
+                       donate_argnums=(0,) if donate else ())
+
+    def jit_eval_step(self, eval_fn: Callable) -> Callable:
+        """``eval_fn(trainable, frozen, method_state, batch)`` with inputs as placed, the (host)
+        eval batch replicated — eval batches need not divide over the mesh — and replicated
+        outputs, readable on every process."""
+        jitted = jax.jit(eval_fn, in_shardings=(self.state.trainable, self.frozen,
+                                                self.state.method_state, self.replicated),
+                         out_shardings=self.replicated)
+
+        def run(trainable, frozen, method_state, batch):
+            batch = put_tree(dict(batch), jax.tree.map(lambda _: self.replicated, dict(batch)))
+            return jitted(trainable, frozen, method_state, batch)
+
+        return run
+
+
+def put_tree(tree, shardings):
+    """``jax.device_put`` onto a sharding tree; in a multi-process run every process passes the
+    same (host) values and keeps the shards of its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        x = np.asarray(jax.device_get(x)) if not isinstance(x, np.ndarray) else x
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def global_batch_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """One batch field as a global array sharded by ``sharding`` over its leading dim."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    from peftjax.parallel.distributed import process_rows
+
+    lo, hi = process_rows(x.shape[0], sharding)
+    return jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+    ways = mesh_lib.batch_divisor(mesh)
+    if batch_size % ways:
+        raise ValueError(f"{what}={batch_size} is not divisible by the mesh's batch split "
+                         f"data x fsdp = {ways} ({dict(mesh.shape)}); use a multiple of {ways}")
+
+
+def _opt_state_shardings(opt_state, trainable_shardings: dict, trainable_shapes: dict,
+                         replicated: NamedSharding):
+    """A param-shaped optimizer leaf whose key path ends with a trainable param's key path (and
+    has its shape) gets that param's sharding; any other leaf is replicated."""
+    by_path = {}
+    for kp, s in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]:
+        by_path[tuple(kp)] = s
+    depth = {len(k) for k in by_path}
+
+    def pick(kp, leaf):
+        kp = tuple(kp)
+        for d in depth:
+            key = kp[-d:]
+            if len(kp) >= d and key in by_path and tuple(leaf.shape) == trainable_shapes[key]:
+                return by_path[key]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def plan(method, mesh: Mesh, state, frozen: Mapping[str, Any], *, rules: ShardingRules | None = None,
+         min_elements: int = DEFAULT_MIN_ELEMENTS) -> TrainShardings:
+    """Shardings for ``(state, frozen, batch)`` of ``method``'s train step on ``mesh``.
+
+    ``state`` is a ``TrainState`` (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
+    ``jax.eval_shape``); nothing is allocated.
+    """
+    from peftjax.train.steps import TrainState
+
+    rules = rules or ShardingRules.for_family(method.model.family.name, min_elements)
+    shape = dict(mesh.shape)
+    named = lambda pl: {k: NamedSharding(mesh, p.spec) for k, p in pl.items()}
+    replicated = NamedSharding(mesh, P())
+    frozen_shapes = {k: _shape(v) for k, v in frozen.items()}
+
+    def sparse_delta(path, shp):  # selection methods' values, stored under the weight's own path
+        return SPARSE_DELTA if path in frozen_shapes and frozen_shapes[path] != shp else None
+
+    placements = {"frozen": _flat_placements(frozen, rules, shape)}
+    trainable_sh = {}
+    for group, tree in state.trainable.items():
+        pl = _flat_placements(tree, rules, shape, sparse_delta if group == "base" else lambda p, s: None)
+        placements[group] = pl
+        trainable_sh[group] = named(pl)
+    placements["method_state"] = _flat_placements(
+        state.method_state, rules, shape,
+        lambda p, s: SPARSE_INDICES if p.endswith(".indices") else None)
+    shapes = {tuple(kp): tuple(v.shape) for kp, v in
+              jax.tree_util.tree_flatten_with_path(state.trainable)[0]}
+    opt_sh = _opt_state_shardings(state.opt_state, trainable_sh, shapes, replicated)
+    state_sh = TrainState(replicated, trainable_sh, opt_sh, named(placements["method_state"]))
+    return TrainShardings(mesh, state_sh, named(placements["frozen"]),
+                          NamedSharding(mesh, P(mesh_lib.BATCH_AXES)), replicated, placements)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device bytes from abstract shapes.
+
+
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of ``tree`` (arrays or ``ShapeDtypeStruct``s) laid out by
+    ``shardings`` (a matching tree of ``NamedSharding``s, on a real or ``AbstractMesh``).
+
+    Σ_leaves prod(shard_shape) × itemsize: exact for the even splits the rules produce (a dim is
+    sharded only when it divides). A replicated leaf counts whole on every device.
+    """
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
+            shardings, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))):
+        shp = _shape(x)
+        total += math.prod(s.shard_shape(shp)) * np.dtype(x.dtype).itemsize
+    return int(total)
+
+
+def total_bytes(tree) -> int:
+    """Bytes of ``tree`` unsharded (the single-device figure)."""
+    return int(sum(math.prod(_shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def abstract_plan(method, mesh_spec: Any, abstract_base: Mapping[str, Any], tx, *,
+                  num_devices: int | None = None, min_elements: int = DEFAULT_MIN_ELEMENTS):
+    """``(abstract state, abstract frozen, TrainShardings)`` of ``method`` on a device-less mesh
+    of shape ``mesh_spec``: abstract shapes only, for memory figures of models that do not fit.
+
+    The method is set up under ``jax.eval_shape`` (so data-driven selections, whose sizes come
+    from data, are not supported here: FishMask/Child-tuning_D need real Fisher scores).
+    """
+    from peftjax.train.steps import init_state
+
+    amesh = mesh_lib.abstract_mesh(mesh_spec, num_devices)
+
+    def build(base):
+        peft = method.setup(jax.random.PRNGKey(0), base)
+        return init_state(peft.trainable, peft.state, tx), peft.frozen
+
+    state, frozen = jax.eval_shape(build, dict(abstract_base))
+    return state, frozen, plan(method, amesh, state, frozen, min_elements=min_elements)
+
+
+def memory_report(state, frozen, shardings: TrainShardings) -> dict[str, int]:
+    """Per-device and single-device bytes of params (frozen + trainable), gradients (one per
+    trainable param, sharded like it), optimizer state and method state."""
+    st = shardings.state
+    return {
+        "frozen_bytes": total_bytes(frozen),
+        "frozen_bytes_per_device": per_device_bytes(frozen, shardings.frozen),
+        "trainable_bytes": total_bytes(state.trainable),
+        "trainable_bytes_per_device": per_device_bytes(state.trainable, st.trainable),
+        "gradient_bytes": total_bytes(state.trainable),
+        "gradient_bytes_per_device": per_device_bytes(state.trainable, st.trainable),
+        "optimizer_bytes": total_bytes(state.opt_state),
+        "optimizer_bytes_per_device": per_device_bytes(state.opt_state, st.opt_state),
+        "method_state_bytes": total_bytes(state.method_state),
+        "method_state_bytes_per_device": per_device_bytes(state.method_state, st.method_state),
+    }
+
+
+def from_config(config, method, state, frozen: Mapping[str, Any]) -> TrainShardings | None:
+    """The train step's shardings for ``config.mesh`` on all devices, or ``None`` when the mesh is
+    trivial (every size 1: the loop keeps its plain single-device jit). Checks that the train
+    batch divides over the batch axes before any compute."""
+    mesh_cfg = config.get("mesh", None)
+    if mesh_cfg is None or mesh_lib.is_trivial(mesh_cfg):
+        return None
+    mesh = mesh_lib.make_mesh(mesh_cfg)
+    check_batch_size(config.train.batch_size, mesh)
+    return plan(method, mesh, state, frozen,
+                min_elements=int(mesh_cfg.get("min_shard_elements", DEFAULT_MIN_ELEMENTS)))

@@ -1,0 +1,127 @@
+"""Run by tests/parallel/test_sharding.py in a subprocess with 8 forced host CPU devices.
+
+Trains one method of each family (LoRA; adapter and prompt tuning (additional params); FishMask
+(selection, sparse deltas); full fine-tuning) on a tiny Llama for a few steps on one device and
+on the meshes (8,1,1), (2,4,1), (2,2,2), and checkpoints the (2,4,1) state and restores it onto
+the (2,2,2) mesh to take one more step. All methods share one jitted program per mesh (one
+compilation per mesh). Prints one JSON object on stdout: losses per mesh and method, the
+placements that prove arrays really were sharded, and the checkpoint checks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from configs import models as model_configs
+from configs.train import train_defaults
+from peftjax import methods as methods_lib
+from peftjax.models import build_model
+from peftjax.parallel import make_mesh, plan
+from peftjax.train.checkpoint import Checkpointer
+from peftjax.train.optim import make_optimizer
+from peftjax.train.steps import init_state, make_train_step
+from tests.helpers import METHOD_CONFIGS, fisher_context, learnable_batch
+
+METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+STEPS = 3
+MIN_ELEMENTS = 64   # small enough that the tiny model's LoRA factors are sharded too
+
+
+def log(msg: str) -> None:
+    print(f"[sharded_train {time.strftime('%X')} cpu {time.process_time():.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    assert jax.device_count() == 8, f"expected 8 forced host devices, got {jax.device_count()}"
+    hf = {**model_configs.get("tiny-llama").hf_config.to_dict(), "vocab_size": 256,
+          "initializer_range": 0.2, "num_hidden_layers": 1}
+    model = build_model(hf, head="causal_lm")
+    base = traverse_util.flatten_dict(model.init(jax.random.PRNGKey(0)), sep=".")
+    batch = learnable_batch(model, batch=8)
+    tc = ml_collections.ConfigDict({**train_defaults(), "learning_rate": 1e-2, "warmup_steps": 0,
+                                  "warmup_ratio": 0.0})
+    meths = {n: methods_lib.create(n, model, METHOD_CONFIGS[n]) for n in METHODS}
+    pefts = {n: meths[n].setup(jax.random.PRNGKey(1), base, fisher_context(model, batch)) for n in METHODS}
+    txs = {n: make_optimizer(tc, STEPS + 1, meths[n].gradient_transform())[0] for n in METHODS}
+    fns = {n: make_train_step(meths[n], txs[n], seed=0) for n in METHODS}
+
+    def multi(states, frozens, b):
+        out = {n: fns[n](states[n], frozens[n], b) for n in METHODS}
+        return {n: o[0] for n, o in out.items()}, {n: o[1]["loss"] for n, o in out.items()}
+
+    def fresh():
+        return ({n: init_state(pefts[n].trainable, pefts[n].state, txs[n]) for n in METHODS},
+                {n: pefts[n].frozen for n in METHODS})
+
+    result: dict = {"losses": {}, "placements": {}}
+    log("setup done")
+    t0 = time.time()
+    states, frozens = fresh()
+    step = jax.jit(multi, donate_argnums=(0,))
+    losses = []
+    for _ in range(STEPS + 1):
+        states, loss = step(states, frozens, batch)
+        losses.append({n: float(v) for n, v in loss.items()})
+    result["losses"]["1"] = losses
+    log(f"single device: {time.time() - t0:.1f}s")
+
+    saved_dir = tempfile.mkdtemp(prefix="sharded_ckpt_")
+    for shape in MESHES:
+        t0 = time.time()
+        mesh = make_mesh(shape)
+        states, frozens = fresh()
+        plans = {n: plan(meths[n], mesh, states[n], frozens[n], min_elements=MIN_ELEMENTS) for n in METHODS}
+        for n in METHODS:
+            states[n], frozens[n] = plans[n].put(states[n], frozens[n])
+        state_sh = {n: plans[n].state for n in METHODS}
+        step = jax.jit(multi, in_shardings=(state_sh, {n: plans[n].frozen for n in METHODS},
+                                            plans[METHODS[0]].batch),
+                       out_shardings=(state_sh, plans[METHODS[0]].replicated), donate_argnums=(0,))
+        sharded_batch = plans[METHODS[0]].put_batch(batch)
+        losses = []
+        for _ in range(STEPS):
+            states, loss = step(states, frozens, sharded_batch)
+            losses.append({n: float(v) for n, v in loss.items()})
+        key = ",".join(map(str, shape))
+        result["losses"][key] = losses
+        result["placements"][key] = {
+            n: {g: {p: str(pl.spec) for p, pl in plans[n].placements[g].items()}
+                for g in ("frozen", "base", "added", "head", "method_state")} for n in METHODS}
+        # the arrays really live sharded: shard shapes of a frozen kernel and the LoRA A factor
+        q = "model.layers.0.self_attn.q_proj"
+        result["placements"][key]["_shard_shapes"] = {
+            "frozen_q_kernel": list(frozens["lora"][f"{q}.kernel"].addressable_shards[0].data.shape),
+            "lora_A": list(states["lora"].trainable["added"][f"{q}.lora_A"].addressable_shards[0].data.shape),
+            "lora_A_adam_mu": [list(x.addressable_shards[0].data.shape) for x in jax.tree.leaves(
+                states["lora"].opt_state) if x.shape == (32, 4)][:1],
+        }
+        if shape == (2, 4, 1):
+            ckpt = Checkpointer(saved_dir)
+            ckpt.save(STEPS, states)
+            ckpt.close()
+        if shape == (2, 2, 2):  # restore the (2,4,1) checkpoint onto this mesh, take one step
+            ckpt = Checkpointer(saved_dir)
+            restored = ckpt.restore(states, shardings=state_sh)
+            ckpt.close()
+            restored = {n: type(states[n])(*restored[n]) if not isinstance(restored[n], type(states[n]))
+                        else restored[n] for n in METHODS}
+            same_sharding = all(a.sharding == s for n in METHODS for a, s in zip(
+                jax.tree.leaves(restored[n]), jax.tree.leaves(state_sh[n])))
+            _, loss = step(restored, frozens, sharded_batch)
+            result["restore"] = {"from": "2,4,1", "onto": key, "same_sharding": bool(same_sharding),
+                                 "next_loss": {n: float(v) for n, v in loss.items()}}
+        log(f"mesh {shape}: {time.time() - t0:.1f}s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
