@@ -26,10 +26,19 @@ class Checkpointer:
     def save(self, step: int, tree: Any) -> None:
         self.manager.save(step, args=ocp.args.StandardSave(tree), force=True)
 
-    def restore(self, like: Any, step: int | None = None) -> Any:
-        """Restores into the structure (and dtypes) of ``like``."""
+    def restore(self, like: Any, step: int | None = None, shardings: Any = None) -> Any:
+        """Restores into the structure (and dtypes) of ``like``.
+
+        Sharding-aware: each array is read straight onto the sharding of the matching leaf of
+        ``shardings`` (a tree of ``jax.sharding.Sharding``) or, without it, the sharding ``like``'s
+        arrays have — so a checkpoint saved on one mesh restores onto another (orbax reads each
+        device's slice; no process ever holds a whole array it does not need).
+        """
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        if shardings is not None:
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def restore_raw(self, step: int | None = None) -> Any:
