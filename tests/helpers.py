@@ -12,11 +12,17 @@ from configs import models as model_configs
 from peftjax.models import build_model
 
 FAMILIES = ("bert", "llama")
-TINY = {"bert": ("tiny-bert", "classification", 3), "llama": ("tiny-llama", "causal_lm", None)}
+TINY = {"bert": ("tiny-bert", "classification", 3), "llama": ("tiny-llama", "causal_lm", None),
+        "t5": ("tiny-t5", "seq2seq_lm", None)}
+# The encoder-decoder family runs a representative subset of the contract matrix (time budget):
+# full, LoRA, prompt tuning (encoder input), Houlsby adapters. BitFit has nothing to train on T5
+# (no biases): tests/models/test_t5.py checks it is refused.
+SEQ2SEQ_FAMILIES = {"t5": ("full", "lora", "prompt_tuning", "adapter")}
 # The contract tests need no tokenizer, so the decoder gets a small vocabulary and a larger init:
 # with hidden 32, 30k tokens and N(0, 0.02) weights, a frozen LM head bounds every logit by ~1 and
 # no adapter could move the loss measurably.
-TINY_OVERRIDES = {"llama": {"vocab_size": 256, "initializer_range": 0.2}}
+TINY_OVERRIDES = {"llama": {"vocab_size": 256, "initializer_range": 0.2},
+                  "t5": {"vocab_size": 256, "dropout_rate": 0.0}}
 
 # Small configurations of every registered method for the contract matrix.
 METHOD_CONFIGS: dict[str, dict] = {
@@ -66,6 +72,12 @@ def learnable_batch(model, batch: int = 8, seq: int = 12, seed: int = 0) -> dict
     if model.head == "causal_lm":
         labels = ids.copy()
         labels[:, : seq // 2] = -100  # prompt tokens are masked out of the loss
+        out["labels"] = labels
+    elif model.head == "seq2seq_lm":  # text-to-text: a class word read from the input, then a
+        # fixed phrase (learnable by every method, prompt tuning included), then padding
+        labels = np.tile(np.arange(20, 26, dtype=np.int32), (batch, 1))
+        labels[:, 0] = 10 + ids[:, 1] % 3
+        labels[:, -1] = -100  # a padded target position, out of the loss
         out["labels"] = labels
     elif model.head == "regression":
         out["labels"] = (ids[:, 1] % 7).astype(np.float32) / 7

@@ -40,8 +40,9 @@ import jax.numpy as jnp
 from peftjax.methods import core
 from peftjax.models import hooks as hooks_lib
 
-# PEFT's default target modules per family (query/value projections, LoRA §7.1).
-DEFAULT_TARGETS = r"\.(query|value|q_proj|v_proj)$"
+# PEFT's default target modules per family (query/value projections, LoRA §7.1); T5/mT5 name
+# them q and v (self- and cross-attention alike, as PEFT's ["q", "v"]).
+DEFAULT_TARGETS = r"\.(query|value|q_proj|v_proj|q|v)$"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,12 +70,17 @@ class PromptTuning(core.Method):
         self.hidden = info["hidden"]
 
     def _table(self, base: core.Flat):
-        """The input word-embedding table: the embedding under the site with vocabulary rows."""
+        """The input word-embedding table: the embedding under the site with vocabulary rows, else
+        the model's only vocabulary-sized table (T5's ``shared``, which sits beside the encoder)."""
         vocab = self.model.config.vocab_size
-        for path, v in base.items():
-            if path.startswith(self.site + ".") and path.endswith(".embedding") and v.shape[0] == vocab:
+        tables = {p: v for p, v in base.items() if p.endswith(".embedding") and v.shape[0] == vocab}
+        for path, v in tables.items():
+            if path.startswith(self.site + "."):
                 return v
-        raise ValueError(f"prompt_tuning: no word-embedding table under {self.site!r}")
+        if len(tables) == 1:
+            return next(iter(tables.values()))
+        raise ValueError(f"prompt_tuning: no word-embedding table under {self.site!r} "
+                         f"(vocabulary-sized tables: {sorted(tables) or 'none'})")
 
     def init(self, rng, base, ctx):
         c = self.config

@@ -4,6 +4,7 @@ Importing this package registers every family.
 """
 
 from peftjax.models import bert, llama  # noqa: F401  (register the families)
+from peftjax.models import t5  # noqa: F401  (encoder-decoder: T5, mT5)
 from peftjax.models import hooks
 from peftjax.models.registry import (Family, Model, build_model, family_for, register_family,
                                      supported_model_types)

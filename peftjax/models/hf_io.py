@@ -157,6 +157,9 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
     for path, spec in abstract.items():
         name, transpose = hf_name(path)
         found = next((c for c in _candidates(name, prefix) if c in tensors), None)
+        if found is None and dict(model.family.tied_fallbacks).get(name) in tensors:
+            found = dict(model.family.tied_fallbacks)[name]  # saved tied: transformers ties it
+            log.info("%s: %s absent, tied to %s", source, name, found)
         if found is None:
             if any(path == h or path.startswith(h + ".") for h in head) or (
                     optional is not None and optional.search(path)):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HEADS = ("none", "classification", "regression", "causal_lm")
+HEADS = ("none", "classification", "regression", "causal_lm", "seq2seq_lm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Family:
       input_names: batch keys the module's ``__call__`` takes, in order.
       optional_params: regex over param paths that a checkpoint may lack and that are then
         initialised fresh, as transformers does (BERT's pooler: MLM checkpoints ship none).
+      tied_fallbacks: ``(tensor, source)`` pairs: a checkpoint without ``tensor`` loads it from
+        ``source``, as transformers ties it (a T5 ``lm_head.weight`` absent: ``shared.weight``).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Family:
     backbone_prefix: Callable[[Any, str], str]
     input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     optional_params: str = ""
+    tied_fallbacks: tuple[tuple[str, str], ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -127,6 +130,9 @@ class Model:
                "attention_mask": np.ones((batch, seq), np.int32)}
         if "token_type_ids" in self.input_names:
             out["token_type_ids"] = np.zeros((batch, seq), np.int32)
+        if "decoder_input_ids" in self.input_names:  # encoder-decoder: a decoder sequence too
+            out["decoder_input_ids"] = np.zeros((batch, seq), np.int32)
+            out["decoder_attention_mask"] = np.ones((batch, seq), np.int32)
         return out
 
     def init(self, rng: jax.Array, batch: Mapping[str, Any] | None = None) -> dict:

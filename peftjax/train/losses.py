@@ -37,8 +37,22 @@ def causal_lm_loss(logits, batch) -> jax.Array:
     return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def seq2seq_lm_loss(logits, batch) -> jax.Array:
+    """Encoder-decoder (teacher forcing) cross-entropy on decoder ``labels`` that are not ``IGNORE``.
+
+    The logits already align with ``labels`` (the decoder read them shifted right, with the
+    decoder start token first), so unlike ``causal_lm_loss`` there is no shift here; the mean
+    over the batch's real target tokens, as transformers' T5 loss.
+    """
+    labels = batch["labels"]
+    valid = (labels != IGNORE) & batch["mask"][:, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         jnp.where(valid, labels, 0))
+    return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
 LOSSES = {"classification": classification_loss, "regression": regression_loss,
-          "causal_lm": causal_lm_loss}
+          "causal_lm": causal_lm_loss, "seq2seq_lm": seq2seq_lm_loss}
 
 
 def loss_for(head: str):

@@ -59,10 +59,15 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int,
     return step_fn
 
 
-def sequence_log_likelihood(logits, labels) -> jax.Array:
-    """Summed log p(label tokens) per row; positions labelled ``IGNORE`` do not count."""
-    labels = labels[:, 1:]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+def sequence_log_likelihood(logits, labels, shift: bool = True) -> jax.Array:
+    """Summed log p(label tokens) per row; positions labelled ``IGNORE`` do not count.
+
+    ``shift``: position t predicts label t+1 (decoder-only); False for encoder-decoder logits,
+    which already align with their labels.
+    """
+    if shift:
+        labels, logits = labels[:, 1:], logits[:, :-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     valid = labels != IGNORE
     picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(picked * valid, axis=-1)
@@ -71,9 +76,11 @@ def sequence_log_likelihood(logits, labels) -> jax.Array:
 def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
     """``(trainable, frozen, method_state, batch) -> outputs`` for the metrics.
 
-    Classification heads give class ids, regression heads scores, causal LMs the summed NLL.
+    Classification heads give class ids, regression heads scores, causal and seq2seq LMs the
+    summed NLL.
     With ``lm_classes = K`` a decoder classifies: each class's verbaliser sequence
-    (``cand{k}_*`` in the batch) is scored by its log-likelihood and the best class wins.
+    (``cand{k}_*`` in the batch) is scored by its log-likelihood and the best class wins; an
+    encoder-decoder reads ``input_ids`` once per class and scores ``cand{k}_labels`` as targets.
     """
     head = method.model.head
 
@@ -82,6 +89,11 @@ def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
         if lm_classes:
             scores = []
             for k in range(lm_classes):
+                if head == "seq2seq_lm":  # encoder reads the prompt, decoder scores the class words
+                    sub = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                           "labels": batch[f"cand{k}_labels"]}
+                    scores.append(sequence_log_likelihood(run(sub), sub["labels"], shift=False))
+                    continue
                 sub = {"input_ids": batch[f"cand{k}_input_ids"],
                        "attention_mask": batch[f"cand{k}_attention_mask"]}
                 scores.append(sequence_log_likelihood(run(sub), batch[f"cand{k}_labels"]))
@@ -91,10 +103,12 @@ def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
             return {"predictions": jnp.argmax(out, axis=-1)}
         if head == "regression":
             return {"predictions": out[..., 0].astype(jnp.float32)}
-        labels = batch["labels"][:, 1:]
+        labels, logits = batch["labels"], out
+        if head != "seq2seq_lm":  # decoder-only: position t predicts token t+1
+            labels, logits = labels[:, 1:], logits[:, :-1]
         valid = (labels != IGNORE) & batch["mask"][:, None]
         ce = optax.softmax_cross_entropy_with_integer_labels(
-            out[:, :-1].astype(jnp.float32), jnp.where(valid, labels, 0))
+            logits.astype(jnp.float32), jnp.where(valid, labels, 0))
         return {"nll_sum": jnp.sum(ce * valid), "tokens": jnp.sum(valid)}
 
     return eval_fn

@@ -20,9 +20,10 @@ from peftjax import methods
 from peftjax.train import init_state, make_train_step
 from peftjax.methods import saving
 from peftjax.train.checkpoint import Checkpointer
-from tests.helpers import FAMILIES, fisher_context, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
+from tests.helpers import FAMILIES, SEQ2SEQ_FAMILIES, fisher_context, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
 
-CASES = [(m, f) for m in sorted(METHOD_CONFIGS) for f in FAMILIES]
+CASES = ([(m, f) for m in sorted(METHOD_CONFIGS) for f in FAMILIES]
+         + [(m, f) for f, ms in SEQ2SEQ_FAMILIES.items() for m in ms])
 
 
 def test_every_registered_method_is_in_the_matrix():
@@ -34,7 +35,9 @@ def test_every_registered_method_is_in_the_matrix():
 METHOD_CONFIGS_LR = {"full": 3e-3, "child_tuning_f": 3e-3, "child_tuning_d": 3e-3, "prompt_tuning": 3e-2, "adalora": 5e-2,
                      "vera": 1e-1,  # VeRA: two scaling vectors per layer (the paper also uses large rates)
                      # N(0, 1) prefixes (PEFT's init) on the tiny models: 1e-2 gives loss x0.91 in 25 steps.
-                     "prefix_tuning": 5e-2}
+                     "prefix_tuning": 5e-2,
+                     # T5's embeddings have unit scale (init N(0, 1)); Lester et al. prompt-tune T5 at 0.3.
+                     ("prompt_tuning", "t5"): 3e-1}
 TRAIN_STEPS = 25
 
 
@@ -47,7 +50,8 @@ class Case:
         self.peft = self.method.setup(jax.random.PRNGKey(1), self.base, fisher_context(self.model))
         self.frozen_before = jax.tree.map(np.array, self.peft.frozen)
         self.batch = learnable_batch(self.model)
-        self.tx = optax.adam(METHOD_CONFIGS_LR.get(method_name, 1e-2))
+        self.tx = optax.adam(METHOD_CONFIGS_LR.get((method_name, family),
+                                                   METHOD_CONFIGS_LR.get(method_name, 1e-2)))
         if self.method.gradient_transform() is not None:  # Child-tuning_F's gradient mask
             self.tx = optax.chain(self.method.gradient_transform(), self.tx)
         state = init_state(self.peft.trainable, self.peft.state, self.tx)

@@ -1,0 +1,248 @@
+"""T5 family: parity with transformers' PyTorch T5/mT5, generation, checkpoints, hooks, sizes.
+
+Two tiny random checkpoints made with transformers/torch (fp32, eager attention): T5 v1.0 (ReLU
+FFN, head tied to ``shared``, decoder output rescaled) and mT5 (gated-GELU, untied ``lm_head``).
+Logits are compared on padded encoder and decoder batches (max |Δ| <= 1e-4), greedy generation
+token for token against ``generate``, and a save goes back into transformers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from configs import models as model_configs
+from peftjax import methods
+from peftjax.models import build_model, hf_io, hooks, t5
+from peftjax.train.losses import seq2seq_lm_loss
+
+TOL = 1e-4
+SMALL = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+             dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+VARIANTS = {
+    "t5_v1_0": (transformers.T5Config, transformers.T5ForConditionalGeneration, dict(feed_forward_proj="relu")),
+    "mt5": (transformers.MT5Config, transformers.MT5ForConditionalGeneration,
+            dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+}
+
+
+def make_hf(variant: str):
+    config_cls, model_cls, extra = VARIANTS[variant]
+    config = config_cls(**SMALL, **extra)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    if variant == "mt5":  # transformers builds it tied; give it the separate head mT5 checkpoints have
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(SMALL["vocab_size"], SMALL["d_model"]))
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request):
+    """(variant, torch model, our model, our params, jitted apply)."""
+    hf = make_hf(request.param)
+    ours = build_model(hf.config, head="seq2seq_lm")
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params, fresh = hf_io.params_from_tensors(ours, tensors)
+    assert fresh == []
+    return request.param, hf, ours, params, jax.jit(ours.apply)
+
+
+def batch(seed: int = 0):
+    """Encoder rows: full, right-padded, left-padded; decoder rows: full, right-padded, full."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(2, SMALL["vocab_size"], (3, 26))
+    mask = np.ones_like(ids)
+    mask[1, 18:] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    dec = rs.randint(2, SMALL["vocab_size"], (3, 23))
+    dec_mask = np.ones_like(dec)
+    dec_mask[1, 15:] = 0
+    return ids, mask, dec, dec_mask
+
+
+def test_config_reads_the_t5_variants(pair):
+    variant, hf, ours, params, _ = pair
+    c = ours.config
+    flat = traverse_util.flatten_dict(params, sep=".")
+    if variant == "t5_v1_0":
+        assert (c.dense_act_fn, c.is_gated_act, c.tie_word_embeddings, c.scale_decoder_outputs) == \
+            ("relu", False, True, True)
+        assert "lm_head.kernel" not in flat and "encoder.block.0.layer.1.DenseReluDense.wi.kernel" in flat
+    else:
+        assert (c.dense_act_fn, c.is_gated_act, c.tie_word_embeddings, c.scale_decoder_outputs) == \
+            ("gelu_new", True, False, False)
+        assert "lm_head.kernel" in flat and "decoder.block.2.layer.2.DenseReluDense.wi_1.kernel" in flat
+    # Only block 0 of each stack owns a relative-position table; cross-attention has none.
+    tables = sorted(p for p in flat if "relative_attention_bias" in p)
+    assert tables == ["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.embedding",
+                      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.embedding"]
+    n_hf = sum(p.numel() for p in hf.parameters())  # tied tensors counted once, as we store them
+    assert sum(int(np.prod(v.shape)) for v in flat.values()) == n_hf
+
+
+def test_logits_match_transformers_with_padding(pair):
+    variant, hf, ours, params, apply = pair
+    ids, mask, dec, dec_mask = batch()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 decoder_input_ids=torch.tensor(dec), decoder_attention_mask=torch.tensor(dec_mask)).logits.numpy()
+    out = np.asarray(apply(params, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec,
+                                    "decoder_attention_mask": dec_mask}))
+    assert out.shape == ref.shape == (3, 23, SMALL["vocab_size"])
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+def test_teacher_forcing_loss_matches_transformers(pair):
+    """labels → decoder inputs shifted right (start token, -100 → pad); HF's mean token loss."""
+    variant, hf, ours, params, apply = pair
+    ids, mask, dec, _ = batch(1)
+    labels = dec[:, :9].copy()
+    labels[0, 6:] = -100
+    labels[2, 4:] = -100
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    b = {"input_ids": ids, "attention_mask": mask, "labels": labels, "mask": np.ones(3, bool)}
+    logits = apply(params, b)
+    np.testing.assert_allclose(np.asarray(logits), ref.logits.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(float(seq2seq_lm_loss(logits, b)), float(ref.loss), atol=1e-5, rtol=1e-5)
+    shifted = np.asarray(t5.shift_right(labels, 0, 0))
+    np.testing.assert_array_equal(shifted, hf._shift_right(torch.tensor(labels)).numpy())
+
+
+def test_greedy_generation_matches_transformers_and_cache(pair):
+    variant, hf, ours, params, _ = pair
+    ids, mask, _, _ = batch(2)
+    n = 7
+    with torch.no_grad():
+        # use_cache=False: transformers' own cache cannot hold more decoder than encoder layers
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                          do_sample=False, num_beams=1, use_cache=False).numpy()
+    out = np.asarray(t5.generate(ours, params, ids, mask, max_new_tokens=n))
+    assert out.shape == (3, n + 1) and (out[:, 0] == 0).all()  # decoder start token first
+    padded = np.zeros_like(out)  # transformers stops early when every row hit eos; we pad
+    padded[:, :ref.shape[1]] = ref
+    np.testing.assert_array_equal(out, padded)
+    no_cache = np.asarray(t5.generate(ours, params, ids, mask, max_new_tokens=n, use_cache=False))
+    np.testing.assert_array_equal(out, no_cache)
+
+
+def test_save_back_loads_in_transformers(pair, tmp_path):
+    variant, hf, ours, params, apply = pair
+    hf_io.save_pretrained(ours, params, str(tmp_path / "ckpt"))
+    back = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "ckpt")).eval()
+    ids, mask, dec, dec_mask = batch(3)
+    with torch.no_grad():
+        ref = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   decoder_input_ids=torch.tensor(dec), decoder_attention_mask=torch.tensor(dec_mask)).logits.numpy()
+    out = apply(params, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec,
+                         "decoder_attention_mask": dec_mask})
+    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
+    assert (back.lm_head.weight is back.shared.weight) == (variant == "t5_v1_0")
+
+
+def test_checkpoint_without_lm_head_ties_it_to_shared():
+    """A checkpoint transformers saved from a tied model has no lm_head.weight: we load shared."""
+    hf = make_hf("mt5")
+    ours = build_model(hf.config, head="seq2seq_lm")
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    params, fresh = hf_io.params_from_tensors(ours, tensors)
+    assert fresh == []
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), tensors["shared.weight"].T)
+
+
+def test_dropout_only_in_training_and_seeded(pair):
+    variant, hf, ours, params, apply = pair
+    if variant != "mt5":
+        pytest.skip("one variant suffices: the dropout sites are shared")
+    ids, mask, dec, _ = batch(4)
+    b = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+    run = jax.jit(lambda p, r: ours.apply(p, b, train=True, rng=r))
+    a, a2, c = run(params, jax.random.PRNGKey(0)), run(params, jax.random.PRNGKey(0)), run(params, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+    assert not np.allclose(np.asarray(a), np.asarray(apply(params, b)))
+
+
+def test_sampling_is_seeded_and_respects_eos():
+    hf = make_hf("mt5")
+    ours = build_model(hf.config, head="seq2seq_lm")
+    params, _ = hf_io.params_from_tensors(ours, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    ids, mask, _, _ = batch(5)
+    kw = dict(max_new_tokens=12, temperature=1.5, top_p=0.95, eos_token_id=(5, 7, 11, 13))
+    a = np.asarray(t5.generate(ours, params, ids, mask, rng=jax.random.PRNGKey(0), **kw))
+    b = np.asarray(t5.generate(ours, params, ids, mask, rng=jax.random.PRNGKey(0), **kw))
+    c = np.asarray(t5.generate(ours, params, ids, mask, rng=jax.random.PRNGKey(0), use_cache=False, **kw))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    for row in a[:, 1:]:
+        ends = np.flatnonzero(np.isin(row, kw["eos_token_id"]))
+        if ends.size:  # everything after the first eos is padding
+            assert (row[ends[0] + 1:] == 0).all()
+    with pytest.raises(ValueError, match="rng"):
+        t5.generate(ours, params, ids, mask, max_new_tokens=2, temperature=1.0)
+
+
+def test_hook_sites_and_prompt_tuning_on_the_encoder():
+    model = build_model(model_configs.get("tiny-t5").hf_config.to_dict(), head="seq2seq_lm")
+    sites = methods.core.Sites.discover(model)
+    assert list(sites.embeddings) == ["encoder"]
+    assert {"encoder.block.0.layer.0.SelfAttention", "decoder.block.1.layer.0.SelfAttention",
+            "decoder.block.1.layer.1.EncDecAttention"} <= set(sites.attention)
+    kinds = {s: v["kind"] for s, v in sites.blocks.items()}
+    assert kinds["encoder.block.0.layer.0.SelfAttention"] == "attention"
+    assert kinds["decoder.block.0.layer.1.EncDecAttention"] == "cross_attention"
+    assert kinds["decoder.block.0.layer.2.DenseReluDense"] == "ffn"
+    lora = methods.create("lora", model, {"rank": 2})  # default targets: q and v, PEFT's for T5
+    assert len(lora.targets) == 2 * 2 + 2 * 2 * 2 and all(s.endswith((".q", ".v")) for s in lora.targets)
+
+    base = traverse_util.flatten_dict(model.init(jax.random.PRNGKey(0)), sep=".")
+    pt = methods.create("prompt_tuning", model, {"num_virtual_tokens": 3, "init": "vocab"})
+    peft = pt.setup(jax.random.PRNGKey(1), base)
+    prompt = peft.trainable["added"]["encoder.prompt_embeddings"]
+    shared = np.asarray(base["shared.embedding"])
+    assert all((np.abs(shared - np.asarray(row)).max(axis=1) == 0).any() for row in prompt)  # vocab rows
+    ids, mask, _, _ = batch(6)
+    ids = ids % 256
+    b = {"input_ids": ids, "attention_mask": mask, "labels": ids[:, :5]}
+    out = jax.jit(lambda t: pt.apply(t, peft.frozen, peft.state, b))(peft.trainable)
+    assert out.shape == (3, 5, model.config.vocab_size)  # logits follow the decoder, not the prompt
+    with hooks.use(pt.hooks(peft.trainable["added"], peft.state, train=False, rng=None)):
+        params = traverse_util.unflatten_dict(pt.effective_base(peft.trainable, peft.frozen, peft.state), sep=".")
+        g1 = np.asarray(t5.generate(model, params, ids, mask, max_new_tokens=4, eos_token_id=()))
+        g2 = np.asarray(t5.generate(model, params, ids, mask, max_new_tokens=4, eos_token_id=(), use_cache=False))
+    g0 = np.asarray(t5.generate(model, params, ids, mask, max_new_tokens=4, eos_token_id=()))
+    np.testing.assert_array_equal(g1, g2)
+    assert not np.array_equal(g1, g0)  # the prompt reached the decoder through cross-attention
+
+
+def test_bitfit_is_refused_on_t5():
+    model = build_model(model_configs.get("tiny-t5").hf_config.to_dict(), head="seq2seq_lm")
+    with pytest.raises(ValueError, match="no bias"):
+        methods.create("bitfit", model, {})
+
+
+def test_named_configs_and_published_counts():
+    """mt0-large LoRA r=8 on q, v (PEFT README): 2,359,296 of 1,231,940,608; prompt tuning with 5
+    tokens on T5-XXL (Lester et al. Fig. 2): 20,480. Abstract shapes only."""
+    def model(name):
+        cfg = model_configs.get(name)
+        assert cfg.name == name
+        return build_model(cfg.hf_config.to_dict(), head="seq2seq_lm")
+
+    counts = methods.count_params(methods.create("lora", model("mt0-large"), {"rank": 8}))
+    assert (counts["trainable_params"], counts["total_params"]) == (2_359_296, 1_231_940_608)
+    counts = methods.count_params(methods.create("prompt_tuning", model("t5-xxl"), {"num_virtual_tokens": 5}))
+    assert counts["trainable_params"] == 20_480
+    for name, (d, ff, heads, act, tied) in {"t5-base": (768, 3072, 12, "relu", True),
+                                            "T0_3B": (2048, 5120, 32, "gelu_new", False),
+                                            "mt0-xxl": (4096, 10240, 64, "gelu_new", False)}.items():
+        c = build_model(model_configs.get(name).hf_config.to_dict(), head="seq2seq_lm").config
+        assert (c.d_model, c.d_ff, c.num_heads, c.dense_act_fn, c.tie_word_embeddings) == (d, ff, heads, act, tied)
