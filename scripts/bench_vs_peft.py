@@ -1,0 +1,228 @@
+"""peftjax's train step against transformers + peft on PyTorch (CPU): same model, method, batch, machine.
+
+    python scripts/bench_vs_peft.py --model=all-MiniLM-L6-v2 --methods=lora,dora,full --batch=32 --seq=64
+
+For each method, in one process, it times ``--steps`` train steps after compilation and
+``--warmup`` untimed steps on both sides and prints JSON with both medians and the ratio
+``peftjax / peft`` (below 1: peftjax is faster), plus the threads each side used.
+
+Both sides run the same step: the model (random classifier head, ``--num_labels`` classes) on the
+same random ``(batch, seq)`` token batch in training mode (dropout on), cross-entropy, backward,
+and one AdamW update (lr 1e-4, weight decay 1e-4 on every param: optax.adamw's defaults, set on
+torch's AdamW too; no clipping). peftjax's side is scripts/bench.py's step (jitted, state
+donated). The PyTorch side loads the same checkpoint with ``AutoModelForSequenceClassification``
+(or builds the same config with random weights when the model ships none, e.g. tiny-bert) and
+wraps it with peft's ``LoraConfig`` built from our method config: the exact modules our method
+adapts (``target_modules``), rank, alpha, dropout, rsLoRA, ``use_dora`` for dora, the task head as
+``modules_to_save``; ``full`` trains every parameter without peft. The trainable counts of both
+sides are reported and must agree.
+
+Threads: ``torch.set_num_threads(--threads)`` (default: the CPUs this process may use); XLA:CPU
+runs its intra-op pool over the same CPUs. ``--profile`` also times each side's forward pass and
+forward + backward (no update), to show where a step's time goes.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import _bootstrap  # noqa: F401
+import bench  # its flags: --model --methods --batch --seq --steps --warmup --num_labels ...
+from absl import app, flags, logging
+
+flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the CPUs this process may use)")
+flags.DEFINE_bool("profile", False, "also time forward and forward+backward on both sides")
+FLAGS = flags.FLAGS
+
+SUPPORTED = ("full", "lora", "dora")
+WEIGHT_DECAY = 1e-4   # optax.adamw's default; torch's AdamW default (1e-2) is overridden to match
+LEARNING_RATE = 1e-4
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _median(times: list[float]) -> float:
+    return float(statistics.median(times))
+
+
+def _timed(fn, steps: int, warmup: int) -> list[float]:
+    from peftjax.train import measure
+
+    return measure.time_calls(fn, steps, warmup)
+
+
+def torch_model(model_cfg, num_labels: int):
+    """The PyTorch model of a named model config: its checkpoint, or random weights of its config."""
+    import torch
+    import transformers
+
+    from peftjax.models import hf_io
+
+    torch.manual_seed(0)
+    checkpoint = model_cfg.get("checkpoint") or ""
+    if checkpoint:
+        folder = hf_io.resolve_checkpoint(checkpoint)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels)
+    hf = dict(model_cfg.hf_config.to_dict())
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), num_labels=num_labels, **hf)
+    return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+def peft_wrap(torch_net, method):
+    """``torch_net`` adapted by peft as ``method`` (a peftjax lora/dora Method) is configured."""
+    import peft
+
+    from peftjax.interop.hf_peft import modules_to_save
+
+    if method.name == "full":
+        return torch_net
+    c = method.config
+    config = peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                             target_modules=list(method.targets), use_rslora=c.use_rslora,
+                             use_dora=method.name == "dora", bias="none",
+                             modules_to_save=modules_to_save(method.model) or None)
+    return peft.get_peft_model(torch_net, config)
+
+
+def torch_side(net, batch, steps: int, warmup: int, profile: bool) -> dict:
+    """Median seconds of ``net``'s train step (and optionally forward / forward+backward)."""
+    import torch
+
+    inputs = {k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")
+              if k in batch}
+    labels = torch.from_numpy(batch["labels"]).long()
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = net(**inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+
+    times = _timed(step, steps, warmup)
+    out = {"step_s": _median(times), "step_s_all": [round(t, 4) for t in times],
+           "trainable_values": int(sum(p.numel() for p in params))}
+    if profile:
+        def forward():
+            with torch.no_grad():
+                net(**inputs, labels=labels)
+
+        def forward_backward():
+            net.zero_grad(set_to_none=True)
+            net(**inputs, labels=labels).loss.backward()
+
+        out["forward_s"] = _median(_timed(forward, steps, warmup))
+        out["forward_backward_s"] = _median(_timed(forward_backward, steps, warmup))
+    return out
+
+
+def jax_profile(method, base, batch, steps: int, warmup: int) -> dict:
+    """peftjax's forward (train mode, no grad) and forward + backward, jitted, for ``--profile``."""
+    import jax
+
+    from peftjax.train.losses import loss_for
+    from peftjax.train.loop import init_context
+
+    peft = method.setup(jax.random.PRNGKey(1), base, init_context(method.model, None, batch))
+    loss_fn = loss_for(method.model.head)
+    rng = jax.random.PRNGKey(0)
+
+    def loss(trainable, frozen, state, b):
+        return loss_fn(method.apply(trainable, frozen, state, b, train=True, rng=rng), b)
+
+    fwd = jax.jit(loss).lower(peft.trainable, peft.frozen, peft.state, batch).compile()
+    grad = jax.jit(jax.value_and_grad(loss)).lower(peft.trainable, peft.frozen, peft.state, batch).compile()
+    args = (peft.trainable, peft.frozen, peft.state, batch)
+    return {"forward_s": _median(_timed(lambda: jax.block_until_ready(fwd(*args)), steps, warmup)),
+            "forward_backward_s": _median(_timed(lambda: jax.block_until_ready(grad(*args)), steps, warmup))}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    bad = [m for m in FLAGS.methods if m not in SUPPORTED]
+    if bad:
+        raise app.UsageError(f"--methods {bad} have no peft counterpart here; valid: {', '.join(SUPPORTED)}")
+    if FLAGS.dtype != "float32":
+        raise app.UsageError("--dtype: the comparison is fp32 only (PyTorch CPU trains in fp32 here)")
+    if FLAGS.remat:
+        raise app.UsageError("--remat: not compared (peft's side would need gradient checkpointing)")
+    threads = FLAGS.threads or _cpus()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import peft as peft_lib
+    import torch
+    import transformers
+    from flax import traverse_util
+
+    from configs import models
+    from configs.train import _load
+    from peftjax import methods
+    from peftjax.models import hf_io
+
+    torch.set_num_threads(threads)
+    model_cfg = models.get(FLAGS.model)
+    model, params, _ = hf_io.load_from_config(model_cfg, head="classification",
+                                              num_labels=FLAGS.num_labels, dtype=jnp.float32,
+                                              with_tokenizer=False)
+    base = traverse_util.flatten_dict(params, sep=".")
+    rng = np.random.default_rng(0)
+    vocab = model_cfg.hf_config.vocab_size
+    ids = rng.integers(min(1000, vocab // 2), vocab, size=(FLAGS.batch, FLAGS.seq)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask": np.ones(FLAGS.batch, bool),
+             "labels": rng.integers(0, FLAGS.num_labels, FLAGS.batch).astype(np.int32)}
+    if "token_type_ids" in model.input_names:
+        batch["token_type_ids"] = np.zeros_like(ids)
+    overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
+
+    rows = []
+    for name in FLAGS.methods:
+        t0 = time.perf_counter()
+        ours = bench.bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
+        cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
+        cfg.update(overrides.get(name, {}))
+        method = methods.create(name, model, cfg)
+        theirs = torch_side(peft_wrap(torch_model(model_cfg, FLAGS.num_labels), method), batch,
+                            FLAGS.steps, FLAGS.warmup, FLAGS.profile)
+        ours_values = ours["trainable_params"] + ours["head_params"]
+        if ours_values != theirs["trainable_values"]:
+            raise RuntimeError(f"{name}: peftjax trains {ours_values} values, peft "
+                               f"{theirs['trainable_values']}: the two sides are not the same method")
+        row = {"method": name, "peftjax_step_s": ours["train_step_s"], "peft_step_s": theirs["step_s"],
+               "ratio": ours["train_step_s"] / theirs["step_s"],
+               "trainable_values": ours_values, "trainable_params": ours["trainable_params"],
+               "peftjax_step_s_all": ours["train_step_s_all"], "peft_step_s_all": theirs["step_s_all"],
+               "flops": ours.get("flops")}
+        if FLAGS.profile:
+            prof = jax_profile(method, base, batch, FLAGS.steps, FLAGS.warmup)
+            row["peftjax_profile"] = {**prof, "step_s": ours["train_step_s"]}
+            row["peft_profile"] = {k: theirs[k] for k in ("forward_s", "forward_backward_s")}
+            row["peft_profile"]["step_s"] = theirs["step_s"]
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    out = {
+        "model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
+        "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+        "torch_threads": torch.get_num_threads(), "jax_threads": _cpus(),
+        "jax_threads_note": "XLA:CPU's intra-op pool spans the CPUs this process may use",
+        "cpus": _cpus(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft_lib.__version__},
+        "backend": jax.default_backend(),
+        "methods": rows,
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,45 @@
+"""Smoke test of scripts/bench_vs_peft.py on tiny-bert: both sides run the same LoRA step.
+
+Timings on a shared CI machine are noise, so only the report's shape and the agreement of the
+two sides' trainable counts are checked; the ratio is measured by hand (experiments/memory_table
+README and the script's docstring say how).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "scripts/bench_vs_peft.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_bert_lora_both_sides():
+    proc = run("--model=tiny-bert", "--methods=lora", "--batch=2", "--seq=8", "--steps=2",
+               "--warmup=1", "--threads=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["torch_threads"] == 1 and out["jax_threads"] >= 1
+    assert out["backend"] == "cpu" and set(out["versions"]) == {"jax", "torch", "transformers", "peft"}
+    (row,) = out["methods"]
+    assert row["method"] == "lora"
+    # LoRA r=8 on query,value of 2 layers (hidden 32) + the 3-way classifier (32*3 + 3)
+    assert row["trainable_params"] == 2 * 2 * (32 * 8 + 8 * 32)
+    assert row["trainable_values"] == row["trainable_params"] + 32 * 3 + 3
+    assert len(row["peftjax_step_s_all"]) == len(row["peft_step_s_all"]) == 2
+    assert row["peftjax_step_s"] > 0 and row["peft_step_s"] > 0
+    assert abs(row["ratio"] - row["peftjax_step_s"] / row["peft_step_s"]) < 1e-12
+
+
+def test_methods_without_a_peft_counterpart_are_refused():
+    proc = run("--model=tiny-bert", "--methods=lora,bitfit")
+    assert proc.returncode != 0
+    assert "bitfit" in proc.stderr and "full, lora, dora" in proc.stderr
