@@ -30,6 +30,8 @@ flags.DEFINE_integer("num_labels", 3, "classification labels (encoders)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("remat", False, "rematerialise layers in the backward pass")
 flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over config defaults")
+flags.DEFINE_bool("random_weights", False, "random init instead of the model's checkpoint (same "
+                  "shapes and speed; for machines without the offline weights)")
 flags.DEFINE_bool("inference", False, "also time inference: the adapted model, its merged form "
                   "(mergeable methods) and the base model, each a jitted forward pass")
 FLAGS = flags.FLAGS
@@ -124,6 +126,10 @@ def main(argv):
     from peftjax.models import hf_io
 
     model_cfg = models.get(FLAGS.model)
+    if FLAGS.random_weights and model_cfg.get("checkpoint"):
+        model_cfg = model_cfg.copy_and_resolve_references()
+        with model_cfg.unlocked():
+            model_cfg.checkpoint = None
     head = "classification"
     from peftjax.models.registry import family_for
 
