@@ -12,7 +12,14 @@ from configs import models as model_configs
 from peftjax.models import build_model
 
 FAMILIES = ("bert", "llama")
+# GPT-2 and BLOOM run a representative subset of the contract matrix in `make test` (time budget):
+# LoRA on the fused q/k/v layer (the PEFT default target: c_attn, query_key_value), adapters
+# (block_output) on GPT-2, prompt tuning on BLOOM (virtual tokens enter before the embedding
+# LayerNorm and shift the ALiBi positions). Every other method runs on them under `-m slow`
+# (tests/methods/test_contract.py).
+DECODER_SUBSETS = {"gpt2": ("lora", "adapter"), "bloom": ("lora", "prompt_tuning")}
 TINY = {"bert": ("tiny-bert", "classification", 3), "llama": ("tiny-llama", "causal_lm", None),
+        "gpt2": ("tiny-gpt2", "causal_lm", None), "bloom": ("tiny-bloom", "causal_lm", None),
         "t5": ("tiny-t5", "seq2seq_lm", None)}
 # The encoder-decoder family runs a representative subset of the contract matrix (time budget):
 # full, LoRA, prompt tuning (encoder input), Houlsby adapters. BitFit has nothing to train on T5
@@ -22,6 +29,9 @@ SEQ2SEQ_FAMILIES = {"t5": ("full", "lora", "prompt_tuning", "adapter")}
 # with hidden 32, 30k tokens and N(0, 0.02) weights, a frozen LM head bounds every logit by ~1 and
 # no adapter could move the loss measurably.
 TINY_OVERRIDES = {"llama": {"vocab_size": 256, "initializer_range": 0.2},
+                  "gpt2": {"vocab_size": 256, "initializer_range": 0.2, "resid_pdrop": 0.0,
+                           "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                  "bloom": {"vocab_size": 256, "initializer_range": 0.2},
                   "t5": {"vocab_size": 256, "dropout_rate": 0.0}}
 
 # Small configurations of every registered method for the contract matrix.
@@ -132,7 +142,7 @@ def formula_count(method, base: dict) -> int:
     if name == "child_tuning_d":  # outside the layers whole, round(p x layer params) inside
         import re
 
-        layer = {k: v for k, v in non_head.items() if re.search(r"\.layers?\.\d+\.", k)}
+        layer = {k: v for k, v in non_head.items() if re.search(r"\.(layers?|h)\.\d+\.", k)}
         return tree_size(non_head) - tree_size(layer) + int(round(method.config.reserve_p
                                                                    * tree_size(layer)))
     if name == "bitfit":

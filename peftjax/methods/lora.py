@@ -40,9 +40,11 @@ import jax.numpy as jnp
 from peftjax.methods import core
 from peftjax.models import hooks as hooks_lib
 
-# PEFT's default target modules per family (query/value projections, LoRA §7.1); T5/mT5 name
-# them q and v (self- and cross-attention alike, as PEFT's ["q", "v"]).
-DEFAULT_TARGETS = r"\.(query|value|q_proj|v_proj|q|v)$"
+# PEFT's default target modules per family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
+# the query/value projections (LoRA §7.1) of BERT/RoBERTa (query, value) and Llama (q_proj,
+# v_proj); GPT-2 and BLOOM fuse q/k/v into one layer (c_attn, query_key_value), which PEFT targets;
+# T5/mT5 name them q and v (self- and cross-attention alike, as PEFT's ["q", "v"]).
+DEFAULT_TARGETS = r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$"
 
 
 @dataclasses.dataclass(frozen=True)

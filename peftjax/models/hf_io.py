@@ -49,12 +49,20 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def hf_name(path: str) -> tuple[str, bool]:
-    """HF tensor name of a flax param path, and whether the array is transposed."""
+def hf_name(path: str, family: Any = None) -> tuple[str, bool]:
+    """HF tensor name of a flax param path, and whether the array is transposed.
+
+    Kernels are transposed (``nn.Linear`` stores (out, in)) unless ``family`` (a
+    ``registry.Family``) lists the path in ``untransposed_kernels`` (GPT-2's ``Conv1D``).
+    """
     module, _, leaf = path.rpartition(".")
     if leaf not in _LEAF_TO_HF:
         raise ValueError(f"param {path!r} has no Hugging Face name mapping")
-    return f"{module}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
+    transpose = leaf == "kernel"
+    pattern = getattr(family, "untransposed_kernels", "") if family is not None else ""
+    if transpose and pattern and re.search(pattern, path):
+        transpose = False
+    return f"{module}.{_LEAF_TO_HF[leaf]}", transpose
 
 
 def _candidates(name: str, prefix: str) -> Iterable[str]:
@@ -155,7 +163,7 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
     out: dict[str, Any] = {}
     missing, misshaped, fresh = [], [], []
     for path, spec in abstract.items():
-        name, transpose = hf_name(path)
+        name, transpose = hf_name(path, model.family)
         found = next((c for c in _candidates(name, prefix) if c in tensors), None)
         if found is None and dict(model.family.tied_fallbacks).get(name) in tensors:
             found = dict(model.family.tied_fallbacks)[name]  # saved tied: transformers ties it
@@ -205,11 +213,12 @@ def load_pretrained(folder: str, head: str = "none", num_labels: int | None = No
     return model, params
 
 
-def tensors_from_params(params: dict) -> dict[str, np.ndarray]:
-    """The HF-named tensors of a param tree (inverse of ``params_from_tensors``)."""
+def tensors_from_params(params: dict, family: Any = None) -> dict[str, np.ndarray]:
+    """The HF-named tensors of a param tree (inverse of ``params_from_tensors``); ``family``
+    (a ``registry.Family``) names kernels stored untransposed (GPT-2's ``Conv1D``)."""
     out = {}
     for path, value in flatten(params).items():
-        name, transpose = hf_name(path)
+        name, transpose = hf_name(path, family)
         array = np.asarray(jax.device_get(value))
         out[name] = np.ascontiguousarray(array.T if transpose else array)
     return out
@@ -224,7 +233,7 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
-    tensors = tensors_from_params(params)
+    tensors = tensors_from_params(params, model.family)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):

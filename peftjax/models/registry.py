@@ -37,6 +37,9 @@ class Family:
       input_names: batch keys the module's ``__call__`` takes, in order.
       optional_params: regex over param paths that a checkpoint may lack and that are then
         initialised fresh, as transformers does (BERT's pooler: MLM checkpoints ship none).
+      untransposed_kernels: regex over param paths of kernels that the checkpoint already stores
+        as (in, out), so ``hf_io`` must not transpose them (GPT-2's ``Conv1D`` layers); every
+        other kernel is an ``nn.Linear`` weight, stored (out, in).
       tied_fallbacks: ``(tensor, source)`` pairs: a checkpoint without ``tensor`` loads it from
         ``source``, as transformers ties it (a T5 ``lm_head.weight`` absent: ``shared.weight``).
     """
@@ -50,6 +53,7 @@ class Family:
     backbone_prefix: Callable[[Any, str], str]
     input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     optional_params: str = ""
+    untransposed_kernels: str = ""
     tied_fallbacks: tuple[tuple[str, str], ...] = ()
 
 

@@ -20,10 +20,12 @@ from peftjax import methods
 from peftjax.train import init_state, make_train_step
 from peftjax.methods import saving
 from peftjax.train.checkpoint import Checkpointer
-from tests.helpers import FAMILIES, SEQ2SEQ_FAMILIES, fisher_context, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
+from tests.helpers import DECODER_SUBSETS, FAMILIES, SEQ2SEQ_FAMILIES, fisher_context, METHOD_CONFIGS, formula_count, learnable_batch, tiny_model, tree_size
 
 CASES = ([(m, f) for m in sorted(METHOD_CONFIGS) for f in FAMILIES]
-         + [(m, f) for f, ms in SEQ2SEQ_FAMILIES.items() for m in ms])
+         + [(m, f) for f, ms in SEQ2SEQ_FAMILIES.items() for m in ms]
+         + [(m, f) if m in ms else pytest.param(m, f, marks=pytest.mark.slow)
+            for f, ms in DECODER_SUBSETS.items() for m in sorted(METHOD_CONFIGS)])
 
 
 def test_every_registered_method_is_in_the_matrix():
@@ -144,7 +146,8 @@ def test_adapter_file_round_trip(case, method_name, family, tmp_path):
 
 
 @pytest.mark.parametrize("method_name,family",
-                         [c for c in CASES if methods.method_class(c[0]).mergeable])
+                         [c for c in CASES if methods.method_class(
+                             (c.values if hasattr(c, "values") else c)[0]).mergeable])
 def test_merge_equals_unmerged(case, method_name, family):
     c = case(method_name, family)
     method, state = c.method, c.state
