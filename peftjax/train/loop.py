@@ -235,6 +235,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     """
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
+    from peftjax.parallel import distributed, shard
+
+    distributed.maybe_initialize(config.get("distributed", None))  # before any device is touched
     task, model, tokenizer, method, base = build(config)
     if tokenizer is None:
         raise ValueError(f"model {config.model.name!r} has no tokenizer; set model.tokenizer")
@@ -253,6 +256,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     state = init_state(peft.trainable, peft.state, tx)
     frozen = peft.frozen
     best = {"trainable": jax.tree.map(jnp.copy, peft.trainable), "metrics": None, "step": 0}
+    # config.mesh: frozen, trainable, optimizer and method state placed by the sharding rules;
+    # None (no mesh) keeps the single-device path.
+    shardings = shard.from_config(config, method, state, frozen)
+    if shardings is not None:
+        state, frozen = shardings.put(state, frozen)
+        best["trainable"] = shard.put_tree(best["trainable"], shardings.state.trainable)
 
     names = _metric_names(task)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -267,8 +276,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         metrics_log.truncate_after(start)
         log.info("resumed from step %d", start)
 
-    train_step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(method, lm_classes))
+    if shardings is None:
+        train_step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
+        eval_fn = jax.jit(make_eval_step(method, lm_classes))
+    else:
+        train_step = shardings.jit_train_step(make_train_step(method, tx, config.seed))
+        eval_fn = shardings.jit_eval_step(make_eval_step(method, lm_classes))
 
     times: list[float] = []
     compiled_shapes: set = set()
@@ -279,6 +292,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     try:
         for step in range(start, total):
             batch = next(batches)
+            if shardings is not None:  # each process transfers the rows its devices hold
+                batch = shardings.put_batch(batch)
             shape = batch["input_ids"].shape
             if shape not in compiled_shapes:
                 if not memory:
@@ -324,6 +339,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                     encoded["train"], tc.batch_size, config.seed))).compile())
         test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
                         tc.eval_batch_size, task)
+        if task_format(config, task) == "instruction" and config.task.get("eval_generate", 0):
+            test.update(_instruction_exact_match(config, tokenizer, method, best["trainable"], frozen,
+                                                 state.method_state, encoded["test"]))
         metrics_log.write(total, "test", test)
         # The shareable result: the best trainable tree and the method state, no optimizer state.
         adapter_bytes = saving.save_adapter(
@@ -355,10 +373,23 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "config": config.to_dict(),
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
+        "mesh": dict(shardings.mesh.shape) if shardings is not None else None,
     }
     result.update(method_report(method, state))
     write_json_atomic(os.path.join(workdir, "result.json"), result)
     return result
+
+
+def _instruction_exact_match(config, tokenizer, method, trainable, frozen, method_state, encoded) -> dict:
+    """Greedy-generation exact match on ``task.eval_generate`` test rows (instruction tasks)."""
+    from peftjax.data.instructions import special_tokens
+    from peftjax.train.steps import greedy_exact_match
+
+    hf = config.model.hf_config.to_dict()
+    return greedy_exact_match(method, trainable, frozen, method_state, encoded,
+                              limit=config.task.eval_generate, batch_size=config.train.eval_batch_size,
+                              eos_token_id=special_tokens(tokenizer, hf)[1],
+                              pad_token_id=hf.get("pad_token_id") or 0)
 
 
 def method_report(method, state) -> dict:
