@@ -390,14 +390,15 @@ def task_config(name: str, source: str, **overrides: Any) -> ml_collections.Conf
     """The ``configs/tasks/<name>.py`` settings of an instruction task, with the defaults.
 
     Keys: name, source, format ("instruction"), fields, prompt_template, prompt_template_no_input,
-    truncation, split names, split_fractions (single JSONL files), max_length, batch sizes.
+    truncation, split names, split_fractions (single JSONL files), max_length, batch sizes,
+    eval_generate (test rows scored by greedy-generation exact match after training; 0: none).
     """
     config = ml_collections.ConfigDict(dict(
         name=name, source=source, format="instruction", fields=dict(DEFAULT_FIELDS),
         prompt_template=ALPACA_PROMPT_INPUT, prompt_template_no_input=ALPACA_PROMPT_NO_INPUT,
         truncation="left", train_split="train", eval_split="validation", test_split="test",
         split_fractions=dict(DEFAULT_SPLIT_FRACTIONS), max_length=256, batch_size=16,
-        eval_batch_size=64))
+        eval_batch_size=64, eval_generate=0))
     for key, value in overrides.items():
         if key not in config:
             raise ValueError(f"unknown instruction task setting {key!r}; known: {', '.join(sorted(config))}")

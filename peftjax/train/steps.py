@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from peftjax.methods.core import Method
@@ -112,3 +113,59 @@ def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
         return {"nll_sum": jnp.sum(ce * valid), "tokens": jnp.sum(valid)}
 
     return eval_fn
+
+
+def greedy_exact_match(method: Method, trainable: dict, frozen: dict, method_state: dict,
+                       encoded: dict, *, limit: int, batch_size: int, eos_token_id: int,
+                       pad_token_id: int = 0) -> dict[str, float]:
+    """Exact match of greedy generation on ``limit`` rows (evenly spread) of a response-labelled split.
+
+    A row's prompt is its tokens before the first labelled position and its reference the
+    labelled tokens (the response and its EOS, as ``peftjax.data.instructions`` encodes them).
+    The adapted model continues each prompt greedily (``models.generation.generate``, KV cache,
+    the method's hooks active) for as many tokens as the longest reference; a row matches when its
+    tokens up to and including the first EOS equal the reference exactly. Prompts are
+    left-padded and batches hold ``batch_size`` rows (the last filled with copies), so one
+    program serves every batch. Returns ``exact_match`` and ``exact_match_n`` (rows scored).
+    """
+    from flax import traverse_util
+
+    from peftjax.models import generation, hooks
+
+    total = len(encoded["labels"])
+    if total == 0 or limit < 1:
+        raise ValueError(f"no rows to generate for (split of {total} rows, limit={limit})")
+    # Evenly spread rows: evaluation splits are sorted by length, so a prefix would be the shortest.
+    pick = np.unique(np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64))
+    labels = np.asarray(encoded["labels"])[pick]
+    ids = np.asarray(encoded["input_ids"])[pick]
+    lengths = np.asarray(encoded["attention_mask"]).sum(axis=1)[pick]
+    n = len(labels)
+    labelled = labels != IGNORE
+    if not labelled.any(axis=1).all():
+        raise ValueError("every row needs a labelled response to score generation against")
+    starts = labelled.argmax(axis=1)
+    refs = [ids[i, starts[i]:lengths[i]].tolist() for i in range(n)]
+    width, new = int(starts.max()), max(len(r) for r in refs)
+    prompts = np.full((n, width), pad_token_id, np.int32)
+    masks = np.zeros((n, width), np.int32)
+    for i in range(n):  # left padding: every row continues at the same slot
+        prompts[i, width - starts[i]:] = ids[i, :starts[i]]
+        masks[i, width - starts[i]:] = 1
+
+    @jax.jit
+    def run(trainable, prompt, mask):
+        params = traverse_util.unflatten_dict(method.effective_base(trainable, frozen, method_state), sep=".")
+        with hooks.use(method.hooks(trainable["added"], method_state, train=False, rng=None)):
+            return generation.generate(method.model, params, prompt, mask, new,
+                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+    hits = 0
+    for start in range(0, n, batch_size):
+        rows = np.minimum(np.arange(start, start + batch_size), n - 1)
+        out = np.asarray(run(trainable, prompts[rows], masks[rows]))[:, width:]
+        for j, i in enumerate(range(start, min(start + batch_size, n))):
+            gen = out[j].tolist()
+            gen = gen[:gen.index(eos_token_id) + 1] if eos_token_id in gen else gen
+            hits += gen == refs[i]
+    return {"exact_match": hits / n, "exact_match_n": float(n)}

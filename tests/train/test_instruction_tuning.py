@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -54,8 +55,10 @@ def test_instruction_tuning_learns_the_responses_and_is_deterministic(jsonl, tmp
     config = tiny_decoder_config(f"jsonl:{jsonl}")
     config.task.prompt_template, config.task.prompt_template_no_input = "{instruction} {input} =>", "{instruction} =>"
     config.task.max_length = 24
+    config.task.eval_generate = 4  # greedy exact match on 4 test records after training
     a = train_and_evaluate(config, str(tmp_path / "a"))
     assert a["format"] == "instruction" and a["task"] == f"jsonl:{jsonl}"
+    assert a["metrics"]["test"]["exact_match_n"] == 4 and 0 <= a["metrics"]["test"]["exact_match"] <= 1
     val = [r["loss"] for r in rows(tmp_path / "a", "validation")]
     assert len(val) == 3 and val[-1] < val[0] - 0.5, val  # response-token loss on held-out records
     assert a["metrics"]["test"]["perplexity"] == pytest.approx(np.exp(a["metrics"]["test"]["loss"]), rel=1e-5)
@@ -81,3 +84,36 @@ def test_verbaliser_classification_through_the_loop(tmp_path, monkeypatch):
     test = result["metrics"]["test"]
     assert set(test) == {"accuracy", "macro_f1"} and 0.0 <= test["accuracy"] <= 1.0
     assert result["majority_rate"] == pytest.approx(1 / 3)
+
+
+def test_greedy_exact_match_scores_generated_responses():
+    """Prompts of different lengths (left-padded inside), references taken from each row's own
+    unpadded greedy continuation: true references match, a changed token or a missed EOS does not."""
+    from flax import traverse_util
+
+    from peftjax import methods
+    from peftjax.models import generation
+    from peftjax.train.steps import greedy_exact_match
+    from tests.helpers import tiny_model
+
+    model, base = tiny_model("llama")
+    method = methods.create("lora", model, {"rank": 2})
+    peft = method.setup(jax.random.PRNGKey(0), base)  # B = 0: the adapted model is the base model
+    params = traverse_util.unflatten_dict(base, sep=".")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 200, size=n).tolist() for n in (5, 9, 7, 6)]
+    conts = [np.asarray(generation.generate(model, params, np.asarray([p], np.int32), None, 4,
+                                            eos_token_id=()))[0, len(p):].tolist() for p in prompts]
+    eos = next(t for t in range(5, 256) if all(t not in c for c in conts))  # never generated
+    responses = [conts[0], conts[1][:3] + [conts[1][3] + 1], conts[2], conts[3][:2] + [eos]]
+    n, width = len(prompts), 16
+    enc = {"input_ids": np.zeros((n, width), np.int32), "attention_mask": np.zeros((n, width), np.int32),
+           "labels": np.full((n, width), -100, np.int32)}
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        enc["input_ids"][i, :len(p) + len(r)] = p + r
+        enc["attention_mask"][i, :len(p) + len(r)] = 1
+        enc["labels"][i, len(p):len(p) + len(r)] = r
+    got = greedy_exact_match(method, peft.trainable, peft.frozen, peft.state, enc, limit=10,
+                             batch_size=3, eos_token_id=eos)
+    # rows 0 and 2 match; row 1 has a changed token; row 3 expects an EOS the model never emits
+    assert got == {"exact_match": 0.5, "exact_match_n": 4.0}
