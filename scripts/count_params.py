@@ -35,6 +35,8 @@ def main(argv):
            "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4)}
     if getattr(method, "count_rule", None):  # e.g. FishMask: whether the head is in the budget
         out["count_rule"] = method.count_rule
+    if hasattr(method, "training_params"):  # prefix tuning: updated in training (with its MLP)
+        out["training_params"] = method.training_params()
     print(json.dumps(out))
 
 

@@ -16,8 +16,16 @@ Details, each as the reference implementation (HF PEFT ``PrefixTuningConfig`` /
 * **Keys are not rotated.** The prefixes enter after RoPE (the ``attention_kv`` hook runs after
   it, as past keys in transformers' cache are stored rotated and never touched again), so a
   prefix key is a raw vector learned directly in rotated space.
-* **Positions do not move.** Real tokens keep positions ``0, 1, …`` (transformers 5 numbers the
-  tokens after a prefix cache from 0 too; checked against PEFT in the tests).
+* **Positions do not move.** Real tokens keep positions ``0, 1, …``: the prefixes are not
+  tokens, and a prefixed model's position handling (padding, the KV cache) stays the base
+  model's. This is the one place where PEFT differs: it hands the prefixes to transformers as a
+  p-long ``past_key_values`` cache, so transformers numbers the real tokens from ``p`` (RoPE /
+  learned positions shifted by p). With the same weights our logits equal PEFT's prefix cache
+  read at positions from 0, and equal PEFT's default forward when given positions from ``p``
+  (``method.apply(..., positions=p + arange)`` on decoders); both checked to 1e-4 in the tests.
+* **Every attention layer.** On an encoder-decoder (T5) that is encoder self-attention, decoder
+  self-attention and cross-attention, each with its own prefixes (PEFT prefixes only the decoder,
+  sharing one prefix between its self- and cross-attention).
 * **Grouped-query attention.** Prefixes have ``kv_heads`` heads (PEFT sizes its ``token_dim``
   as ``num_key_value_heads · head_dim`` for GQA models); each is shared by its query group.
 * **Padding and the KV cache.** Prefix columns are always attendable, by every query. The hook
