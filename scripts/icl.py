@@ -1,0 +1,83 @@
+"""In-context learning baseline: k-shot prompts scored by verbaliser log-likelihood; no training.
+
+    python scripts/icl.py --model=runs/decoder_tweets/pretrained_large --task=tweet_sentiment \
+      --k=4 --limit=500
+
+``--model`` is a checkpoint folder (config.json + safetensors + tokenizer) or a built-in model
+name with a tokenizer. Demonstrations come from the task's training split, chosen by ``--seed``
+(a fresh draw per example, or ``--selection=fixed``); prints the metrics as JSON and writes
+them to ``--output`` when given.
+"""
+
+import json
+
+import _bootstrap  # noqa: F401
+from absl import app, flags, logging
+
+flags.DEFINE_string("model", None, "checkpoint folder or built-in model name (a causal LM)")
+flags.DEFINE_string("task", "tweet_sentiment", "a classification task")
+flags.DEFINE_string("split", "test", "evaluation split")
+flags.DEFINE_integer("limit", 0, "evaluate the first N examples (0: all)")
+flags.DEFINE_integer("k", 4, "demonstrations per prompt")
+flags.DEFINE_integer("seed", 0, "seed of the demonstration choice")
+flags.DEFINE_enum("selection", "random", ["random", "fixed"], "per-example draw or one shared draw")
+flags.DEFINE_bool("balanced", False, "draw demonstrations round-robin over the classes")
+flags.DEFINE_string("template", "", "prompt template (default: the task config's lm_template)")
+flags.DEFINE_integer("max_demo_tokens", 48, "each demonstration's text is cut to this many tokens")
+flags.DEFINE_integer("max_length", 64, "token budget of the query part")
+flags.DEFINE_integer("batch_size", 32, "prompts per scoring batch")
+flags.DEFINE_string("output", "", "also write the JSON here")
+flags.mark_flags_as_required(["model"])
+FLAGS = flags.FLAGS
+
+
+def load_causal_lm(spec: str):
+    """(CausalLM, tokenizer) from a checkpoint folder or a built-in model name."""
+    import os
+
+    from configs import models
+    from peftjax.methods.proxy_tuning import CausalLM
+    from peftjax.models import hf_io
+
+    if os.path.isdir(spec):
+        model, params = hf_io.load_pretrained(spec, head="causal_lm")
+        return CausalLM.plain(model, params), hf_io.load_tokenizer(spec)
+    model, params, tokenizer = hf_io.load_from_config(models.get(spec), head="causal_lm")
+    if tokenizer is None:
+        raise ValueError(f"model {spec!r} has no tokenizer; pass a checkpoint folder that holds one")
+    return CausalLM.plain(model, params), tokenizer
+
+
+def task_template(task_name: str) -> str:
+    from configs.train import _load
+    from peftjax.data.lm import DEFAULT_TEMPLATE
+
+    return FLAGS.template or _load("tasks", task_name).get_config().get("lm_template", "") or DEFAULT_TEMPLATE
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from peftjax import data
+    from peftjax.methods.icl import ICLConfig, evaluate_icl
+    from peftjax.train.loop import write_json_atomic
+
+    task = data.get_task(FLAGS.task)
+    lm, tokenizer = load_causal_lm(FLAGS.model)
+    config = ICLConfig(k=FLAGS.k, seed=FLAGS.seed, selection=FLAGS.selection, balanced=FLAGS.balanced,
+                       template=task_template(FLAGS.task), max_demo_tokens=FLAGS.max_demo_tokens,
+                       max_length=FLAGS.max_length)
+    train = data.load_examples(task.name, task.train_split)
+    queries = data.load_examples(task.name, FLAGS.split, limit=FLAGS.limit or None)
+    res = evaluate_icl(lm, tokenizer, task, train, queries, config, batch_size=FLAGS.batch_size, progress=True)
+    out = {"model": FLAGS.model, "task": task.name, "split": FLAGS.split, "examples": len(queries),
+           "icl": {"k": config.k, "seed": config.seed, "selection": config.selection,
+                   "balanced": config.balanced, "template": config.template},
+           "metrics": res["metrics"], "mean_sequence_tokens": res["mean_sequence_tokens"]}
+    if FLAGS.output:
+        write_json_atomic(FLAGS.output, out)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
