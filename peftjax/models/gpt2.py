@@ -329,9 +329,14 @@ class GPT2Model(nn.Module):
             positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_pre, dtype=jnp.int32), (b, n_pre)),
                                          jnp.asarray(positions, jnp.int32) + n_pre], axis=1)
         positions = jnp.asarray(positions, jnp.int32)
+        mask, cache, kv_valid, index = causal_mask_and_cache(valid, cache, n_pre)
+        # The position table has n_positions rows and a gather would clamp silently beyond it.
+        span = l if cache is None else cache.max_len
+        if span > self.config.n_positions:
+            raise ValueError(f"gpt2: {span} positions ({'sequence' if cache is None else 'KV cache'} "
+                             f"length) exceed n_positions={self.config.n_positions}")
         h = self.drop(h + self.wpe(positions), deterministic=not train)
 
-        mask, cache, kv_valid, index = causal_mask_and_cache(valid, cache, n_pre)
         caches = None if cache is None else list(zip(cache.keys, cache.values))
         h, new_caches = self.h(h, mask, caches, index, train)
         h = self.ln_f(h)

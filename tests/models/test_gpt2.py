@@ -196,5 +196,8 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="add_cross_attention"):
         gpt2.GPT2Config.from_hf(hf_config(add_cross_attention=True))
     c = gpt2.GPT2Config.from_hf(hf_config())
+    model = build_model(hf_config(), head="causal_lm")
+    with pytest.raises(ValueError, match="exceed n_positions=64"):
+        jax.eval_shape(lambda r: model.init(r, model.dummy_batch(seq=65)), jax.random.PRNGKey(0))
     assert (c.n_inner, c.head_dim, c.num_key_value_heads, c.eos_token_id) == (256, 16, 4, (2,))
     hash(c)
