@@ -162,8 +162,12 @@ def plan(method, mesh: Mesh, state, frozen: Mapping[str, Any], *, rules: Shardin
     replicated = NamedSharding(mesh, P())
     frozen_shapes = {k: _shape(v) for k, v in frozen.items()}
 
-    def sparse_delta(path, shp):  # selection methods' values, stored under the weight's own path
-        return SPARSE_DELTA if path in frozen_shapes and frozen_shapes[path] != shp else None
+    def sparse_delta(path, shp):
+        # selection methods' values, stored under the weight's own path with ``.indices`` in the
+        # method state (FishMask, Child-tuning_D), or any vector that replaces a frozen weight
+        sparse = path + ".indices" in state.method_state or (
+            path in frozen_shapes and frozen_shapes[path] != shp)
+        return SPARSE_DELTA if sparse else None
 
     placements = {"frozen": _flat_placements(frozen, rules, shape)}
     trainable_sh = {}

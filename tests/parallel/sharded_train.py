@@ -1,9 +1,12 @@
 """Run by tests/parallel/test_sharding.py in a subprocess with 8 forced host CPU devices.
 
+    python tests/parallel/sharded_train.py [MESHES]     # MESHES: "8,1,1/2,4,1/2,2,2" (default)
+
 Trains one method of each family (LoRA; adapter and prompt tuning (additional params); FishMask
 (selection, sparse deltas); full fine-tuning) on a tiny Llama for a few steps on one device and
-on the meshes (8,1,1), (2,4,1), (2,2,2), and checkpoints the (2,4,1) state and restores it onto
-the (2,2,2) mesh to take one more step. All methods share one jitted program per mesh (one
+on each mesh. The first mesh's final state is checkpointed; it is restored onto the (1,8,1)
+mesh's shardings (values and shardings checked), and, given two meshes or more, onto the last
+mesh, which takes one more step from it. All methods share one jitted program per mesh (one
 compilation per mesh). Prints one JSON object on stdout: losses per mesh and method, the
 placements that prove arrays really were sharded, and the checkpoint checks.
 """
@@ -31,7 +34,7 @@ from peftjax.train.steps import init_state, make_train_step
 from tests.helpers import METHOD_CONFIGS, fisher_context, learnable_batch
 
 METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
-MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+MESHES = "8,1,1/2,4,1/2,2,2"
 STEPS = 3
 MIN_ELEMENTS = 64   # small enough that the tiny model's LoRA factors are sharded too
 
@@ -40,7 +43,21 @@ def log(msg: str) -> None:
     print(f"[sharded_train {time.strftime('%X')} cpu {time.process_time():.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def restore(directory: str, like: dict, shardings: dict) -> dict:
+    ckpt = Checkpointer(directory)
+    restored = ckpt.restore(like, shardings=shardings)
+    ckpt.close()
+    return {n: type(like[n])(*restored[n]) if not isinstance(restored[n], type(like[n])) else restored[n]
+            for n in like}
+
+
+def same_sharding(tree: dict, shardings: dict) -> bool:
+    return all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
+        jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def main(meshes: str = MESHES) -> None:
+    meshes = [tuple(int(x) for x in m.split(",")) for m in meshes.split("/")]
     assert jax.device_count() == 8, f"expected 8 forced host devices, got {jax.device_count()}"
     hf = {**model_configs.get("tiny-llama").hf_config.to_dict(), "vocab_size": 256,
           "initializer_range": 0.2, "num_hidden_layers": 1}
@@ -75,7 +92,7 @@ def main() -> None:
     log(f"single device: {time.time() - t0:.1f}s")
 
     saved_dir = tempfile.mkdtemp(prefix="sharded_ckpt_")
-    for shape in MESHES:
+    for shape in meshes:
         t0 = time.time()
         mesh = make_mesh(shape)
         states, frozens = fresh()
@@ -104,24 +121,31 @@ def main() -> None:
             "lora_A_adam_mu": [list(x.addressable_shards[0].data.shape) for x in jax.tree.leaves(
                 states["lora"].opt_state) if x.shape == (32, 4)][:1],
         }
-        if shape == (2, 4, 1):
+        if shape == meshes[0]:
             ckpt = Checkpointer(saved_dir)
             ckpt.save(STEPS, states)
             ckpt.close()
-        if shape == (2, 2, 2):  # restore the (2,4,1) checkpoint onto this mesh, take one step
-            ckpt = Checkpointer(saved_dir)
-            restored = ckpt.restore(states, shardings=state_sh)
-            ckpt.close()
-            restored = {n: type(states[n])(*restored[n]) if not isinstance(restored[n], type(states[n]))
-                        else restored[n] for n in METHODS}
-            same_sharding = all(a.sharding == s for n in METHODS for a, s in zip(
-                jax.tree.leaves(restored[n]), jax.tree.leaves(state_sh[n])))
+            saved = jax.device_get(states)
+            # onto another mesh's shardings, without a step (no compilation)
+            other = make_mesh((1, 8, 1))
+            other_sh = {n: plan(meths[n], other, states[n], frozens[n], min_elements=MIN_ELEMENTS).state
+                        for n in METHODS}
+            restored = restore(saved_dir, states, other_sh)
+            result["restore_values"] = {
+                "from": key, "onto": "1,8,1",
+                "same_sharding": same_sharding(restored, other_sh),
+                "equal": all(np.array_equal(np.asarray(a), b) for a, b in zip(
+                    jax.tree.leaves(restored), jax.tree.leaves(saved))),
+                "sharded_leaves": sum(not s.is_fully_replicated for s in jax.tree.leaves(other_sh))}
+        if len(meshes) > 1 and shape == meshes[-1]:  # restore onto this mesh, take one step
+            restored = restore(saved_dir, states, state_sh)
             _, loss = step(restored, frozens, sharded_batch)
-            result["restore"] = {"from": "2,4,1", "onto": key, "same_sharding": bool(same_sharding),
+            result["restore"] = {"from": ",".join(map(str, meshes[0])), "onto": key,
+                                 "same_sharding": same_sharding(restored, state_sh),
                                  "next_loss": {n: float(v) for n, v in loss.items()}}
         log(f"mesh {shape}: {time.time() - t0:.1f}s")
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

@@ -1,8 +1,11 @@
 """Sharded training on 8 forced host CPU devices equals one device (loss curves ≤ 1e-5
-relative, fp32), and a checkpoint saved on one mesh restores onto another.
+relative, fp32), and checkpoints saved on one mesh restore onto another.
 
-One subprocess (``sharded_train.py``) does all the work: XLA's device count is fixed when the
-backend starts, and the rest of the suite must keep its single device.
+Each check runs in a subprocess (``sharded_train.py``, ``sharded_loop.py``): XLA's device count
+is fixed when the backend starts, and the rest of the suite must keep its single device.
+The fast test (in ``make test``) trains the five methods on the (2,2,2) mesh — every axis
+used — in one subprocess with one compilation per mesh; the full matrix (8,1,1), (2,4,1),
+(2,2,2) with a resumed step across meshes, and the training loop on a mesh, are ``slow``.
 """
 
 from __future__ import annotations
@@ -17,56 +20,80 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MESHES = ("8,1,1", "2,4,1", "2,2,2")
 METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
+ALL_MESHES = ("8,1,1", "2,4,1", "2,2,2")
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def run() -> dict:
+def run_script(name: str, *args: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("PEFTJAX_DISTRIBUTED", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel", "sharded_train.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"sharded_train.py failed:\n{proc.stderr[-4000:]}"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel", name), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _curve(losses: list[dict], method: str, n: int) -> np.ndarray:
-    return np.array([row[method] for row in losses[:n]])
+@pytest.fixture(scope="module")
+def fast() -> dict:
+    return run_script("sharded_train.py", "2,2,2")
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_sharded_loss_curves_match_one_device(run, mesh):
-    single = run["losses"]["1"]
-    sharded = run["losses"][mesh]
+def check_curves(run: dict, mesh: str) -> None:
+    single, sharded = run["losses"]["1"], run["losses"][mesh]
     for method in METHODS:
-        want, got = _curve(single, method, len(sharded)), _curve(sharded, method, len(sharded))
+        want = np.array([row[method] for row in single[:len(sharded)]])
+        got = np.array([row[method] for row in sharded])
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=0, err_msg=f"{method} on mesh {mesh}")
         assert want[-1] < want[0], f"{method} did not train (curve {want}); the comparison would be vacuous"
 
 
-def test_arrays_really_are_sharded(run):
-    pl = run["placements"]
-    # (2,2,2): Q is column-parallel (in over fsdp, out over tensor); LoRA A over fsdp.
-    assert pl["2,2,2"]["lora"]["frozen"]["model.layers.0.self_attn.q_proj.kernel"] == str(P("fsdp", "tensor"))
-    assert pl["2,2,2"]["_shard_shapes"]["frozen_q_kernel"] == [16, 16]
-    assert pl["2,4,1"]["_shard_shapes"]["lora_A"] == [8, 4]
-    assert pl["2,4,1"]["_shard_shapes"]["lora_A_adam_mu"] == [[8, 4]]   # optimizer state follows
-    assert pl["8,1,1"]["_shard_shapes"]["frozen_q_kernel"] == [32, 32]  # pure data parallel
-    # sparse deltas and their indices are replicated
-    fm = pl["2,4,1"]["fishmask"]
-    assert fm["base"] and set(fm["base"].values()) == {str(P())}
-    assert {v for k, v in fm["method_state"].items() if k.endswith(".indices")} == {str(P())}
+def test_sharded_loss_curves_match_one_device(fast):
+    check_curves(fast, "2,2,2")
 
 
-def test_checkpoint_saved_on_one_mesh_restores_on_another(run):
+def test_arrays_really_are_sharded(fast):
+    pl = fast["placements"]["2,2,2"]
+    # Q is column-parallel (in over fsdp, out over tensor); LoRA A and its Adam moments over fsdp.
+    assert pl["lora"]["frozen"]["model.layers.0.self_attn.q_proj.kernel"] == str(P("fsdp", "tensor"))
+    assert pl["_shard_shapes"] == {"frozen_q_kernel": [16, 16], "lora_A": [16, 4], "lora_A_adam_mu": [[16, 4]]}
+    # sparse deltas (values under the weight's path) and their indices are replicated
+    fm = pl["fishmask"]
+    sparse = [k[: -len(".indices")] for k in fm["method_state"] if k.endswith(".indices")]
+    assert sparse and {fm["base"][k] for k in sparse} == {str(P())}
+    assert {fm["method_state"][k + ".indices"] for k in sparse} == {str(P())}
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(fast):
+    r = fast["restore_values"]
+    assert r["from"] == "2,2,2" and r["onto"] == "1,8,1"
+    assert r["equal"] and r["same_sharding"] and r["sharded_leaves"] > 0
+
+
+@pytest.mark.slow
+def test_full_mesh_matrix_and_resume_across_meshes():
+    run = run_script("sharded_train.py", "/".join(ALL_MESHES))
+    for mesh in ALL_MESHES:
+        check_curves(run, mesh)
+    assert run["placements"]["8,1,1"]["_shard_shapes"]["frozen_q_kernel"] == [32, 32]  # pure data parallel
+    assert run["placements"]["2,4,1"]["_shard_shapes"]["lora_A"] == [8, 4]
     restore = run["restore"]
-    assert restore["same_sharding"], "restored arrays are not on the target mesh's shardings"
-    single_next = run["losses"]["1"][len(run["losses"]["2,4,1"])]
+    assert restore["from"] == "8,1,1" and restore["onto"] == "2,2,2" and restore["same_sharding"]
+    single_next = run["losses"]["1"][len(run["losses"]["2,2,2"])]
     for method in METHODS:
         np.testing.assert_allclose(restore["next_loss"][method], single_next[method], rtol=RTOL,
-                                   err_msg=f"{method}: step after restoring (2,4,1) onto (2,2,2)")
+                                   err_msg=f"{method}: step after restoring (8,1,1) onto (2,2,2)")
+
+
+@pytest.mark.slow
+def test_training_loop_on_a_mesh_and_resumed_on_another(tmp_path):
+    run = run_script("sharded_loop.py", str(tmp_path / "tfds"))
+    assert run["single"]["mesh"] is None and run["mesh"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    for name in ("mesh", "resumed"):
+        np.testing.assert_allclose(run[name]["losses"], run["single"]["losses"], rtol=RTOL, err_msg=name)
+        for split in ("validation", "test"):
+            for k, v in run["single"]["metrics"][split].items():
+                assert run[name]["metrics"][split][k] == pytest.approx(v, rel=1e-6), (name, split, k)
