@@ -46,7 +46,8 @@ PEFT's ``past_key_values`` layout. ``m`` defaults to ``d`` (PEFT's default when
 ``encoder_hidden_size`` is unset; Li & Liang's code used a 512-wide hidden layer). Training
 then updates ``p·d + d·m + m + m·2Ld + 2Ld`` params; ``fold`` evaluates the MLP once and
 returns the plain prefixes, and ``folded()`` is the method that runs them — the form that is
-saved and used at inference, with outputs equal to the unfolded ones. ``count_params`` reports
+saved (``saving.save_adapter`` calls ``for_saving``) and used at inference, with outputs equal to
+the unfolded ones. Training checkpoints keep the MLP (a resumed run goes on training it). ``count_params`` reports
 the folded count (what the adapted model carries, as the paper counts it); ``report()`` (in
 ``result.json``) and ``training_params`` give the count with the MLP.
 
@@ -57,9 +58,6 @@ Init as PEFT: ``E`` (or the plain prefixes) ~ N(0, 1) like ``torch.nn.Embedding`
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -216,56 +214,7 @@ class PrefixTuning(core.Method):
                 "prefix_tuning_folded_params": self.count_added(None)}
 
     # -- saving ---------------------------------------------------------------------------
-    def save_folded(self, path: str, trainable: dict) -> None:
-        """Writes the folded prefixes (and the task head) to one safetensors file, atomically.
-
-        Keys: ``added.<site>.prefix_key`` / ``prefix_value`` and ``head.<path>``; metadata holds
-        the folded config. ``load_folded`` reads it back for the same model.
-        """
-        from safetensors.numpy import save_file
-
-        if trainable.get("base"):
-            raise ValueError("prefix_tuning trains no base params; the trainable tree has "
-                             f"{sorted(trainable['base'])[:3]}…")
-        tensors = {f"added.{k}": np.asarray(v, np.float32)
-                   for k, v in self.fold(trainable["added"]).items()}
-        tensors.update({f"head.{k}": np.asarray(v) for k, v in trainable["head"].items()})
-        meta = {"method": "prefix_tuning", "num_virtual_tokens": str(self.config.num_virtual_tokens),
-                "num_layers": str(len(self.layers)), "kv_heads": str(self.kv_heads),
-                "head_dim": str(self.head_dim)}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load_folded(cls, path: str, model: Any) -> tuple["PrefixTuning", dict]:
-        """``(folded method, trainable tree)`` from a ``save_folded`` file, checked against ``model``."""
-        from safetensors import safe_open
-
-        with safe_open(path, "numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("method") != "prefix_tuning":
-            raise ValueError(f"{path} is not a prefix_tuning file (metadata {meta})")
-        method = cls(PrefixTuningConfig(num_virtual_tokens=int(meta["num_virtual_tokens"]),
-                                        prefix_projection=False), model)
-        added = {k[len("added."):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith("added.")}
-        head = {k[len("head."):]: jnp.asarray(v) for k, v in tensors.items() if k.startswith("head.")}
-        want = {f"{s}.{n}": (method.config.num_virtual_tokens, method.kv_heads, method.head_dim)
-                for s in method.layers for n in (KEY, VALUE)}
-        got = {k: tuple(v.shape) for k, v in added.items()}
-        if got != want:
-            missing = sorted(set(want) - set(got))
-            unexpected = sorted(set(got) - set(want))
-            shaped = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-            raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected "
-                             f"{unexpected}, mis-shaped {[(k, got[k], want[k]) for k in shaped]}")
-        return method, {"base": {}, "added": added, "head": head}
+    def for_saving(self, trainable: dict) -> tuple["PrefixTuning", dict]:
+        """What ``peftjax.methods.saving.save_adapter`` stores: the folded method and prefixes
+        (``load_adapter`` then rebuilds the plain-prefix method, equal in outputs)."""
+        return self.folded(), self.fold_trainable(trainable)

@@ -52,9 +52,15 @@ def _atomic(path: str, write) -> None:
 
 def save_adapter(folder: str, method: core.Method, trainable: Mapping, state: Mapping, *,
                  extra: Mapping[str, Any] | None = None) -> int:
-    """Writes the adapter; returns the size of ``adapter.safetensors`` in bytes."""
+    """Writes the adapter; returns the size of ``adapter.safetensors`` in bytes.
+
+    A method with ``for_saving(trainable) -> (method, trainable)`` is saved in that form (prefix
+    tuning: its training-time MLP folded into the plain prefixes it computes).
+    """
     from safetensors.numpy import save_file
 
+    if hasattr(method, "for_saving"):
+        method, trainable = method.for_saving(trainable)
     os.makedirs(folder, exist_ok=True)
     tensors = {}
     for tree in _TREES:

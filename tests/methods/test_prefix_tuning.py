@@ -17,7 +17,7 @@ from flax import traverse_util
 
 from configs import models as model_configs
 from peftjax import methods
-from peftjax.methods.prefix_tuning import PrefixTuning
+from peftjax.methods import saving
 from peftjax.models import build_model, generation, hooks
 from peftjax.train import init_state, make_train_step
 from tests.helpers import learnable_batch, tiny_model
@@ -115,13 +115,13 @@ def test_folding_keeps_outputs_and_saves_plain_prefixes(trained, tmp_path):
         @ g("transform.2.kernel") + g("transform.2.bias")
     kv = table.reshape(4, len(m.layers), 2, m.kv_heads, m.head_dim)
     np.testing.assert_allclose(trainable["added"][f"{m.layers[-1]}.prefix_value"], kv[:, -1, 1], atol=1e-5)
-    path = str(tmp_path / "prefixes.safetensors")
-    m.save_folded(path, state.trainable)
-    loaded, tree = PrefixTuning.load_folded(path, m.model)
-    np.testing.assert_allclose(loaded.apply(tree, peft.frozen, {}, batch), out, atol=1e-6)
-    other = tiny_model("bert" if m.model.head == "causal_lm" else "llama")[0]
-    with pytest.raises(ValueError, match="does not fit"):
-        PrefixTuning.load_folded(path, other)
+    # Saved adapters hold the folded prefixes only, and load as the plain-prefix method.
+    saving.save_adapter(str(tmp_path), m, state.trainable, state.method_state)
+    loaded, tree, _, frozen = saving.load_adapter(str(tmp_path), m.model, tiny_model(
+        "llama" if m.model.head == "causal_lm" else "bert")[1])
+    assert not loaded.config.prefix_projection
+    assert set(tree["added"]) == set(trainable["added"])
+    np.testing.assert_allclose(loaded.apply(tree, frozen, {}, batch), out, atol=1e-6)
 
 
 def test_padding_does_not_change_a_row(trained):
