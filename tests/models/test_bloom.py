@@ -213,6 +213,11 @@ def test_hook_sites_and_positions_refused(checkpoint):
     assert [(c["site"], c["kind"]) for c in recorder.calls if c["point"] == "block_output"][:2] == [
         ("transformer.h.0.self_attention", "attention"), ("transformer.h.0.mlp", "ffn")]
     assert [c["site"] for c in recorder.calls if c["point"] == "embeddings"] == ["transformer"]
+    # Rematerialised blocks trace (train=True is a static argument of each block).
+    rematted = build_model(model.hf_config, head="causal_lm", remat=True)
+    grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(p, rematted.dummy_batch(), train=True,
+                                                             rng=jax.random.PRNGKey(0)).sum()), params)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     with pytest.raises(ValueError, match="ALiBi"):
         model.apply(params, model.dummy_batch(), positions=jnp.zeros((1, 8), jnp.int32))
 

@@ -162,6 +162,11 @@ def test_hook_sites_and_prompt_equals_prepended_tokens(checkpoint):
     assert [(c["site"], c["kind"]) for c in recorder.calls if c["point"] == "block_output"][:2] == [
         ("transformer.h.0.attn", "attention"), ("transformer.h.0.mlp", "ffn")]
     assert [c["site"] for c in recorder.calls if c["point"] == "embeddings"] == ["transformer"]
+    # Rematerialised blocks trace (train=True is a static argument of each block).
+    rematted = build_model(model.hf_config, head="causal_lm", remat=True)
+    grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(p, rematted.dummy_batch(), train=True,
+                                                             rng=jax.random.PRNGKey(0)).sum()), params)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
 
     class Prompt(hooks.Hooks):  # virtual tokens equal to real token embeddings
         def embeddings(self, module, embeds, attention_mask, token_type_ids):
