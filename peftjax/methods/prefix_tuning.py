@@ -159,8 +159,8 @@ class PrefixTuning(core.Method):
     def prefix_table(self, added: core.Flat) -> jax.Array:
         """The ``(p, 2·L·d)`` prefix matrix P: the MLP's output, or the plain prefixes stacked.
 
-        This is the tensor PEFT stores as ``prompt_embeddings`` for a prefix-tuning adapter.
-        """
+        This is the tensor PEFT saves as ``prompt_embeddings`` for a prefix-tuning adapter (PEFT
+        folds its MLP on saving too)."""
         if self.config.prefix_projection:
             g = lambda n: added[f"{ENCODER}.{n}"].astype(jnp.float32)
             h = jnp.tanh(g("embedding") @ g("transform.0.kernel") + g("transform.0.bias"))

@@ -53,6 +53,11 @@ def test_prefix_heads_follow_grouped_query_attention():
     m = methods.create("prefix_tuning", model, {"num_virtual_tokens": 3, "prefix_projection": False})
     added = m.init(jax.random.PRNGKey(0), None, methods.InitContext())
     assert {v.shape for v in added.values()} == {(3, 2, 8)}
+    table = m.prefix_table(added)          # PEFT's (p, 2·L·d) layout, and back
+    assert table.shape == (3, 2 * 2 * 16)
+    np.testing.assert_array_equal(table[:, 16:32].reshape(3, 2, 8),
+                                  added["model.layers.0.self_attn.prefix_value"])
+    assert all(np.array_equal(v, added[k]) for k, v in m._split(table).items())
     assert methods.count_params(m)["trainable_params"] == 2 * 2 * 3 * 2 * 8
 
 
