@@ -211,19 +211,20 @@ def total_bytes(tree) -> int:
 
 
 def abstract_plan(method, mesh_spec: Any, abstract_base: Mapping[str, Any], tx, *,
-                  num_devices: int | None = None, min_elements: int = DEFAULT_MIN_ELEMENTS):
+                  num_devices: int | None = None, min_elements: int = DEFAULT_MIN_ELEMENTS,
+                  ctx: Any = None):
     """``(abstract state, abstract frozen, TrainShardings)`` of ``method`` on a device-less mesh
     of shape ``mesh_spec``: abstract shapes only, for memory figures of models that do not fit.
 
-    The method is set up under ``jax.eval_shape`` (so data-driven selections, whose sizes come
-    from data, are not supported here: FishMask/Child-tuning_D need real Fisher scores).
+    The method is set up under ``jax.eval_shape``; data-driven selections (FishMask,
+    Child-tuning_D) need ``ctx`` (an ``InitContext`` with training rows) for their sizes.
     """
     from peftjax.train.steps import init_state
 
     amesh = mesh_lib.abstract_mesh(mesh_spec, num_devices)
 
     def build(base):
-        peft = method.setup(jax.random.PRNGKey(0), base)
+        peft = method.setup(jax.random.PRNGKey(0), base, ctx)
         return init_state(peft.trainable, peft.state, tx), peft.frozen
 
     state, frozen = jax.eval_shape(build, dict(abstract_base))

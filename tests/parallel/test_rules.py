@@ -163,3 +163,21 @@ def test_process_rows_cover_the_batch_on_one_process():
     mesh = mesh_lib.make_mesh({"data": -1})
     sharding = jax.sharding.NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
     assert distributed.process_rows(16, sharding) == (0, 16)
+
+
+def test_every_registered_method_gets_a_plan_on_a_full_mesh():
+    """Every method's trainable tree, optimizer and method state are placed (no rule error) on
+    a mesh using all three axes; shardings only split what divides."""
+    model, abstract = abstract_tiny("llama")
+    tx = optax.adamw(1e-3)
+    # FishMask and Child-tuning_D size their selection from Fisher scores of real weights: they
+    # are placed (and trained) for real in sharded_train.py (FishMask; Child-tuning_D keeps the
+    # same values + .indices representation).
+    for name in sorted(set(methods_lib.registered()) - {"fishmask", "child_tuning_d"}):
+        config = METHOD_CONFIGS.get(name, {})   # a method without a contract config: its defaults
+        method = methods_lib.create(name, model, config)
+        state, frozen, sh = shard.abstract_plan(method, "2,2,2", abstract, tx, min_elements=0)
+        for tree, shardings in ((state, sh.state), (frozen, sh.frozen)):
+            for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+                shape = s.shard_shape(x.shape)   # raises if a split does not divide
+                assert len(shape) == len(x.shape), name
