@@ -2,7 +2,7 @@
 
     python scripts/memory.py --config=configs/train.py:model=T0_3B,method=lora --batch=8 --seq=64
     python scripts/memory.py --config=configs/train.py:model=llama2-7b,method=lora \
-        --config.task.format=lm --methods=all --out=table.json
+        --head=causal_lm --methods=all --out=table.json
 
 compiles the jitted train step (state donated, as the trainer runs it) on ``ShapeDtypeStruct``
 inputs and prints JSON: bytes of parameters (frozen + trainable), gradients, optimizer state,
@@ -34,12 +34,17 @@ flags.DEFINE_integer("target_seq", 0, "encoder-decoder target length (0: --seq)"
 flags.DEFINE_string("methods", "", "'all' or a comma list of methods (default: the config's)")
 flags.DEFINE_string("optimizer", "adamw", "adamw | sgd | adafactor")
 flags.DEFINE_enum("frozen_dtype", "float32", ["float32", "bfloat16"], "dtype of frozen base params")
+flags.DEFINE_string("head", "", "model head (default: the trainer's for the task); causal_lm / "
+                    "seq2seq_lm train a decoder / encoder-decoder as a language model")
+flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over configs/methods defaults "
+                    "(for the methods of --methods other than the --config one)")
 flags.DEFINE_string("out", "", "also write the JSON here (atomically)")
 FLAGS = flags.FLAGS
 
 
-def method_configs(config, names: str) -> list:
-    """One config per requested method: the given config for its own method, defaults otherwise."""
+def method_configs(config, names: str, overrides: dict) -> list:
+    """One config per requested method: the given config for its own method, its
+    configs/methods defaults (+ ``overrides[name]``) otherwise."""
     import copy
 
     from configs.train import _load
@@ -57,6 +62,11 @@ def method_configs(config, names: str) -> list:
         cfg = copy.deepcopy(config)
         cfg.unlock()
         cfg.method = _load("methods", name).get_config()
+        for key, value in overrides.get(name, {}).items():
+            if key not in cfg.method:
+                raise ValueError(f"--method_overrides: {name} has no field {key!r}; fields: "
+                                 f"{', '.join(sorted(cfg.method))}")
+            cfg.method[key] = value
         cfg.lock()
         out.append(cfg)
     return out
@@ -70,18 +80,31 @@ def main(argv):
     from peftjax.train.loop import write_json_atomic
     from peftjax.train.memory import analyze_train_step
 
-    configs = method_configs(FLAGS.config, FLAGS.methods)
-    rows = []
-    for cfg in tqdm(configs, desc="compiling train steps", disable=len(configs) == 1, file=sys.stderr):
-        rows.append(analyze_train_step(cfg, batch=FLAGS.batch, seq=FLAGS.seq,
-                                       target_seq=FLAGS.target_seq or None,
-                                       optimizer=FLAGS.optimizer, frozen_dtype=FLAGS.frozen_dtype))
-    result = rows[0] if not FLAGS.methods else rows
-    text = json.dumps(result, indent=2)
+    overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
+    configs = method_configs(FLAGS.config, FLAGS.methods, overrides)
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    rows = []
+    for cfg in tqdm(configs, desc="compiling train steps", disable=len(configs) == 1, file=sys.stderr):
+        kwargs = dict(batch=FLAGS.batch, seq=FLAGS.seq, target_seq=FLAGS.target_seq or None,
+                      optimizer=FLAGS.optimizer, frozen_dtype=FLAGS.frozen_dtype, head=FLAGS.head or None)
+        if not FLAGS.methods:
+            rows.append(analyze_train_step(cfg, **kwargs))
+        else:
+            # A table row per method: one that does not apply to this model (no bias to tune, no
+            # target it can match) is recorded with its error instead of ending the table.
+            try:
+                rows.append(analyze_train_step(cfg, **kwargs))
+            except (ValueError, NotImplementedError) as e:
+                print(f"{cfg.method.name}: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"model": cfg.model.name, "method": cfg.method.name,
+                             "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+            if FLAGS.out:  # after every row: a long table killed midway keeps what it measured
+                write_json_atomic(FLAGS.out, rows)
+    result = rows[0] if not FLAGS.methods else rows
+    if FLAGS.out:
         write_json_atomic(FLAGS.out, result)
-    print(text)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -104,9 +104,29 @@ def make_tx(name: str, train_cfg: Any, method) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def build_abstract(config: Any, head: str | None = None):
+    """(model, method) of ``config`` without weights: the trainer's choice of head for the task
+    (``loop.build``), or ``head`` when given (``causal_lm`` / ``seq2seq_lm`` for LM-style
+    fine-tuning of a decoder / encoder-decoder, as the seed's memory table trains them)."""
+    from peftjax import methods as methods_lib
+    from peftjax.models import hf_io
+    from peftjax.train.loop import DTYPES as COMPUTE_DTYPES, _remat, build
+
+    if head is None:
+        _, model, _, method, _ = build(config, with_weights=False, with_tokenizer=False)
+        return model, method
+    model, _, _ = hf_io.load_from_config(config.model, head=head, dtype=COMPUTE_DTYPES[config.train.dtype],
+                                         remat=_remat(config.train.remat), with_weights=False,
+                                         with_tokenizer=False)
+    method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
+    if method_cfg.get("total_step", None) == 0:  # schedule-driven methods (AdaLoRA): the run's length
+        method_cfg["total_step"] = config.train.steps * config.train.grad_accum_steps
+    return model, methods_lib.create(config.method.name, model, method_cfg)
+
+
 def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq: int | None = None,
                        optimizer: str = "adamw", frozen_dtype: str = "float32",
-                       mesh: Any = None) -> dict:
+                       head: str | None = None, mesh: Any = None) -> dict:
     """Compiles one train step of ``config`` (a ``configs/train.py`` config) on abstract shapes
     and returns its memory and compute accounting (see the module docstring).
 
@@ -118,6 +138,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
       optimizer: ``adamw`` (the trainer's), ``sgd`` or ``adafactor``.
       frozen_dtype: dtype the frozen base params are held in (``bfloat16`` halves a PEFT
         method's dominant term; trainable params stay fp32 master weights).
+      head: the model's head (default: the trainer's choice for ``config.task``).
       mesh: not supported yet (sharded accounting comes with issue 9); passing one is an error.
     """
     if mesh is not None:
@@ -127,11 +148,11 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
     if frozen_dtype not in DTYPES:
         raise ValueError(f"frozen_dtype={frozen_dtype!r} is invalid; valid: {', '.join(DTYPES)}")
     from peftjax import methods as methods_lib
-    from peftjax.train.loop import build, init_context
+    from peftjax.train.loop import init_context
     from peftjax.train.steps import TrainState, make_train_step
 
     t0 = time.perf_counter()
-    _, model, _, method, _ = build(config, with_weights=False, with_tokenizer=False)
+    model, method = build_abstract(config, head)
     abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
     batch_spec = abstract_batch(model, batch, seq, target_seq)
     ctx = init_context(model, None, _concrete_rows(batch_spec))
