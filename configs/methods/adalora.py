@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
         target_r=8,            # average final rank (budget b_T = target_r · layers)
         alpha=8.0,             # output scale alpha / init_r (PEFT: lora_alpha / ranknum)
         dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value)$",
+        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
         tinit=0,               # warm-up steps at the full budget
         tfinal=0,              # final steps at the target budget with the rank pattern fixed
         deltaT=1,              # masking interval during the budget phase

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
         rank=8,            # r_max; each step trains rank b ~ U{1..r_max}
         alpha=16.0,        # scale alpha / b
         dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value)$",
+        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
         frozen=True,       # detach components 1..b-1 (paper default)
         eval_rank=0,       # rank for evaluation and merge; 0: r_max
         use_rslora=False,

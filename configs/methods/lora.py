@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
         rank=8,
         alpha=8.0,
         dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value)$",
+        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
         use_rslora=False,
         init="default",   # default (kaiming-uniform A, B=0) | gaussian | pissa (SVD of W0, residual base)
     ))

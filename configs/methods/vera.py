@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
         rank=256,
         d_initial=0.1,
         dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value)$",
+        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
         projection_prng_key=0,
     ))
 

@@ -84,6 +84,53 @@ def _specials(tokenizer) -> tuple[list[int], list[int]]:
     return bos, eos
 
 
+def encode_seq2seq(examples: Sequence[Example], tokenizer: Any, max_length: int, task: Task,
+                   template: str = DEFAULT_TEMPLATE, *, candidates: bool = False) -> dict[str, np.ndarray]:
+    """Tokenises examples text-to-text for an encoder-decoder (T5; Raffel et al. 2020, T0 / Sanh
+    et al. 2022): the encoder reads the prompt, the decoder's targets are the class's words.
+
+    Returns ``input_ids`` / ``attention_mask`` (the template tokens, texts truncated, then EOS as T5
+    tokenizers append it), ``labels`` (the verbaliser tokens + EOS at the start of the row, -100
+    after) and ``class_labels``; with ``candidates=True`` also ``cand{k}_labels`` (class k's words
+    as targets) for scoring every class by its log-likelihood. Targets share ``max_length`` with
+    the input so that batching cuts both to the input's length bucket; a prompt shorter than the
+    longest target is therefore refused.
+    """
+    words = verbalizers(task)
+    parts = _pieces(template)
+    _, eos = _specials(tokenizer)
+    word_ids = [_ids(tokenizer, w) + eos for w in words]
+    longest = max(len(w) for w in word_ids)
+    budget = max_length - len(eos)
+    if longest > max_length:
+        raise ValueError(f"a class's target needs {longest} tokens, more than max_length={max_length}")
+    n = len(examples)
+    ids = np.zeros((n, max_length), np.int32)
+    mask = np.zeros((n, max_length), np.int32)
+    for i, e in enumerate(examples):
+        prompt = _prompt_ids(tokenizer, parts, e, budget) + eos
+        if len(prompt) < longest:
+            raise ValueError(f"example {i} has a {len(prompt)}-token prompt, shorter than the "
+                             f"{longest}-token longest target; use a longer template")
+        ids[i, :len(prompt)] = prompt
+        mask[i, :len(prompt)] = 1
+
+    def targets(rows: list[list[int]]) -> np.ndarray:
+        labels = np.full((n, max_length), IGNORE, np.int32)
+        for i, answer in enumerate(rows):
+            labels[i, :len(answer)] = answer
+        return labels
+
+    classes = np.asarray([e["label"] for e in examples], np.int32)
+    out = {"input_ids": ids, "attention_mask": mask,
+           "labels": targets([word_ids[c] if c >= 0 else [] for c in classes])}
+    if candidates:
+        for k, w in enumerate(word_ids):
+            out[f"cand{k}_labels"] = targets([w] * n)
+    out["class_labels"] = classes
+    return out
+
+
 def encode_lm(examples: Sequence[Example], tokenizer: Any, max_length: int, task: Task,
               template: str = DEFAULT_TEMPLATE, *, candidates: bool = False,
               prefixes: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:

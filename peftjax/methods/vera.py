@@ -44,7 +44,7 @@ class VeRAConfig:
     rank: int = 256
     d_initial: float = 0.1
     dropout: float = 0.0
-    targets: str | tuple[str, ...] = r"\.(query|value|q_proj|v_proj|c_attn|query_key_value)$"
+    targets: str | tuple[str, ...] = r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$"
     projection_prng_key: int = 0
 
 

@@ -134,11 +134,24 @@ def _remat(value) -> bool | str:
     return False if name == "none" else name
 
 
+def lm_head_for(config) -> str:
+    """The LM head of the configured model's family: ``seq2seq_lm`` for an encoder-decoder (T5),
+    whose encoder reads the prompt and whose decoder targets are the class words; else
+    ``causal_lm`` (prompt + verbaliser in one sequence)."""
+    from peftjax.models.registry import family_for
+
+    hf = config.model.hf_config
+    family = family_for(hf.get("model_type") if hasattr(hf, "get") else hf.model_type)
+    return "seq2seq_lm" if "seq2seq_lm" in family.heads else "causal_lm"
+
+
 def build(config, *, with_weights: bool = True, with_tokenizer: bool = True):
     """Model, tokenizer, method and flat base params from a composed train config."""
     task = get_task(config)
     fmt = task_format(config, task)
     head = "causal_lm" if fmt in ("lm", "instruction") else HEAD_FOR_TASK_KIND[task.kind]
+    if fmt == "lm":
+        head = lm_head_for(config)  # an encoder-decoder learns the task text-to-text
     dtype = DTYPES[config.train.dtype]
     model, params, tokenizer = hf_io.load_from_config(
         config.model, head=head,
@@ -170,10 +183,11 @@ def encode_split(config, task, tokenizer, split: str, limit: int | None, *, for_
         return encoded
     examples = data_lib.load_examples(task.name, split, data_dir=config.data_dir or None, limit=limit)
     if task_format(config, task) == "lm":
-        from peftjax.data.lm import DEFAULT_TEMPLATE, encode_lm
+        from peftjax.data.lm import DEFAULT_TEMPLATE, encode_lm, encode_seq2seq
 
-        encoded = encode_lm(examples, tokenizer, config.task.max_length, task,
-                            config.task.get("lm_template", "") or DEFAULT_TEMPLATE, candidates=for_eval)
+        encode = encode_seq2seq if lm_head_for(config) == "seq2seq_lm" else encode_lm
+        encoded = encode(examples, tokenizer, config.task.max_length, task,
+                         config.task.get("lm_template", "") or DEFAULT_TEMPLATE, candidates=for_eval)
     else:
         encoded = data_lib.encode(examples, tokenizer, config.task.max_length)
     if for_eval:
