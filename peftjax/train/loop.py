@@ -353,6 +353,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                     encoded["train"], tc.batch_size, config.seed))).compile())
         test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
                         tc.eval_batch_size, task)
+        if task_format(config, task) == "instruction" and config.task.get("eval_generate", 0):
+            test.update(_instruction_exact_match(config, tokenizer, method, best["trainable"], frozen,
+                                                 state.method_state, encoded["test"]))
         metrics_log.write(total, "test", test)
         # The shareable result: the best trainable tree and the method state, no optimizer state.
         adapter_bytes = saving.save_adapter(
@@ -389,6 +392,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     result.update(method_report(method, state))
     write_json_atomic(os.path.join(workdir, "result.json"), result)
     return result
+
+
+def _instruction_exact_match(config, tokenizer, method, trainable, frozen, method_state, encoded) -> dict:
+    """Greedy-generation exact match on ``task.eval_generate`` test rows (instruction tasks)."""
+    from peftjax.data.instructions import special_tokens
+    from peftjax.train.steps import greedy_exact_match
+
+    hf = config.model.hf_config.to_dict()
+    return greedy_exact_match(method, trainable, frozen, method_state, encoded,
+                              limit=config.task.eval_generate, batch_size=config.train.eval_batch_size,
+                              eos_token_id=special_tokens(tokenizer, hf)[1],
+                              pad_token_id=hf.get("pad_token_id") or 0)
 
 
 def method_report(method, state) -> dict:
