@@ -117,3 +117,30 @@ def test_greedy_exact_match_scores_generated_responses():
                              batch_size=3, eos_token_id=eos)
     # rows 0 and 2 match; row 1 has a changed token; row 3 expects an EOS the model never emits
     assert got == {"exact_match": 0.5, "exact_match_n": 4.0}
+
+
+def test_causal_lm_loss_is_the_mean_over_response_tokens_only():
+    """On encoded instruction rows, the train loss is -mean log p(response + EOS tokens), and the
+    logits at prompt positions (which predict prompt tokens) do not enter it."""
+    from peftjax.data import instructions as ins
+    from peftjax.train.losses import causal_lm_loss
+
+    class Chars:  # a character tokenizer: ids 3.. for bytes
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[3 + b for b in t.encode()] for t in texts]}
+
+    recs = [ins.Instruction(instruction="add", input="1 2", output="3"),
+            ins.Instruction(instruction="say hi", input="", output="hello")]
+    enc = ins.encode_instructions(recs, Chars(), 24, ins.Template("{instruction}:{input}=", "{instruction}="),
+                                  eos_token_id=2, bos_token_id=1)
+    batch = {**enc, "mask": np.ones(2, bool)}
+    logits = np.random.default_rng(0).normal(size=(2, 24, 300)).astype(np.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    terms = [float(logp[i, t - 1, enc["labels"][i, t]]) for i in range(2) for t in range(1, 24)
+             if enc["labels"][i, t] != -100]
+    assert len(terms) == (1 + 1) + (5 + 1)  # each response and its EOS
+    np.testing.assert_allclose(float(causal_lm_loss(logits, batch)), -np.mean(terms), rtol=1e-5)
+    start = int(np.argmax(enc["labels"][1] != -100))
+    moved = logits.copy()
+    moved[1, : start - 1] += 5.0 * np.random.default_rng(1).normal(size=moved[1, : start - 1].shape)
+    np.testing.assert_allclose(float(causal_lm_loss(moved, batch)), float(causal_lm_loss(logits, batch)), rtol=1e-6)
