@@ -15,6 +15,8 @@ defaults (``--config.method.*`` overrides apply to the method named in ``--confi
 prints a list. Compute dtype: ``--config.train.dtype=bfloat16``; frozen params in bf16:
 ``--frozen_dtype=bfloat16``; rematerialisation: ``--config.train.remat=block`` (see
 peftjax/models/layers.py ``REMAT_POLICIES``); optimizer: ``--optimizer=adamw|sgd|adafactor``.
+``--mesh=1,8,1`` (data,fsdp,tensor) adds ``sharded``: per-device bytes of each part of the train
+state under that mesh's sharding rules (``peftjax.parallel.memory``; docs/distributed.md).
 """
 
 import json
@@ -38,6 +40,9 @@ flags.DEFINE_string("head", "", "model head (default: the trainer's for the task
                     "seq2seq_lm train a decoder / encoder-decoder as a language model")
 flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over configs/methods defaults "
                     "(for the methods of --methods other than the --config one)")
+flags.DEFINE_string("mesh", "", "data,fsdp,tensor (e.g. 1,8,1): add per-device bytes of params, "
+                    "gradients, optimizer and method state under that mesh (sharding rules of "
+                    "peftjax.parallel, on abstract shapes: no devices needed)")
 flags.DEFINE_string("out", "", "also write the JSON here (atomically)")
 FLAGS = flags.FLAGS
 
@@ -79,6 +84,16 @@ def main(argv):
 
     from peftjax.train.loop import write_json_atomic
     from peftjax.train.memory import analyze_train_step
+
+    if FLAGS.mesh:  # per-device figures under a mesh, next to the single-device compiled ones
+        from peftjax.parallel.memory import sharded_memory
+
+        single = analyze_train_step
+
+        def analyze_train_step(cfg, **kwargs):
+            row = single(cfg, **kwargs)
+            row["sharded"] = sharded_memory(cfg, FLAGS.mesh, **kwargs)
+            return row
 
     overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
     configs = method_configs(FLAGS.config, FLAGS.methods, overrides)

@@ -105,3 +105,23 @@ def process_rows(num_rows: int, sharding: NamedSharding) -> tuple[int, int]:
         raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {ranges}; "
                          "build the mesh with peftjax.parallel.make_mesh (process-major device order)")
     return lo, hi
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's plain files (metrics, result.json, adapter):
+    process 0 only, so N processes do not append the same rows N times. Orbax checkpoints are
+    written by every process (each its own shards)."""
+    return jax.process_index() == 0
+
+
+class NullMetricsLog:
+    """Stands in for the loop's ``MetricsLog`` on processes other than 0."""
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

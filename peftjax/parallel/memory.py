@@ -27,18 +27,20 @@ from peftjax.parallel.shard import check_batch_size, per_device_bytes, plan, tot
 
 def sharded_memory(config: Any, mesh_spec: Any, *, batch: int = 8, seq: int = 64,
                    target_seq: int | None = None, optimizer: str = "adamw",
-                   frozen_dtype: str = "float32", num_devices: int | None = None) -> dict:
+                   frozen_dtype: str = "float32", num_devices: int | None = None,
+                   head: str | None = None) -> dict:
     """Per-device and whole bytes of ``config``'s train state on a mesh of shape ``mesh_spec``
-    (``"data,fsdp,tensor"``, a mapping or 3 ints; a ``-1`` needs ``num_devices``)."""
-    from peftjax.train.loop import build, init_context
-    from peftjax.train.memory import DTYPES, _concrete_rows, abstract_batch, make_tx
+    (``"data,fsdp,tensor"``, a mapping or 3 ints; a ``-1`` needs ``num_devices``). ``head``,
+    ``optimizer``, ``frozen_dtype``, ``batch``/``seq`` as in ``peftjax.train.memory``."""
+    from peftjax.train.loop import init_context
+    from peftjax.train.memory import DTYPES, _concrete_rows, abstract_batch, build_abstract, make_tx
     from peftjax.train.steps import TrainState
 
     if frozen_dtype not in DTYPES:
         raise ValueError(f"frozen_dtype={frozen_dtype!r} is invalid; valid: {', '.join(DTYPES)}")
     amesh = mesh_lib.abstract_mesh(mesh_spec, num_devices)
     check_batch_size(batch, amesh, what="batch")
-    _, model, _, method, _ = build(config, with_weights=False, with_tokenizer=False)
+    model, method = build_abstract(config, head)
     abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
     batch_spec = abstract_batch(model, batch, seq, target_seq)
     ctx = init_context(model, None, _concrete_rows(batch_spec))

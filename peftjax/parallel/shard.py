@@ -70,6 +70,17 @@ class TrainShardings:
         """``state`` and ``frozen`` placed on the mesh (single- or multi-process)."""
         return put_tree(state, self.state), put_tree(frozen, self.frozen)
 
+    def on_mesh(self, tree):
+        """``tree`` with every leaf not yet on this mesh (host-local scalars such as the loop's
+        best-so-far step and metrics) replicated on it: multi-process orbax saves only global
+        arrays. Leaves already on the mesh are returned as they are."""
+        def one(x):
+            if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
+                return x
+            return put_tree(np.asarray(jax.device_get(x)), self.replicated)
+
+        return jax.tree.map(one, tree)
+
     def put_batch(self, batch: Mapping[str, Any]) -> dict:
         """A global batch (every process holds the same rows) as a sharded array dict; each
         process transfers only the rows its own devices hold."""
@@ -260,3 +271,15 @@ def from_config(config, method, state, frozen: Mapping[str, Any]) -> TrainShardi
     check_batch_size(config.train.batch_size, mesh)
     return plan(method, mesh, state, frozen,
                 min_elements=int(mesh_cfg.get("min_shard_elements", DEFAULT_MIN_ELEMENTS)))
+
+
+def host_tree(tree):
+    """``tree`` as host numpy arrays, whole on every process (sharded arrays spanning several
+    processes are all-gathered: ``multihost_utils.process_allgather``); for files such as the
+    adapter that need whole arrays."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                        if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)

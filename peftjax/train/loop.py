@@ -279,10 +279,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
 
     names = _metric_names(task)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    metrics_log = MetricsLog(workdir)
+    # multi-host: plain files come from process 0 (orbax checkpoints from every process)
+    metrics_log = MetricsLog(workdir) if distributed.is_writer() else distributed.NullMetricsLog()
+    on_mesh = shardings.on_mesh if shardings is not None else (lambda tree: tree)
     start = 0
     if ckpt.latest_step() is not None:
-        restored = ckpt.restore({"state": state, "best": _best_tree(best, names)})
+        restored = ckpt.restore({"state": state, "best": on_mesh(_best_tree(best, names))})
         state = TrainState(*restored["state"]) if not isinstance(restored["state"], TrainState) \
             else restored["state"]
         best = _best_from_tree(restored["best"])
@@ -342,7 +344,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                     best = {"trainable": jax.tree.map(jnp.copy, state.trainable), "metrics": val,
                             "step": done}
             if done % tc.checkpoint_every == 0 or done == total:
-                ckpt.save(done, {"state": state, "best": _best_tree(best, names)})
+                ckpt.save(done, {"state": state, "best": on_mesh(_best_tree(best, names))})
             if stop_after_step is not None and done >= stop_after_step:
                 ckpt.wait()
                 return {"stopped_at": done}
@@ -358,9 +360,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                                                  state.method_state, encoded["test"]))
         metrics_log.write(total, "test", test)
         # The shareable result: the best trainable tree and the method state, no optimizer state.
+        adapter_trees = (best["trainable"], state.method_state)
+        if shardings is not None:  # whole arrays on every process (a collective: all take part)
+            adapter_trees = shard.host_tree(adapter_trees)
         adapter_bytes = saving.save_adapter(
-            os.path.join(workdir, "adapter"), method, best["trainable"], state.method_state,
-            extra={"model": config.model.name, "task": task.name, "step": int(best["step"])})
+            os.path.join(workdir, "adapter"), method, *adapter_trees,
+            extra={"model": config.model.name, "task": task.name, "step": int(best["step"])}
+        ) if distributed.is_writer() else None
     finally:
         bar.close()
         ckpt.close()
@@ -390,7 +396,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "mesh": dict(shardings.mesh.shape) if shardings is not None else None,
     }
     result.update(method_report(method, state))
-    write_json_atomic(os.path.join(workdir, "result.json"), result)
+    if distributed.is_writer():
+        write_json_atomic(os.path.join(workdir, "result.json"), result)
     return result
 
 
