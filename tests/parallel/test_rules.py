@@ -181,3 +181,21 @@ def test_every_registered_method_gets_a_plan_on_a_full_mesh():
             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
                 shape = s.shard_shape(x.shape)   # raises if a split does not divide
                 assert len(shape) == len(x.shape), name
+
+
+def test_sharded_memory_of_a_config_divides_the_params_over_fsdp():
+    """scripts/memory.py --mesh's figures: on 8-way FSDP each device holds 1/8 of every sharded
+    array plus the replicated ones whole (counted independently from the placements)."""
+    from configs.train import get_config
+    from peftjax.parallel.memory import sharded_memory
+
+    config = get_config("model=tiny-llama,method=lora")
+    config.mesh.min_shard_elements = 0
+    r = sharded_memory(config, "1,8,1", head="causal_lm", batch=8, seq=16)
+    whole, per = r["bytes_single_device"], r["bytes_per_device"]
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and r["devices"] == 8
+    assert whole["gradients"] == whole["trainable_params"] > 0
+    assert whole["params"] / 8 <= per["params"] < whole["params"] / 4
+    assert per["batch"] * 8 == whole["batch"]   # every field's rows split 8 ways
+    with pytest.raises(ValueError, match="not divisible by the mesh's batch split"):
+        sharded_memory(config, "1,8,1", head="causal_lm", batch=4, seq=16)
