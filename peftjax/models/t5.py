@@ -41,7 +41,9 @@ Hook points (``peftjax.models.hooks``):
 * ``embeddings``: called once, by the **encoder** stack (site ``encoder``) on the input token
   embeddings: prompt tuning prepends its virtual tokens to the encoder input only (as HF PEFT's
   ``PROMPT_TUNING`` path for seq2seq does); the relative-position buckets then run over the
-  extended sequence. The decoder's embeddings do not pass through it.
+  extended sequence. The decoder's embeddings do not pass through it. (PEFT allocates
+  ``2 n`` prompt rows for seq2seq models, ``num_transformer_submodules=2``, but that path uses
+  only the first ``n``; we count the ``n`` that are used: 5 x 4096 = 20,480 on T5-XXL.)
 * ``attention_kv``: in all three attentions — encoder and decoder self-attention (after the
   decoder's KV-cache update) and decoder cross-attention (on the keys/values of the encoder
   output). A method that prepends ``n`` keys gets a zero position bias for them.
@@ -77,7 +79,8 @@ from flax import struct
 
 from peftjax.models import hooks, registry
 from peftjax.models.generation import _eos_ids, sample_next
-from peftjax.models.layers import Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output
+from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
+                                   remat_block)
 
 IGNORE = -100
 
@@ -386,13 +389,13 @@ class T5BlockList(nn.Module):
     config: T5Config
     is_decoder: bool
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
 
     @nn.compact
     def __call__(self, h, mask, buckets, enc_h, enc_mask, caches, cache_index, train: bool):
         c = self.config
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
-        block_cls = nn.remat(T5Block, static_argnums=(9,)) if self.remat else T5Block
+        block_cls = remat_block(T5Block, self.remat, static_argnums=(9,))
         position_bias = None
         new_caches = []
         for i in range(n):
@@ -448,7 +451,7 @@ class T5Stack(nn.Module):
     config: T5Config
     is_decoder: bool
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, embeds, attention_mask, enc_h=None, enc_mask=None, train: bool = False,
@@ -524,7 +527,7 @@ class T5ForConditionalGeneration(nn.Module):
 
     config: T5Config
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     lm: bool = True
 
     def setup(self) -> None:
