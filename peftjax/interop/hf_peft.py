@@ -65,7 +65,7 @@ class AdapterError(ValueError):
 def task_type(model: Model) -> str:
     """PEFT's task type for the model's head."""
     return {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm": "CAUSAL_LM",
-            "none": "FEATURE_EXTRACTION"}[model.head]
+            "seq2seq_lm": "SEQ_2_SEQ_LM", "none": "FEATURE_EXTRACTION"}[model.head]
 
 
 def _head_params(model: Model) -> dict[str, Any]:
@@ -264,7 +264,8 @@ def peft_params(method: core.Method, trainable: dict, base: dict) -> core.PeftPa
 
 def _check_task_type(config: dict, model: Model, folder: str) -> None:
     tt = config.get("task_type")
-    ok = {"SEQ_CLS": ("classification", "regression"), "CAUSAL_LM": ("causal_lm",)}
+    ok = {"SEQ_CLS": ("classification", "regression"), "CAUSAL_LM": ("causal_lm",),
+          "SEQ_2_SEQ_LM": ("seq2seq_lm",)}
     if tt in ok and model.head not in ok[tt]:
         raise AdapterError(f"{folder}: task_type {tt!r} does not fit a model with head "
                            f"{model.head!r} (expected head: {' or '.join(ok[tt])})")

@@ -159,6 +159,7 @@ def test_checkpoint_without_lm_head_ties_it_to_shared():
     np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), tensors["shared.weight"].T)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training_and_seeded(pair):
     variant, hf, ours, params, apply = pair
     if variant != "mt5":
@@ -306,3 +307,33 @@ def test_text_to_text_classification_through_the_loop(tmp_path):
     result = train_and_evaluate(config, str(tmp_path / "run"))
     assert result["format"] == "lm" and result["trainable_params"] == 8 * 64 * 12  # r(in+out), 12 q/v
     assert 0.0 <= result["metrics"]["test"]["accuracy"] <= 1.0
+
+
+def test_lora_and_prompt_adapters_load_in_peft_with_equal_logits(pair, tmp_path):
+    """Exported as SEQ_2_SEQ_LM adapters, PEFT adapts the same modules (q, v of every attention)
+    and prepends the same prompt to the encoder: logits agree to 1e-4."""
+    import copy
+
+    import peft
+
+    from peftjax.interop import export_adapter
+
+    variant, hf, ours, params, _ = pair
+    if variant != "mt5":
+        pytest.skip("one variant suffices")
+    ids, mask, dec, dec_mask = batch(8)
+    b = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask}
+    flat = traverse_util.flatten_dict(params, sep=".")
+    for name, cfg in (("lora", {"rank": 2, "alpha": 4.0}), ("prompt_tuning", {"num_virtual_tokens": 3})):
+        method = methods.create(name, ours, cfg)
+        p = method.setup(jax.random.PRNGKey(0), flat)
+        rs = np.random.RandomState(0)
+        added = {k: np.asarray(v) + (0.3 * rs.standard_normal(v.shape).astype(np.float32)
+                                     if not k.endswith("lora_A") else 0) for k, v in p.trainable["added"].items()}
+        p = p._replace(trainable={**p.trainable, "added": added})
+        export_adapter(method, p.trainable, str(tmp_path / name), base_model_name_or_path="tiny")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / name)).eval()
+        with torch.no_grad():
+            ref = loaded(**{k: torch.tensor(v) for k, v in b.items()}).logits.numpy()
+        out = np.asarray(jax.jit(lambda t: method.apply(t, p.frozen, p.state, b))(p.trainable))
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0, err_msg=name)
