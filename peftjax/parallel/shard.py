@@ -25,6 +25,7 @@ tests check on 8 host devices.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable, Mapping
 
@@ -33,7 +34,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from peftjax.parallel import mesh as mesh_lib
-from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS, Placement, ShardingRules
+from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS, Placement, ShardingRules, describe
+
+log = logging.getLogger(__name__)
 
 SPARSE_DELTA = "sparse delta (replicated)"
 SPARSE_INDICES = "sparse indices (replicated)"
@@ -269,8 +272,17 @@ def from_config(config, method, state, frozen: Mapping[str, Any]) -> TrainShardi
         return None
     mesh = mesh_lib.make_mesh(mesh_cfg)
     check_batch_size(config.train.batch_size, mesh)
-    return plan(method, mesh, state, frozen,
-                min_elements=int(mesh_cfg.get("min_shard_elements", DEFAULT_MIN_ELEMENTS)))
+    sh = plan(method, mesh, state, frozen,
+              min_elements=int(mesh_cfg.get("min_shard_elements", DEFAULT_MIN_ELEMENTS)))
+    placements = [p for group in sh.placements.values() for p in group.values()]
+    fallbacks = [p for p in placements if p.replicated_dims]
+    log.info("mesh %s; %d arrays sharded, %d replicated", dict(mesh.shape),
+             sum(p.spec != P() for p in placements), sum(p.spec == P() for p in placements))
+    if fallbacks:  # a rule asked for a split that does not divide: that dim is replicated
+        log.warning("%d arrays keep a dim replicated because it does not divide by its mesh axes:\n%s",
+                    len(fallbacks), describe(fallbacks))
+    log.debug("placements:\n%s", describe(placements))
+    return sh
 
 
 def host_tree(tree):
