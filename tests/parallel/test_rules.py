@@ -199,3 +199,24 @@ def test_sharded_memory_of_a_config_divides_the_params_over_fsdp():
     assert per["batch"] * 8 == whole["batch"]   # every field's rows split 8 ways
     with pytest.raises(ValueError, match="not divisible by the mesh's batch split"):
         sharded_memory(config, "1,8,1", head="causal_lm", batch=4, seq=16)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bloom", "tiny-t5"])
+def test_families_without_rules_shard_through_the_fallback(name):
+    """GPT-2, BLOOM and T5 register no rules: every big frozen array is split over fsdp by the
+    fallback, so each of 2 fsdp shards holds about half the frozen bytes."""
+    from flax import traverse_util
+
+    from configs import models as model_configs
+    from peftjax.models import build_model
+    from peftjax.models.registry import family_for
+
+    hf = model_configs.get(name).hf_config.to_dict()
+    family = family_for(hf["model_type"])
+    model = build_model(hf, head="seq2seq_lm" if "seq2seq_lm" in family.heads else "causal_lm")
+    abstract = traverse_util.flatten_dict(model.abstract_params(), sep=".")
+    method = methods_lib.create("lora", model, {"rank": 4})
+    state, frozen, sh = shard.abstract_plan(method, "2,2,2", abstract, optax.adamw(1e-3), min_elements=0)
+    assert {p.rule for p in sh.placements["frozen"].values()} == {"fallback"}
+    report = shard.memory_report(state, frozen, sh)
+    assert 0.5 <= report["frozen_bytes_per_device"] / report["frozen_bytes"] < 0.51
