@@ -9,7 +9,7 @@ from peftjax.grid import ResultsStore
 from peftjax.grid.plots import pareto_front
 from peftjax.grid.report import select, write_report
 
-TASKS = ("tweet_sentiment", "tweet_polarity")
+TASKS = ("tweet_sentiment",)  # one task keeps the test fast; tables and plots are per task
 
 
 def row(task, variant, method, seed, hp, val, test, params, **extra):
@@ -90,7 +90,7 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
         assert needle in md, needle
     assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{80.0 $\pm$ 1.0}",
                                   r"tweet\_sentiment", "% sweep run at commit abc123"))
-    assert tex.count(r"\begin{tabular}") == 2
+    assert tex.count(r"\begin{tabular}") == len(TASKS)
     plots = {os.path.basename(p) for p in out["plots"]}
     for task in TASKS:
         for stem in (f"pareto_m_{task}", f"curves_m_{task}", f"rank_ablation_m_{task}",
@@ -98,6 +98,6 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
             assert {f"{stem}.png", f"{stem}.pdf"} <= plots, stem
     assert {"memory.png", "memory.pdf", "step_time.png", "step_time.pdf"} <= plots
     assert all(os.path.getsize(p) > 1000 for p in out["plots"])
-    assert "![pareto_m_tweet_polarity](plots/pareto_m_tweet_polarity.png)" in md
+    assert "![pareto_m_tweet_sentiment](plots/pareto_m_tweet_sentiment.png)" in md
     configs = json.load(open(out["configs"]))
     assert len(configs) == len(synthetic_rows())
