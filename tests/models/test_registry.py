@@ -66,7 +66,7 @@ def test_registered_families():
     assert family_for("roberta").heads == ("none", "classification", "regression")
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "t5"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "falcon"])
 def test_unsupported_architecture_lists_supported(model_type):
     with pytest.raises(ValueError) as e:
         build_model({"model_type": model_type, "hidden_size": 64})
