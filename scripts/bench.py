@@ -133,8 +133,9 @@ def main(argv):
     head = "classification"
     from peftjax.models.registry import family_for
 
-    if "classification" not in family_for(model_cfg.hf_config.model_type).heads:
-        head = "causal_lm"
+    heads = family_for(model_cfg.hf_config.model_type).heads
+    if "classification" not in heads:  # an LM: encoder-decoders (T5) train text-to-text
+        head = "seq2seq_lm" if "seq2seq_lm" in heads else "causal_lm"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     model, params, _ = hf_io.load_from_config(model_cfg, head=head, num_labels=FLAGS.num_labels,
                                               dtype=dtype, remat=FLAGS.remat, with_tokenizer=False)
@@ -144,7 +145,7 @@ def main(argv):
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask": np.ones(FLAGS.batch, bool)}
     if "token_type_ids" in model.input_names:
         batch["token_type_ids"] = np.zeros_like(ids)
-    batch["labels"] = (ids if head == "causal_lm" else rng.integers(0, FLAGS.num_labels, FLAGS.batch)
+    batch["labels"] = (ids if head in ("causal_lm", "seq2seq_lm") else rng.integers(0, FLAGS.num_labels, FLAGS.batch)
                        ).astype(np.int32)
     overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
     results = []
