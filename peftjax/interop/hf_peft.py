@@ -150,6 +150,12 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
     return config
 
 
+def _conv1d_targets(model: Model, targets) -> bool:
+    """Whether every target is a Conv1D layer (a kernel the checkpoint stores untransposed)."""
+    pattern = getattr(model.family, "untransposed_kernels", "")
+    return bool(pattern) and bool(targets) and all(re.search(pattern, t + ".kernel") for t in targets)
+
+
 def _export_lora(method, added) -> tuple[dict, dict, str]:
     c = method.config
     if c.init == "pissa":
@@ -172,7 +178,10 @@ def _export_lora(method, added) -> tuple[dict, dict, str]:
     config = {
         "peft_type": "LORA", "r": int(c.rank), "lora_alpha": float(c.alpha),
         "lora_dropout": float(c.dropout), "use_rslora": bool(c.use_rslora),
-        "target_modules": list(method.targets), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": list(method.targets), "bias": "none",
+        # PEFT's flag for Conv1D (GPT-2) layers, whose weight is stored (in, out); lora_A/B have
+        # the nn.Linear shapes either way. PEFT's own save writes True for such targets.
+        "fan_in_fan_out": _conv1d_targets(method.model, method.targets),
         "init_lora_weights": "gaussian" if c.init == "gaussian" else True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "use_dora": False, "lora_bias": False,
@@ -303,8 +312,6 @@ def _peft_targets_regex(target_modules: Any, sites: core.Sites) -> str:
 
 _REFUSED_LORA_FIELDS = {
     # field: (value that is fine, why peftjax refuses other values)
-    "fan_in_fan_out": (False, "fan_in_fan_out=True is for Conv1D (GPT-2) layers; these models use "
-                              "nn.Linear"),
     "lora_bias": (False, "lora_bias=True (a trainable bias on lora_B) is not implemented"),
     "layers_to_transform": (None, "layers_to_transform (adapting a subset of layers) is not "
                                   "implemented; export the adapter with explicit target_modules"),
@@ -366,6 +373,13 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
         raise AdapterError(f"{folder}: target_modules={config.get('target_modules')!r} does not fit "
                            f"the {model.family.name} model: {e}") from None
 
+    # fan_in_fan_out only tells PEFT a target is a Conv1D (weight (in, out)); PEFT corrects it per
+    # layer type, and lora_A / lora_B are stored with the nn.Linear shapes either way. A value
+    # that contradicts the targets is refused rather than silently reinterpreted.
+    fifo = bool(config.get("fan_in_fan_out", False))
+    if fifo and not _conv1d_targets(model, method.targets):
+        raise AdapterError(f"{folder}: fan_in_fan_out=True is for Conv1D (GPT-2) layers, but the "
+                           f"targets of the {model.family.name} model are nn.Linear layers")
     added, missing, misshaped = {}, [], []
     site_to_file = {s: m for m, s in to_site.items()}
     for site in method.targets:

@@ -311,3 +311,38 @@ def test_refuses_head_that_does_not_fit(bert_adapter):
     with pytest.raises(AdapterError, match="mis-shaped head keys") as e:
         import_adapter(folder, five)
     assert "base_model.model.classifier.weight: adapter (3, 32), model expects (5, 32)" in str(e.value)
+
+
+# --------------------------------------------------------------------------- GPT-2 (Conv1D)
+
+
+def test_gpt2_conv1d_lora_both_ways(tmp_path):
+    """GPT-2's c_attn is a Conv1D (weight stored (in, out)): PEFT saves fan_in_fan_out=True with
+    nn.Linear-shaped lora_A/B; both directions agree with PEFT to 1e-4."""
+    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    torch_model = transformers.GPT2LMHeadModel(config).eval()
+    torch_model.save_pretrained(str(tmp_path / "ckpt"), safe_serialization=True)
+    model, params = hf_io.load_pretrained(str(tmp_path / "ckpt"), head="causal_lm")
+    params = hf_io.flatten(params)
+    ids = np.random.RandomState(1).randint(0, 96, (2, 9)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"],
+        init_lora_weights=False)).eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    assert json.load(open(tmp_path / "peft" / "adapter_config.json"))["fan_in_fan_out"] is True
+    method, trainable = import_adapter(str(tmp_path / "peft"), model)
+    assert sorted(method.targets) == adapted_modules(pm)
+    p = peft_params(method, trainable, params)
+    assert max_delta(ours(method, p, batch), theirs(pm, batch), batch) <= TOL
+
+    config_out = export_adapter(method, trainable, str(tmp_path / "ours"))
+    assert config_out["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "ours")).eval()
+    assert max_delta(ours(method, p, batch), theirs(loaded, batch), batch) <= TOL
+    with loaded.disable_adapter():   # not vacuous: the adapter changes the output
+        assert np.abs(theirs(loaded, batch) - ours(method, p, batch)).max() > 1e-3
