@@ -127,3 +127,26 @@ def test_sigkill_mid_cell_then_rerun_gives_one_result_per_cell(tmp_path, workers
     assert after[killed_cell.id][0]["resumed_from"] == stopped_at > 0
     with open(workdir / "results.jsonl", "rb") as f:
         assert f.read().endswith(b"\n")
+
+
+@pytest.mark.slow
+def test_real_cells_train_record_curves_and_the_dylora_rank_sweep(tmp_path):
+    """The default cell (train_and_evaluate) on a tiny random BERT, then the report."""
+    from peftjax.grid.report import write_report
+
+    d = {"name": "tiny", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+         "base": {"train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "eval_limit": 64,
+                            "train_limit": 128, "batch_size": 8, "log_every": 1, "progress": False}},
+         "variants": {"lora": {"method": "lora", "grid": {"method": {"rank": [1, 2]}}},
+                      "dylora": {"method": "dylora", "rank_sweep": [1, 4]}}}
+    cells = sweep.expand(d)
+    counts = runner.run(cells, str(tmp_path), definition=d, progress=False)
+    assert (counts["ok"], counts["failed"]) == (3, 0)
+    rows = {r[0]["variant"] + str(r[0]["hp"]): r[0] for r in rows_by_cell(tmp_path).values()}
+    lora = rows["lora{'method.rank': 1}"]
+    assert lora["curves"]["validation"]["step"] == [2, 4] and lora["primary_metric"] == "accuracy"
+    assert lora["trainable_params"] > 0 and lora["step_time_s"] > 0 and lora["peak_memory_bytes"] > 0
+    assert set(rows["dylora{}"]["rank_sweep"]["ranks"]) == {"1", "4"}
+    out = write_report(str(tmp_path))
+    assert "| lora | lora | rank=" in open(out["md"]).read()
+    assert any("rank_ablation" in p for p in out["plots"])
