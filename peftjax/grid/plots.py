@@ -83,8 +83,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def score_vs_params(points: list[dict], stem: str, *, ylabel: str, title: str = "") -> list[str]:
-    """Score (mean ± std over seeds) against trainable parameters, log x, with the Pareto front.
+def score_vs_params(points: list[dict], stem: str, *, ylabel: str, title: str = "",
+                    higher_is_better: bool = True) -> list[str]:
+    """Score (mean ± std over seeds) against trainable parameters, log x, with the Pareto front
+    (for a loss, ``higher_is_better=False``: the front minimises it).
 
     ``points``: dicts with ``label``, ``params``, ``mean``, ``std``.
     """
@@ -96,7 +98,8 @@ def score_vs_params(points: list[dict], stem: str, *, ylabel: str, title: str = 
                 ecolor="0.6", zorder=3)
     for x, y, p in zip(xs, ys, points):
         ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    front = pareto_front(list(zip(xs, ys)))
+    sign = 1.0 if higher_is_better else -1.0
+    front = pareto_front([(x, sign * y) for x, y in zip(xs, ys)])
     fx, fy = [xs[i] for i in front], [ys[i] for i in front]
     ax.step(fx, fy, where="post", color="tab:red", lw=1.2, label="Pareto front", zorder=2)
     ax.set_xscale("log")

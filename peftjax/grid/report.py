@@ -334,7 +334,8 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             if pts:
                 written["plots"] += plots.score_vs_params(
                     pts, os.path.join(plot_dir, f"pareto_{tag}"), ylabel=f"test {ts[0].metric}",
-                    title=f"{model} × {task}: score vs trainable parameters")
+                    title=f"{model} × {task}: score vs trainable parameters",
+                    higher_is_better=ts[0].higher_is_better)
             lc = {}
             for s in ts:
                 st = _curve_stats(s, "validation", s.metric)
