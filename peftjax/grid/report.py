@@ -448,7 +448,10 @@ def _stamp_lines(now: dict, stamps: Sequence[dict]) -> list[str]:
     lines = [f"report generated {now['date']} at commit {now.get('commit')} "
              f"(dirty: {now.get('dirty')})"]
     for c, d in commits:
-        lines.append(f"sweep run at commit {c} (dirty: {d})")
+        files = sorted({f for st in stamps if (st.get("commit"), st.get("dirty")) == (c, d)
+                        for f in st.get("dirty_files", [])})
+        lines.append(f"sweep run at commit {c} (dirty: {d}" + (
+            f"; {len(files)} modified code files, listed in stamps.jsonl)" if files else ")"))
     if stamps:
         lines.append(f"sweep invocations: {len(stamps)}, first {stamps[0]['date']}, last {stamps[-1]['date']}")
         dev = stamps[-1].get("device", {})
