@@ -173,11 +173,10 @@ def test_cached_generation_equals_recomputation_and_is_seeded(trained):
     np.testing.assert_array_equal(greedy, full(t, ids, mask))
     alone = cached(t, ids[1:, 3:], np.ones((1, 4), np.int32))   # the padded row unpadded
     np.testing.assert_array_equal(greedy[1, 7:], alone[0, 4:])
-    cached, full = _generator(m, frozen, True, 1.0), _generator(m, frozen, False, 1.0)
-    a = cached(t, ids, mask, jax.random.PRNGKey(3))
-    np.testing.assert_array_equal(a, cached(t, ids, mask, jax.random.PRNGKey(3)))
-    np.testing.assert_array_equal(a, full(t, ids, mask, jax.random.PRNGKey(3)))
-    assert not np.array_equal(a, cached(t, ids, mask, jax.random.PRNGKey(4)))
+    sampled = _generator(m, frozen, True, 1.0)
+    a = sampled(t, ids, mask, jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(a, sampled(t, ids, mask, jax.random.PRNGKey(3)))
+    assert not np.array_equal(a, sampled(t, ids, mask, jax.random.PRNGKey(4)))
 
     # Step by step: every cached step's logits equal one full forward over the final sequence,
     # and the prefixes never enter the cache (it holds exactly the real slots).
