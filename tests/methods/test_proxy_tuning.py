@@ -92,16 +92,34 @@ def test_cached_proxy_generation_equals_recomputation(models):
     ids, mask = _prompt()
     got = np.asarray(proxy_generate(base, tuned, untuned, ids, mask, NEW, alpha=1.0, eos_token_id=()))
     assert got.shape == (3, 6 + NEW)
-    buf = np.concatenate([ids, np.zeros((3, NEW), np.int32)], 1)
-    mbuf = np.concatenate([mask, np.zeros((3, NEW), np.int32)], 1)
-    for t in range(NEW):
-        logits = np.asarray(proxy_logits(base, tuned, untuned, buf, mbuf, alpha=1.0))[:, 5 + t]
-        buf[:, 6 + t] = logits.argmax(-1)
-        mbuf[:, 6 + t] = 1
-    np.testing.assert_array_equal(got, buf)
+    np.testing.assert_array_equal(got, _recompute_greedy(base, tuned, untuned, ids, mask))
     # The steering changes what is generated (otherwise the test above would prove little).
     plain = np.asarray(generation.generate(base.model, base.weights, ids, mask, NEW, eos_token_id=()))
     assert not np.array_equal(got, plain)
+
+
+def _recompute_greedy(base, tuned, untuned, ids, mask, alpha=1.0):
+    """Greedy proxy decoding by full recomputation on a fixed buffer (the reference for the caches)."""
+    b, l = ids.shape
+    buf = np.concatenate([ids, np.zeros((b, NEW), np.int32)], 1)
+    mbuf = np.concatenate([mask, np.zeros((b, NEW), np.int32)], 1)
+    for t in range(NEW):
+        logits = np.asarray(proxy_logits(base, tuned, untuned, buf, mbuf, alpha=alpha))[:, l - 1 + t]
+        buf[:, l + t] = logits.argmax(-1)
+        mbuf[:, l + t] = 1
+    return buf
+
+
+def test_prompt_tuning_expert_with_its_own_grown_cache(models):
+    """A prompt-tuning expert prepends virtual tokens: its cache grows, the others' do not."""
+    base, _, untuned = models
+    pt = methods.create("prompt_tuning", untuned.model, {"num_virtual_tokens": 3, "init": "vocab"})
+    peft = pt.setup(jax.random.PRNGKey(0), traverse_util.flatten_dict(untuned.weights, sep="."))
+    trainable = {**peft.trainable, "added": {k: v + 0.3 for k, v in peft.trainable["added"].items()}}
+    expert = CausalLM.adapted(pt, trainable, peft.frozen, peft.state)
+    ids, mask = _prompt()
+    got = np.asarray(proxy_generate(base, expert, untuned, ids, mask, NEW, eos_token_id=()))
+    np.testing.assert_array_equal(got, _recompute_greedy(base, expert, untuned, ids, mask))
 
 
 def test_sampling_is_deterministic_for_a_seed(models):
