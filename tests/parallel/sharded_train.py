@@ -1,6 +1,7 @@
 """Run by tests/parallel/test_sharding.py in a subprocess with 8 forced host CPU devices.
 
-    python tests/parallel/sharded_train.py [MESHES]     # MESHES: "8,1,1/2,4,1/2,2,2" (default)
+    python tests/parallel/sharded_train.py [MESHES [METHODS]]
+    # MESHES: "8,1,1/2,4,1/2,2,2" (default); METHODS: "lora,adapter,prompt_tuning,fishmask,full"
 
 Trains one method of each family (LoRA; adapter and prompt tuning (additional params); FishMask
 (selection, sparse deltas); full fine-tuning) on a tiny Llama for a few steps on one device and
@@ -56,8 +57,9 @@ def same_sharding(tree: dict, shardings: dict) -> bool:
         jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
-def main(meshes: str = MESHES) -> None:
+def main(meshes: str = MESHES, methods: str = ",".join(METHODS)) -> None:
     meshes = [tuple(int(x) for x in m.split(",")) for m in meshes.split("/")]
+    METHODS = tuple(methods.split(","))
     assert jax.device_count() == 8, f"expected 8 forced host devices, got {jax.device_count()}"
     hf = {**model_configs.get("tiny-llama").hf_config.to_dict(), "vocab_size": 256,
           "initializer_range": 0.2, "num_hidden_layers": 1}
@@ -148,4 +150,4 @@ def main(meshes: str = MESHES) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:3])
