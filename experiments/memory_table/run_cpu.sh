@@ -13,7 +13,7 @@ COMMON="--batch=8 --seq=64 --config.train.clip_norm=0"
 LORA="--config.method.rank=8 --config.method.alpha=32 --config.method.dropout=0.1"
 FISHER='{"fishmask": {"num_examples": 8, "progress": false}, "child_tuning_d": {"progress": false}}'
 METHODS=${METHODS:-all}
-MODELS=${MODELS:-"llama2-7b bloomz-7b1 T0_3B mt0-xxl"}
+MODELS=${MODELS-"llama2-7b bloomz-7b1 T0_3B mt0-xxl"}
 for model in $MODELS; do
   case $model in
     T0_3B|mt0-xxl) head="--head=seq2seq_lm --target_seq=4" ;;
@@ -24,3 +24,15 @@ for model in $MODELS; do
   $PY scripts/memory.py --config=configs/train.py:model=$model,method=lora $COMMON $LORA $head \
     --methods="$METHODS" --method_overrides="$FISHER" --out="$OUT/$name.json" > /dev/null
 done
+
+# Rematerialisation's effect on the CPU backend (llama2-7b LoRA) and gradient clipping's
+# (llama2-7b full fine-tuning with the trainer's default clip_norm=1.0: every gradient must exist
+# before the first update). Run with REMAT=1.
+if [ "${REMAT:-0}" = 1 ]; then
+  for remat in none block block_dots; do
+    $PY scripts/memory.py --config=configs/train.py:model=llama2-7b,method=lora $COMMON $LORA --head=causal_lm \
+      --config.train.remat=$remat --methods=lora --out="$OUT/llama2_7b_remat_$remat.json" > /dev/null
+  done
+  $PY scripts/memory.py --config=configs/train.py:model=llama2-7b,method=full --batch=8 --seq=64 \
+    --config.train.clip_norm=1.0 --head=causal_lm --methods=full --out="$OUT/llama2_7b_full_clip.json" > /dev/null
+fi

@@ -76,6 +76,11 @@ def test_abstract_batch_shapes():
     assert b["input_ids"].shape == (3, 7) and b["labels"].shape == (3, 7) and b["mask"].shape == (3,)
     with pytest.raises(ValueError, match="seq"):
         memory.abstract_batch(model, 3, 1)
+    # encoder-decoder: the target side (decoder_* inputs, labels) takes target_seq
+    t5 = build_model(models.get("tiny-t5").hf_config, head="seq2seq_lm")
+    b = memory.abstract_batch(t5, 2, 9, target_seq=4)
+    assert b["input_ids"].shape == (2, 9) and b["decoder_input_ids"].shape == (2, 4)
+    assert b["labels"].shape == (2, 4)
 
 
 def test_bad_arguments_are_refused():

@@ -1,0 +1,68 @@
+"""Markdown tables from the memory table's JSON files (written by scripts/memory.py --out).
+
+    python experiments/memory_table/make_table.py > experiments/memory_table/tables.md
+
+GiB = 2^30 bytes, GB = 10^9 bytes. The published PyTorch figures (HF PEFT README, Dec 2022, via
+../shared/reference/numbers.md) are copied beside the rows they correspond to.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PUBLISHED = {  # (model, method) -> peak GPU memory of plain PyTorch, as the README prints it
+    ("T0_3B", "full"): "47.14GB", ("T0_3B", "lora"): "14.4GB",
+    ("mt0-xxl", "full"): "OOM (80GB)", ("mt0-xxl", "lora"): "56GB",
+    ("bloomz-7b1", "full"): "OOM (80GB)", ("bloomz-7b1", "lora"): "32GB",
+}
+ORDER = ["T0_3B", "mt0-xxl", "bloomz-7b1", "llama2-7b"]
+
+
+def load(kind: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(HERE, kind, "*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        rows.extend(data if isinstance(data, list) else [data])
+    return rows
+
+
+def gib(x: int) -> str:
+    return f"{x / 2 ** 30:.2f}"
+
+
+def table(rows: list[dict], title: str) -> str:
+    if not rows:
+        return f"### {title}\n\n(no rows)\n"
+    lines = [f"### {title}", "",
+             "| model | method | remat | trainable | total | params GiB | grads GiB | optimizer GiB "
+             "| XLA temp GiB | peak GiB | peak GB | published (PyTorch) | TFLOP/step | compile s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    key = lambda r: (ORDER.index(r["model"]) if r["model"] in ORDER else 99, r.get("remat", ""),
+                     r["method"] != "full", r["method"])
+    for r in sorted(rows, key=key):
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['method']} | | n/a: {r['error'][:120]} |" + " |" * 10)
+            continue
+        b, x = r["bytes"], r["xla"]
+        pub = PUBLISHED.get((r["model"], r["method"]), "") if r["remat"] == "none" else ""
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['remat']} | {r['trainable_params']:,} | {r['total_params']:,} "
+            f"| {gib(b['params'])} | {gib(b['gradients'])} | {gib(b['optimizer_state'])} "
+            f"| {gib(x['temp_bytes'])} | {gib(r['peak_bytes'])} | {r['peak_bytes'] / 1e9:.2f} | {pub} "
+            f"| {r['flops'] / 1e12:.2f} | {r['compile_s']:.0f} |")
+    first = rows[0]
+    lines += ["", f"backend {first['backend']} ({first['device_kind']}), jax {first['jax_version']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    print(table(load("gpu"), "GPU backend (compiled for one NVIDIA H200)"))
+    print(table(load("cpu"), "CPU backend"))
+
+
+if __name__ == "__main__":
+    main()
