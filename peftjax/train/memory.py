@@ -156,8 +156,15 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
     abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
     batch_spec = abstract_batch(model, batch, seq, target_seq)
     ctx = init_context(model, None, _concrete_rows(batch_spec))
-    peft = jax.eval_shape(lambda b: method.setup(jax.random.PRNGKey(config.seed + 1), b, ctx),
-                          abstract_base)
+    try:
+        peft = jax.eval_shape(lambda b: method.setup(jax.random.PRNGKey(config.seed + 1), b, ctx),
+                              abstract_base)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError) as e:
+        raise NotImplementedError(
+            f"method {method.name!r} chooses its trainable set from concrete values (data-driven "
+            "initialisation, e.g. a Fisher mask), which abstract shapes cannot give: its memory "
+            f"is not accounted here ({type(e).__name__})") from e
     frozen = peft.frozen
     if frozen_dtype != "float32":
         cast = DTYPES[frozen_dtype]

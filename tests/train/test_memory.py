@@ -91,6 +91,9 @@ def test_bad_arguments_are_refused():
         memory.analyze_train_step(c, optimizer="lion")
     with pytest.raises(ValueError, match="float32"):
         memory.analyze_train_step(c, frozen_dtype="float16")
+    # data-driven trainable sets (Child-tuning_D's Fisher mask) need concrete weights
+    with pytest.raises(NotImplementedError, match="concrete"):
+        memory.analyze_train_step(_config(method="child_tuning_d"), batch=2, seq=4)
     c.train.remat = "everything"
     with pytest.raises(ValueError, match="block_dots"):
         memory.analyze_train_step(c, batch=2, seq=4)
