@@ -41,8 +41,8 @@ def table(rows: list[dict], title: str) -> str:
              "| model | method | remat | trainable | total | params GiB | grads GiB | optimizer GiB "
              "| XLA temp GiB | peak GiB | peak GB | published (PyTorch) | TFLOP/step | compile s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-    key = lambda r: (ORDER.index(r["model"]) if r["model"] in ORDER else 99, r.get("remat", ""),
-                     r["method"] != "full", r["method"])
+    key = lambda r: (ORDER.index(r["model"]) if r["model"] in ORDER else 99,
+                     r.get("remat", "none") != "none", r.get("remat", ""), r["method"] != "full", r["method"])
     for r in sorted(rows, key=key):
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | | n/a: {r['error'][:120]} |" + " |" * 10)
