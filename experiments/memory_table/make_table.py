@@ -22,11 +22,19 @@ ORDER = ["T0_3B", "mt0-xxl", "bloomz-7b1", "llama2-7b"]
 
 
 def load(kind: str) -> list[dict]:
-    rows = []
+    """Every row of ``<kind>/*.json``; a row measured twice (same model, method, remat and peak,
+    e.g. LoRA in both the method table and the remat series) is listed once."""
+    rows, seen = [], set()
     for path in sorted(glob.glob(os.path.join(HERE, kind, "*.json"))):
         with open(path) as f:
             data = json.load(f)
-        rows.extend(data if isinstance(data, list) else [data])
+        for r in (data if isinstance(data, list) else [data]):
+            if "_clip" in os.path.basename(path):  # the trainer's default clipping, not the seed's
+                r = {**r, "method": r["method"] + " (clip_norm=1.0)"}
+            key = (r["model"], r["method"], r.get("remat"), r.get("peak_bytes"), r.get("error"))
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
     return rows
 
 

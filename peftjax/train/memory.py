@@ -199,7 +199,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         **({"target_seq": target_seq or seq} if any(n.startswith("decoder_") for n in model.input_names)
            else {}),
         "dtype": config.train.dtype, "frozen_dtype": frozen_dtype, "optimizer": optimizer,
-        "remat": str(config.train.remat),
+        "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
         **counts,
