@@ -13,7 +13,7 @@ COMMON="--batch=8 --seq=64 --config.train.clip_norm=0"
 LORA="--config.method.rank=8 --config.method.alpha=32 --config.method.dropout=0.1"
 FISHER='{"fishmask": {"num_examples": 8, "progress": false}, "child_tuning_d": {"progress": false}}'
 METHODS=${METHODS:-all}
-MODELS=${MODELS-"llama2-7b bloomz-7b1 T0_3B mt0-xxl"}
+MODELS=${MODELS-"llama2-7b bloomz-7b1 T0_3B mt0-xxl"}  # the committed files: see README (coverage)
 for model in $MODELS; do
   case $model in
     T0_3B|mt0-xxl) head="--head=seq2seq_lm --target_seq=4" ;;
