@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.models import hooks, registry
+from peftjax.models.layers import remat_block
 from peftjax.models.generation import KVCache
 from peftjax.models.gpt2 import (causal_mask_and_cache, default_positions, finish_cache, last_valid_index,
                                  write_cache)
@@ -231,11 +232,11 @@ class BloomStack(nn.Module):
 
     config: BloomConfig
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, h, mask, caches, cache_index, train: bool):
-        block_cls = nn.remat(BloomBlock, static_argnums=(5,)) if self.remat else BloomBlock
+        block_cls = remat_block(BloomBlock, self.remat, static_argnums=(5,))
         new_caches = []
         for i in range(self.config.n_layer):
             h, new_cache = block_cls(self.config, self.dtype, name=str(i))(
@@ -250,7 +251,7 @@ class BloomModel(nn.Module):
 
     config: BloomConfig
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self) -> None:
         c = self.config
@@ -297,7 +298,7 @@ class BloomForCausalLM(nn.Module):
 
     config: BloomConfig
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self) -> None:
         c = self.config
@@ -325,7 +326,7 @@ class BloomForSequenceClassification(nn.Module):
     config: BloomConfig
     num_labels: int
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models import hooks, registry
+from peftjax.models.layers import remat_block
 from peftjax.models.generation import KVCache
 from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, activation,
                                    attention_weights_and_output, normal_init)
@@ -271,11 +272,11 @@ class GPT2Stack(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, h, mask, caches, cache_index, train: bool):
-        block_cls = nn.remat(GPT2Block, static_argnums=(5,)) if self.remat else GPT2Block
+        block_cls = remat_block(GPT2Block, self.remat, static_argnums=(5,))
         new_caches = []
         for i in range(self.config.n_layer):
             h, new_cache = block_cls(self.config, i, self.dtype, name=str(i))(
@@ -293,7 +294,7 @@ class GPT2Model(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self) -> None:
         c = self.config
@@ -353,7 +354,7 @@ class GPT2LMHeadModel(nn.Module):
 
     config: GPT2Config
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self) -> None:
         c = self.config
@@ -383,7 +384,7 @@ class GPT2ForSequenceClassification(nn.Module):
     config: GPT2Config
     num_labels: int
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):

@@ -214,10 +214,13 @@ def test_hook_sites_and_positions_refused(checkpoint):
         ("transformer.h.0.self_attention", "attention"), ("transformer.h.0.mlp", "ffn")]
     assert [c["site"] for c in recorder.calls if c["point"] == "embeddings"] == ["transformer"]
     # Rematerialised blocks trace (train=True is a static argument of each block).
-    rematted = build_model(model.hf_config, head="causal_lm", remat=True)
-    grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(p, rematted.dummy_batch(), train=True,
-                                                             rng=jax.random.PRNGKey(0)).sum()), params)
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    for policy in (True, "block_dots"):   # every layers.REMAT_POLICIES name is honoured
+        rematted = build_model(model.hf_config, head="causal_lm", remat=policy)
+        grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(
+            p, rematted.dummy_batch(), train=True, rng=jax.random.PRNGKey(0)).sum()), params)
+        assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    with pytest.raises(ValueError, match="remat"):
+        build_model(model.hf_config, head="causal_lm", remat="sometimes").init(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="ALiBi"):
         model.apply(params, model.dummy_batch(), positions=jnp.zeros((1, 8), jnp.int32))
 

@@ -163,10 +163,13 @@ def test_hook_sites_and_prompt_equals_prepended_tokens(checkpoint):
         ("transformer.h.0.attn", "attention"), ("transformer.h.0.mlp", "ffn")]
     assert [c["site"] for c in recorder.calls if c["point"] == "embeddings"] == ["transformer"]
     # Rematerialised blocks trace (train=True is a static argument of each block).
-    rematted = build_model(model.hf_config, head="causal_lm", remat=True)
-    grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(p, rematted.dummy_batch(), train=True,
-                                                             rng=jax.random.PRNGKey(0)).sum()), params)
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    for policy in (True, "block_dots"):   # every layers.REMAT_POLICIES name is honoured
+        rematted = build_model(model.hf_config, head="causal_lm", remat=policy)
+        grads = jax.eval_shape(jax.grad(lambda p: rematted.apply(
+            p, rematted.dummy_batch(), train=True, rng=jax.random.PRNGKey(0)).sum()), params)
+        assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    with pytest.raises(ValueError, match="remat"):
+        build_model(model.hf_config, head="causal_lm", remat="sometimes").init(jax.random.PRNGKey(0))
 
     class Prompt(hooks.Hooks):  # virtual tokens equal to real token embeddings
         def embeddings(self, module, embeds, attention_mask, token_type_ids):
