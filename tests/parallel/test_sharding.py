@@ -5,7 +5,8 @@ Each check runs in a subprocess (``sharded_train.py``, ``sharded_loop.py``): XLA
 is fixed when the backend starts, and the rest of the suite must keep its single device.
 The fast test (in ``make test``) trains LoRA, prompt tuning, FishMask and full fine-tuning on
 the (2,2,2) mesh — every axis used — in one subprocess with one compilation per mesh; the full matrix (8,1,1), (2,4,1),
-(2,2,2) with a resumed step across meshes, and the training loop on a mesh, are ``slow``.
+(2,2,2) with a resumed step across meshes also runs in ``make test`` (one more subprocess, ~35 s
+on 2 cores); the training loop on a mesh and the two-process runs are ``slow``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(fast):
     assert r["equal"] and r["same_sharding"] and r["sharded_leaves"] > 0
 
 
-@pytest.mark.slow
 def test_full_mesh_matrix_and_resume_across_meshes():
+    """The issue's matrix, in make test (~35 s on 2 cores): every mesh, one method per family."""
     run = run_script("sharded_train.py", "/".join(ALL_MESHES))
     for mesh in ALL_MESHES:
         check_curves(run, mesh)
