@@ -47,11 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.models import hooks, registry
-from peftjax.models.layers import remat_block
 from peftjax.models.generation import KVCache
-from peftjax.models.gpt2 import (causal_mask_and_cache, default_positions, finish_cache, last_valid_index,
-                                 write_cache)
-from peftjax.models.layers import Dense, Dropout, Embed, LayerNorm, attention_weights_and_output, normal_init
+from peftjax.models.gpt2 import causal_mask_and_cache, default_positions, finish_cache, write_cache
+from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, attention_weights_and_output,
+                                   last_token_score, normal_init, remat_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,11 +333,8 @@ class BloomForSequenceClassification(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         h, _, _ = BloomModel(self.config, self.dtype, self.remat, name="transformer")(
             input_ids, attention_mask, train, positions)
-        h = h[:, h.shape[1] - input_ids.shape[1]:]
-        idx = last_valid_index(attention_mask)
-        pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-        return Dense(self.num_labels, use_bias=False, dtype=self.dtype,
-                     kernel_init=normal_init(self.config.initializer_range), name="score")(pooled)
+        return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
+                                self.config.initializer_range)
 
 
 def _build(config: BloomConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:

@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models import hooks, registry
-from peftjax.models.layers import remat_block
 from peftjax.models.generation import KVCache
 from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, activation,
-                                   attention_weights_and_output, normal_init)
+                                   attention_weights_and_output, last_token_score, normal_init,
+                                   remat_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,11 +190,6 @@ def default_positions(valid: jax.Array, cache: KVCache | None) -> jax.Array:
     start = 0 if cache is None else cache.next_position[:, None]
     return jnp.maximum(start + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
 
-
-def last_valid_index(attention_mask: jax.Array) -> jax.Array:
-    """Index of the rightmost real token of each row (left or right padding)."""
-    valid = attention_mask.astype(bool)
-    return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
 
 
 # ------------------------------------------------------------------------------------- modules
@@ -392,11 +387,8 @@ class GPT2ForSequenceClassification(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         h, _, _ = GPT2Model(self.config, self.dtype, self.remat, name="transformer")(
             input_ids, attention_mask, train, positions)
-        h = h[:, h.shape[1] - input_ids.shape[1]:]
-        idx = last_valid_index(attention_mask)
-        pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-        return Dense(self.num_labels, use_bias=False, dtype=self.dtype,
-                     kernel_init=normal_init(self.config.initializer_range), name="score")(pooled)
+        return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
+                                self.config.initializer_range)
 
 
 def _build(config: GPT2Config, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:

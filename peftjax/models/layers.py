@@ -264,3 +264,22 @@ def remat_block(cls: type[nn.Module], remat: bool | str, static_argnums: tuple[i
     if name == "none":
         return cls
     return nn.remat(cls, static_argnums=static_argnums, policy=REMAT_POLICIES[name])
+
+
+def last_valid_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the rightmost real token of each row (left or right padding)."""
+    valid = attention_mask.astype(bool)
+    return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
+
+
+def last_token_score(h: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, num_labels: int,
+                     dtype: Any, initializer_range: float) -> jax.Array:
+    """The decoders' sequence-classification head: ``score`` (Linear, no bias) on the hidden state
+    of each row's last real token (transformers' ``*ForSequenceClassification``). Call inside a
+    compact ``__call__``: the Dense is named ``score`` in the caller's scope. ``h`` may carry
+    positions in front of the input (virtual tokens of prompt tuning); they are dropped."""
+    h = h[:, h.shape[1] - input_ids.shape[1]:]
+    idx = last_valid_index(attention_mask)
+    pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+    return Dense(num_labels, use_bias=False, dtype=dtype, kernel_init=normal_init(initializer_range),
+                 name="score")(pooled)

@@ -51,7 +51,7 @@ import numpy as np
 from peftjax.models import hooks, registry
 from peftjax.models.generation import KVCache
 from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
-                                   normal_init, remat_block)
+                                   last_token_score, normal_init, remat_block)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -474,11 +474,6 @@ class LlamaForCausalLM(nn.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def last_valid_index(attention_mask: jax.Array) -> jax.Array:
-    """Index of the rightmost real token of each row (left or right padding)."""
-    valid = attention_mask.astype(bool)
-    return valid.shape[1] - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-
 
 class LlamaForSequenceClassification(nn.Module):
     """``score`` (no bias) on the hidden state of the last real token (num_labels == 1: regression).
@@ -499,11 +494,8 @@ class LlamaForSequenceClassification(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         h, _, _ = LlamaModel(self.config, self.dtype, self.remat, name="model")(
             input_ids, attention_mask, train, positions)
-        h = h[:, h.shape[1] - input_ids.shape[1]:]
-        idx = last_valid_index(attention_mask)
-        pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-        return Dense(self.num_labels, use_bias=False, dtype=self.dtype,
-                     kernel_init=normal_init(self.config.initializer_range), name="score")(pooled)
+        return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
+                                self.config.initializer_range)
 
 
 def _build(config: LlamaConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
