@@ -2,8 +2,8 @@
 
 A rule is ``(regex, PartitionSpec)``; the regex is searched in the dotted parameter path
 (``model.layers.3.self_attn.q_proj.kernel``) and the first matching rule wins. Families register
-explicit rules (Megatron-style tensor parallelism plus FSDP, below); every path no rule matches
-gets the generic fallback:
+explicit rules (Megatron-style tensor parallelism plus FSDP, below: BERT, Llama, GPT-2, BLOOM,
+T5); every path no rule matches gets the generic fallback:
 
 * arrays with at least 2 dims and at least ``min_elements`` entries: their largest dimension
   divisible by the ``fsdp`` axis size is split over ``fsdp`` (ZeRO-3 style: every big tensor is
@@ -209,4 +209,44 @@ register_rules("bert", [
     (r"pooler\.dense\.kernel$", _COLUMN),
     (r"pooler\.dense\.bias$", P("tensor")),
     (r"LayerNorm\.(scale|bias)$", P()),
+])
+
+# GPT-2: Conv1D kernels are kept (in, out) like every other kernel here, so the same column/row
+# split applies; c_attn is the fused q/k/v projection (out = 3·hidden over tensor: GSPMD keeps
+# the result exact whichever head a shard's columns belong to).
+register_rules("gpt2", [
+    (r"attn\.c_attn\.kernel$", _COLUMN),
+    (r"attn\.c_attn\.bias$", P("tensor")),
+    (r"mlp\.c_fc\.kernel$", _COLUMN),
+    (r"mlp\.c_fc\.bias$", P("tensor")),
+    (r"(attn|mlp)\.c_proj\.kernel$", _ROW),
+    (r"c_proj\.bias$", P()),
+    (r"wte\.embedding$", P("tensor", "fsdp")),
+    (r"wpe\.embedding$", P(None, "fsdp")),
+    (r"ln_(1|2|f)\.(scale|bias)$", P()),
+])
+
+# BLOOM: fused per-head query_key_value, then dense; MLP h→4h, 4h→h; embedding LayerNorm.
+register_rules("bloom", [
+    (r"self_attention\.query_key_value\.kernel$", _COLUMN),
+    (r"self_attention\.query_key_value\.bias$", P("tensor")),
+    (r"mlp\.dense_h_to_4h\.kernel$", _COLUMN),
+    (r"mlp\.dense_h_to_4h\.bias$", P("tensor")),
+    (r"(self_attention\.dense|mlp\.dense_4h_to_h)\.kernel$", _ROW),
+    (r"(self_attention\.dense|mlp\.dense_4h_to_h)\.bias$", P()),
+    (r"word_embeddings\.embedding$", P("tensor", "fsdp")),
+    (r"(layernorm|ln_f)\.(scale|bias)$", P()),
+])
+
+# T5 / mT5: q/k/v/o of self- and cross-attention, the (gated) FFN, the shared embedding and the
+# untied LM head (v1.1 / mT5); the relative-position bias table (buckets × heads) is small.
+register_rules("t5", [
+    (r"(SelfAttention|EncDecAttention)\.(q|k|v)\.kernel$", _COLUMN),
+    (r"(SelfAttention|EncDecAttention)\.o\.kernel$", _ROW),
+    (r"DenseReluDense\.(wi|wi_0|wi_1)\.kernel$", _COLUMN),
+    (r"DenseReluDense\.wo\.kernel$", _ROW),
+    (r"relative_attention_bias\.embedding$", P()),
+    (r"(^|\.)shared\.embedding$", P("tensor", "fsdp")),
+    (r"(^|\.)lm_head\.kernel$", _COLUMN),
+    (r"layer_norm\.scale$", P()),
 ])
