@@ -31,7 +31,7 @@ inside the ``with hooks.use(...)`` block to compile once per traced call instead
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,46 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None, config: Any) -> tuple[int
     return tuple(int(e) for e in eos_token_id)
 
 
+def decode_loop(logits: jax.Array, forward: Callable, carry: Any, *, max_new_tokens: int,
+                rng: jax.Array | None, temperature: float, top_p: float, pad: int,
+                eos_arr: jax.Array) -> jax.Array:
+    """The shared token loop of every generator (decoder-only here, encoder-decoder in t5.py).
+
+    ``logits`` are the first step's next-token logits ``(batch, vocab)``; ``forward(token, t,
+    carry) -> (logits, carry)`` feeds the token chosen at step ``t`` and returns the next logits
+    (through a KV cache or a recomputed buffer, as the caller decides). Step ``t`` samples with
+    ``fold_in(rng, t)`` (greedy when ``rng`` is None); a row that has emitted an EOS id pads from
+    then on, and the loop (a ``while_loop``) stops once every row is done. Returns the
+    ``(batch, max_new_tokens)`` new tokens.
+    """
+    b = logits.shape[0]
+
+    def sample(logits, t, done):
+        key = None if rng is None else jax.random.fold_in(rng, t)
+        token = sample_next(logits, key, temperature, top_p)
+        token = jnp.where(done, pad, token)
+        return token, done | jnp.isin(token, eos_arr)
+
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32)
+    token, done = sample(logits, 0, jnp.zeros((b,), bool))
+    out = out.at[:, 0].set(token)
+
+    def cond(state):
+        t, _, done, _ = state
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        t, out, done, carry = state
+        prev = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)[:, 0]
+        logits, carry = forward(prev, t - 1, carry)
+        token, done = sample(logits, t, done)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (jnp.int32(0), t))
+        return t + 1, out, done, carry
+
+    _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, carry))
+    return out
+
+
 def _generate_impl(module, max_new_tokens: int, temperature: float, top_p: float,
                    eos: tuple[int, ...], pad: int, use_cache: bool,
                    params, input_ids, attention_mask, rng):
@@ -216,29 +256,8 @@ def _generate_impl(module, max_new_tokens: int, temperature: float, top_p: float
             out = jax.lax.dynamic_slice_in_dim(apply(buf, mbuf), l + t, 1, axis=1)[:, 0]
             return out, (buf, mbuf)
 
-    def sample(logits, t, done):
-        key = None if rng is None else jax.random.fold_in(rng, t)
-        token = sample_next(logits, key, temperature, top_p)
-        token = jnp.where(done, pad, token)
-        return token, done | jnp.isin(token, eos_arr)
-
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32)
-    token, done = sample(logits, 0, jnp.zeros((b,), bool))
-    out = out.at[:, 0].set(token)
-
-    def cond(state):
-        t, _, done, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        t, out, done, carry = state
-        prev = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)[:, 0]
-        logits, carry = forward(prev, t - 1, carry)
-        token, done = sample(logits, t, done)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (jnp.int32(0), t))
-        return t + 1, out, done, carry
-
-    _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, carry))
+    out = decode_loop(logits, forward, carry, max_new_tokens=max_new_tokens, rng=rng,
+                      temperature=temperature, top_p=top_p, pad=pad, eos_arr=eos_arr)
     return jnp.concatenate([input_ids.astype(jnp.int32), out], axis=1)
 
 

@@ -78,7 +78,7 @@ import numpy as np
 from flax import struct
 
 from peftjax.models import hooks, registry
-from peftjax.models.generation import _eos_ids, sample_next
+from peftjax.models.generation import _eos_ids, decode_loop
 from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
                                    remat_block)
 
@@ -612,29 +612,8 @@ def _generate_impl(module, max_new_tokens: int, temperature: float, top_p: float
             out = module.apply(variables, buf, enc_h, enc_mask, method="decode")
             return jax.lax.dynamic_slice_in_dim(out, t + 1, 1, axis=1)[:, 0], buf
 
-    def sample(logits, t, done):
-        key = None if rng is None else jax.random.fold_in(rng, t)
-        token = sample_next(logits, key, temperature, top_p)
-        token = jnp.where(done, pad, token)
-        return token, done | jnp.isin(token, eos_arr)
-
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32)
-    token, done = sample(logits, 0, jnp.zeros((b,), bool))
-    out = out.at[:, 0].set(token)
-
-    def cond(state):
-        t, _, done, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        t, out, done, carry = state
-        prev = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)[:, 0]
-        logits, carry = forward(prev, t - 1, carry)
-        token, done = sample(logits, t, done)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (jnp.int32(0), t))
-        return t + 1, out, done, carry
-
-    _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, carry))
+    out = decode_loop(logits, forward, carry, max_new_tokens=max_new_tokens, rng=rng,
+                      temperature=temperature, top_p=top_p, pad=pad, eos_arr=eos_arr)
     return jnp.concatenate([first, out], axis=1)
 
 
