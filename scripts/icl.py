@@ -12,6 +12,7 @@ them to ``--output`` when given.
 import json
 
 import _bootstrap  # noqa: F401
+from _decoding import load_causal_lm, task_template
 from absl import app, flags, logging
 
 flags.DEFINE_string("model", None, "checkpoint folder or built-in model name (a causal LM)")
@@ -31,30 +32,6 @@ flags.mark_flags_as_required(["model"])
 FLAGS = flags.FLAGS
 
 
-def load_causal_lm(spec: str):
-    """(CausalLM, tokenizer) from a checkpoint folder or a built-in model name."""
-    import os
-
-    from configs import models
-    from peftjax.methods.proxy_tuning import CausalLM
-    from peftjax.models import hf_io
-
-    if os.path.isdir(spec):
-        model, params = hf_io.load_pretrained(spec, head="causal_lm")
-        return CausalLM.plain(model, params), hf_io.load_tokenizer(spec)
-    model, params, tokenizer = hf_io.load_from_config(models.get(spec), head="causal_lm")
-    if tokenizer is None:
-        raise ValueError(f"model {spec!r} has no tokenizer; pass a checkpoint folder that holds one")
-    return CausalLM.plain(model, params), tokenizer
-
-
-def task_template(task_name: str) -> str:
-    from configs.train import _load
-    from peftjax.data.lm import DEFAULT_TEMPLATE
-
-    return FLAGS.template or _load("tasks", task_name).get_config().get("lm_template", "") or DEFAULT_TEMPLATE
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -65,7 +42,7 @@ def main(argv):
     task = data.get_task(FLAGS.task)
     lm, tokenizer = load_causal_lm(FLAGS.model)
     config = ICLConfig(k=FLAGS.k, seed=FLAGS.seed, selection=FLAGS.selection, balanced=FLAGS.balanced,
-                       template=task_template(FLAGS.task), max_demo_tokens=FLAGS.max_demo_tokens,
+                       template=task_template(FLAGS.task, FLAGS.template), max_demo_tokens=FLAGS.max_demo_tokens,
                        max_length=FLAGS.max_length)
     train = data.load_examples(task.name, task.train_split)
     queries = data.load_examples(task.name, FLAGS.split, limit=FLAGS.limit or None)

@@ -16,6 +16,7 @@ import json
 import os
 
 import _bootstrap  # noqa: F401
+from _decoding import load_causal_lm, task_template
 from absl import app, flags, logging
 
 flags.DEFINE_string("base", None, "checkpoint folder or model name of the large base LM")
@@ -36,28 +37,6 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_string("output", "", "also write the JSON here")
 flags.mark_flags_as_required(["base"])
 FLAGS = flags.FLAGS
-
-
-def load_causal_lm(spec: str):
-    """(CausalLM, tokenizer) from a checkpoint folder or a built-in model name."""
-    from configs import models
-    from peftjax.methods.proxy_tuning import CausalLM
-    from peftjax.models import hf_io
-
-    if os.path.isdir(spec):
-        model, params = hf_io.load_pretrained(spec, head="causal_lm")
-        return CausalLM.plain(model, params), hf_io.load_tokenizer(spec)
-    model, params, tokenizer = hf_io.load_from_config(models.get(spec), head="causal_lm")
-    if tokenizer is None:
-        raise ValueError(f"model {spec!r} has no tokenizer; pass a checkpoint folder that holds one")
-    return CausalLM.plain(model, params), tokenizer
-
-
-def task_template(task_name: str) -> str:
-    from configs.train import _load
-    from peftjax.data.lm import DEFAULT_TEMPLATE
-
-    return _load("tasks", task_name).get_config().get("lm_template", "") or DEFAULT_TEMPLATE
 
 
 def restore_tuned(run_dir: str):
