@@ -3,9 +3,14 @@
 
     F̂_θ = (1/N) Σ_{i=1..N} (∂ log p(y_i | x_i; θ) / ∂θ)²
 
-on the TRUE labels y_i (the "empirical" Fisher), one example at a time (batch size 1): the
-per-example gradients are taken with ``jax.vmap`` over chunks of examples, inside one jitted
-function, and their squares summed.
+on the TRUE labels y_i (the "empirical" Fisher), one example at a time (batch size 1): a chunk
+of examples goes into one jitted function that loops over its rows with ``jax.lax.scan``,
+squaring each example's gradient into the running sum.
+
+Why a scan and not ``jax.vmap``: vmapping the per-example gradient materialises one full
+gradient tree per row (8 × 91 MB for all-MiniLM-L6-v2), and the step becomes memory-bound; the
+scan keeps one gradient at a time and is 3.4× faster on 2 CPU cores (22.5 vs 6.7 examples/s,
+chunks of 8 × 64 tokens; the sums agree to float rounding).
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ def empirical_fisher(loss_fn: Callable[[Flat, dict], jax.Array], base: Flat, pat
             ex["mask"] = jnp.reshape(jnp.logical_and(ex["mask"][0], k), (1,))
             return jax.grad(lambda c: loss_fn({**rest, **c}, ex))(chosen)
 
-        grads = jax.vmap(one)(batch, keep)
-        return jax.tree.map(lambda a, g: a + jnp.sum(jnp.square(g.astype(jnp.float32)), axis=0),
-                            acc, grads)
+        def body(acc, xs):
+            grads = one(*xs)
+            return jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads), None
+
+        return jax.lax.scan(body, acc, (batch, keep))[0]
 
     acc = {p: jnp.zeros(v.shape, jnp.float32) for p, v in chosen.items()}
     used = 0

@@ -152,7 +152,7 @@ class FishMask(SparseSelection):
         keep_ratio: float = 0.005        # k / |θ| (the paper's 0.5%)
         num_examples: int = 1024         # N examples for the Fisher, at batch size 1
         head_in_budget: bool = True      # the classifier counts inside k (the paper)
-        fisher_chunk: int = 8            # examples per vmapped, jitted Fisher step
+        fisher_chunk: int = 8            # examples per jitted Fisher call (a lax.scan over them)
         progress: bool = True
         representation: str = "sparse"   # "sparse": values + indices; "dense": masked whole params
 
