@@ -70,6 +70,7 @@ def train_defaults() -> dict:
         checkpoint_every=200,
         train_limit=0,           # use only the first N training examples (0: all)
         eval_limit=0,            # evaluate on the first N validation/test examples (0: all)
+        test_limit=-1,           # the test split's own limit (-1: eval_limit's; 0: all)
         progress=True,
     )
 

@@ -34,9 +34,9 @@ def sweep(workdir: str, ranks: list[int]) -> dict:
     task, model, tokenizer, method, base = loop.build(config)
     if method.name != "dylora":
         raise ValueError(f"{workdir} is a {method.name!r} run; the rank sweep needs a dylora run")
-    limit = config.train.eval_limit or None
+    limits = loop.split_limits(config.train)
     splits = dict(zip(("train", "validation", "test"), task.splits))
-    encoded = {k: loop.encode_split(config, task, tokenizer, splits[k], limit, for_eval=True)
+    encoded = {k: loop.encode_split(config, task, tokenizer, splits[k], limits[k], for_eval=True)
                for k in ("validation", "test")}
     lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
 

@@ -196,6 +196,18 @@ def encode_split(config, task, tokenizer, split: str, limit: int | None, *, for_
     return encoded
 
 
+def split_limits(tc) -> dict[str, int | None]:
+    """Examples used per split (None: all) from ``train_limit``, ``eval_limit``, ``test_limit``.
+
+    ``test_limit`` lets a budget validate often on a small sample and still report test on a
+    larger one (model selection only ever sees validation); -1 means "as eval_limit".
+    """
+    test = tc.get("test_limit", -1)
+    test = tc.eval_limit if test is None or test < 0 else test
+    return {"train": tc.train_limit or None, "validation": tc.eval_limit or None,
+            "test": test or None}
+
+
 def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int, task) -> dict[str, float]:
     if task.kind == "causal_lm":
         nll = tokens = 0.0
@@ -257,8 +269,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         raise ValueError(f"model {config.model.name!r} has no tokenizer; set model.tokenizer")
 
     splits = dict(zip(("train", "validation", "test"), task.splits))
-    limits = {"train": tc.train_limit or None, "validation": tc.eval_limit or None,
-              "test": tc.eval_limit or None}
+    limits = split_limits(tc)
     encoded = {key: encode_split(config, task, tokenizer, split, limits[key], for_eval=key != "train")
                for key, split in splits.items()}
     lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
