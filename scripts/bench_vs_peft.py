@@ -170,6 +170,12 @@ def main(argv):
 
     torch.set_num_threads(threads)
     model_cfg = models.get(FLAGS.model)
+    if FLAGS.random_weights and model_cfg.get("checkpoint"):
+        # Same shapes, random weights on both sides (speed does not depend on the values): for
+        # machines that lack the checkpoint's package.
+        model_cfg = model_cfg.copy_and_resolve_references()
+        with model_cfg.unlocked():
+            model_cfg.checkpoint = None
     model, params, _ = hf_io.load_from_config(model_cfg, head="classification",
                                               num_labels=FLAGS.num_labels, dtype=jnp.float32,
                                               with_tokenizer=False)
@@ -209,7 +215,7 @@ def main(argv):
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
     out = {
-        "model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
+        "model": FLAGS.model, "random_weights": bool(FLAGS.random_weights), "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
         "steps": FLAGS.steps, "warmup": FLAGS.warmup,
         "torch_threads": torch.get_num_threads(), "jax_threads": _cpus(),
         "jax_threads_note": "XLA:CPU's intra-op pool spans the CPUs this process may use",
