@@ -17,6 +17,12 @@ adapts (``target_modules``), rank, alpha, dropout, rsLoRA, ``use_dora`` for dora
 ``modules_to_save``; ``full`` trains every parameter without peft. The trainable counts of both
 sides are reported and must agree.
 
+Attention: transformers' default for BERT on CPU is "sdpa", PyTorch's fused
+scaled_dot_product_attention kernel (scores, softmax, dropout and the value product in one
+kernel, heads read in place); peftjax's attention is XLA's composition of those ops.
+``--peft_attention=eager`` times the PyTorch side with the same unfused composition, to
+separate the fused kernel's share of the difference from everything else.
+
 Threads: ``torch.set_num_threads(--threads)`` (default: the CPUs this process may use); XLA:CPU
 runs its intra-op pool over the same CPUs. ``--profile`` also times each side's forward pass and
 forward + backward (no update), to show where a step's time goes.
@@ -34,6 +40,9 @@ from absl import app, flags, logging
 
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the CPUs this process may use)")
 flags.DEFINE_bool("profile", False, "also time forward and forward+backward on both sides")
+flags.DEFINE_string("peft_attention", "", "transformers' attn_implementation on the PyTorch side "
+                    "('' = its default, sdpa on CPU; 'eager' = the unfused composition peftjax "
+                    "compiles, as a diagnostic)")
 FLAGS = flags.FLAGS
 
 SUPPORTED = ("full", "lora", "dora")
@@ -55,8 +64,11 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
     return measure.time_calls(fn, steps, warmup)
 
 
-def torch_model(model_cfg, num_labels: int):
-    """The PyTorch model of a named model config: its checkpoint, or random weights of its config."""
+def torch_model(model_cfg, num_labels: int, attention: str = ""):
+    """The PyTorch model of a named model config: its checkpoint, or random weights of its config.
+
+    ``attention`` picks transformers' attention implementation ("" = its default, which for
+    BERT on CPU is "sdpa": PyTorch's fused scaled_dot_product_attention kernel)."""
     import torch
     import transformers
 
@@ -66,10 +78,13 @@ def torch_model(model_cfg, num_labels: int):
     checkpoint = model_cfg.get("checkpoint") or ""
     if checkpoint:
         folder = hf_io.resolve_checkpoint(checkpoint)
+        kwargs = {"attn_implementation": attention} if attention else {}
         return transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels)
+            folder, num_labels=num_labels, **kwargs)
     hf = dict(model_cfg.hf_config.to_dict())
     config = transformers.AutoConfig.for_model(hf.pop("model_type"), num_labels=num_labels, **hf)
+    if attention:
+        config._attn_implementation = attention
     return transformers.AutoModelForSequenceClassification.from_config(config)
 
 
@@ -196,7 +211,8 @@ def main(argv):
         cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
         cfg.update(overrides.get(name, {}))
         method = methods.create(name, model, cfg)
-        theirs = torch_side(peft_wrap(torch_model(model_cfg, FLAGS.num_labels), method), batch,
+        net = torch_model(model_cfg, FLAGS.num_labels, FLAGS.peft_attention)
+        theirs = torch_side(peft_wrap(net, method), batch,
                             FLAGS.steps, FLAGS.warmup, FLAGS.profile)
         ours_values = ours["trainable_params"] + ours["head_params"]
         if ours_values != theirs["trainable_values"]:
@@ -225,6 +241,7 @@ def main(argv):
         "versions": {"jax": jax.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft_lib.__version__},
         "backend": jax.default_backend(),
+        "peft_attention": net.config._attn_implementation,
         "methods": rows,
     }
     print(json.dumps(out, indent=2))
