@@ -21,7 +21,7 @@ batch 16, max sequence length 512, weight decay 0.1 (repository scripts), and pe
     RTE     80      5e-4
     STS-B   40      4e-4
 
-Epochs become optimizer steps as epochs × ceil(train size / 16) (GLUE train sizes below);
+Epochs become optimizer steps as epochs × ceil(0.9 × train size / 16) (GLUE train sizes below);
 validation is evaluated and checkpointed once an epoch. The paper reports the median over 5
 seeds; the report gives mean ± std over the same 5 seeds (the medians are in results.jsonl).
 
@@ -29,10 +29,11 @@ Full fine-tuning uses RoBERTa's GLUE recipe (Liu et al. 2019, Appendix C, Table 
 rate chosen on validation from {1e-5, 2e-5, 3e-5}, 10 epochs, 6% warm-up, weight decay 0.1;
 batch 16 only (the paper also tries 32) so that both methods see the same batches.
 
-Caveat: GLUE's test labels are hidden, and the task registry's test splits are GLUE's test
-sets, so ``metrics.test`` of these cells is not a score; the LoRA paper reports the validation
-(dev) score, i.e. ``metrics.validation`` at the best epoch. A held-out part of train as
-validation with dev as test is not supported by the task registry yet.
+Splits: GLUE's test labels are hidden, so the cells use the ``<task>_heldout`` tasks
+(peftjax.data.tasks): 10% of GLUE train (a fixed random sample) is the validation split on
+which the best epoch and the full fine-tuning learning rate are chosen, and GLUE dev, which the
+LoRA paper reports, is the test split, scored once at the chosen step. The paper selects on dev
+itself, so its dev numbers are an optimistic bound for ours (and ours train on 90% of train).
 """
 
 import math
@@ -49,8 +50,11 @@ LORA = {  # task: (epochs, learning rate), LoRA Table 9
 FULL_EPOCHS = 10
 
 
+HELDOUT_PERCENT = 10  # peftjax.data.tasks.HELDOUT_PERCENT: train[:90%] trains
+
+
 def steps_per_epoch(task: str) -> int:
-    return math.ceil(TRAIN_SIZES[task] / BATCH)
+    return math.ceil(round(TRAIN_SIZES[task] * (100 - HELDOUT_PERCENT) / 100) / BATCH)
 
 
 def schedule(task: str, epochs: int, learning_rate: float | None = None) -> dict:
@@ -66,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "glue_roberta_base"
     c.description = "LoRA (Hu et al. 2022, Table 9) and full fine-tuning on RoBERTa-base x GLUE."
     c.models = ["roberta-base"]
-    c.tasks = list(LORA)
+    c.tasks = [f"{t}_heldout" for t in LORA]
     c.seeds = [0, 1, 2, 3, 4]
     c.base = {
         "model": {"checkpoint": ""},  # set to a local roberta-base folder (see above)
@@ -77,9 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.variants = {
         "lora": {"method": "lora",
                  "overrides": {"method": {"rank": 8, "alpha": 8.0, "targets": r"\.(query|value)$"}},
-                 "task_overrides": {t: schedule(t, e, lr) for t, (e, lr) in LORA.items()}},
+                 "task_overrides": {f"{t}_heldout": schedule(t, e, lr) for t, (e, lr) in LORA.items()}},
         "full": {"method": "full",
-                 "task_overrides": {t: schedule(t, FULL_EPOCHS) for t in LORA},
+                 "task_overrides": {f"{t}_heldout": schedule(t, FULL_EPOCHS) for t in LORA},
                  "grid": {"train": {"learning_rate": [1e-5, 2e-5, 3e-5]}}},
     }
     c.report = {"order": ["full", "lora"]}

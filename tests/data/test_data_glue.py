@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.text import glue as tfds_glue
 
 from peftjax.data import encode, eval_batches, get_task, glue, glue_to_example, load_examples, train_batches
+from peftjax.data.tasks import _REGISTRY, heldout_variant
 
 TSV = {
     "sst2": {
@@ -175,3 +176,20 @@ def test_real_glue_download_is_blocked_in_tests(tmp_path):
     """Guard: the suite's network block turns an accidental download into an immediate error."""
     with pytest.raises(RuntimeError, match="internet"):
         glue.prepare("rte", str(tmp_path))
+
+
+def test_heldout_variant_splits_train_and_tests_on_dev(patched, monkeypatch):
+    """<task>_heldout: train and validation partition GLUE train, test is the public dev set."""
+    assert get_task("sst2_heldout").splits == ("train[:90%]", "train[90%:]", "validation")
+    # The local sst2 train has 4 rows, so hold out half of them (10% would be none).
+    task = heldout_variant(get_task("sst2"), 50, name="sst2_heldout50")
+    monkeypatch.setitem(_REGISTRY, task.name, task)  # registered for this test only
+    train = load_examples(task.name, task.train_split, data_dir=patched)
+    held = load_examples(task.name, task.eval_split, data_dir=patched)
+    full = load_examples("sst2", "train", data_dir=patched)
+    assert sorted(e["idx"] for e in train + held) == sorted(e["idx"] for e in full)
+    assert not {e["idx"] for e in train} & {e["idx"] for e in held} and held
+    test = load_examples(task.name, task.test_split, data_dir=patched)
+    assert sorted((e["idx"], e["label"]) for e in test) == [(0, 1), (1, 0), (2, 1)]  # dev, labelled
+    assert get_task("mnli_heldout").test_split == "validation_matched"
+    assert get_task("stsb_heldout").kind == "regression"

@@ -16,7 +16,8 @@ GLUE = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
 
 
 def test_all_tasks_registered():
-    assert list_tasks() == sorted(GLUE + ["tweet_polarity", "tweet_sentiment"])
+    assert list_tasks() == sorted(GLUE + [f"{t}_heldout" for t in GLUE]
+                                  + ["tweet_polarity", "tweet_sentiment"])
 
 
 def test_unknown_task_error_lists_registered_names():

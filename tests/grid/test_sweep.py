@@ -125,9 +125,11 @@ def test_committed_definitions_expand():
     glue = sweep.load_definition(os.path.join(ROOT, "experiments/glue_roberta_base/grid.py"))
     cells = sweep.expand(glue)
     assert len(cells) == 8 * 5 * (1 + 3)
-    mrpc = [c.config for c in cells if c.task == "mrpc" and c.variant == "lora"][0]
-    # LoRA Table 9: MRPC 30 epochs of batch 16 at 4e-4, r 8, alpha 8, max length 512.
-    assert mrpc["train"]["steps"] == 30 * 230 and mrpc["train"]["learning_rate"] == 4e-4
+    mrpc = [c.config for c in cells if c.task == "mrpc_heldout" and c.variant == "lora"][0]
+    # LoRA Table 9: MRPC 30 epochs of batch 16 at 4e-4, r 8, alpha 8, max length 512; an epoch
+    # is 90% of MRPC's 3,668 training pairs (10% held out for validation).
+    assert mrpc["train"]["steps"] == 30 * 207 and mrpc["train"]["learning_rate"] == 4e-4
+    assert mrpc["task"]["name"] == "mrpc_heldout"
     assert (mrpc["method"]["rank"], mrpc["method"]["alpha"], mrpc["task"]["max_length"]) == (8, 8.0, 512)
     assert mrpc["train"]["batch_size"] == 16 and mrpc["train"]["warmup_ratio"] == 0.06
 
@@ -139,4 +141,4 @@ def test_dry_run_cli_lists_cells_with_count():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("160 cells (2 variants, 8 tasks, 1 models, 5 seeds)")
-    assert "roberta-base/mnli/lora/seed=0" in out.stdout and len(lines) == 161
+    assert "roberta-base/mnli_heldout/lora/seed=0" in out.stdout and len(lines) == 161
