@@ -117,7 +117,7 @@ def test_committed_definitions_expand():
         n_variants -= 1
     cells = sweep.expand(tweets)
     assert len({c.variant for c in cells}) == n_variants and {c.method for c in cells} == expected
-    assert len(cells) == n_variants * 2 * 3
+    assert len(cells) == (n_variants + 1) * 2 * 3  # prefix tuning: two learning rates
     by = {c.variant: c.config for c in cells}
     assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
     assert by["adapter_pfeiffer"]["method"]["placement"] == "pfeiffer"
