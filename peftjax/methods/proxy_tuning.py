@@ -302,34 +302,18 @@ def _generate(specs, max_new_tokens, temperature, top_p, eos, pad, weights, inpu
         caches.append(cache)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
-    def sample(step_logits, t, done):
-        combined = combine_logits(*step_logits, alpha)
-        key = None if rng is None else jax.random.fold_in(rng, t)
-        token = generation.sample_next(combined, key, temperature, top_p)
-        token = jnp.where(done, pad, token)
-        return token, done | jnp.isin(token, eos_arr)
-
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32)
-    token, done = sample(logits, 0, jnp.zeros((b,), bool))
-    out = out.at[:, 0].set(token)
-
-    def cond(state):
-        t, _, done, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        t, out, done, caches = state
-        prev = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)
+    def forward(token, t, caches):
+        # One cached step of each model on the chosen token; the loop samples the combination.
         step_logits, new_caches = [], []
         for spec, w, cache in zip(specs, weights, caches):
-            lg, cache = _forward(spec, w, prev, jnp.ones_like(prev), cache)
+            lg, cache = _forward(spec, w, token[:, None], jnp.ones((b, 1), jnp.int32), cache)
             step_logits.append(lg[:, 0])
             new_caches.append(cache)
-        token, done = sample(step_logits, t, done)
-        out = jax.lax.dynamic_update_slice(out, token[:, None], (jnp.int32(0), t))
-        return t + 1, out, done, tuple(new_caches)
+        return combine_logits(*step_logits, alpha), tuple(new_caches)
 
-    _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, done, tuple(caches)))
+    out = generation.decode_loop(combine_logits(*logits, alpha), forward, tuple(caches),
+                                 max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                                 top_p=top_p, pad=pad, eos_arr=eos_arr)
     return jnp.concatenate([input_ids, out], axis=1)
 
 
