@@ -1,11 +1,11 @@
-"""Shared layers: the 16-bit dropout mask and LayerNorm's closed-form VJP."""
+"""Shared layers: the 16-bit dropout mask and the closed-form VJPs of LayerNorm and exact GELU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax.models.layers import dropout, keep_mask, layer_norm
+from peftjax.models.layers import dropout, gelu_exact, keep_mask, layer_norm
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
@@ -42,3 +42,20 @@ def test_layer_norm_vjp_matches_autodiff():
                                atol=1e-5)
     for g1, g2 in zip(jax.grad(ours, (0, 1, 2))(x, s, b), jax.grad(ref, (0, 1, 2))(x, s, b)):
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_exact_matches_the_erf_formula_and_its_autodiff(dtype):
+    """Forward: ½x(1 + erf(x/√2)) as PyTorch writes it (≤ 1e-6 from jax's erfc form); backward:
+    the closed form Φ(x) + x φ(x) against autodiff, tails included."""
+    x = (jax.random.normal(jax.random.PRNGKey(0), (4, 257)) * 4).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, 257)).astype(dtype)
+    erf_form = lambda x: (0.5 * x.astype(jnp.float32) * (1 + jax.lax.erf(x.astype(jnp.float32) / 2 ** 0.5))).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(gelu_exact(x), np.float32), np.asarray(erf_form(x), np.float32))
+    np.testing.assert_allclose(np.asarray(gelu_exact(x.astype(jnp.float32))),
+                               np.asarray(jax.nn.gelu(x.astype(jnp.float32), approximate=False)), atol=1e-6)
+    ours = jax.grad(lambda x: jnp.sum((gelu_exact(x) * w).astype(jnp.float32)))(x)
+    theirs = jax.grad(lambda x: jnp.sum((erf_form(x) * w).astype(jnp.float32)))(x)
+    assert ours.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), atol=tol, rtol=tol)
