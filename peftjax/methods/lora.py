@@ -70,7 +70,44 @@ class LoRAHooks(hooks_lib.Hooks):
         site = hooks_lib.site(module)
         if site not in self.method.targets:
             return y
+        if self.method.merged_forward(x, kernel, self.train):
+            # y = x W0 + b is then unused and XLA drops it.
+            a = self.added[site + ".lora_A"]
+            b = self.added[site + ".lora_B"] * jnp.asarray(self.method.scaling, x.dtype)
+            y = low_rank_linear(x, kernel, a, b)
+            return y if bias is None else y + bias
         return y + self.method.delta(module, site, x, self.added, self.train)
+
+
+@jax.custom_vjp
+def low_rank_linear(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``x W0 + (x A) B`` computed as ``x (W0 + A B)``: one GEMM instead of two plus an add.
+
+    Why: the rank-r product (x A) B writes a full (tokens, out) array from an r-wide contraction,
+    which runs far below matmul speed on CPU; folding A B (in × r × out, negligible) into the
+    kernel leaves the forward the base model's single GEMM. The VJP keeps the factored
+    gradients, dx = dy (W0 + A B)ᵀ (again one GEMM), dA = xᵀ (dy Bᵀ), dB = (x A)ᵀ dy, so a
+    frozen W0 costs no weight gradient (its cotangent xᵀ dy is unused and XLA removes it).
+    Equal to the factored form up to float rounding; used in float32 without LoRA dropout
+    (``LoRA.merged_forward``).
+    """
+    return jnp.dot(x, kernel + a @ b)
+
+
+def _low_rank_linear_fwd(x, kernel, a, b):
+    merged = kernel + a @ b
+    return jnp.dot(x, merged), (x, merged, a, b)
+
+
+def _low_rank_linear_bwd(res, dy):
+    x, merged, a, b = res
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy, merged.T)
+    dxa = dy2 @ b.T
+    return dx, x2.T @ dy2, x2.T @ dxa, (x2 @ a).T @ dy2
+
+
+low_rank_linear.defvjp(_low_rank_linear_fwd, _low_rank_linear_bwd)
 
 
 @core.register("lora")
@@ -139,6 +176,13 @@ class LoRA(core.Method):
     # -- forward --------------------------------------------------------------------------
     def hooks(self, added, state, *, train, rng):
         return LoRAHooks(self, added, train)
+
+    def merged_forward(self, x: jax.Array, kernel: jax.Array, train: bool) -> bool:
+        """Whether a targeted layer runs as ``low_rank_linear``: plain LoRA's ``delta`` (not a
+        subclass's), no active dropout on the adapter's input (it would differ between the two
+        terms), and float32 (in bf16, W0 + A B would round the small update into W0)."""
+        return (type(self).delta is LoRA.delta and (not train or self.config.dropout <= 0)
+                and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
 
     def delta(self, module: nn.Module, site: str, x, added, train: bool):
         a = added[site + ".lora_A"].astype(x.dtype)

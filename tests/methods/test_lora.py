@@ -87,3 +87,30 @@ def test_dropout_applies_only_in_training(bert):
     t1 = m.apply(trainable, peft.frozen, {}, batch, train=True, rng=jax.random.PRNGKey(1))
     t2 = m.apply(trainable, peft.frozen, {}, batch, train=True, rng=jax.random.PRNGKey(2))
     assert not np.allclose(np.asarray(t1), np.asarray(t2))
+
+
+def test_low_rank_linear_equals_factored_form_and_skips_frozen_weight_gradient():
+    from peftjax.methods.lora import low_rank_linear
+
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x, w = jax.random.normal(k[0], (4, 7, 16)), jax.random.normal(k[1], (16, 12))
+    a, b, g = jax.random.normal(k[2], (16, 3)), jax.random.normal(k[3], (3, 12)), jax.random.normal(k[4], (4, 7, 12))
+    factored = lambda x, w, a, b: jnp.sum((x @ w + (x @ a) @ b) * g)
+    merged = lambda x, w, a, b: jnp.sum(low_rank_linear(x, w, a, b) * g)
+    np.testing.assert_allclose(merged(x, w, a, b), factored(x, w, a, b), rtol=1e-5)
+    for want, got in zip(jax.grad(factored, (0, 1, 2, 3))(x, w, a, b), jax.grad(merged, (0, 1, 2, 3))(x, w, a, b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # Differentiating A and B only, W0's gradient xᵀ dy (2·28·16·12 flops) is not computed.
+    flops = lambda argnums: jax.jit(jax.grad(merged, argnums)).lower(x, w, a, b).compile().cost_analysis()["flops"]
+    assert flops((1, 2, 3)) - flops((2, 3)) >= 2 * 28 * 16 * 12
+
+
+def test_merged_forward_only_without_dropout_in_float32_for_plain_lora(bert):
+    model, _ = bert
+    x32, k32 = jnp.zeros((2, 4), jnp.float32), jnp.zeros((4, 4), jnp.float32)
+    plain = methods.create("lora", model, {"rank": 4})
+    assert plain.merged_forward(x32, k32, train=True)
+    assert not plain.merged_forward(x32.astype(jnp.bfloat16), k32, train=True)
+    dropped = methods.create("lora", model, {"rank": 4, "dropout": 0.1})
+    assert not dropped.merged_forward(x32, k32, train=True) and dropped.merged_forward(x32, k32, train=False)
+    assert not methods.create("adalora", model, {"total_step": 100}).merged_forward(x32, k32, train=True)
