@@ -180,7 +180,7 @@ def main(argv):
 
     from configs import models
     from configs.train import _load
-    from peftjax import methods
+    from peftjax import methods, runtime
     from peftjax.models import hf_io
 
     torch.set_num_threads(threads)
@@ -242,6 +242,8 @@ def main(argv):
                      "transformers": transformers.__version__, "peft": peft_lib.__version__},
         "backend": jax.default_backend(),
         "peft_attention": net.config._attn_implementation,
+        # Both sides run in this process, so both get the same allocator setting.
+        "host_malloc": runtime.state,
         "methods": rows,
     }
     print(json.dumps(out, indent=2))

@@ -1,0 +1,47 @@
+"""Process-level allocator setting for fast CPU steps: glibc keeps freed memory for reuse.
+
+Why: XLA:CPU allocates a step's temporaries (the activations, hundreds of MB) when the step
+starts and frees them when it ends. glibc serves blocks above its mmap threshold (at most
+32 MB) with ``mmap`` and hands them back with ``munmap``, so every step page-faults all of its
+activation memory in again, and the kernel zeroes each page. Measured on 2 cores
+(all-MiniLM-L6-v2, batch 32 x 64): a LoRA step took ~95,000 minor page faults and ~200 ms of
+kernel time (out of ~0.75 s), full fine-tuning ~153,000 and ~310 ms. With ``mmap`` off, heap
+trimming off and a single arena (``mallopt``; glibc's ``M_MMAP_MAX``, ``M_TRIM_THRESHOLD``,
+``M_ARENA_MAX``), freed blocks are reused and a step takes no page fault.
+
+Cost: the process keeps its peak heap (its RSS does not shrink after a large step), as
+PyTorch's caching allocator does on GPUs. The setting applies when ``peftjax`` is imported, so
+before jax starts its threads; ``PEFTJAX_MALLOC=system`` leaves glibc's defaults. On other C
+libraries (macOS, musl) nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+ENV = "PEFTJAX_MALLOC"
+MODES = ("keep", "system")
+# mallopt parameter numbers from glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+state = "system"  # what this process runs with: "keep" once applied
+
+
+def keep_freed_host_memory() -> str:
+    """Applies the ``keep`` setting unless ``PEFTJAX_MALLOC=system``; returns the mode in effect."""
+    global state
+    mode = os.environ.get(ENV, "keep")
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={mode!r} is not a valid mode; valid: {', '.join(MODES)}")
+    if mode == "system" or not sys.platform.startswith("linux") or state == "keep":
+        return state
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return state
+    if mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) and mallopt(_M_ARENA_MAX, 1):
+        state = "keep"
+    return state
