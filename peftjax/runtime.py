@@ -22,7 +22,6 @@ libraries (macOS, musl) nothing changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -43,8 +42,8 @@ def keep_freed_host_memory() -> str:
         raise ValueError(f"{ENV}={mode!r} is not a valid mode; valid: {', '.join(MODES)}")
     if mode == "system" or not sys.platform.startswith("linux") or state == "keep":
         return state
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    try:  # the process's own symbols: no library search (find_library would spawn ldconfig)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return state
     if mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) and mallopt(_M_ARENA_MAX, _ARENAS):

@@ -188,7 +188,8 @@ def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.
     Why not ``jax.random.bernoulli``: it spends one threefry evaluation (64 bits) per element,
     and on CPU jax runs threefry as a rolled loop of five memory passes; in the MiniLM train step
     (batch 32 x 64, ~24M dropout draws) that was ~100 ms of a ~0.8 s LoRA step.
-    ``threefry.uniform_bits16`` takes four 16-bit draws from each evaluation in one fused pass.
+    ``threefry.uniform_bits16`` unrolls the hash into one fused pass and splits its words into
+    16-bit draws (half an evaluation per draw).
     The keep probability is quantised to a multiple of 1/65536 (0.9 -> 0.899994); dividing by
     the returned exact rate keeps the expectation of the dropped-out activation exact.
     """

@@ -9,8 +9,7 @@ training step that is memory traffic, not arithmetic. Unrolled, it is ~80 intege
 counter that XLA keeps in registers.
 
 ``threefry2x32`` returns exactly the bits of ``jax.extend.random.threefry2x32_p`` (the test
-compares them); ``uniform_bits16`` uses all 64 output bits of one hash for four 16-bit draws,
-the cheapest way to make dropout masks from jax's key type.
+compares them); ``uniform_bits16`` splits the 64 output bits of one hash into four 16-bit draws.
 """
 
 from __future__ import annotations
@@ -66,7 +65,10 @@ def uniform_bits16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     ``(0, j)``, where ``j`` is the row-major index of ``(..., i // 4)`` in
     ``shape[:-1] + (ceil(last / 4),)``. The draw is a pure function of the key and the element's
     position, so it does not depend on how the array is sharded (like jax's
-    ``jax_threefry_partitionable`` bits), at a quarter of their hash evaluations.
+    ``jax_threefry_partitionable`` bits). XLA:CPU fuses the stacking of the two words into the
+    hash and evaluates the hash once per stored word, so a draw costs half an evaluation, as
+    splitting ``jax.random.bits``' 32-bit values in two did; the saving is the rolled loop's
+    memory passes.
     """
     if not shape:
         return uniform_bits16(rng, (1,))[0]
@@ -77,8 +79,8 @@ def uniform_bits16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         raise ValueError(f"uniform_bits16: {count} counters exceed the 32-bit counter word")
     k1, k2 = key_words(rng)
     counter = jax.lax.iota(jnp.uint32, count).reshape(*lead, quarters)
-    # The barrier keeps XLA from fusing the hash into each of its four consumers (which would
-    # evaluate it four times per counter); the two words are stored, 2 bytes per draw.
+    # The barrier keeps the hash out of the mask consumers (the forward's and the backward's
+    # select would otherwise each re-evaluate it); the words are stored, 2 bytes per draw.
     w1, w2 = jax.lax.optimization_barrier(threefry2x32(k1, k2, jnp.zeros_like(counter), counter))
     words = jnp.stack([w1, w2], axis=-1)                       # (..., quarters, 2) uint32
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16)   # (..., quarters, 2, 2)
