@@ -72,9 +72,7 @@ class LoRAHooks(hooks_lib.Hooks):
             return y
         if self.method.merged_forward(x, kernel, self.train):
             # y = x W0 + b is then unused and XLA drops it.
-            a = self.added[site + ".lora_A"]
-            b = self.added[site + ".lora_B"] * jnp.asarray(self.method.scaling, x.dtype)
-            y = low_rank_linear(x, kernel, a, b)
+            y = low_rank_linear(x, kernel, *self.method.factors(site, self.added, x.dtype))
             return y if bias is None else y + bias
         return y + self.method.delta(module, site, x, self.added, self.train)
 
@@ -184,12 +182,16 @@ class LoRA(core.Method):
         return (type(self).delta is LoRA.delta and (not train or self.config.dropout <= 0)
                 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
 
+    def factors(self, site: str, added, dtype) -> tuple[jax.Array, jax.Array]:
+        """``(A, s·B)`` of a site in ``dtype``: the scaling multiplies the small (r, out) matrix,
+        not the (batch, seq, out) output."""
+        a = added[site + ".lora_A"].astype(dtype)
+        return a, added[site + ".lora_B"].astype(dtype) * jnp.asarray(self.scaling, dtype)
+
     def delta(self, module: nn.Module, site: str, x, added, train: bool):
-        a = added[site + ".lora_A"].astype(x.dtype)
-        b = added[site + ".lora_B"].astype(x.dtype)
+        a, b = self.factors(site, added, x.dtype)
         x = core.input_dropout(module, x, self.config.dropout, train)
-        # The scaling multiplies the small (r, out) matrix, not the (batch, seq, out) output.
-        return (x @ a) @ (b * jnp.asarray(self.scaling, x.dtype))
+        return (x @ a) @ b
 
     # -- merge ----------------------------------------------------------------------------
     def delta_weight(self, site: str, added) -> jax.Array:
