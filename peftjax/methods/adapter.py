@@ -48,13 +48,13 @@ class AdapterHooks(hooks_lib.Hooks):
     def __init__(self, method: "Adapter", added: core.Flat):
         self.method, self.added = method, added
 
-    def block_output(self, module, kind, h):
+    def block_output(self, module, kind, h, residual, norm):
         site = hooks_lib.site(module)
-        if site not in self.method.targets:
-            return h
-        p = lambda n: self.added[f"{site}.adapter.{n}"].astype(h.dtype)
-        z = self.method.act(h @ p("down.kernel") + p("down.bias"))
-        return h + z @ p("up.kernel") + p("up.bias")
+        if site in self.method.targets:
+            p = lambda n: self.added[f"{site}.adapter.{n}"].astype(h.dtype)
+            z = self.method.act(h @ p("down.kernel") + p("down.bias"))
+            h = h + z @ p("up.kernel") + p("up.bias")
+        return hooks_lib.residual_output(h, residual, norm)
 
 
 @core.register("adapter")

@@ -118,7 +118,9 @@ class BertSelfAttention(nn.Module):
 
 
 class BertOutput(nn.Module):
-    """Projection, dropout, block hook (adapters), then post-LayerNorm residual."""
+    """Projection, dropout, then the post-LayerNorm residual ``LayerNorm(h + residual)``, which
+    the ``block_output`` hook computes (adapters change it; the LayerNorm is handed over as
+    ``norm`` so a Pfeiffer adapter can apply it before and after itself)."""
 
     config: BertConfig
     kind: str  # "attention" (BertSelfOutput) or "ffn" (BertOutput)
@@ -130,8 +132,8 @@ class BertOutput(nn.Module):
         h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=normal_init(c.initializer_range),
                   name="dense")(h)
         h = Dropout(c.hidden_dropout_prob)(h, deterministic=not train)
-        h = hooks.active().block_output(self, self.kind, h)
-        return LayerNorm(c.layer_norm_eps, self.dtype, name="LayerNorm")(h + residual)
+        norm = LayerNorm(c.layer_norm_eps, self.dtype, name="LayerNorm")
+        return hooks.active().block_output(self, self.kind, h, residual, norm)
 
 
 class BertAttention(nn.Module):

@@ -26,8 +26,10 @@ follows transformers' ``modeling_bloom``, which the parity tests check to 1e-4 a
 
 Hook points: every Linear calls ``linear``; ``embeddings`` right after the token lookup and
 before the embedding LayerNorm (where PEFT's ``inputs_embeds`` enter); ``attention_kv`` after
-the KV-cache update; ``block_output`` on the attention and MLP outputs (after the dense projection
-and dropout) before each residual add. The ALiBi term is computed from the mask the
+the KV-cache update; each block calls ``block_output`` for its attention and MLP outputs (after
+the dense projection and dropout) with the residual they are added to (the block's input, or its
+LayerNorm output under ``apply_residual_connection_post_layernorm``) and ``norm=None``; the hook's
+module is ``self_attention`` / ``mlp``. The ALiBi term is computed from the mask the
 ``attention_kv`` hook returns, so keys a prefix method prepends get ALiBi positions too.
 
 Incremental decoding uses ``generation.KVCache``: key validity over the buffer gives each cached
@@ -187,8 +189,7 @@ class BloomAttention(nn.Module):
             dropout = lambda p: drop(p, deterministic=False)
         out = attention_weights_and_output(q, k, v, mask, dropout, scale=d ** -0.5, bias=bias)
         out = Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="dense")(out.reshape(b, l, heads * d))
-        out = Dropout(c.hidden_dropout)(out, deterministic=not train)
-        return hooks.active().block_output(self, "attention", out), new_cache
+        return Dropout(c.hidden_dropout)(out, deterministic=not train), new_cache
 
 
 class BloomMLP(nn.Module):
@@ -203,8 +204,7 @@ class BloomMLP(nn.Module):
         init = normal_init(c.initializer_range)
         h = Dense(4 * c.hidden_size, dtype=self.dtype, kernel_init=init, name="dense_h_to_4h")(x)
         h = Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="dense_4h_to_h")(bloom_gelu(h))
-        h = Dropout(c.hidden_dropout)(h, deterministic=not train)
-        return hooks.active().block_output(self, "ffn", h)
+        return Dropout(c.hidden_dropout)(h, deterministic=not train)
 
 
 class BloomBlock(nn.Module):
@@ -218,12 +218,14 @@ class BloomBlock(nn.Module):
     def __call__(self, h, mask, layer_cache, cache_index, train: bool):
         c = self.config
         post = c.apply_residual_connection_post_layernorm
+        block_output = hooks.active().block_output
         x = LayerNorm(c.layer_norm_epsilon, self.dtype, name="input_layernorm")(h)
-        a, new_cache = BloomAttention(c, self.dtype, name="self_attention")(x, mask, layer_cache,
-                                                                             cache_index, train)
-        h = (x if post else h) + a
+        attn = BloomAttention(c, self.dtype, name="self_attention")
+        a, new_cache = attn(x, mask, layer_cache, cache_index, train)
+        h = block_output(attn, "attention", a, x if post else h, None)
         x = LayerNorm(c.layer_norm_epsilon, self.dtype, name="post_attention_layernorm")(h)
-        return (x if post else h) + BloomMLP(c, self.dtype, name="mlp")(x, train), new_cache
+        mlp = BloomMLP(c, self.dtype, name="mlp")
+        return block_output(mlp, "ffn", mlp(x, train), x if post else h, None), new_cache
 
 
 class BloomStack(nn.Module):

@@ -28,9 +28,10 @@ Positions: when none are given they are ``cumsum(attention_mask) - 1`` (clipped 
 Hook points (``peftjax.models.hooks``): every Conv1D/Linear calls ``linear``; ``embeddings`` runs
 right after the token lookup, before the position embeddings are added (a prompt method's virtual
 tokens then take positions ``0..n-1``, as when PEFT feeds ``inputs_embeds``); ``attention_kv``
-after the KV-cache update; ``block_output`` on the attention output (after ``c_proj`` and its
-dropout) and on the MLP output, before each residual add. Incremental decoding uses
-``generation.KVCache`` exactly as the Llama family does.
+after the KV-cache update; each block calls ``block_output`` for its attention (``c_proj``'s
+output after its dropout) and its MLP (output after dropout) with the block input they are added
+to and ``norm=None`` (pre-LN: the sum is the output); the hook's module is ``attn`` / ``mlp``.
+Incremental decoding uses ``generation.KVCache`` exactly as the Llama family does.
 """
 
 from __future__ import annotations
@@ -223,8 +224,7 @@ class GPT2Attention(nn.Module):
         # HF initialises the residual projections with std / sqrt(2 n_layer) (GPT-2 §2.3).
         proj_init = normal_init(c.initializer_range / math.sqrt(2 * c.n_layer))
         out = Dense(c.n_embd, dtype=self.dtype, kernel_init=proj_init, name="c_proj")(out.reshape(b, l, heads * d))
-        out = Dropout(c.resid_pdrop)(out, deterministic=not train)
-        return hooks.active().block_output(self, "attention", out), new_cache
+        return Dropout(c.resid_pdrop)(out, deterministic=not train), new_cache
 
 
 class GPT2MLP(nn.Module):
@@ -240,8 +240,7 @@ class GPT2MLP(nn.Module):
         h = activation(c.activation_function)(h)
         h = Dense(c.n_embd, dtype=self.dtype,
                   kernel_init=normal_init(c.initializer_range / math.sqrt(2 * c.n_layer)), name="c_proj")(h)
-        h = Dropout(c.resid_pdrop)(h, deterministic=not train)
-        return hooks.active().block_output(self, "ffn", h)
+        return Dropout(c.resid_pdrop)(h, deterministic=not train)
 
 
 class GPT2Block(nn.Module):
@@ -254,12 +253,14 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, h, mask, layer_cache, cache_index, train: bool):
         c = self.config
+        block_output = hooks.active().block_output
         x = LayerNorm(c.layer_norm_epsilon, self.dtype, name="ln_1")(h)
-        a, new_cache = GPT2Attention(c, self.layer_idx, self.dtype, name="attn")(
-            x, mask, layer_cache, cache_index, train)
-        h = h + a
+        attn = GPT2Attention(c, self.layer_idx, self.dtype, name="attn")
+        a, new_cache = attn(x, mask, layer_cache, cache_index, train)
+        h = block_output(attn, "attention", a, h, None)
         x = LayerNorm(c.layer_norm_epsilon, self.dtype, name="ln_2")(h)
-        return h + GPT2MLP(c, self.dtype, name="mlp")(x, train), new_cache
+        mlp = GPT2MLP(c, self.dtype, name="mlp")
+        return block_output(mlp, "ffn", mlp(x, train), h, None), new_cache
 
 
 class GPT2Stack(nn.Module):

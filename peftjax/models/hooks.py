@@ -12,19 +12,33 @@ The hook points (``design.md``):
 * ``linear``        every dense layer (q/k/v/o, FFN in/out, heads): LoRA family, IA3-style scaling.
 * ``attention_kv``  keys/values and the mask of every attention layer: prefix tuning.
 * ``embeddings``    the input-embedding sequence before positions are added: prompt tuning.
-* ``block_output``  the output of each attention block and FFN block before the residual:
-                    adapters (Houlsby, Pfeiffer).
+* ``block_output``  the end of each attention block and FFN block: the block's projected
+                    output, the residual it is added to and, in post-LN models, the LayerNorm
+                    applied to the sum; the hook returns the block's final output. Adapters
+                    (Houlsby, Pfeiffer).
 
-Each hook receives the calling flax module; ``site(module)`` gives its dotted Hugging Face
+Each hook receives the flax module it belongs to; ``site(module)`` gives its dotted Hugging Face
 path (``bert.encoder.layer.0.attention.self.query``) which methods use as the key of their
 own parameters.
+
+Why ``block_output`` takes the whole residual step, not only the block's output: adapter
+placements differ exactly in where they sit relative to the residual add and the LayerNorm.
+Houlsby et al. (2019, Fig. 2) adapt the projected output before both; Pfeiffer et al. (EACL 2021,
+§2; AdapterHub's ``SeqBnConfig``) read ``LN(h + x)`` and re-apply the block's own LayerNorm after
+their residual. A hook that only saw ``h`` could express the first and not the second. The models
+therefore hand over ``h`` (after the block's output dropout), the residual ``x`` (exactly what the
+model adds back: the sublayer input, or BLOOM's LayerNorm output under
+``apply_residual_connection_post_layernorm``) and ``norm`` (post-LN blocks, BERT/RoBERTa: the
+block's LayerNorm module; flax shares its params if a hook calls it twice; pre-LN blocks, Llama,
+GPT-2, BLOOM, T5: ``None``), and the default returns ``norm(h + x)`` or ``h + x``, which is what
+the model computed before hooks existed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 
@@ -47,9 +61,24 @@ class Hooks:
         """Token embeddings ``(batch, seq, hidden)`` before positions are added."""
         return embeds, attention_mask, token_type_ids
 
-    def block_output(self, module, kind: str, h: Array) -> Array:
-        """``kind`` is ``'attention'`` or ``'ffn'``; ``h`` is the block's projected output."""
-        return h
+    def block_output(self, module, kind: str, h: Array, residual: Array,
+                     norm: Callable[[Array], Array] | None) -> Array:
+        """The block's final output from its parts; by default ``norm(h + residual)``.
+
+        ``kind`` is ``'attention'``, ``'ffn'`` or (T5's decoder) ``'cross_attention'``; ``module``
+        is the attention or FFN module (its site keys a method's params); ``h`` the block's
+        projected output after its dropout; ``residual`` what the model adds to it; ``norm`` the
+        post-sum LayerNorm of a post-LN block, ``None`` in pre-LN blocks (then the sum is the
+        output).
+        """
+        return residual_output(h, residual, norm)
+
+
+def residual_output(h: Array, residual: Array, norm: Callable[[Array], Array] | None) -> Array:
+    """``norm(h + residual)`` for a post-LN block, ``h + residual`` for a pre-LN one (``norm``
+    None): the residual step every model performed itself before ``block_output`` took it over."""
+    s = h + residual
+    return s if norm is None else norm(s)
 
 
 _NOOP = Hooks()
@@ -105,7 +134,7 @@ class Recorder(Hooks):
         self.calls.append(dict(point="embeddings", site=site(module), hidden=embeds.shape[-1]))
         return embeds, attention_mask, token_type_ids
 
-    def block_output(self, module, kind, h):
+    def block_output(self, module, kind, h, residual, norm):
         self.calls.append(dict(point="block_output", site=site(module), kind=kind,
                                hidden=h.shape[-1]))
-        return h
+        return residual_output(h, residual, norm)

@@ -29,8 +29,9 @@ Hook points (``peftjax.models.hooks``): every Dense calls ``linear``; the model 
 ``embeddings`` right after the token lookup (a prompt method may prepend virtual tokens; the LM
 head drops those positions again so logits keep the input's length); each attention layer calls
 ``attention_kv`` after RoPE and after the KV-cache update (a prefix method may prepend keys and
-values); ``block_output`` is called on the attention output after ``o_proj`` and on the MLP output
-after ``down_proj``, before each residual add.
+values); each decoder layer calls ``block_output`` for its attention block (``o_proj``'s output)
+and its MLP (``down_proj``'s output) with the layer input it adds them to and ``norm=None``
+(pre-norm: the sum is the block's output); the hook's module is ``self_attn`` / ``mlp``.
 
 Incremental decoding: pass a ``generation.KVCache`` (preallocated ``(B, max_len, kv_heads,
 head_dim)`` buffers per layer, written with ``lax.dynamic_update_slice`` so every decode step has
@@ -308,7 +309,7 @@ class LlamaAttention(nn.Module):
             dropout = lambda p: drop(p, deterministic=False)
         out = attention_weights_and_output(q, k, v, mask, dropout, scale=c.head_dim ** -0.5)
         out = proj(c.hidden_size, "o_proj")(out.reshape(b, l, c.num_attention_heads * c.head_dim))
-        return hooks.active().block_output(self, "attention", out), new_cache
+        return out, new_cache
 
 
 class LlamaMLP(nn.Module):
@@ -324,8 +325,7 @@ class LlamaMLP(nn.Module):
         dense = lambda f, name: Dense(f, use_bias=c.mlp_bias, dtype=self.dtype, kernel_init=init, name=name)
         h = activation(c.hidden_act)(dense(c.intermediate_size, "gate_proj")(x)) * \
             dense(c.intermediate_size, "up_proj")(x)
-        h = dense(c.hidden_size, "down_proj")(h)
-        return hooks.active().block_output(self, "ffn", h)
+        return dense(c.hidden_size, "down_proj")(h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -337,12 +337,14 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, mask, cos, sin, layer_cache, cache_index, train: bool):
         c = self.config
+        block_output = hooks.active().block_output
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
-        a, new_cache = LlamaAttention(c, self.dtype, name="self_attn")(
-            x, mask, cos, sin, layer_cache, cache_index, train)
-        h = h + a
+        attn = LlamaAttention(c, self.dtype, name="self_attn")
+        a, new_cache = attn(x, mask, cos, sin, layer_cache, cache_index, train)
+        h = block_output(attn, "attention", a, h, None)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        h = h + LlamaMLP(c, self.dtype, name="mlp")(x)
+        mlp = LlamaMLP(c, self.dtype, name="mlp")
+        h = block_output(mlp, "ffn", mlp(x), h, None)
         return h, new_cache
 
 

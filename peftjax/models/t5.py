@@ -50,7 +50,10 @@ Hook points (``peftjax.models.hooks``):
 * ``block_output``: kind ``"attention"`` for self-attention (encoder and decoder), ``"ffn"``
   for each FFN, and ``"cross_attention"`` for cross-attention — so Houlsby adapters (attention
   + FFN kinds) sit after self-attention and FFN, as AdapterHub's T5 default does (its cross
-  adapters are off unless asked for).
+  adapters are off unless asked for). Each sublayer (``layer.i``) calls it with the sublayer's
+  output after its dropout, the sublayer input it is added to and ``norm=None`` (pre-norm), as
+  AdapterHub's T5 calls ``bottleneck_layer_forward(dropout(out), hidden_states, None)``; the
+  hook's module is the ``SelfAttention`` / ``EncDecAttention`` / ``DenseReluDense`` inside it.
 
 Training (teacher forcing): pass ``labels`` (``-100`` on positions not to learn); when no
 ``decoder_input_ids`` are given they are ``labels`` shifted right with ``decoder_start_token_id``
@@ -288,8 +291,7 @@ class T5Attention(nn.Module):
             dropout = lambda p: drop(p, deterministic=False)
         out = attention_weights_and_output(q, k, v, mask, dropout, scale=1.0, bias=bias)
         out = proj(c.d_model, f * inner ** -0.5, "o")(out.reshape(b, l, inner))
-        kind = "cross_attention" if self.cross else "attention"
-        return hooks.active().block_output(self, kind, out), position_bias, new_cache
+        return out, position_bias, new_cache
 
 
 class T5DenseReluDense(nn.Module):
@@ -311,8 +313,7 @@ class T5DenseReluDense(nn.Module):
         else:
             h = act(dense(c.d_ff, f * c.d_model ** -0.5, "wi")(x))
         h = Dropout(c.dropout_rate)(h, deterministic=not train)
-        h = dense(c.d_model, f * c.d_ff ** -0.5, "wo")(h)
-        return hooks.active().block_output(self, "ffn", h)
+        return dense(c.d_model, f * c.d_ff ** -0.5, "wo")(h)
 
 
 class T5LayerAttention(nn.Module):
@@ -328,10 +329,12 @@ class T5LayerAttention(nn.Module):
         c = self.config
         x = RMSNorm(c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
         name = "EncDecAttention" if self.cross else "SelfAttention"
-        a, position_bias, new_cache = T5Attention(c, self.has_relative_attention_bias, self.cross,
-                                                  self.dtype, name=name)(
-            x, kv_input, mask, position_bias, buckets, layer_cache, cache_index, train)
-        return h + Dropout(c.dropout_rate)(a, deterministic=not train), position_bias, new_cache
+        attn = T5Attention(c, self.has_relative_attention_bias, self.cross, self.dtype, name=name)
+        a, position_bias, new_cache = attn(x, kv_input, mask, position_bias, buckets, layer_cache,
+                                           cache_index, train)
+        a = Dropout(c.dropout_rate)(a, deterministic=not train)
+        kind = "cross_attention" if self.cross else "attention"
+        return hooks.active().block_output(attn, kind, a, h, None), position_bias, new_cache
 
 
 class T5LayerFF(nn.Module):
@@ -344,8 +347,9 @@ class T5LayerFF(nn.Module):
     def __call__(self, h, train: bool):
         c = self.config
         x = RMSNorm(c.layer_norm_epsilon, self.dtype, name="layer_norm")(h)
-        y = T5DenseReluDense(c, self.dtype, name="DenseReluDense")(x, train)
-        return h + Dropout(c.dropout_rate)(y, deterministic=not train)
+        ffn = T5DenseReluDense(c, self.dtype, name="DenseReluDense")
+        y = Dropout(c.dropout_rate)(ffn(x, train), deterministic=not train)
+        return hooks.active().block_output(ffn, "ffn", y, h, None)
 
 
 class T5LayerList(nn.Module):
