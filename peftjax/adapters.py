@@ -12,8 +12,10 @@ are stacked the same way (``N + 1`` slots, the last one the base head, used when
 several classifiers can share one backbone. The cost is memory for padding (N·R instead of Σrᵢ)
 — small next to the base for research-sized adapter sets.
 
-Only additive LoRA (``lora``, with or without rsLoRA) fits this: DoRA re-normalises the weight
-(not a sum of deltas) and PiSSA replaces the base kernels, so both are refused.
+Any method whose update is an additive low-rank term on the pretrained kernels fits: it says so
+through ``Method.low_rank_factors`` (LoRA and rsLoRA, AdaLoRA as (A ⊙ E, s·B), DyLoRA at its
+evaluation rank, VeRA as (A ⊙ d, B ⊙ b)). DoRA re-normalises the weight (not a sum of deltas) and
+PiSSA replaces the base kernels: their ``low_rank_factors`` is None and they are refused.
 
 Combination, as PEFT's ``add_weighted_adapter``: ΔW = Σ wᵢ sᵢ Aᵢ Bᵢ.
 ``combination="cat"`` concatenates along the rank: A = [A₁ … A_k] (in, Σrᵢ),
@@ -47,7 +49,7 @@ from peftjax.models import hooks as hooks_lib
 from peftjax.models.registry import Model
 
 DISABLED = -1
-ADDITIVE = ("lora",)
+COMBINED = "lora"   # a combination of low-rank updates is itself a plain LoRA
 
 
 class _StackHooks(hooks_lib.Hooks):
@@ -108,20 +110,17 @@ class AdapterSet:
 
     def get(self, name: str) -> tuple[core.Method, dict]:
         """``(method, trainable)`` of a named adapter."""
-        method, added, head = self._adapters[self.names[self.index(name)]]
+        method, added, head, _ = self._adapters[self.names[self.index(name)]]
         return method, {"base": {}, "added": added, "head": head}
 
-    def add(self, name: str, method: core.Method, trainable: Mapping) -> None:
-        """Adds an adapter: ``trainable`` is ``{"base","added","head"}`` or just the added params."""
+    def add(self, name: str, method: core.Method, trainable: Mapping,
+            state: Mapping | None = None) -> None:
+        """Adds an adapter: ``trainable`` is ``{"base","added","head"}`` or just the added params;
+        ``state`` is the method's state when its update depends on it (VeRA's projections)."""
         if not name or name in self._adapters:
             raise ValueError(f"adapter name {name!r} is empty or already used; adapters: {self.names}")
         if method.model is not self.model and method.model.hf_config.to_dict() != self.model.hf_config.to_dict():
             raise ValueError(f"adapter {name!r} was built for another model")
-        if method.name not in ADDITIVE or getattr(method.config, "init", "") == "pissa":
-            raise ValueError(f"adapter {name!r}: method {method.name!r}"
-                             f"{' (init=pissa)' if method.name in ADDITIVE else ''} is not an additive "
-                             f"low-rank update; an AdapterSet holds: {', '.join(ADDITIVE)} "
-                             "(DoRA re-normalises the weight, PiSSA rewrites the base)")
         if "added" in trainable:
             if trainable.get("base"):
                 raise ValueError(f"adapter {name!r} trains base params; an AdapterSet shares one frozen base")
@@ -131,7 +130,15 @@ class AdapterSet:
         if head and set(head) != set(self.base_head):
             raise ValueError(f"adapter {name!r}: head params {sorted(head)} do not match the "
                              f"model's head {sorted(self.base_head)}")
-        self._adapters[name] = (method, added, head)
+        factors = method.low_rank_factors(added, dict(state or {}))
+        if factors is None:
+            raise ValueError(f"adapter {name!r}: method {method.name!r} is not an additive low-rank "
+                             "update of the pretrained kernels (DoRA re-normalises the weight, a "
+                             "PiSSA init rewrites the base); an AdapterSet holds methods whose "
+                             "low_rank_factors are defined (LoRA, rsLoRA, AdaLoRA, DyLoRA, VeRA)")
+        factors = {site: (np.asarray(a, np.float32), np.asarray(b, np.float32))
+                   for site, (a, b) in factors.items()}
+        self._adapters[name] = (method, added, head, factors)
         self._stack = None
 
     def load(self, name: str, folder: str, *, require_head: bool = False) -> None:
@@ -153,23 +160,22 @@ class AdapterSet:
         if not self._adapters:
             raise ValueError("the AdapterSet is empty: add an adapter first")
         entries = list(self._adapters.values())
-        sites = [s for s in self.sites.linear if any(s in m.targets for m, _, _ in entries)]
-        rmax = max(m.config.rank for m, _, _ in entries)
+        sites = [s for s in self.sites.linear if any(s in f for *_, f in entries)]
+        rmax = max(a.shape[1] for *_, f in entries for a, _ in f.values())
         a_stack, b_stack = {}, {}
         for site in sites:
             info = self.sites.linear[site]
             a_rows, b_rows = [], []
-            for method, added, _ in entries:
+            for *_, factors in entries:
                 a = np.zeros((info["in_features"], rmax), np.float32)
                 b = np.zeros((rmax, info["out_features"]), np.float32)
-                if site in method.targets:
-                    r = method.config.rank
-                    a[:, :r] = np.asarray(added[site + ".lora_A"], np.float32)
-                    b[:r] = method.scaling * np.asarray(added[site + ".lora_B"], np.float32)
+                if site in factors:
+                    fa, fb = factors[site]
+                    a[:, :fa.shape[1]], b[:fb.shape[0]] = fa, fb
                 a_rows.append(a)
                 b_rows.append(b)
             a_stack[site], b_stack[site] = jnp.asarray(np.stack(a_rows)), jnp.asarray(np.stack(b_rows))
-        heads = {k: jnp.stack([jnp.asarray(head.get(k, v)) for _, _, head in entries] + [jnp.asarray(v)])
+        heads = {k: jnp.stack([jnp.asarray(head.get(k, v)) for _, _, head, _ in entries] + [jnp.asarray(v)])
                  for k, v in self.base_head.items()}
         self._stack = {"A": a_stack, "B": b_stack, "head": heads}
         return self._stack
@@ -197,9 +203,9 @@ class AdapterSet:
 
     # -- combination ----------------------------------------------------------------------
     def delta_weights(self, name: str) -> dict[str, jax.Array]:
-        """ΔW = s·A B per targeted site, flax (in, out) layout."""
-        method, added, _ = self._adapters[self.names[self.index(name)]]
-        return {site: method.delta_weight(site, added) for site in method.targets}
+        """ΔW = A B' (scaling folded into B') per adapted site, flax (in, out) layout."""
+        factors = self._adapters[self.names[self.index(name)]][3]
+        return {site: jnp.asarray(a @ b) for site, (a, b) in factors.items()}
 
     def combine(self, name: str, adapters: Sequence[str], weights: Sequence[float], *,
                 rank: int | None = None, head: str | None = None) -> tuple[core.Method, dict]:
@@ -212,29 +218,30 @@ class AdapterSet:
         if len(adapters) != len(weights) or not adapters:
             raise ValueError(f"combine needs one weight per adapter, got {len(adapters)} adapters "
                              f"and {len(weights)} weights")
-        entries = [self._adapters[self.names[self.index(a)]] for a in adapters]
-        sites = [s for s in self.sites.linear if any(s in m.targets for m, _, _ in entries)]
-        total = sum(m.config.rank for m, _, _ in entries)
+        entries = [self._adapters[self.names[self.index(a)]][3] for a in adapters]
+        sites = [s for s in self.sites.linear if any(s in f for f in entries)]
+        widths = [max(a.shape[1] for a, _ in f.values()) for f in entries]
+        total = sum(widths)
         target_rank = total if rank is None else int(rank)
         added = {}
         for site in sites:
             info = self.sites.linear[site]
             a_parts, b_parts = [], []
-            for (method, params, _), w in zip(entries, weights):
-                r = method.config.rank
-                if site in method.targets:
-                    a_parts.append(jnp.asarray(params[site + ".lora_A"], jnp.float32))
-                    b_parts.append(w * method.scaling * jnp.asarray(params[site + ".lora_B"], jnp.float32))
-                else:
-                    a_parts.append(jnp.zeros((info["in_features"], r), jnp.float32))
-                    b_parts.append(jnp.zeros((r, info["out_features"]), jnp.float32))
-            a, b = jnp.concatenate(a_parts, axis=1), jnp.concatenate(b_parts, axis=0)
+            for factors, w, r in zip(entries, weights, widths):
+                a = np.zeros((info["in_features"], r), np.float32)
+                b = np.zeros((r, info["out_features"]), np.float32)
+                if site in factors:
+                    fa, fb = factors[site]
+                    a[:, :fa.shape[1]], b[:fb.shape[0]] = fa, w * fb
+                a_parts.append(a)
+                b_parts.append(b)
+            a, b = jnp.asarray(np.concatenate(a_parts, axis=1)), jnp.asarray(np.concatenate(b_parts, axis=0))
             if rank is not None:
                 a, b = truncate(a, b, target_rank)
             added[site + ".lora_A"], added[site + ".lora_B"] = a, b
-        try:
-            method = core.create("lora", self.model, {"rank": target_rank, "alpha": float(target_rank),
-                                                      "targets": _targets_regex(sites)}, sites=self.sites)
+        try:  # alpha = rank: scaling 1, the factors carry every scale
+            method = core.create(COMBINED, self.model, {"rank": target_rank, "alpha": float(target_rank),
+                                                        "targets": _targets_regex(sites)}, sites=self.sites)
         except ValueError as e:
             raise ValueError(f"combine {name!r}: {e}; pass rank= to truncate") from None
         head_params = dict(self._adapters[self.names[self.index(head)]][2]) if head else {}

@@ -53,13 +53,14 @@ def bench_method(label, model, base, batch, overrides, steps, warmup):
     if "num_examples" in cfg:  # Fisher masks (timing only): the bench batch is the training set
         cfg["num_examples"] = min(cfg["num_examples"], rows)
     method = methods.create(name, model, cfg)
-    from peftjax.train.loop import init_context
+    from peftjax.train.compose import init_context
 
     ctx = init_context(model, None, {k: v for k, v in batch.items() if k != "mask"})
     peft = method.setup(jax.random.PRNGKey(1), base, ctx)
     tx = optax.adamw(1e-4)
-    if method.gradient_transform() is not None:  # Child-tuning_F's mask is part of its step cost
-        tx = optax.chain(method.gradient_transform(), tx)
+    transform = method.gradient_transform(jax.random.PRNGKey(0))
+    if transform is not None:  # Child-tuning_F's mask is part of its step cost
+        tx = optax.chain(transform, tx)
     state = init_state(peft.trainable, peft.state, tx)
     step = jax.jit(make_train_step(method, tx, seed=0), donate_argnums=(0,))
     compiled = step.lower(state, peft.frozen, batch).compile()

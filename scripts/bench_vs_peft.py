@@ -142,8 +142,8 @@ def jax_profile(method, base, batch, steps: int, warmup: int) -> dict:
     """peftjax's forward (train mode, no grad) and forward + backward, jitted, for ``--profile``."""
     import jax
 
-    from peftjax.train.losses import loss_for
-    from peftjax.train.loop import init_context
+    from peftjax.losses import loss_for
+    from peftjax.train.compose import init_context
 
     peft = method.setup(jax.random.PRNGKey(1), base, init_context(method.model, None, batch))
     loss_fn = loss_for(method.model.head)

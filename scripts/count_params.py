@@ -25,7 +25,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from peftjax import methods
-    from peftjax.train.loop import build
+    from peftjax.train.compose import build
 
     config = FLAGS.config
     task, model, _, method, _ = build(config, with_weights=False, with_tokenizer=False)
@@ -33,10 +33,8 @@ def main(argv):
     out = {"method": method.name, "model": config.model.name, "task": task.name, "head": model.head,
            **counts,
            "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4)}
-    if getattr(method, "count_rule", None):  # e.g. FishMask: whether the head is in the budget
-        out["count_rule"] = method.count_rule
-    if hasattr(method, "training_params"):  # prefix tuning: updated in training (with its MLP)
-        out["training_params"] = method.training_params()
+    # e.g. FishMask: whether the head is in the budget; prefix tuning: params updated in training
+    out.update(method.accounting())
     print(json.dumps(out))
 
 

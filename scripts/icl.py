@@ -37,7 +37,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from peftjax import data
     from peftjax.methods.icl import ICLConfig, evaluate_icl
-    from peftjax.train.loop import write_json_atomic
+    from peftjax.files import write_json_atomic
 
     task = data.get_task(FLAGS.task)
     lm, tokenizer = load_causal_lm(FLAGS.model)

@@ -16,7 +16,7 @@ prints a list. Compute dtype: ``--config.train.dtype=bfloat16``; frozen params i
 ``--frozen_dtype=bfloat16``; rematerialisation: ``--config.train.remat=block`` (see
 peftjax/models/layers.py ``REMAT_POLICIES``); optimizer: ``--optimizer=adamw|sgd|adafactor``.
 ``--mesh=1,8,1`` (data,fsdp,tensor) adds ``sharded``: per-device bytes of each part of the train
-state under that mesh's sharding rules (``peftjax.parallel.memory``; docs/distributed.md).
+state under that mesh's sharding rules (``peftjax.train.memory.sharded_memory``; docs/distributed.md).
 """
 
 import json
@@ -82,11 +82,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from tqdm.auto import tqdm
 
-    from peftjax.train.loop import write_json_atomic
+    from peftjax.files import write_json_atomic
     from peftjax.train.memory import analyze_train_step
 
     if FLAGS.mesh:  # per-device figures under a mesh, next to the single-device compiled ones
-        from peftjax.parallel.memory import sharded_memory
+        from peftjax.train.memory import sharded_memory
 
         single = analyze_train_step
 

@@ -13,7 +13,6 @@ checkpoint folder of the tuned small model. All three models must share the base
 """
 
 import json
-import os
 
 import _bootstrap  # noqa: F401
 from _decoding import load_causal_lm, task_template
@@ -41,37 +40,15 @@ FLAGS = flags.FLAGS
 
 def restore_tuned(run_dir: str):
     """(CausalLM with the run's best trainable tree, its base checkpoint folder, template)."""
-    import jax
-    import ml_collections
-
-    from peftjax import methods
     from peftjax.methods.proxy_tuning import CausalLM
-    from peftjax.train import loop
-    from peftjax.train.checkpoint import Checkpointer
-    from peftjax.train.optim import make_optimizer
-    from peftjax.train.steps import init_state
+    from peftjax.train import load_run
 
-    path = os.path.join(run_dir, "result.json")
-    if not os.path.exists(path):
-        raise ValueError(f"{run_dir} has no result.json: --tuned_run needs a finished run of scripts/train.py")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f)["config"])
-    task, model, tokenizer, method, base = loop.build(config)
-    if model.head != "causal_lm":
-        raise ValueError(f"{run_dir} trained a {model.head} head; proxy-tuning needs a decoder run "
+    run = load_run(run_dir)
+    if run.model.head != "causal_lm":
+        raise ValueError(f"{run_dir} trained a {run.model.head} head; proxy-tuning needs a decoder run "
                          "(task.format=lm)")
-    peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, methods.InitContext(tokenizer=tokenizer))
-    tx, _ = make_optimizer(config.train, config.train.steps, method.gradient_transform())
-    template = {"state": init_state(peft.trainable, peft.state, tx),
-                "best": loop._best_tree({"trainable": peft.trainable, "metrics": None, "step": 0},
-                                        loop._metric_names(task))}
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    restored = ckpt.restore(template)
-    ckpt.close()
-    best = loop._best_from_tree(restored["best"])
-    trainable = best["trainable"] if best["step"] > 0 else restored["state"][1]
-    lm = CausalLM.adapted(method, trainable, peft.frozen, restored["state"][3])
-    return lm, config.model.get("checkpoint", ""), config.task.get("lm_template", "")
+    lm = CausalLM.adapted(run.method, run.trainable, run.frozen, run.state)
+    return lm, run.config.model.get("checkpoint", ""), run.config.task.get("lm_template", "")
 
 
 def main(argv):
@@ -85,7 +62,7 @@ def main(argv):
     from peftjax.methods.proxy_tuning import (check_compatible, classify, proxy_class_scores,
                                               proxy_generate)
     from peftjax.models import hf_io
-    from peftjax.train.loop import write_json_atomic
+    from peftjax.files import write_json_atomic
 
     if bool(FLAGS.tuned_run) == bool(FLAGS.tuned):
         raise app.UsageError("give exactly one of --tuned_run and --tuned")

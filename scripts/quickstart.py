@@ -18,6 +18,8 @@ import _bootstrap  # noqa: F401
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from peftjax.files import write_text_atomic
+
 config_flags.DEFINE_config_file("grid", os.path.join(_bootstrap.ROOT, "experiments/quickstart/grid.py"),
                                 "the grid definition")
 flags.DEFINE_string("out", os.path.join(_bootstrap.ROOT, "runs/quickstart"), "output folder")
@@ -29,6 +31,8 @@ def cell_config(grid, method: str):
 
     config = get_config(f"model={grid.model},method={method},task={grid.task}")
     config.seed = grid.seed
+    if grid.get("pooling"):  # "" keeps the model config's own
+        config.model.pooling = grid.pooling
     for key, value in grid.train.items():
         config.train[key] = value
     for section, values in grid.overrides.get(method, {}).items():
@@ -62,6 +66,7 @@ def report(rows, grid, elapsed: float | None) -> str:
         "# Quickstart: PEFT methods on all-MiniLM-L6-v2 x tweet_sentiment",
         "",
         f"Command: `make run` (= `python scripts/quickstart.py`). Seed {grid.seed}; "
+        f"head pooling {rows[0].get('pooling') if rows else '?'}; "
         f"{t.steps} steps of batch {t.batch_size} (AdamW, linear decay, warmup {t.warmup_ratio:.0%}), "
         f"max length 64 tokens padded to buckets; validation/test on fixed {t.eval_limit}-tweet "
         "unbiased samples; test reported at the best validation step.",
@@ -103,10 +108,7 @@ def main(argv):
         result["cell_seconds"] = time.time() - t0
         store.append(result)
     text = report(store.read(), grid, time.time() - start)
-    tmp = os.path.join(out, "report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, "report.md"))
+    write_text_atomic(os.path.join(out, "report.md"), text)
     print(text)
     print(f"results: {store.path}\nreport:  {os.path.join(out, 'report.md')}")
 

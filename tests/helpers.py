@@ -99,11 +99,11 @@ def learnable_batch(model, batch: int = 8, seq: int = 12, seed: int = 0) -> dict
 def fisher_context(model, batch: dict | None = None):
     """An InitContext whose training set is ``learnable_batch`` (for Fisher-mask methods)."""
     from peftjax.methods.core import InitContext
-    from peftjax.methods.fisher import per_example_loss_fn
+    from peftjax.losses import params_loss_fn
 
     batch = batch if batch is not None else learnable_batch(model)
     n = len(batch["input_ids"])
-    return InitContext(train_batches=lambda: iter([batch]), loss_fn=per_example_loss_fn(model),
+    return InitContext(train_batches=lambda: iter([batch]), loss_fn=params_loss_fn(model),
                        num_train_examples=n)
 
 

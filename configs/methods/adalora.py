@@ -13,23 +13,12 @@ attention.output, with orthogonality weight 0.1 and deltaT 10 or 100.
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="adalora",
-        init_r=12,             # initial rank of every targeted layer (budget b0 = init_r · layers)
-        target_r=8,            # average final rank (budget b_T = target_r · layers)
-        alpha=8.0,             # output scale alpha / init_r (PEFT: lora_alpha / ranknum)
-        dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
-        tinit=0,               # warm-up steps at the full budget
-        tfinal=0,              # final steps at the target budget with the rank pattern fixed
-        deltaT=1,              # masking interval during the budget phase
-        beta1=0.85,            # importance EMA
-        beta2=0.85,            # uncertainty EMA
-        orth_reg_weight=0.5,   # weight of the orthogonality regulariser (official scripts: 0.1)
-        total_step=0,          # 0: train.steps × train.grad_accum_steps (filled by the loop)
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("adalora"))
 
 
 def train_defaults() -> dict:

@@ -3,9 +3,12 @@ half-size variant."""
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name="bitfit", subset="all", biases=""))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("bitfit"))
 
 
 def train_defaults() -> dict:

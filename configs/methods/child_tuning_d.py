@@ -3,10 +3,12 @@ params by Fisher information from one pass over the training set; no rescaling."
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name="child_tuning_d", reserve_p=0.3, max_grad_norm=1.0,
-                                          progress=True, representation="sparse"))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("child_tuning_d"))
 
 
 def train_defaults() -> dict:

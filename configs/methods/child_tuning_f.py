@@ -3,9 +3,12 @@ mask each step, rescaled by 1/reserve_p."""
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name="child_tuning_f", reserve_p=0.3, mask_head=True, seed=0))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("child_tuning_f"))
 
 
 def train_defaults() -> dict:

@@ -12,17 +12,12 @@ gives 56,975,360 trainable params (LoRA in the same setting: 56,098,816).
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="dora",
-        rank=8,
-        alpha=8.0,
-        dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
-        use_rslora=False,
-        init="default",   # default | gaussian | pissa (the magnitude is ||W0||_c in every case)
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("dora"))
 
 
 def train_defaults() -> dict:

@@ -7,19 +7,12 @@ Evaluate at another rank: ``--config.method.eval_rank=4``; sweep ranks of a fini
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="dylora",
-        rank=8,            # r_max; each step trains rank b ~ U{1..r_max}
-        alpha=16.0,        # scale alpha / b
-        dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
-        frozen=True,       # detach components 1..b-1 (paper default)
-        eval_rank=0,       # rank for evaluation and merge; 0: r_max
-        use_rslora=False,
-        init="default",    # default (kaiming-uniform A, B=0) | gaussian
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("dylora"))
 
 
 def train_defaults() -> dict:

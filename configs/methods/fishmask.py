@@ -3,11 +3,12 @@
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name="fishmask", keep_ratio=0.005, num_examples=1024,
-                                          head_in_budget=True, fisher_chunk=8, progress=True,
-                                          representation="sparse"))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("fishmask"))
 
 
 def train_defaults() -> dict:

@@ -2,9 +2,12 @@
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(name="full"))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("full"))
 
 
 def train_defaults() -> dict:

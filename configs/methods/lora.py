@@ -6,17 +6,12 @@ rsLoRA: ``--config.method.use_rslora=True``; PiSSA: ``--config.method.init=pissa
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="lora",
-        rank=8,
-        alpha=8.0,
-        dropout=0.0,
-        targets=r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$",
-        use_rslora=False,
-        init="default",   # default (kaiming-uniform A, B=0) | gaussian | pissa (SVD of W0, residual base)
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("lora"))
 
 
 def train_defaults() -> dict:

@@ -6,14 +6,12 @@
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="prefix_tuning",
-        num_virtual_tokens=20,     # p (PEFT's default)
-        prefix_projection=True,    # reparameterisation MLP while training (Li & Liang §4.3)
-        encoder_hidden_size=0,     # MLP width m; 0 = kv_heads * head_dim (PEFT's default)
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("prefix_tuning"))
 
 
 def train_defaults() -> dict:

@@ -2,14 +2,12 @@
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="prompt_tuning",
-        num_virtual_tokens=20,
-        init="vocab",        # random | vocab | text
-        init_text="",
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("prompt_tuning"))
 
 
 def train_defaults() -> dict:

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "scripts
 
 from absl import app, flags, logging  # noqa: E402
 
+from peftjax.files import write_text_atomic  # noqa: E402
+
 flags.DEFINE_string("workdir", "runs/decoder_tweets", "a finished run.py workdir")
 flags.DEFINE_string("out", "", "write the JSON here")
 flags.DEFINE_integer("n", 3, "test prompts")
@@ -65,9 +67,7 @@ def main(argv):
                                                  for w, i in firsts.items()}})
     text = json.dumps(rows, indent=2, ensure_ascii=False)
     if FLAGS.out:
-        with open(FLAGS.out + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(FLAGS.out + ".tmp", FLAGS.out)
+        write_text_atomic(FLAGS.out, text)
     print(text)
 
 

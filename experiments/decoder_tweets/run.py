@@ -41,6 +41,8 @@ if ROOT not in sys.path:
 
 from absl import app, flags, logging  # noqa: E402
 
+from peftjax.files import write_json_atomic, write_text_atomic  # noqa: E402
+
 flags.DEFINE_string("workdir", "runs/decoder_tweets", "tokenizer, checkpoints and loop runs (not in git)")
 flags.DEFINE_string("out", None, "where results.json and report.md go (default: the workdir)")
 flags.DEFINE_integer("vocab", 4096, "BPE vocabulary size")
@@ -145,7 +147,7 @@ def pretrain(name: str, hf: dict, train_rows: dict, val_rows: dict, steps: int, 
     from peftjax import data as data_lib
     from peftjax import methods
     from peftjax.models import build_model, hf_io
-    from peftjax.train.losses import causal_lm_loss
+    from peftjax.losses import causal_lm_loss
     from peftjax.train.optim import make_optimizer
     from peftjax.train.steps import init_state, make_train_step
 
@@ -191,9 +193,7 @@ def pretrain(name: str, hf: dict, train_rows: dict, val_rows: dict, steps: int, 
              "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])),
              "val_loss": float(np.mean(vals)), "val_perplexity": float(np.exp(np.mean(vals))),
              "step_time_s": float(np.median(times)) if times else None}
-    with open(stats_path + ".tmp", "w") as f:
-        json.dump(stats, f, indent=2)
-    os.replace(stats_path + ".tmp", stats_path)
+    write_json_atomic(stats_path, stats)
     return stats
 
 
@@ -204,16 +204,11 @@ def pretrain(name: str, hf: dict, train_rows: dict, val_rows: dict, steps: int, 
 def tune(name: str, folder: str, hf: dict, workdir: str):
     """LoRA-tunes the model in ``folder`` with the loop (task.format=lm); returns (result, CausalLM
     of the best trainable tree, merged plain params)."""
-    import jax
     import ml_collections
 
     from configs.train import get_config
-    from peftjax import methods
     from peftjax.methods.proxy_tuning import CausalLM
-    from peftjax.train import loop
-    from peftjax.train.checkpoint import Checkpointer
-    from peftjax.train.optim import make_optimizer
-    from peftjax.train.steps import init_state
+    from peftjax.train import load_run, loop
 
     config = get_config(f"model=tiny-llama,method=lora,task={TASK}")
     with config.unlocked():
@@ -236,22 +231,11 @@ def tune(name: str, folder: str, hf: dict, workdir: str):
     else:
         result = loop.train_and_evaluate(config, run_dir)
 
-    # The best trainable tree (the one the loop tested), restored as scripts/dylora_sweep.py does.
-    task, model, tokenizer, method, base = loop.build(config)
-    peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, methods.InitContext(tokenizer=tokenizer))
-    tx, _ = make_optimizer(config.train, config.train.steps, method.gradient_transform())
-    template = {"state": init_state(peft.trainable, peft.state, tx),
-                "best": loop._best_tree({"trainable": peft.trainable, "metrics": None, "step": 0},
-                                        loop._metric_names(task))}
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    restored = ckpt.restore(template)
-    ckpt.close()
-    best = loop._best_from_tree(restored["best"])
-    trainable = best["trainable"] if best["step"] > 0 else restored["state"][1]
-    state = restored["state"][3]
-    adapted = CausalLM.adapted(method, trainable, peft.frozen, state)
-    merged = method.merged_params(trainable, peft.frozen, state)
-    return result, adapted, CausalLM.plain(model, merged)
+    # The best trainable tree (the one the loop tested).
+    run = load_run(run_dir)
+    adapted = CausalLM.adapted(run.method, run.trainable, run.frozen, run.state)
+    merged = run.method.merged_params(run.trainable, run.frozen, run.state)
+    return result, adapted, CausalLM.plain(run.model, merged)
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,9 +395,7 @@ def main(argv):
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
     }
     path = os.path.join(out_dir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, results)
     write_report(results, os.path.join(out_dir, "report.md"))
     print(open(os.path.join(out_dir, "report.md")).read())
 
@@ -441,10 +423,7 @@ def write_report(r: dict, path: str) -> None:
                      f"{s['val_perplexity']:.1f} | {s['step_time_s']:.3f} |")
     lines += ["", "Wall-clock seconds per stage: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()),
               f"({r['backend']}, {r['device']})", ""]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

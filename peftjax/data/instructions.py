@@ -8,7 +8,7 @@ decoder to continue a *prompt* built from an instruction (and an optional input)
     labels: -100 ... -100  response_ids  EOS   (-100 on padding too)
 
 where ``prompt = template.format(instruction=..., input=...)``. The loss is the causal-LM
-cross-entropy on the response tokens only (``peftjax.train.losses.causal_lm_loss``: position t
+cross-entropy on the response tokens only (``peftjax.losses.causal_lm_loss``: position t
 predicts token t+1 and positions labelled -100 are excluded), a per-token mean over the response
 tokens of the batch:
 
@@ -64,11 +64,11 @@ import tensorflow_datasets as tfds
 
 from peftjax.data import storage, tweets
 from peftjax.data.examples import as_text
+from peftjax.data.lm import IGNORE  # label of tokens outside the loss (prompt, BOS, padding)
 from peftjax.data.tasks import SENTIMENT_LABELS
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of tokens outside the loss (prompt, BOS, padding); = losses.IGNORE
 
 # Stanford Alpaca's prompts (Taori et al. 2023), the usual default for instruction tuning.
 ALPACA_PROMPT_INPUT = (

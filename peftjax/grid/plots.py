@@ -8,6 +8,8 @@ from typing import Mapping
 
 import numpy as np
 
+from peftjax.files import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -23,9 +25,7 @@ def _save(fig, stem: str) -> list[str]:
     paths = []
     for ext in ("png", "pdf"):
         path = f"{stem}.{ext}"
-        tmp = f"{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight"))
         paths.append(path)
     return paths
 

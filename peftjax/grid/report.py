@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from peftjax.files import write_text_atomic
+
 
 def human_bytes(n: float | None) -> str:
     if n is None:
@@ -468,9 +470,4 @@ def _stamp_md(now: dict, stamps: Sequence[dict], n_ok: int, n_cells: int, config
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

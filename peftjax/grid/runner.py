@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from peftjax.files import write_json_atomic
 from peftjax.grid.results import ResultsStore
 from peftjax.grid.sweep import Cell
 
@@ -125,7 +126,7 @@ def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
     cell's own error: the error and traceback are in the row)."""
     celldir = os.path.join(workdir, "cells", cell.id)
     os.makedirs(celldir, exist_ok=True)
-    _write_json_atomic(os.path.join(celldir, "cell.json"), cell.to_dict())
+    write_json_atomic(os.path.join(celldir, "cell.json"), cell.to_dict(), indent=1, sort_keys=True)
     row = {"cell": cell.id, "label": cell.label, "variant": cell.variant, "method": cell.method,
            "model": cell.model, "task": cell.task, "seed": cell.seed, "hp": cell.hp,
            **_task_info(cell.task)}
@@ -138,15 +139,6 @@ def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
                 "cell_seconds": time.time() - t0}
     return {**result, **row, "status": "ok", "config": result.get("config", cell.config),
             "cell_seconds": time.time() - t0}
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +214,8 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
 
     ResultsStore(os.path.join(workdir, "stamps.jsonl")).append(stamp())
     if definition is not None:
-        _write_json_atomic(os.path.join(workdir, "sweep.json"),
-                           {"definition": definition, "cells": [c.id for c in cells]})
+        write_json_atomic(os.path.join(workdir, "sweep.json"),
+                          {"definition": definition, "cells": [c.id for c in cells]}, indent=1, sort_keys=True)
     store = ResultsStore(os.path.join(workdir, "results.jsonl"))
     state = status(cells, workdir)
     todo = [c for c in cells if state[c.id] == "pending" or (retry_failed and state[c.id] == "failed")]

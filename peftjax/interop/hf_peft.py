@@ -38,6 +38,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
+from peftjax.files import atomic_write, write_json_atomic
 from peftjax.methods import core
 from peftjax.models import hf_io
 from peftjax.models.registry import Model
@@ -87,16 +88,6 @@ def _to_numpy(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _listing(title: str, items: list[str], limit: int = 40) -> str:
     more = f" ... (+{len(items) - limit})" if len(items) > limit else ""
     return f"{title} ({len(items)}): {', '.join(items[:limit])}{more}"
@@ -143,10 +134,9 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
                   inference_mode=True, revision=None,
                   modules_to_save=modules_to_save(model) or None)
     os.makedirs(folder, exist_ok=True)
-    _write_atomic(os.path.join(folder, WEIGHTS_NAME),
+    atomic_write(os.path.join(folder, WEIGHTS_NAME),
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(os.path.join(folder, CONFIG_NAME),
-                  lambda p: open(p, "w").write(json.dumps(config, indent=2, sort_keys=True)))
+    write_json_atomic(os.path.join(folder, CONFIG_NAME), config, indent=2, sort_keys=True)
     return config
 
 
@@ -158,10 +148,10 @@ def _conv1d_targets(model: Model, targets) -> bool:
 
 def _export_lora(method, added) -> tuple[dict, dict, str]:
     c = method.config
-    if c.init == "pissa":
-        raise AdapterError(f"{method.name} with init='pissa' trains against a residual base kernel "
-                           "(W0 - s·A0 B0) that a PEFT adapter folder does not carry; export "
-                           "requires a LoRA whose base is the unmodified pretrained model")
+    if method.rewrites_base:
+        raise AdapterError(f"{method.name} with init={c.init!r} trains against a rewritten base "
+                           "kernel (PiSSA: W0 - s·A0 B0) that a PEFT adapter folder does not carry; "
+                           "export requires a LoRA whose base is the unmodified pretrained model")
     prefix = "base_model.model."
     extra = LOW_RANK_EXTRA[method.name]
     tensors: dict[str, np.ndarray] = {}

@@ -48,8 +48,12 @@ added to the loss with weight ``orth_reg_weight`` (PEFT default 0.5; official GL
 
 Defaults are PEFT's ``AdaLoraConfig``: init_r 12, target_r 8, lora_alpha 8, tinit 0, tfinal 0,
 deltaT 1, beta1 = beta2 = 0.85, orth_reg_weight 0.5; ``total_step`` is required (PEFT raises
-without it). In a training run ``total_step = 0`` means "the run's number of steps": the loop
-fills it from ``train.steps × train.grad_accum_steps`` (``peftjax.train.loop.build``).
+without it). ``total_step = 0`` means "the run's number of steps": ``prepare`` takes it from the
+``InitContext`` the training loop passes every method (``train.steps × train.grad_accum_steps``).
+
+Written on LoRA's variant surface: ``init_site`` (A, E, B), ``factors`` ((A ⊙ E, s·B), so LoRA's
+forward, merge and export apply), ``scaling``; the budget and masking are AdaLoRA's own
+``prepare`` / ``init_state`` / ``update_state``.
 
 ``report()`` gives the final per-layer ranks (``adalora_ranks``); ``merge`` folds the current
 (masked) ΔW into the kernels.
@@ -64,23 +68,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.methods import core, lora
-from peftjax.models import hooks as hooks_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaLoRAConfig:
-    init_r: int = 12
-    target_r: int = 8
-    alpha: float = 8.0
+    init_r: int = 12              # initial rank of every targeted layer (budget b0 = init_r · layers)
+    target_r: int = 8             # average final rank (budget b_T = target_r · layers)
+    alpha: float = 8.0            # output scale alpha / init_r (PEFT: lora_alpha / ranknum)
     dropout: float = 0.0
     targets: str | tuple[str, ...] = lora.DEFAULT_TARGETS
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int = 0
+    tinit: int = 0                # warm-up steps at the full budget
+    tfinal: int = 0               # final steps at the target budget with the rank pattern fixed
+    deltaT: int = 1               # masking interval during the budget phase
+    beta1: float = 0.85           # importance EMA
+    beta2: float = 0.85           # uncertainty EMA
+    orth_reg_weight: float = 0.5  # orthogonality regulariser weight (official scripts: 0.1)
+    total_step: int = 0           # 0: the run's length (train.steps × grad_accum_steps, via prepare)
 
 
 def budget_schedule(step: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int,
@@ -97,17 +100,12 @@ def budget_schedule(step: int, *, init_bgt: int, target_bgt: int, tinit: int, tf
 PARTS = ("lora_A", "lora_E", "lora_B")
 
 
-class AdaLoRAHooks(lora.LoRAHooks):
-    pass
-
-
 @core.register("adalora")
 class AdaLoRA(lora.LoRA):
     """SVD-form LoRA whose global rank budget shrinks from init_r to target_r per layer."""
 
     Config = AdaLoRAConfig
-    family = "low_rank"
-    mergeable = True
+    rewrites_base = False   # one init (N(0, 0.02²) A, B; E = 0): the base stays W0
 
     def validate(self) -> None:
         c, name = self.config, self.name
@@ -121,39 +119,59 @@ class AdaLoRA(lora.LoRA):
         for f in ("beta1", "beta2"):
             core.check_range(name, f, getattr(c, f), "0 <= beta < 1", 0 <= getattr(c, f) < 1)
         core.check_range(name, "orth_reg_weight", c.orth_reg_weight, ">= 0", c.orth_reg_weight >= 0)
-        if c.total_step <= c.tinit + c.tfinal:
-            raise ValueError(
-                f"adalora.total_step={c.total_step!r} is invalid; valid: the number of training "
-                f"steps, > tinit + tfinal = {c.tinit} + {c.tfinal} (the budget must have steps "
-                "to shrink over). In a training run 0 is filled from train.steps; when creating "
-                "the method directly, pass total_step")
+        core.check_range(name, "total_step", c.total_step, "0 (the run's length) or an integer >= 1",
+                         isinstance(c.total_step, int) and c.total_step >= 0)
         self.targets = self.match_low_rank_targets(c.targets, "init_r", c.init_r)
         n = len(self.targets)
         self.init_bgt, self.target_bgt = c.init_r * n, c.target_r * n
+        self.total_step = None
+        if c.total_step:
+            self._schedule(c.total_step)
+
+    def prepare(self, ctx: core.InitContext) -> None:
+        """The budget schedule over the run: ``total_step``, or the run's length when it is 0."""
+        if self.config.total_step:
+            return
+        if not ctx.total_steps:
+            raise ValueError("adalora.total_step=0 means the run's length, which this set-up does "
+                             "not give: pass total_step, or an InitContext with total_steps "
+                             "(the training loop does)")
+        self._schedule(int(ctx.total_steps))
+
+    def _schedule(self, total: int) -> None:
+        c = self.config
+        if total <= c.tinit + c.tfinal:
+            raise ValueError(
+                f"adalora: the run's {total} steps are invalid for its budget schedule; valid: "
+                f"more than tinit + tfinal = {c.tinit} + {c.tfinal} (the budget must have steps to "
+                "shrink over)")
+        self.total_step = total
         table = [budget_schedule(t, init_bgt=self.init_bgt, target_bgt=self.target_bgt,
-                                 tinit=c.tinit, tfinal=c.tfinal, total_step=c.total_step,
-                                 deltaT=c.deltaT) for t in range(c.total_step + 1)]
+                                 tinit=c.tinit, tfinal=c.tfinal, total_step=total,
+                                 deltaT=c.deltaT) for t in range(total + 1)]
         self.budgets = np.array([b for b, _ in table], np.int32)
         self.mask_steps = np.array([m for _, m in table], bool)
 
+    # -- the variant surface ----------------------------------------------------------------
     @property
     def scaling(self) -> float:
         return self.config.alpha / (self.config.init_r + 1e-5)
 
-    # -- params and state -----------------------------------------------------------------
-    def init(self, rng, base, ctx):
+    def init_site(self, rng, site, kernel):
         r = self.config.init_r
-        added = {}
-        for i, site in enumerate(self.targets):
-            info = self.sites.linear[site]
-            dtype = base[site + ".kernel"].dtype
-            ka, kb = jax.random.split(jax.random.fold_in(rng, i))
-            added[site + ".lora_A"] = 0.02 * jax.random.normal(ka, (info["in_features"], r), dtype)
-            added[site + ".lora_E"] = jnp.zeros((r,), dtype)
-            added[site + ".lora_B"] = 0.02 * jax.random.normal(kb, (r, info["out_features"]), dtype)
-        return added
+        fan_in, fan_out = kernel.shape
+        ka, kb = jax.random.split(rng)
+        return {"lora_A": 0.02 * jax.random.normal(ka, (fan_in, r), kernel.dtype),
+                "lora_E": jnp.zeros((r,), kernel.dtype),
+                "lora_B": 0.02 * jax.random.normal(kb, (r, fan_out), kernel.dtype)}
 
-    def init_state(self, base, added, ctx):
+    def factors(self, params, dtype, context=None):
+        """(A ⊙ E, s·B): ΔW = s · P Λ Q in the kernel's layout, ``((x A) ⊙ E) B`` factored."""
+        a = params["lora_A"].astype(dtype) * params["lora_E"].astype(dtype)[None, :]
+        return a, params["lora_B"].astype(dtype) * jnp.asarray(self.scaling, dtype)
+
+    # -- state ------------------------------------------------------------------------------
+    def init_state(self, rng, base, added, ctx):
         state = {}
         for site in self.targets:
             for part in PARTS:
@@ -162,24 +180,6 @@ class AdaLoRA(lora.LoRA):
                 state[f"{site}.{part}.unc"] = jnp.zeros(shape, jnp.float32)
             state[site + ".rank_mask"] = jnp.ones((self.config.init_r,), jnp.float32)
         return state
-
-    def transform_base(self, base, added):
-        return base
-
-    # -- forward --------------------------------------------------------------------------
-    def hooks(self, added, state, *, train, rng):
-        return AdaLoRAHooks(self, added, train)
-
-    def delta(self, module, site, x, added, train):
-        a = added[site + ".lora_A"].astype(x.dtype)
-        e = added[site + ".lora_E"].astype(x.dtype)
-        b = added[site + ".lora_B"].astype(x.dtype)
-        x = core.input_dropout(module, x, self.config.dropout, train)
-        return ((x @ a) * e) @ b * jnp.asarray(self.scaling, x.dtype)
-
-    def delta_weight(self, site, added):
-        a, e, b = (added[f"{site}.{p}"] for p in PARTS)
-        return self.scaling * ((a * e[None, :]) @ b)
 
     # -- training -------------------------------------------------------------------------
     def regularizer(self, trainable, state):
@@ -193,9 +193,13 @@ class AdaLoRA(lora.LoRA):
 
     def update_state(self, state, trainable, grads, step):
         c = self.config
+        if self.total_step is None:
+            raise ValueError("adalora: the budget schedule needs the run's length; set up the "
+                             "method with an InitContext(total_steps=...) or pass total_step")
+        total = self.total_step
         added, g = trainable["added"], grads["added"]
-        boundary = c.total_step - c.tfinal
-        t = jnp.clip(step, 0, c.total_step)
+        boundary = total - c.tfinal
+        t = jnp.clip(step, 0, total)
         updating = step < boundary
         state = dict(state)
         # 1. importance EMAs (only while t < T - t_final)

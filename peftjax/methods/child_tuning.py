@@ -11,10 +11,13 @@ and feeds g̃_t to AdamW. Default p = 0.3 (the reference's ``reserve_p``). The r
 the mask inside its AdamW step to every parameter the optimizer holds, the classifier included;
 ``mask_head=False`` leaves the head's gradient unmasked.
 
-Here the mask is an optax ``GradientTransformation`` (``Method.gradient_transform``) placed before
-clipping and AdamW. Its state holds a seed and a step count; the mask of step t for the i-th leaf
-is drawn from ``fold_in(fold_in(PRNGKey(seed), t), i)``, so a run (and a resumed run, which
-restores the count) draws the same masks.
+Here the mask is an optax ``GradientTransformation`` (``Method.gradient_transform``) that the
+optimizer places after global-norm clipping and before AdamW: the reference masks inside its
+AdamW step, after the trainer (transformers' Trainer, ``max_grad_norm``) has clipped the raw
+gradients, so the clipping norm is that of the unmasked gradient. Its state holds a key and a
+step count; the mask of step t for the i-th leaf is drawn from ``fold_in(fold_in(key, t), i)``,
+so a run (and a resumed run, which restores the count) draws the same masks. The key comes from
+the run's seed (each seed of a comparison draws other masks) unless ``seed`` pins it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ class ChildTuningFState(NamedTuple):
     count: jax.Array   # int32: masks drawn so far
 
 
-def bernoulli_gradient_mask(p: float, seed: int = 0, mask_head: bool = True
+def bernoulli_gradient_mask(p: float, key: jax.Array, mask_head: bool = True
                             ) -> optax.GradientTransformation:
-    """g ↦ g ⊙ Bernoulli(p) / p with a fresh mask per update (Child-tuning_F).
+    """g ↦ g ⊙ Bernoulli(p) / p with a fresh mask per update (Child-tuning_F), drawn from ``key``.
 
     Applied to a trainable tree ``{"base", "added", "head"}`` (the head is left alone when
     ``mask_head`` is false) or to any pytree (all leaves masked).
@@ -46,7 +49,7 @@ def bernoulli_gradient_mask(p: float, seed: int = 0, mask_head: bool = True
 
     def init_fn(params):
         del params
-        return ChildTuningFState(jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32))
+        return ChildTuningFState(jnp.asarray(key), jnp.zeros((), jnp.int32))
 
     def mask_tree(tree, key):
         leaves, treedef = jax.tree.flatten(tree)
@@ -75,23 +78,26 @@ class ChildTuningF(core.Method):
 
     @dataclasses.dataclass(frozen=True)
     class Config:
-        reserve_p: float = 0.3
-        mask_head: bool = True   # the reference masks every optimised param, classifier included
-        seed: int = 0
+        reserve_p: float = 0.3         # p: the expected fraction of each gradient kept
+        mask_head: bool = True         # the reference masks every optimised param, classifier included
+        seed: int = -1                 # -1: masks from the run's seed; a seed >= 0 pins them
 
     family = "selection"
 
     def validate(self) -> None:
-        p = self.config.reserve_p
-        core.check_range("child_tuning_f", "reserve_p", p, "(0, 1]",
-                         isinstance(p, (int, float)) and 0.0 < p <= 1.0)
+        c = self.config
+        core.check_range("child_tuning_f", "reserve_p", c.reserve_p, "(0, 1]",
+                         isinstance(c.reserve_p, (int, float)) and 0.0 < c.reserve_p <= 1.0)
+        core.check_range("child_tuning_f", "seed", c.seed, "-1 (the run's seed) or a seed >= 0",
+                         isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= -1)
 
     def trains_base(self, path: str) -> bool:
         return True
 
-    def gradient_transform(self):
+    def gradient_transform(self, rng):
         c = self.config
-        return bernoulli_gradient_mask(float(c.reserve_p), c.seed, c.mask_head)
+        key = rng if c.seed < 0 else jax.random.PRNGKey(c.seed)
+        return bernoulli_gradient_mask(float(c.reserve_p), key, c.mask_head)
 
 
 # --------------------------------------------------------------------------------------------

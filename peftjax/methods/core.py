@@ -32,12 +32,14 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from peftjax.models import hooks as hooks_lib
 from peftjax.models.registry import Model
 
 Array = jax.Array
 Flat = dict[str, Any]
+STATE_STREAM = 0x73746174  # fold_in tag of init_state's key ("stat"), far above any site index
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,18 +188,29 @@ class PeftParams(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class InitContext:
-    """What a method may need at initialisation besides the params (all optional)."""
+    """What a run tells a method before it initialises (``Method.prepare``, ``init``,
+    ``init_state``). Every field is optional: a method that needs one it did not get says so.
+
+    The training loop fills all of them for every method, without knowing which method reads
+    which: a data-driven method (Fisher masks, gradient-based inits) finds the training set and a
+    loss of the base params here, a scheduled one (AdaLoRA) the run's length.
+    """
 
     tokenizer: Any = None
-    # For data-driven methods (Fisher masks): a callable that yields batches of the training set
-    # and a per-example loss function of the full base params.
+    # The training rows in order (full length, a few at a time, ``mask`` False on padding rows)
+    # and ``loss_fn(flat base params, batch) -> scalar`` (eval mode, ``peftjax.losses``).
     train_batches: Callable[[], Iterable[dict]] | None = None
     loss_fn: Callable[[Flat, dict], Array] | None = None
     num_train_examples: int | None = None   # size of the training set, to refuse N > it early
+    total_steps: int | None = None          # train steps of the run (micro-steps), for schedules
 
 
 class Method:
     """Base class: full fine-tuning semantics with no hooks. Subclasses override what they change.
+
+    Every hook a method may implement is declared here with its default, so generic code (the
+    loop, saving, accounting, the adapter set, interop) calls it without probing: a new method
+    overrides only what it changes and nothing outside its module needs to know its name.
 
     Subclass attributes: ``name`` (set by ``register``), ``Config`` (a frozen dataclass).
     """
@@ -216,6 +229,10 @@ class Method:
     # -- configuration --------------------------------------------------------------------
     def validate(self) -> None:
         """Checks the config against the model before any compute; raises ``ValueError``."""
+
+    def prepare(self, ctx: InitContext) -> None:
+        """Takes the run-level facts a method needs before it initialises (called first by
+        ``setup``). AdaLoRA reads the run's length here; default: nothing."""
 
     def match_low_rank_targets(self, targets, field: str, rank: int) -> list[str]:
         """Linear sites matching ``targets``, checking ``rank`` fits each (1..min(in, out))."""
@@ -237,12 +254,22 @@ class Method:
         """The method's added params, keyed ``"<site>.<name>"``."""
         return {}
 
-    def init_state(self, base: Flat, added: Flat, ctx: InitContext) -> Flat:
+    def init_state(self, rng: Array, base: Flat, added: Flat, ctx: InitContext) -> Flat:
+        """The method's non-trainable state (masks, fixed random projections, EMAs). ``rng`` is
+        the run's (independent of ``init``'s): frozen random matrices vary with the run's seed
+        unless the method's config pins a seed of its own."""
         return {}
 
     def transform_base(self, base: Flat, added: Flat) -> Flat:
         """Base params as the method starts from them (PiSSA replaces W0 by its residual)."""
         return base
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether ``transform_base`` changes the pretrained params: the trainable tree alone
+        then does not restore the model on the pretrained base (saving, adapter sets and PEFT
+        export refuse or convert it)."""
+        return False
 
     # -- forward --------------------------------------------------------------------------
     def hooks(self, added: Flat, state: Flat, *, train: bool, rng: Array | None) -> hooks_lib.Hooks | None:
@@ -258,9 +285,17 @@ class Method:
         """An extra loss term (AdaLoRA's orthogonality penalty); 0 by default."""
         return jnp.zeros((), jnp.float32)
 
-    def gradient_transform(self):
-        """An optax transformation applied to the gradients first (Child-tuning_F), or None."""
+    def gradient_transform(self, rng: Array) -> optax.GradientTransformation | None:
+        """An optax transformation of the clipped gradients, before the optimizer (Child-tuning_F's
+        Bernoulli mask), or None. ``rng`` derives from the run's seed."""
         return None
+
+    def lr_multipliers(self) -> tuple[tuple[str, float], ...]:
+        """``((regex, multiplier), ...)`` scaling the optimizer's *updates* of the trainable params
+        whose key (``"added.<name>"``, ``"base.<path>"``, ``"head.<path>"``) matches the regex
+        (first match wins), applied after the optimizer so that Adam's normalisation does not
+        cancel it (LoRA+: B's rate = ratio × A's). Added to ``train.lr_mults``; default none."""
+        return ()
 
     def update_state(self, state: Flat, trainable: dict, grads: dict, step: Array) -> tuple[Flat, dict]:
         """After each optimizer step: new state and possibly modified trainable (AdaLoRA masking)."""
@@ -274,12 +309,38 @@ class Method:
     def unmerge(self, merged: Flat, added: Flat, state: Flat) -> Flat:
         raise NotImplementedError(f"method {self.name!r} cannot be unmerged")
 
+    def low_rank_factors(self, added: Flat, state: Flat) -> dict[str, tuple[Array, Array]] | None:
+        """The update as ``{site: (A, B)}`` with ΔW = A B (flax (in, out) layout, every scaling
+        folded into B) when it is a plain sum on the pretrained kernels, else None (DoRA
+        re-normalises, PiSSA rewrites the base). Adapter sets stack and combine methods
+        through it."""
+        return None
+
+    # -- saving ---------------------------------------------------------------------------
+    def for_saving(self, trainable: dict) -> tuple["Method", dict]:
+        """The (method, trainable tree) written to an adapter file; prefix tuning folds its
+        training-time MLP into the plain prefixes here. Default: as trained."""
+        return self, trainable
+
     # -- accounting -----------------------------------------------------------------------
     def count_added(self, abstract_base: Flat) -> int:
         """Number of added trainable params, from shapes alone (override for data-driven sizes)."""
         added = jax.eval_shape(lambda b: self.init(jax.random.PRNGKey(0), b, InitContext()),
                                abstract_base)
         return int(sum(np.prod(v.shape, dtype=np.int64) for v in added.values()))
+
+    def count_selected(self, abstract_base: Flat) -> int:
+        """Trainable base entries kept outside whole params (sparse selections), from shapes."""
+        return 0
+
+    def accounting(self) -> dict[str, Any]:
+        """Extra facts stated beside the counts (how the head is counted, params updated in
+        training when they differ from the saved ones); default none."""
+        return {}
+
+    def report(self, trainable: dict, state: Flat) -> dict[str, Any]:
+        """Method-specific results merged into a run's result.json (AdaLoRA's final ranks)."""
+        return {}
 
     # -- conveniences built on the protocol ----------------------------------------------
     def partition(self, base: Flat) -> tuple[Flat, Flat, Flat]:
@@ -295,12 +356,19 @@ class Method:
         return train, head, frozen
 
     def setup(self, rng: Array, base: Flat, ctx: InitContext | None = None) -> PeftParams:
-        """Initialises the method on (flat) pretrained base params."""
+        """Initialises the method on (flat) pretrained base params.
+
+        ``init`` gets ``rng`` itself (methods derive per-site keys with ``fold_in(rng, i)``);
+        ``init_state`` gets ``fold_in(rng, STATE_STREAM)``, a stream no site index reaches, so a
+        state drawn at random (VeRA's projections) never repeats the params' draws.
+        """
         ctx = ctx or InitContext()
+        self.prepare(ctx)
         added = self.init(rng, base, ctx)
+        state_rng = jax.random.fold_in(rng, STATE_STREAM)
         base = self.transform_base(base, added)
         train, head, frozen = self.partition(base)
-        state = self.init_state(base, added, ctx)
+        state = self.init_state(state_rng, base, added, ctx)
         return PeftParams({"base": train, "added": added, "head": head}, frozen, state)
 
     def apply(self, trainable: dict, frozen: Flat, state: Flat, batch: Mapping[str, Any], *,
@@ -350,6 +418,18 @@ def method_class(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(registered())}") from None
 
 
+def default_config(name: str) -> dict[str, Any]:
+    """The method's config defaults (its ``Config`` dataclass) as a plain dict with ``name``.
+
+    ``configs/methods/<name>.py`` is built from this, so the dataclass is the one source of a
+    method's defaults: a config file cannot silently disagree with the code it configures.
+    Tuples become lists (ml_collections and the command line handle those).
+    """
+    cls = method_class(name)
+    values = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    return {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+
+
 def create(name: str, model: Model, config: Mapping[str, Any] | None = None,
            sites: Sites | None = None) -> Method:
     """The method ``name`` configured by ``config`` (a mapping; unknown keys are errors)."""
@@ -374,9 +454,8 @@ def count_params(method: Method, abstract_base: Flat | None = None) -> dict[str,
         if method.sites.is_head(path):
             head += size(v)
         elif method.trains_base(path):
-            train += method.count_base(path, v) if hasattr(method, "count_base") else size(v)
+            train += size(v)
     added = method.count_added(abstract_base)
-    if hasattr(method, "count_selected"):  # sparse selections (FishMask): entries, not tensors
-        train += method.count_selected(abstract_base)
+    train += method.count_selected(abstract_base)  # sparse selections (FishMask): entries
     return {"trainable_params": train + added, "head_params": head,
             "total_params": base_total + added}

@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.methods import core, lora
-from peftjax.models import hooks as hooks_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,74 +50,57 @@ def column_norm(kernel: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=0))
 
 
-class DoRAHooks(hooks_lib.Hooks):
-    def __init__(self, method: "DoRA", added: core.Flat, train: bool):
-        self.method, self.added, self.train = method, added, train
-
-    def linear(self, module, x, y, kernel, bias):
-        site = hooks_lib.site(module)
-        if site not in self.method.targets:
-            return y
-        return self.method.dora_output(module, site, x, y, kernel, bias, self.added, self.train)
-
-
 @core.register("dora")
 class DoRA(lora.LoRA):
-    """LoRA plus a trainable per-output-unit magnitude; the direction is re-normalised."""
+    """LoRA plus a trainable per-output-unit magnitude; the direction is re-normalised.
+
+    Written on LoRA's variant surface: ``init_site`` adds the magnitude, ``forward`` and
+    ``merge_kernel``/``unmerge_kernel`` re-normalise; scaling, targets, inits and factors are
+    LoRA's.
+    """
 
     Config = DoRAConfig
+    additive = False   # W' = m·(W0 + ΔW)/||W0 + ΔW||_c is not W0 plus a low-rank term
 
-    def init(self, rng, base, ctx):
-        added = super().init(rng, base, ctx)
-        for site in self.targets:
-            kernel = base[site + ".kernel"]  # W0 (before any PiSSA residual): m0 = ||W0||_c
-            added[site + ".lora_magnitude"] = column_norm(kernel).astype(kernel.dtype)
-        return added
+    def init_site(self, rng, site, kernel):
+        params = super().init_site(rng, site, kernel)
+        # W0 (before any PiSSA residual, which adds back to W0): m0 = ||W0||_c
+        params["lora_magnitude"] = column_norm(kernel).astype(kernel.dtype)
+        return params
 
-    def hooks(self, added, state, *, train, rng):
-        return DoRAHooks(self, added, train)
-
-    def weight_norm(self, site: str, kernel, added) -> jax.Array:
+    def weight_norm(self, site: str, kernel, params: dict) -> jax.Array:
         """n = ||W0 + s·A B||_c, detached (a constant for the gradient)."""
-        w = kernel.astype(jnp.float32) + self.delta_weight(site, jax.lax.stop_gradient(added)
-                                                           ).astype(jnp.float32)
-        return jax.lax.stop_gradient(column_norm(w))
+        delta = self.delta_weight(site, jax.lax.stop_gradient(params), {})
+        return jax.lax.stop_gradient(column_norm(kernel.astype(jnp.float32) + delta))
 
-    def dora_output(self, module, site, x, y, kernel, bias, added, train: bool):
-        a = added[site + ".lora_A"].astype(x.dtype)
-        b = added[site + ".lora_B"].astype(x.dtype)
-        mag = added[site + ".lora_magnitude"]
-        scale = (mag.astype(jnp.float32) / self.weight_norm(site, kernel, added)).astype(x.dtype)
-        s = jnp.asarray(self.scaling, x.dtype)
-        if train and self.config.dropout > 0:
-            xd = core.input_dropout(module, x, self.config.dropout, train)
-            return y + (scale - 1) * (xd @ kernel.astype(x.dtype)) + scale * ((xd @ a) @ b) * s
+    def forward(self, call: lora.LinearCall, params: dict, context) -> jax.Array:
+        x, y, kernel, bias = call.x, call.y, call.kernel, call.bias
+        a, b = self.factors(params, x.dtype, context)   # b carries the scaling s
+        mag = params["lora_magnitude"]
+        scale = (mag.astype(jnp.float32) / self.weight_norm(call.site, kernel, params)).astype(x.dtype)
+        if call.train and self.config.dropout > 0:
+            xd = core.input_dropout(call.module, x, self.config.dropout, call.train)
+            return y + (scale - 1) * (xd @ kernel.astype(x.dtype)) + scale * ((xd @ a) @ b)
         base_out = y if bias is None else y - bias.astype(y.dtype)
-        out = scale * (base_out + ((x @ a) @ b) * s)
+        out = scale * (base_out + (x @ a) @ b)
         return out if bias is None else out + bias.astype(y.dtype)
 
     # -- merge ----------------------------------------------------------------------------
-    def merge(self, base, added, state):
-        out = dict(base)
-        self._norm_cache = {}
-        for site in self.targets:
-            k = site + ".kernel"
-            w = base[k].astype(jnp.float32) + self.delta_weight(site, added).astype(jnp.float32)
-            norm = column_norm(w)
-            self._norm_cache[site] = norm
-            out[k] = (w * (added[site + ".lora_magnitude"].astype(jnp.float32) / norm)[None, :]
-                      ).astype(base[k].dtype)
-        return out
+    def merge_kernel(self, site, kernel, params, state):
+        w = kernel.astype(jnp.float32) + self.delta_weight(site, params, state)
+        norm = column_norm(w)
+        self._norm_cache = {**getattr(self, "_norm_cache", {}), site: norm}
+        return (w * (params["lora_magnitude"].astype(jnp.float32) / norm)[None, :]).astype(kernel.dtype)
 
-    def unmerge(self, merged, added, state):
+    def merge(self, base, added, state):
+        self._norm_cache = {}
+        return super().merge(base, added, state)
+
+    def unmerge_kernel(self, site, merged, params, state):
         cache = getattr(self, "_norm_cache", None)
-        if not cache or any(site not in cache for site in self.targets):
+        if not cache or site not in cache:
             raise ValueError("dora.unmerge needs the weight norms recorded by a preceding "
                              "merge of this adapter (the merged kernel does not determine them)")
-        out = dict(merged)
-        for site in self.targets:
-            k = site + ".kernel"
-            mag = added[site + ".lora_magnitude"].astype(jnp.float32)
-            w = merged[k].astype(jnp.float32) * (cache[site] / mag)[None, :]
-            out[k] = (w - self.delta_weight(site, added).astype(jnp.float32)).astype(merged[k].dtype)
-        return out
+        mag = params["lora_magnitude"].astype(jnp.float32)
+        w = merged.astype(jnp.float32) * (cache[site] / mag)[None, :]
+        return (w - self.delta_weight(site, params, state)).astype(merged.dtype)

@@ -26,35 +26,28 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.methods import core, lora
-from peftjax.models import hooks as hooks_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class DyLoRAConfig:
-    rank: int = 8              # r_max
-    alpha: float = 16.0
+    rank: int = 8              # r_max; each step trains rank b ~ U{1..r_max}
+    alpha: float = 16.0        # scale alpha / b
     dropout: float = 0.0
     targets: str | tuple[str, ...] = lora.DEFAULT_TARGETS
-    frozen: bool = True        # only the b-th component gets gradient
+    frozen: bool = True        # detach components 1..b-1 (paper default): only the b-th trains
     eval_rank: int = 0         # rank used for evaluation and merge; 0: r_max
     use_rslora: bool = False   # not in DyLoRA; kept so LoRA's validation applies unchanged
-    init: str = "default"
-
-
-class DyLoRAHooks(hooks_lib.Hooks):
-    def __init__(self, method: "DyLoRA", added: core.Flat, train: bool, b: jax.Array):
-        self.method, self.added, self.train, self.b = method, added, train, b
-
-    def linear(self, module, x, y, kernel, bias):
-        site = hooks_lib.site(module)
-        if site not in self.method.targets:
-            return y
-        return y + self.method.truncated_delta(module, site, x, self.added, self.train, self.b)
+    init: str = "default"      # default (kaiming-uniform A, B=0) | gaussian
 
 
 @core.register("dylora")
 class DyLoRA(lora.LoRA):
-    """LoRA trained at a random rank b each step, usable at any rank b ≤ r_max."""
+    """LoRA trained at a random rank b each step, usable at any rank b ≤ r_max.
+
+    Written on LoRA's variant surface: ``forward_context`` draws b once per training forward
+    (the evaluation rank otherwise) and ``factors`` truncates A, B to it, so LoRA's forward,
+    merge and export apply unchanged.
+    """
 
     Config = DyLoRAConfig
     inits = ("default", "gaussian")
@@ -74,18 +67,20 @@ class DyLoRA(lora.LoRA):
     def sample_rank(self, rng) -> jax.Array:
         return jax.random.randint(rng, (), 1, self.config.rank + 1)
 
-    def hooks(self, added, state, *, train, rng):
+    def forward_context(self, state, *, train, rng):
+        """``(b, train)``: the rank drawn for this training step (one b for every layer), or
+        the evaluation rank."""
         if train and rng is not None:
-            b = self.sample_rank(rng)
-        else:
-            b = jnp.asarray(self.eval_rank)
-        return DyLoRAHooks(self, added, train, b)
+            return self.sample_rank(rng), True
+        return jnp.asarray(self.eval_rank), False
 
-    def factors(self, site: str, added, b, *, frozen: bool):
-        """(A ⊙ mask, B ⊙ mask, alpha / b): the first b components, lower ones detached if frozen."""
-        a, bm = added[site + ".lora_A"], added[site + ".lora_B"]
+    def factors(self, params, dtype, context=None):
+        """(A ⊙ mask, (alpha / b) · B ⊙ mask): the first b components; in a frozen-mode training
+        step components 1..b-1 are detached, so only the b-th receives a gradient."""
+        b, training = context if context is not None else (jnp.asarray(self.eval_rank), False)
+        a, bm = params["lora_A"], params["lora_B"]
         idx = jnp.arange(self.config.rank)
-        if frozen:
+        if training and self.config.frozen:
             lower = (idx < b - 1).astype(a.dtype)
             top = (idx == b - 1).astype(a.dtype)
             a = jax.lax.stop_gradient(a) * lower[None, :] + a * top[None, :]
@@ -93,18 +88,5 @@ class DyLoRA(lora.LoRA):
         else:
             active = (idx < b).astype(a.dtype)
             a, bm = a * active[None, :], bm * active[:, None]
-        return a, bm, self.config.alpha / b.astype(jnp.float32)
-
-    def truncated_delta(self, module, site, x, added, train, b):
-        a, bm, scale = self.factors(site, added, b, frozen=train and self.config.frozen)
-        x = core.input_dropout(module, x, self.config.dropout, train)
-        return (x @ a.astype(x.dtype)) @ bm.astype(x.dtype) * scale.astype(x.dtype)
-
-    def delta_weight(self, site, added, rank: int | None = None):
-        """ΔW at ``rank`` (default ``eval_rank``): (alpha / b) A[:, :b] B[:b]."""
-        b = rank or self.eval_rank
-        a, bm = added[site + ".lora_A"][:, :b], added[site + ".lora_B"][:b]
-        return (self.config.alpha / b) * (a @ bm)
-
-    def transform_base(self, base, added):
-        return base
+        scale = (self.config.alpha / b.astype(jnp.float32)).astype(dtype)
+        return a.astype(dtype), bm.astype(dtype) * scale

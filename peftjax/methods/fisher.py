@@ -20,26 +20,9 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from tqdm.auto import tqdm
 
 Flat = dict
-
-
-def per_example_loss_fn(model) -> Callable[[Flat, dict], jax.Array]:
-    """``(flat base params, batch) -> scalar loss`` of ``model`` (eval mode: no dropout).
-
-    Rows whose ``mask`` is False weigh zero, so a padded example contributes no gradient.
-    """
-    from peftjax.train.losses import loss_for
-
-    loss = loss_for(model.head)
-
-    def fn(flat: Flat, batch: dict) -> jax.Array:
-        out = model.apply(traverse_util.unflatten_dict(flat, sep="."), batch, train=False)
-        return loss(out, batch)
-
-    return fn
 
 
 def empirical_fisher(loss_fn: Callable[[Flat, dict], jax.Array], base: Flat, paths: list[str],

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,14 +66,13 @@ class SparseSelection(core.Method):
         """Params the selection chooses entries from."""
         return [p for p in base if not self.sites.is_head(p) and not self.trains_base(p)]
 
-    @property
-    def count_rule(self) -> str:
+    def accounting(self) -> dict:
         """How the head is counted, stated beside the counts (scripts/count_params.py)."""
         if self.config.head_in_budget:
-            return (f"head inside the budget (Sung et al. 2021): trainable_params + head_params = "
-                    f"round({self.config.keep_ratio} x total_params)")
-        return (f"head outside the budget: trainable_params = round({self.config.keep_ratio} x "
-                "total_params), head_params trained on top")
+            return {"count_rule": f"head inside the budget (Sung et al. 2021): trainable_params + "
+                                  f"head_params = round({self.config.keep_ratio} x total_params)"}
+        return {"count_rule": f"head outside the budget: trainable_params = round("
+                              f"{self.config.keep_ratio} x total_params), head_params trained on top"}
 
     def num_selected(self, abstract_base: dict) -> int:
         raise NotImplementedError
@@ -97,7 +95,10 @@ class SparseSelection(core.Method):
         raise NotImplementedError
 
     def setup(self, rng, base: dict, ctx: core.InitContext | None = None) -> core.PeftParams:
+        """The protocol's ``setup`` for a selection: the chosen entries become trainable value
+        vectors (or masked whole params) and their indices (masks) the state."""
         ctx = ctx or core.InitContext()
+        self.prepare(ctx)
         selected = self.select(base, ctx)
         whole, head, frozen = self.partition(base)
         values, state = dict(whole), {}

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., ICLR 2022), with rsLoRA scaling (Kalajdzievski 2023).
+"""LoRA (Hu et al., ICLR 2022), with rsLoRA scaling (Kalajdzievski 2023) and PiSSA init (Meng et
+al. 2024), and the variant surface every low-rank variant builds on (DoRA, DyLoRA, AdaLoRA).
 
 For each targeted linear layer with frozen kernel W0 (flax layout, (in, out))::
 
@@ -17,23 +18,45 @@ components and the frozen kernel becomes the residual. PEFT, on the torch weight
 W (out, in) = U S Vh: A = diag(sqrt(S_r / s)) Vh_r (r, in), B = U_r diag(sqrt(S_r / s)) (out, r),
 W_res = W - s·B A. Here the flax kernel K = Wᵀ (in, out) is decomposed directly, K = U' S V'ᵀ
 (U' = Vhᵀ, V' = U), so A = U'_r diag(sqrt(S_r / s)) (in, r) and B = diag(sqrt(S_r / s)) V'ᵀ_r
-(r, out) — the transposes of PEFT's — and the residual kernel K - s·A B (``transform_base``).
-The adapted model therefore starts equal to the base (to float tolerance). The SVD runs in
-float32 (PEFT does the same) and the results are cast back to the kernel's dtype.
+(r, out) — the transposes of PEFT's — and the residual kernel K - s·A B (``base_kernel``). The
+adapted model therefore starts equal to the base (to float tolerance). The SVD runs in float32
+(PEFT does the same) and the results are cast back to the kernel's dtype.
 
 Merging folds the update in, W = W0 + s·A B, so inference costs exactly the base model's.
 
 Only A and B are trainable: the frozen kernels receive no weight gradient (the backward pass
 computes activation gradients through them, nothing else), which is where LoRA's ~1/3 saving of
 training compute comes from.
+
+The variant surface (``docs/adding_a_low_rank_variant.md``)
+----------------------------------------------------------
+A low-rank variant subclasses ``LoRA`` and overrides only what differs; every method of the
+surface works on *one site's* params, a dict keyed by local names (``{"lora_A": ..., "lora_B":
+...}``), with the method state and a per-call context at hand:
+
+==================================================  ==========================================
+``scaling``                                         s (rsLoRA: alpha/√r; AdaLoRA: alpha/r₀)
+``init_site(rng, site, kernel) -> params``          a site's params (PiSSA: SVD; DoRA adds m)
+``base_kernel(site, kernel, params) -> kernel``     the frozen kernel trained against (PiSSA)
+``forward_context(state, *, train, rng)``           values shared by all layers in one call
+                                                    (DyLoRA: the rank b drawn for the step)
+``factors(params, dtype, context) -> (A, B)``       ΔW = A B, scaling folded into B
+``forward(call, params, context) -> y``             the adapted output (DoRA re-normalises)
+``delta_weight(site, params, state)``               ΔW for merging (from ``factors``)
+``merge_kernel`` / ``unmerge_kernel``               W0 ± ΔW (DoRA: m·(W0+ΔW)/‖W0+ΔW‖_c)
+``additive``                                        whether the update is W0 + ΔW (adapter sets)
+==================================================  ==========================================
+
+Everything else — validation of targets and rank, the per-site loop, hooks, merge of the whole
+tree, saving, accounting, export — is LoRA's and is inherited.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -53,28 +76,49 @@ class LoRAConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     targets: str | tuple[str, ...] = DEFAULT_TARGETS
-    use_rslora: bool = False
-    init: str = "default"  # 'default' (kaiming-uniform A, zero B) | 'gaussian' | 'pissa'
+    use_rslora: bool = False  # s = alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
+    init: str = "default"     # default (kaiming-uniform A, B=0) | gaussian | pissa (SVD of W0, residual base)
 
 
 INITS = ("default", "gaussian", "pissa")
+BASE_REWRITING_INITS = ("pissa",)
+
+
+class LinearCall(NamedTuple):
+    """One call of a targeted linear layer, as a variant's ``forward`` sees it."""
+
+    module: Any            # the calling flax module (its ``make_rng("dropout")`` draws dropout)
+    site: str              # dotted module path, the key prefix of the site's params
+    x: jax.Array           # the layer's input
+    y: jax.Array           # x W0 + bias, as the base layer computed it
+    kernel: jax.Array      # W0 (in, out) — after ``base_kernel`` (PiSSA: the residual)
+    bias: jax.Array | None
+    train: bool
+
+
+def site_params(added: core.Flat, targets) -> dict[str, dict[str, jax.Array]]:
+    """``{site: {local name: array}}`` of the targeted sites' params (``"<site>.<name>"`` keys)."""
+    grouped: dict[str, dict[str, jax.Array]] = {s: {} for s in targets}
+    for key, value in added.items():
+        site, _, name = key.rpartition(".")
+        if site in grouped:
+            grouped[site][name] = value
+    return grouped
 
 
 class LoRAHooks(hooks_lib.Hooks):
-    """Adds ``s · dropout(x) A B`` at the targeted linear sites."""
+    """Runs the variant's ``forward`` at the targeted linear sites."""
 
-    def __init__(self, method: "LoRA", added: core.Flat, train: bool):
-        self.method, self.added, self.train = method, added, train
+    def __init__(self, method: "LoRA", added: core.Flat, context: Any, train: bool):
+        self.method, self.train, self.context = method, train, context
+        self.params = site_params(added, method.targets)
 
     def linear(self, module, x, y, kernel, bias):
         site = hooks_lib.site(module)
-        if site not in self.method.targets:
+        if site not in self.params:
             return y
-        if self.method.merged_forward(x, kernel, self.train):
-            # y = x W0 + b is then unused and XLA drops it.
-            y = low_rank_linear(x, kernel, *self.method.factors(site, self.added, x.dtype))
-            return y if bias is None else y + bias
-        return y + self.method.delta(module, site, x, self.added, self.train)
+        call = LinearCall(module, site, x, y, kernel, bias, self.train)
+        return self.method.forward(call, self.params[site], self.context)
 
 
 @jax.custom_vjp
@@ -86,7 +130,7 @@ def low_rank_linear(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array)
     kernel leaves the forward the base model's single GEMM. The VJP keeps the factored
     gradients, dx = dy (W0 + A B)ᵀ (again one GEMM), dA = xᵀ (dy Bᵀ), dB = (x A)ᵀ dy, so a
     frozen W0 costs no weight gradient (its cotangent xᵀ dy is unused and XLA removes it).
-    Equal to the factored form up to float rounding; used in float32 without LoRA dropout
+    Equal to the factored form up to float rounding; used in float32 without adapter dropout
     (``LoRA.merged_forward``).
     """
     return jnp.dot(x, kernel + a @ b)
@@ -116,6 +160,7 @@ class LoRA(core.Method):
     family = "low_rank"
     mergeable = True
     inits = INITS
+    additive = True   # the update is W0 + ΔW (DoRA re-normalises: False)
 
     def validate(self) -> None:
         c = self.config
@@ -125,21 +170,25 @@ class LoRA(core.Method):
         core.check_range(name, "init", c.init, f"one of {list(self.inits)}", c.init in self.inits)
         self.targets = self.match_low_rank_targets(c.targets, "rank", c.rank)
 
+    # == the variant surface ==================================================================
     @property
     def scaling(self) -> float:
+        """s in h = x W0 + s · x A B."""
         c = self.config
         return c.alpha / math.sqrt(c.rank) if c.use_rslora else c.alpha / c.rank
 
-    # -- params ---------------------------------------------------------------------------
-    def init_pair(self, rng, site: str, dtype) -> tuple[jax.Array, jax.Array]:
-        info = self.sites.linear[site]
-        fan_in, fan_out, r = info["in_features"], info["out_features"], self.config.rank
+    def init_site(self, rng: jax.Array, site: str, kernel: jax.Array) -> dict[str, jax.Array]:
+        """One site's params from the pretrained kernel W0 (in, out)."""
+        if self.config.init == "pissa":
+            return dict(zip(("lora_A", "lora_B"), self.pissa_pair(kernel)))
+        fan_in, fan_out = kernel.shape
+        r = self.config.rank
         if self.config.init == "gaussian":
-            a = jax.random.normal(rng, (fan_in, r), dtype) / r
+            a = jax.random.normal(rng, (fan_in, r), kernel.dtype) / r
         else:
             bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5): gain·√(3/fan_in) = 1/√fan_in
-            a = jax.random.uniform(rng, (fan_in, r), dtype, -bound, bound)
-        return a, jnp.zeros((r, fan_out), dtype)
+            a = jax.random.uniform(rng, (fan_in, r), kernel.dtype, -bound, bound)
+        return {"lora_A": a, "lora_B": jnp.zeros((r, fan_out), kernel.dtype)}
 
     def pissa_pair(self, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
         """PiSSA's principal-component init of (A, B) from a flax (in, out) kernel."""
@@ -149,65 +198,89 @@ class LoRA(core.Method):
         return ((u[:, :r] * root[None, :]).astype(kernel.dtype),
                 (root[:, None] * vt[:r]).astype(kernel.dtype))
 
+    def base_kernel(self, site: str, kernel: jax.Array, params: dict) -> jax.Array:
+        """The frozen kernel the site trains against: PiSSA's residual W0 - s·A₀B₀, else W0."""
+        if self.config.init != "pissa":
+            return kernel
+        return kernel - self.delta_weight(site, params, {}).astype(kernel.dtype)
+
+    def forward_context(self, state: core.Flat, *, train: bool, rng: jax.Array | None) -> Any:
+        """Values every layer of one forward pass shares (DyLoRA: the rank drawn for the step)."""
+        return None
+
+    def factors(self, params: dict, dtype, context: Any = None) -> tuple[jax.Array, jax.Array]:
+        """``(A, s·B)`` in ``dtype``, so ΔW = A B': the scaling multiplies the small (r, out)
+        matrix, not the (batch, seq, out) output."""
+        a = params["lora_A"].astype(dtype)
+        return a, params["lora_B"].astype(dtype) * jnp.asarray(self.scaling, dtype)
+
+    def forward(self, call: LinearCall, params: dict, context: Any) -> jax.Array:
+        """``y + dropout(x) A B'`` with (A, B') = ``factors``; without active dropout in float32
+        as one GEMM, ``x (W0 + A B') + bias`` (``low_rank_linear``)."""
+        a, b = self.factors(params, call.x.dtype, context)
+        if self.merged_forward(call.x, call.kernel, call.train):
+            # y = x W0 + bias is then unused and XLA drops it.
+            y = low_rank_linear(call.x, call.kernel, a, b)
+            return y if call.bias is None else y + call.bias
+        x = core.input_dropout(call.module, call.x, self.config.dropout, call.train)
+        return call.y + (x @ a) @ b
+
+    def merged_forward(self, x: jax.Array, kernel: jax.Array, train: bool) -> bool:
+        """Whether ``forward`` runs as ``low_rank_linear``: no active dropout on the adapter's
+        input (it would differ between the two terms), and float32 (in bf16, W0 + A B would
+        round the small update into W0)."""
+        return ((not train or self.config.dropout <= 0)
+                and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
+
+    def delta_weight(self, site: str, params: dict, state: core.Flat) -> jax.Array:
+        """ΔW = A B' (float32, the kernel's (in, out) layout) as evaluation uses it."""
+        a, b = self.factors(params, jnp.float32, self.forward_context(state, train=False, rng=None))
+        return a @ b
+
+    def merge_kernel(self, site: str, kernel: jax.Array, params: dict, state: core.Flat) -> jax.Array:
+        return kernel + self.delta_weight(site, params, state).astype(kernel.dtype)
+
+    def unmerge_kernel(self, site: str, merged: jax.Array, params: dict, state: core.Flat) -> jax.Array:
+        return merged - self.delta_weight(site, params, state).astype(merged.dtype)
+
+    # == the method protocol, written once for every variant ==================================
     def init(self, rng, base, ctx):
         added = {}
         for i, site in enumerate(self.targets):
-            dtype = base[site + ".kernel"].dtype
-            if self.config.init == "pissa":
-                a, b = self.pissa_pair(base[site + ".kernel"])
-            else:
-                a, b = self.init_pair(jax.random.fold_in(rng, i), site, dtype)
-            added[site + ".lora_A"], added[site + ".lora_B"] = a, b
+            params = self.init_site(jax.random.fold_in(rng, i), site, base[site + ".kernel"])
+            added.update({f"{site}.{name}": value for name, value in params.items()})
         return added
 
+    @property
+    def rewrites_base(self) -> bool:
+        return self.config.init in BASE_REWRITING_INITS
+
     def transform_base(self, base, added):
-        """PiSSA: each targeted kernel becomes the residual W0 - s·A B (other inits: unchanged)."""
-        if self.config.init != "pissa":
+        if not self.rewrites_base:
             return base
         out = dict(base)
-        for site in self.targets:
-            k = site + ".kernel"
-            delta = self.scaling * (added[site + ".lora_A"] @ added[site + ".lora_B"])
-            out[k] = base[k] - delta.astype(base[k].dtype)
+        for site, params in site_params(added, self.targets).items():
+            out[site + ".kernel"] = self.base_kernel(site, base[site + ".kernel"], params)
         return out
 
-    # -- forward --------------------------------------------------------------------------
     def hooks(self, added, state, *, train, rng):
-        return LoRAHooks(self, added, train)
-
-    def merged_forward(self, x: jax.Array, kernel: jax.Array, train: bool) -> bool:
-        """Whether a targeted layer runs as ``low_rank_linear``: plain LoRA's ``delta`` (not a
-        subclass's), no active dropout on the adapter's input (it would differ between the two
-        terms), and float32 (in bf16, W0 + A B would round the small update into W0)."""
-        return (type(self).delta is LoRA.delta and (not train or self.config.dropout <= 0)
-                and x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
-
-    def factors(self, site: str, added, dtype) -> tuple[jax.Array, jax.Array]:
-        """``(A, s·B)`` of a site in ``dtype``: the scaling multiplies the small (r, out) matrix,
-        not the (batch, seq, out) output."""
-        a = added[site + ".lora_A"].astype(dtype)
-        return a, added[site + ".lora_B"].astype(dtype) * jnp.asarray(self.scaling, dtype)
-
-    def delta(self, module: nn.Module, site: str, x, added, train: bool):
-        a, b = self.factors(site, added, x.dtype)
-        x = core.input_dropout(module, x, self.config.dropout, train)
-        return (x @ a) @ b
-
-    # -- merge ----------------------------------------------------------------------------
-    def delta_weight(self, site: str, added) -> jax.Array:
-        """ΔW = s·A B, in the kernel's (in, out) layout."""
-        return self.scaling * (added[site + ".lora_A"] @ added[site + ".lora_B"])
+        return LoRAHooks(self, added, self.forward_context(state, train=train, rng=rng), train)
 
     def merge(self, base, added, state):
         out = dict(base)
-        for site in self.targets:
-            k = site + ".kernel"
-            out[k] = (base[k] + self.delta_weight(site, added).astype(base[k].dtype))
+        for site, params in site_params(added, self.targets).items():
+            out[site + ".kernel"] = self.merge_kernel(site, base[site + ".kernel"], params, state)
         return out
 
     def unmerge(self, merged, added, state):
         out = dict(merged)
-        for site in self.targets:
-            k = site + ".kernel"
-            out[k] = (merged[k] - self.delta_weight(site, added).astype(merged[k].dtype))
+        for site, params in site_params(added, self.targets).items():
+            out[site + ".kernel"] = self.unmerge_kernel(site, merged[site + ".kernel"], params, state)
         return out
+
+    def low_rank_factors(self, added, state):
+        if not self.additive or self.rewrites_base:
+            return None
+        context = self.forward_context(state, train=False, rng=None)
+        return {site: self.factors(params, jnp.float32, context)
+                for site, params in site_params(added, self.targets).items()}

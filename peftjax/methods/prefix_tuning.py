@@ -202,12 +202,13 @@ class PrefixTuning(core.Method):
         p, d, m, L = self.config.num_virtual_tokens, self.token_dim, self.hidden, len(self.layers)
         return p * d + d * m + m + m * 2 * L * d + 2 * L * d
 
-    @property
-    def count_rule(self) -> str:
-        return (f"trainable_params counts the folded prefixes 2*L*p*d = 2*{len(self.layers)}*"
+    def accounting(self) -> dict:
+        """The folded count is what the adapter carries; training updates the MLP too."""
+        rule = (f"trainable_params counts the folded prefixes 2*L*p*d = 2*{len(self.layers)}*"
                 f"{self.config.num_virtual_tokens}*{self.token_dim}; training updates "
                 f"{self.training_params()} params"
                 + (f" (embedding + MLP, hidden {self.hidden})" if self.config.prefix_projection else ""))
+        return {"count_rule": rule, "training_params": self.training_params()}
 
     def report(self, trainable, state) -> dict:
         return {"prefix_tuning_training_params": self.training_params(),

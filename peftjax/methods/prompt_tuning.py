@@ -15,7 +15,6 @@ embeddings of ``init_text``'s tokens, repeated to n (Lester et al. §3.2 "class 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,11 @@ INITS = ("random", "vocab", "text")
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig:
     num_virtual_tokens: int = 20
-    init: str = "random"
-    init_text: str = ""
+    # random | vocab | text. Lester et al. (§3.2, Fig. 3b) find sampled-vocabulary and class-label
+    # inits well ahead of random ones at every size; their code samples the vocabulary. PEFT's
+    # default is random: set init="random" to match it.
+    init: str = "vocab"
+    init_text: str = ""       # the text whose token embeddings start the prompt (init="text")
 
 
 class PromptHooks(hooks_lib.Hooks):

@@ -48,11 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from peftjax.losses import sequence_log_likelihood
 from peftjax.models import generation
 from peftjax.models import hooks as hooks_lib
 from peftjax.models.registry import Model
 
-IGNORE = -100  # label id outside the scored answer (``peftjax.data.lm.IGNORE``)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,16 +201,6 @@ def proxy_logits(base: CausalLM, tuned: CausalLM, untuned: CausalLM, input_ids: 
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     return _proxy_logits(specs, weights, input_ids, mask, jnp.float32(alpha))
-
-
-def sequence_log_likelihood(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Summed ``log softmax(logits)`` of the label tokens per row (position t predicts t+1);
-    labels equal to ``IGNORE`` (-100) do not count."""
-    labels = labels[:, 1:]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    valid = labels != IGNORE
-    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(picked * valid, axis=-1)
 
 
 def candidate_scores(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], batch: Mapping[str, Any],

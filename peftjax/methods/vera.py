@@ -11,15 +11,18 @@ scaling vectors. In flax layout (kernels (in, out))::
 
 in_max / out_max are the largest in/out features among the targeted layers (PEFT
 ``VeraModel._find_dim``; PEFT slices ``vera_A[:, :in]`` and ``vera_B[:out, :]`` in its (r, in) /
-(out, r) layout). A and B follow PEFT's ``_kaiming_init`` (kaiming-uniform, a=√5, with a
-generator seeded by ``projection_prng_key``): in torch layout A (r, in_max) has fan-in in_max and
-B (out_max, r) fan-in r, so A ~ U(±1/√in_max), B ~ U(±1/√r).
+(out, r) layout). A and B follow PEFT 0.21's ``_kaiming_init`` (``tuners/vera/model.py``):
+gain √2, std = gain/√fan_in, bound √3·std, i.e. U(±√(6/fan_in)), *not* torch's default
+``kaiming_uniform_(a=√5)`` (±1/√fan_in), which would make ΔW ~6× smaller for the same d, b.
+In torch layout A (r, in_max) has fan-in in_max and B (out_max, r) fan-in r, so
+A ~ U(±√(6/in_max)), B ~ U(±√(6/r)).
 
 Where A and B live: in the method ``state`` (non-trainable, checkpointed with the adapter),
-generated from ``projection_prng_key`` by ``init_state``. This is PEFT's ``save_projection=True``
-(its default); they can always be regenerated from the key, so a checkpoint restored into a
-fresh ``setup`` gets the same matrices either way. Defaults: PEFT's ``VeraConfig`` (r 256,
-d_initial 0.1, dropout 0, projection_prng_key 0) on the query/value projections.
+drawn by ``init_state``. This is PEFT's ``save_projection=True`` (its default). Their key:
+``projection_prng_key`` when >= 0 (PEFT pins it, default 0, so every run of a comparison shares
+one projection), else the run's seed (``init_state``'s rng): then seeds vary the projections
+too, which is what a seed should measure. Defaults: PEFT's ``VeraConfig`` (r 256, d_initial 0.1,
+dropout 0) on the query/value projections, the projection key from the run.
 
 Merge: W = W0 + (A[:in] ⊙ d) B[:, :out] ⊙ b (columns scaled by b).
 
@@ -39,13 +42,18 @@ from peftjax.methods import core
 from peftjax.models import hooks as hooks_lib
 
 
+def kaiming_bound(fan_in: int) -> float:
+    """PEFT's ``_kaiming_init`` bound: √3 · gain / √fan_in with gain √2, i.e. √(6 / fan_in)."""
+    return math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(fan_in)
+
+
 @dataclasses.dataclass(frozen=True)
 class VeRAConfig:
     rank: int = 256
     d_initial: float = 0.1
     dropout: float = 0.0
     targets: str | tuple[str, ...] = r"\.(query|value|q_proj|v_proj|c_attn|query_key_value|q|v)$"
-    projection_prng_key: int = 0
+    projection_prng_key: int = -1   # -1: from the run's seed; a key >= 0 pins it (PEFT: 0)
 
 
 class VeRAHooks(hooks_lib.Hooks):
@@ -78,6 +86,9 @@ class VeRA(core.Method):
         c = self.config
         core.check_range(self.name, "rank", c.rank, "an integer >= 1", isinstance(c.rank, int) and c.rank >= 1)
         core.check_range(self.name, "dropout", c.dropout, "0 <= dropout < 1", 0 <= c.dropout < 1)
+        key = c.projection_prng_key
+        core.check_range(self.name, "projection_prng_key", key, "-1 (the run's seed) or a key >= 0",
+                         isinstance(key, int) and not isinstance(key, bool) and key >= -1)
         self.targets = core.match_targets(c.targets, self.sites.backbone_linear)
         self.in_max = max(self.sites.linear[s]["in_features"] for s in self.targets)
         self.out_max = max(self.sites.linear[s]["out_features"] for s in self.targets)
@@ -92,10 +103,10 @@ class VeRA(core.Method):
             added[site + ".vera_lambda_b"] = jnp.zeros((out,), dtype)
         return added
 
-    def init_state(self, base, added, ctx):
-        r = self.config.rank
-        ka, kb = jax.random.split(jax.random.PRNGKey(self.config.projection_prng_key))
-        bound_a, bound_b = 1 / math.sqrt(self.in_max), 1 / math.sqrt(r)
+    def init_state(self, rng, base, added, ctx):
+        r, key = self.config.rank, self.config.projection_prng_key
+        ka, kb = jax.random.split(rng if key < 0 else jax.random.PRNGKey(key))
+        bound_a, bound_b = kaiming_bound(self.in_max), kaiming_bound(r)
         return {"vera_A": jax.random.uniform(ka, (self.in_max, r), jnp.float32, -bound_a, bound_a),
                 "vera_B": jax.random.uniform(kb, (r, self.out_max), jnp.float32, -bound_b, bound_b)}
 
@@ -113,6 +124,15 @@ class VeRA(core.Method):
         a, b = self.projections(state, site)
         d, scale_b = added[site + ".vera_lambda_d"], added[site + ".vera_lambda_b"]
         return ((a * d[None, :]) @ b) * scale_b[None, :]
+
+    def low_rank_factors(self, added, state):
+        """(A[:in] ⊙ d, B[:, :out] ⊙ b) per site: ΔW = Λ_b B Λ_d A in the kernel's layout."""
+        out = {}
+        for site in self.targets:
+            a, b = self.projections(state, site)
+            d, scale_b = added[site + ".vera_lambda_d"], added[site + ".vera_lambda_b"]
+            out[site] = (a * d[None, :], b * scale_b[None, :])
+        return out
 
     def merge(self, base, added, state):
         out = dict(base)

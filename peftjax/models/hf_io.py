@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import re
 from typing import Any, Iterable
 
 import jax
@@ -244,10 +243,7 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
         shards[-1][name] = tensors[name]
         size += nbytes
 
-    def write(path: str, fn) -> None:
-        tmp = path + ".tmp"
-        fn(tmp)
-        os.replace(tmp, path)
+    from peftjax.files import atomic_write as write
 
     if len(shards) == 1:
         written = {"model.safetensors"}

@@ -6,9 +6,9 @@ See docs/distributed.md.
 
 from peftjax.parallel.mesh import AXES, BATCH_AXES, abstract_mesh, is_trivial, make_mesh, resolve_axis_sizes
 from peftjax.parallel.rules import Placement, ShardingRules, describe, register_rules, rules_for
-from peftjax.parallel.shard import (TrainShardings, abstract_plan, memory_report, per_device_bytes, plan,
+from peftjax.parallel.shard import (SingleDevice, TrainShardings, memory_report, per_device_bytes, plan,
                                     total_bytes)
 
 __all__ = ["AXES", "BATCH_AXES", "abstract_mesh", "is_trivial", "make_mesh", "resolve_axis_sizes",
-           "Placement", "ShardingRules", "describe", "register_rules", "rules_for", "TrainShardings",
-           "abstract_plan", "memory_report", "per_device_bytes", "plan", "total_bytes"]
+           "Placement", "ShardingRules", "describe", "register_rules", "rules_for", "SingleDevice",
+           "TrainShardings", "memory_report", "per_device_bytes", "plan", "total_bytes"]

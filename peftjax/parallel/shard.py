@@ -69,9 +69,17 @@ class TrainShardings:
     replicated: NamedSharding
     placements: dict[str, dict[str, Placement]]
 
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        return dict(self.mesh.shape)
+
     def put(self, state, frozen):
         """``state`` and ``frozen`` placed on the mesh (single- or multi-process)."""
         return put_tree(state, self.state), put_tree(frozen, self.frozen)
+
+    def host_tree(self, tree):
+        """Whole host arrays on every process (a collective: all processes take part)."""
+        return host_tree(tree)
 
     def on_mesh(self, tree):
         """``tree`` with every leaf not yet on this mesh (host-local scalars such as the loop's
@@ -166,10 +174,9 @@ def plan(method, mesh: Mesh, state, frozen: Mapping[str, Any], *, rules: Shardin
     """Shardings for ``(state, frozen, batch)`` of ``method``'s train step on ``mesh``.
 
     ``state`` is a ``TrainState`` (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
-    ``jax.eval_shape``); nothing is allocated.
+    ``jax.eval_shape``); nothing is allocated. The shardings come back as the same NamedTuple
+    type (``state._replace``), so this module needs nothing from ``peftjax.train``.
     """
-    from peftjax.train.steps import TrainState
-
     rules = rules or ShardingRules.for_family(method.model.family.name, min_elements)
     shape = dict(mesh.shape)
     named = lambda pl: {k: NamedSharding(mesh, p.spec) for k, p in pl.items()}
@@ -195,7 +202,8 @@ def plan(method, mesh: Mesh, state, frozen: Mapping[str, Any], *, rules: Shardin
     shapes = {tuple(kp): tuple(v.shape) for kp, v in
               jax.tree_util.tree_flatten_with_path(state.trainable)[0]}
     opt_sh = _opt_state_shardings(state.opt_state, trainable_sh, shapes, replicated)
-    state_sh = TrainState(replicated, trainable_sh, opt_sh, named(placements["method_state"]))
+    state_sh = state._replace(step=replicated, trainable=trainable_sh, opt_state=opt_sh,
+                              method_state=named(placements["method_state"]))
     return TrainShardings(mesh, state_sh, named(placements["frozen"]),
                           NamedSharding(mesh, P(mesh_lib.BATCH_AXES)), replicated, placements)
 
@@ -224,27 +232,6 @@ def total_bytes(tree) -> int:
     return int(sum(math.prod(_shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def abstract_plan(method, mesh_spec: Any, abstract_base: Mapping[str, Any], tx, *,
-                  num_devices: int | None = None, min_elements: int = DEFAULT_MIN_ELEMENTS,
-                  ctx: Any = None):
-    """``(abstract state, abstract frozen, TrainShardings)`` of ``method`` on a device-less mesh
-    of shape ``mesh_spec``: abstract shapes only, for memory figures of models that do not fit.
-
-    The method is set up under ``jax.eval_shape``; data-driven selections (FishMask,
-    Child-tuning_D) need ``ctx`` (an ``InitContext`` with training rows) for their sizes.
-    """
-    from peftjax.train.steps import init_state
-
-    amesh = mesh_lib.abstract_mesh(mesh_spec, num_devices)
-
-    def build(base):
-        peft = method.setup(jax.random.PRNGKey(0), base, ctx)
-        return init_state(peft.trainable, peft.state, tx), peft.frozen
-
-    state, frozen = jax.eval_shape(build, dict(abstract_base))
-    return state, frozen, plan(method, amesh, state, frozen, min_elements=min_elements)
-
-
 def memory_report(state, frozen, shardings: TrainShardings) -> dict[str, int]:
     """Per-device and single-device bytes of params (frozen + trainable), gradients (one per
     trainable param, sharded like it), optimizer state and method state."""
@@ -263,13 +250,42 @@ def memory_report(state, frozen, shardings: TrainShardings) -> dict[str, int]:
     }
 
 
-def from_config(config, method, state, frozen: Mapping[str, Any]) -> TrainShardings | None:
-    """The train step's shardings for ``config.mesh`` on all devices, or ``None`` when the mesh is
-    trivial (every size 1: the loop keeps its plain single-device jit). Checks that the train
-    batch divides over the batch axes before any compute."""
+class SingleDevice:
+    """The trivial placement: one device, nothing to shard (a mesh whose sizes are all 1).
+
+    It has ``TrainShardings``' interface, so the training loop places, jits and gathers the same
+    way on one device as on a mesh, with no branch on which it is.
+    """
+
+    mesh = None
+    mesh_shape = None
+
+    def put(self, state, frozen):
+        return state, frozen
+
+    def on_mesh(self, tree):
+        return tree
+
+    def put_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        return batch
+
+    def jit_train_step(self, step_fn: Callable, donate: bool = True) -> Callable:
+        return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+
+    def jit_eval_step(self, eval_fn: Callable) -> Callable:
+        return jax.jit(eval_fn)
+
+    def host_tree(self, tree):
+        return jax.device_get(tree)
+
+
+def from_config(config, method, state, frozen: Mapping[str, Any]) -> "TrainShardings | SingleDevice":
+    """Where the train step runs: ``config.mesh`` on all devices (``TrainShardings``), or
+    ``SingleDevice`` when the mesh is trivial (every size 1). Checks that the train batch
+    divides over the batch axes before any compute."""
     mesh_cfg = config.get("mesh", None)
     if mesh_cfg is None or mesh_lib.is_trivial(mesh_cfg):
-        return None
+        return SingleDevice()
     mesh = mesh_lib.make_mesh(mesh_cfg)
     check_batch_size(config.train.batch_size, mesh)
     sh = plan(method, mesh, state, frozen,

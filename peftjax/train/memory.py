@@ -97,8 +97,9 @@ def make_tx(name: str, train_cfg: Any, method) -> optax.GradientTransformation:
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is invalid; valid: {', '.join(OPTIMIZERS)}")
     if name == "adamw":
-        return make_optimizer(train_cfg, max(int(train_cfg.steps), 1), method.gradient_transform())[0]
-    parts = [method.gradient_transform()] if method.gradient_transform() is not None else []
+        return make_optimizer(train_cfg, max(int(train_cfg.steps), 1), method)[0]
+    transform = method.gradient_transform(jax.random.PRNGKey(0))
+    parts = [transform] if transform is not None else []
     lr = float(train_cfg.learning_rate)
     parts.append(optax.sgd(lr) if name == "sgd" else optax.adafactor(lr))
     return optax.chain(*parts)
@@ -106,22 +107,52 @@ def make_tx(name: str, train_cfg: Any, method) -> optax.GradientTransformation:
 
 def build_abstract(config: Any, head: str | None = None):
     """(model, method) of ``config`` without weights: the trainer's choice of head for the task
-    (``loop.build``), or ``head`` when given (``causal_lm`` / ``seq2seq_lm`` for LM-style
+    (``compose.build``), or ``head`` when given (``causal_lm`` / ``seq2seq_lm`` for LM-style
     fine-tuning of a decoder / encoder-decoder, as the seed's memory table trains them)."""
     from peftjax import methods as methods_lib
     from peftjax.models import hf_io
-    from peftjax.train.loop import DTYPES as COMPUTE_DTYPES, _remat, build
+    from peftjax.train.compose import DTYPES as COMPUTE_DTYPES, build, remat_setting
 
     if head is None:
         _, model, _, method, _ = build(config, with_weights=False, with_tokenizer=False)
         return model, method
     model, _, _ = hf_io.load_from_config(config.model, head=head, dtype=COMPUTE_DTYPES[config.train.dtype],
-                                         remat=_remat(config.train.remat), with_weights=False,
+                                         remat=remat_setting(config.train.remat), with_weights=False,
                                          with_tokenizer=False)
     method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
-    if method_cfg.get("total_step", None) == 0:  # schedule-driven methods (AdaLoRA): the run's length
-        method_cfg["total_step"] = config.train.steps * config.train.grad_accum_steps
     return model, methods_lib.create(config.method.name, model, method_cfg)
+
+
+def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: str = "adamw",
+                   frozen_dtype: str = "float32"):
+    """``(peft, frozen, tx, TrainState)`` of ``method`` on abstract shapes: the method set up
+    under ``jax.eval_shape`` (data-driven methods see ``batch_spec``'s rows as their training
+    set), the frozen tree held in ``frozen_dtype``, the optimizer and its state."""
+    from peftjax.train.compose import init_context, total_steps
+    from peftjax.train.steps import TrainState
+
+    if frozen_dtype not in DTYPES:
+        raise ValueError(f"frozen_dtype={frozen_dtype!r} is invalid; valid: {', '.join(DTYPES)}")
+    abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
+    ctx = init_context(model, None, _concrete_rows(batch_spec), total_steps=total_steps(config))
+    try:
+        peft = jax.eval_shape(lambda b: method.setup(jax.random.PRNGKey(config.seed + 1), b, ctx),
+                              abstract_base)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError) as e:
+        raise NotImplementedError(
+            f"method {method.name!r} chooses its trainable set from concrete values (data-driven "
+            "initialisation, e.g. a Fisher mask), which abstract shapes cannot give: its memory "
+            f"is not accounted here ({type(e).__name__})") from e
+    frozen = peft.frozen
+    if frozen_dtype != "float32":
+        cast = DTYPES[frozen_dtype]
+        frozen = {k: (jax.ShapeDtypeStruct(v.shape, cast) if jnp.issubdtype(v.dtype, jnp.floating)
+                      else v) for k, v in frozen.items()}
+    tx = make_tx(optimizer, config.train, method)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), peft.trainable,
+                       jax.eval_shape(tx.init, peft.trainable), peft.state)
+    return peft, frozen, tx, state
 
 
 def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq: int | None = None,
@@ -145,34 +176,16 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         raise NotImplementedError("analyze_train_step(mesh=...) is not supported yet: sharded "
                                   "memory accounting comes with the sharding work (issue 9); "
                                   "call it without a mesh for single-device figures")
-    if frozen_dtype not in DTYPES:
-        raise ValueError(f"frozen_dtype={frozen_dtype!r} is invalid; valid: {', '.join(DTYPES)}")
     from peftjax import methods as methods_lib
-    from peftjax.train.loop import init_context
-    from peftjax.train.steps import TrainState, make_train_step
+    from peftjax.train.steps import make_train_step
 
     t0 = time.perf_counter()
     model, method = build_abstract(config, head)
     abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
     batch_spec = abstract_batch(model, batch, seq, target_seq)
-    ctx = init_context(model, None, _concrete_rows(batch_spec))
-    try:
-        peft = jax.eval_shape(lambda b: method.setup(jax.random.PRNGKey(config.seed + 1), b, ctx),
-                              abstract_base)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError) as e:
-        raise NotImplementedError(
-            f"method {method.name!r} chooses its trainable set from concrete values (data-driven "
-            "initialisation, e.g. a Fisher mask), which abstract shapes cannot give: its memory "
-            f"is not accounted here ({type(e).__name__})") from e
-    frozen = peft.frozen
-    if frozen_dtype != "float32":
-        cast = DTYPES[frozen_dtype]
-        frozen = {k: (jax.ShapeDtypeStruct(v.shape, cast) if jnp.issubdtype(v.dtype, jnp.floating)
-                      else v) for k, v in frozen.items()}
-    tx = make_tx(optimizer, config.train, method)
-    opt_state = jax.eval_shape(tx.init, peft.trainable)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), peft.trainable, opt_state, peft.state)
+    peft, frozen, tx, state = abstract_state(config, model, method, batch_spec, optimizer=optimizer,
+                                             frozen_dtype=frozen_dtype)
+    opt_state = state.opt_state
     step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
     t1 = time.perf_counter()
     lowered = step.lower(state, frozen, batch_spec)
@@ -212,3 +225,93 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         "trace_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
     }
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device memory under a mesh (resident state only), from abstract shapes.
+
+
+def abstract_plan(method, mesh_spec: Any, abstract_base: dict, tx, *, num_devices: int | None = None,
+                  min_elements: int | None = None, ctx: Any = None):
+    """``(abstract state, abstract frozen, TrainShardings)`` of ``method`` on a device-less mesh
+    of shape ``mesh_spec``: abstract shapes only, for memory figures of models that do not fit.
+
+    The method is set up under ``jax.eval_shape``; data-driven selections (FishMask,
+    Child-tuning_D) need ``ctx`` (an ``InitContext`` with training rows) for their sizes.
+    """
+    from peftjax.parallel import mesh as mesh_lib
+    from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS
+    from peftjax.parallel.shard import plan
+    from peftjax.train.steps import init_state
+
+    amesh = mesh_lib.abstract_mesh(mesh_spec, num_devices)
+
+    def build(base):
+        peft = method.setup(jax.random.PRNGKey(0), base, ctx)
+        return init_state(peft.trainable, peft.state, tx), peft.frozen
+
+    state, frozen = jax.eval_shape(build, dict(abstract_base))
+    return state, frozen, plan(method, amesh, state, frozen,
+                               min_elements=DEFAULT_MIN_ELEMENTS if min_elements is None else min_elements)
+
+
+def sharded_memory(config: Any, mesh_spec: Any, *, batch: int = 8, seq: int = 64,
+                   target_seq: int | None = None, optimizer: str = "adamw",
+                   frozen_dtype: str = "float32", num_devices: int | None = None,
+                   head: str | None = None) -> dict:
+    """Per-device and whole bytes of ``config``'s train state on a mesh of shape ``mesh_spec``
+    (``"data,fsdp,tensor"``, a mapping or 3 ints; a ``-1`` needs ``num_devices``).
+
+    For each tree of the train state (frozen params, trainable params, their gradients — one
+    per trainable param, laid out like it —, optimizer state, method state) and the batch::
+
+        bytes per device = Σ_arrays prod(shard_shape(array)) × itemsize
+
+    with the shardings the trainer would use (``peftjax.parallel.shard.plan``) on a device-less
+    ``jax.sharding.AbstractMesh``, so a 7B model's 8-way FSDP figures come out on a laptop. These
+    are the resident state only: activations and XLA temporaries of a partitioned step need a
+    compile on real devices (``analyze_train_step`` gives the single-device XLA figures).
+    ``head``, ``optimizer``, ``frozen_dtype``, ``batch``/``seq`` as in ``analyze_train_step``.
+    """
+    from peftjax.parallel import mesh as mesh_lib
+    from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS
+    from peftjax.parallel.shard import check_batch_size, per_device_bytes, plan, total_bytes
+
+    amesh = mesh_lib.abstract_mesh(mesh_spec, num_devices)
+    check_batch_size(batch, amesh, what="batch")
+    model, method = build_abstract(config, head)
+    batch_spec = abstract_batch(model, batch, seq, target_seq)
+    _, frozen, _, state = abstract_state(config, model, method, batch_spec, optimizer=optimizer,
+                                         frozen_dtype=frozen_dtype)
+    mesh_cfg = config.get("mesh", None)
+    min_elements = int(mesh_cfg.get("min_shard_elements", DEFAULT_MIN_ELEMENTS)) if mesh_cfg else DEFAULT_MIN_ELEMENTS
+    sh = plan(method, amesh, state, frozen, min_elements=min_elements)
+    st = sh.state
+    whole = {
+        "frozen_params": total_bytes(frozen),
+        "trainable_params": total_bytes(state.trainable),
+        "gradients": total_bytes(state.trainable),
+        "optimizer_state": total_bytes(state.opt_state),
+        "method_state": total_bytes(state.method_state),
+        "batch": total_bytes(batch_spec),
+    }
+    per_device = {
+        "frozen_params": per_device_bytes(frozen, sh.frozen),
+        "trainable_params": per_device_bytes(state.trainable, st.trainable),
+        "gradients": per_device_bytes(state.trainable, st.trainable),
+        "optimizer_state": per_device_bytes(state.opt_state, st.opt_state),
+        "method_state": per_device_bytes(state.method_state, st.method_state),
+        "batch": per_device_bytes(batch_spec, jax.tree.map(lambda _: sh.batch, batch_spec)),
+    }
+    for d in (whole, per_device):
+        d["params"] = d["frozen_params"] + d["trainable_params"]
+        d["total"] = sum(v for k, v in d.items() if k not in ("params", "total"))
+    fallbacks = sorted({p.path for group in sh.placements.values() for p in group.values()
+                        if p.replicated_dims})
+    return {
+        "model": config.model.name, "method": method.name, "mesh": dict(amesh.shape),
+        "devices": int(amesh.size), "batch": batch, "seq": seq, "frozen_dtype": frozen_dtype,
+        "optimizer": optimizer, "bytes_per_device": per_device, "bytes_single_device": whole,
+        "params_fraction_per_device": round(per_device["params"] / whole["params"], 6),
+        "divisibility_fallbacks": len(fallbacks),
+    }

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from peftjax.methods.core import Method
-from peftjax.train.losses import IGNORE, loss_for
+from peftjax.losses import IGNORE, lm_nll, loss_for, sequence_log_likelihood
 
 
 class TrainState(NamedTuple):
@@ -60,20 +60,6 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int,
     return step_fn
 
 
-def sequence_log_likelihood(logits, labels, shift: bool = True) -> jax.Array:
-    """Summed log p(label tokens) per row; positions labelled ``IGNORE`` do not count.
-
-    ``shift``: position t predicts label t+1 (decoder-only); False for encoder-decoder logits,
-    which already align with their labels.
-    """
-    if shift:
-        labels, logits = labels[:, 1:], logits[:, :-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    valid = labels != IGNORE
-    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(picked * valid, axis=-1)
-
-
 def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
     """``(trainable, frozen, method_state, batch) -> outputs`` for the metrics.
 
@@ -104,13 +90,9 @@ def make_eval_step(method: Method, lm_classes: int = 0) -> Callable:
             return {"predictions": jnp.argmax(out, axis=-1)}
         if head == "regression":
             return {"predictions": out[..., 0].astype(jnp.float32)}
-        labels, logits = batch["labels"], out
-        if head != "seq2seq_lm":  # decoder-only: position t predicts token t+1
-            labels, logits = labels[:, 1:], logits[:, :-1]
-        valid = (labels != IGNORE) & batch["mask"][:, None]
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), jnp.where(valid, labels, 0))
-        return {"nll_sum": jnp.sum(ce * valid), "tokens": jnp.sum(valid)}
+        # decoder-only: position t predicts token t+1; seq2seq logits align with their labels
+        nll, tokens = lm_nll(out, batch, shift=head != "seq2seq_lm")
+        return {"nll_sum": nll, "tokens": tokens}
 
     return eval_fn
 

@@ -8,6 +8,7 @@ import pytest
 
 from peftjax import methods
 from peftjax.methods.adalora import budget_schedule, orth_penalty
+from peftjax.methods.core import InitContext
 from tests.helpers import tiny_model
 
 CFG = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 4, "deltaT": 1, "total_step": 16,
@@ -126,15 +127,25 @@ def test_scaling_is_alpha_over_init_rank_and_merge(bert):
     np.testing.assert_allclose(np.asarray(merged[s + ".kernel"]), np.asarray(expected), atol=1e-6)
 
 
-def test_total_step_is_required_and_filled_by_the_loop(bert):
-    with pytest.raises(ValueError, match=r"adalora.total_step=0 is invalid.*> tinit \+ tfinal"):
-        methods.create("adalora", bert[0], {"tinit": 5, "tfinal": 5})
-    with pytest.raises(ValueError, match="total_step=10"):
-        methods.create("adalora", bert[0], {"tinit": 5, "tfinal": 5, "total_step": 10})
+def test_total_step_comes_from_the_run_through_prepare(bert):
+    """total_step=0 is the run's length, declared through InitContext (no patch of the config)."""
+    model, base = bert
+    with pytest.raises(ValueError, match=r"more than tinit \+ tfinal = 5 \+ 5"):
+        methods.create("adalora", model, {"tinit": 5, "tfinal": 5, "total_step": 10})
+    m = methods.create("adalora", model, {"tinit": 5, "tfinal": 5})
+    with pytest.raises(ValueError, match="total_steps"):
+        m.setup(jax.random.PRNGKey(0), base)
+    with pytest.raises(ValueError, match="more than tinit"):
+        m.setup(jax.random.PRNGKey(0), base, InitContext(total_steps=10))
+    m.setup(jax.random.PRNGKey(0), base, InitContext(total_steps=600))
+    assert m.config.total_step == 0 and m.total_step == 600 and len(m.budgets) == 601
     from configs.train import get_config
-    from peftjax.train.loop import build
+    from peftjax.train.compose import build, init_context, total_steps
 
     config = get_config("model=tiny-bert,method=adalora")
     config.train.steps, config.train.grad_accum_steps = 300, 2
-    method = build(config, with_weights=False, with_tokenizer=False)[3]
-    assert method.config.total_step == 600
+    _, model2, _, method, _ = build(config, with_weights=False, with_tokenizer=False)
+    assert total_steps(config) == 600
+    ctx = init_context(model2, None, {"input_ids": np.zeros((2, 4), np.int32)}, total_steps=600)
+    method.prepare(ctx)
+    assert method.total_step == 600

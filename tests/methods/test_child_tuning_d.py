@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from peftjax import methods
+from peftjax.losses import params_loss_fn
 from peftjax.methods import fisher
 from peftjax.train import init_state, make_train_step
 from tests.helpers import fisher_context, learnable_batch, tiny_model, tree_size
@@ -39,7 +40,7 @@ def test_kept_fraction_is_exact_and_only_layers_are_masked(setup):
 def test_mask_is_top_p_of_the_clipped_batch_fisher(setup):
     model, base, method, peft = setup
     batch = learnable_batch(model)
-    loss_fn = fisher.per_example_loss_fn(model)
+    loss_fn = params_loss_fn(model)
     paths = [p for p in base if LAYER.search(p) and not method.sites.is_head(p)]
     g = jax.grad(lambda c: loss_fn({**base, **c}, batch))({p: base[p] for p in paths})
     ref = {}

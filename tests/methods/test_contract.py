@@ -54,8 +54,9 @@ class Case:
         self.batch = learnable_batch(self.model)
         self.tx = optax.adam(METHOD_CONFIGS_LR.get((method_name, family),
                                                    METHOD_CONFIGS_LR.get(method_name, 1e-2)))
-        if self.method.gradient_transform() is not None:  # Child-tuning_F's gradient mask
-            self.tx = optax.chain(self.method.gradient_transform(), self.tx)
+        transform = self.method.gradient_transform(jax.random.PRNGKey(2))
+        if transform is not None:  # Child-tuning_F's gradient mask
+            self.tx = optax.chain(transform, self.tx)
         state = init_state(self.peft.trainable, self.peft.state, self.tx)
         step = jax.jit(make_train_step(self.method, self.tx, seed=0))
         self.losses = []
@@ -154,7 +155,9 @@ def test_merge_equals_unmerged(case, method_name, family):
     unmerged = c.apply(state.trainable, state.method_state)
     merged = method.merged_params(state.trainable, c.peft.frozen, state.method_state)
     plain = jax.jit(c.model.apply)(traverse_util.unflatten_dict(merged, sep="."), c.batch)
-    np.testing.assert_allclose(np.asarray(plain), np.asarray(unmerged), atol=1e-5, rtol=1e-5)
+    # float32 rounding of W0 + ΔW vs x W0 + x ΔW grows with the activations' scale, not per entry
+    scale = max(1.0, float(np.abs(np.asarray(unmerged)).max()))
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(unmerged), atol=1e-5 * scale, rtol=1e-5)
     back = method.unmerge(merged, state.trainable["added"], state.method_state)
     full_base = method.effective_base(state.trainable, c.peft.frozen, state.method_state)
     for k in full_base:

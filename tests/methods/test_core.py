@@ -96,3 +96,19 @@ def test_sites_use_hugging_face_paths(bert):
     assert sites.blocks["bert.encoder.layer.1.attention.output"]["kind"] == "attention"
     assert sites.blocks["bert.encoder.layer.1.output"]["kind"] == "ffn"
     assert list(sites.embeddings) == ["bert.embeddings"]
+
+
+def test_method_config_files_are_their_dataclass_defaults():
+    """One source of truth: configs/methods/<name>.py equals the method's Config dataclass
+    (prompt tuning's file said init='vocab' while the dataclass said 'random')."""
+    import os
+
+    from configs.train import _load
+    from peftjax.methods import default_config
+
+    names = sorted(f[:-3] for f in os.listdir("configs/methods") if f.endswith(".py"))
+    assert set(methods.registered()) <= set(names)
+    for name in names:
+        cfg = _load("methods", name).get_config().to_dict()
+        assert cfg == default_config(cfg["name"]), name
+    assert default_config("prompt_tuning")["init"] == "vocab"

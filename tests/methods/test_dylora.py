@@ -31,7 +31,12 @@ def test_frozen_mode_trains_only_the_sampled_component(bert, frozen):
     _, added = _random_added(m, base)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32)), jnp.float32)
     b = jnp.asarray(3)
-    grads = jax.grad(lambda ad: jnp.sum(jnp.sin(m.truncated_delta(None, SITE, x, ad, True, b))))(added)
+    def delta(ad):
+        a, bm = m.factors({"lora_A": ad[SITE + ".lora_A"], "lora_B": ad[SITE + ".lora_B"]},
+                          jnp.float32, (b, True))   # a training step's context: rank b drawn
+        return jnp.sum(jnp.sin((x @ a) @ bm))
+
+    grads = jax.grad(delta)(added)
     ga = np.abs(np.asarray(grads[SITE + ".lora_A"])).sum(axis=0)   # per component (column of A)
     gb = np.abs(np.asarray(grads[SITE + ".lora_B"])).sum(axis=1)   # per component (row of B)
     trained = [2] if frozen else [0, 1, 2]

@@ -9,10 +9,11 @@ from flax import traverse_util
 
 from configs import models as model_configs
 from peftjax import methods
+from peftjax.losses import params_loss_fn
 from peftjax.methods import fisher
 from peftjax.models import build_model
 from peftjax.train import init_state, make_train_step
-from peftjax.train.loop import init_context
+from peftjax.train.compose import init_context
 from tests.helpers import fisher_context, learnable_batch, tiny_model, tree_size
 
 CFG = {"keep_ratio": 0.05, "num_examples": 8, "progress": False}
@@ -47,16 +48,16 @@ def test_bert_large_budget_is_half_a_percent_of_all_params():
     method = methods.create("fishmask", model, {})
     c = methods.count_params(method)
     assert c["trainable_params"] + c["head_params"] == int(round(0.005 * c["total_params"]))
-    assert method.count_rule.startswith("head inside the budget")
+    assert method.accounting()["count_rule"].startswith("head inside the budget")
     out = methods.create("fishmask", model, {"head_in_budget": False})
     assert methods.count_params(out)["trainable_params"] == int(round(0.005 * c["total_params"]))
-    assert out.count_rule.startswith("head outside the budget")
+    assert out.accounting()["count_rule"].startswith("head outside the budget")
 
 
 def test_mask_is_the_global_top_k_of_the_empirical_fisher(setup):
     model, base, method, peft = setup
     batch = learnable_batch(model)
-    loss_fn = fisher.per_example_loss_fn(model)
+    loss_fn = params_loss_fn(model)
     paths = [p for p in base if not method.sites.is_head(p)]
     # Reference: one example at a time, plain jax.grad, squared and summed.
     ref = {p: np.zeros(np.shape(base[p]), np.float32) for p in paths}
@@ -78,7 +79,7 @@ def test_mask_is_the_global_top_k_of_the_empirical_fisher(setup):
 
 def test_only_examples_up_to_n_count():
     model, base = tiny_model("bert")
-    loss_fn = fisher.per_example_loss_fn(model)
+    loss_fn = params_loss_fn(model)
     batch = learnable_batch(model)
     paths = ["bert.pooler.dense.bias"]
     first3, used = fisher.empirical_fisher(loss_fn, base, paths, iter([batch]), 3, progress=False)

@@ -19,7 +19,7 @@ from flax import traverse_util
 from configs import models as model_configs
 from peftjax import methods
 from peftjax.models import build_model, hf_io, hooks, t5
-from peftjax.train.losses import seq2seq_lm_loss
+from peftjax.losses import seq2seq_lm_loss
 from tests.helpers import tiny_model
 
 TOL = 1e-4
@@ -288,7 +288,8 @@ def test_text_to_text_classification_through_the_loop(tmp_path):
     targets are the class words; evaluation scores every class's words (T0-style)."""
     from configs.train import get_config
     from peftjax.train import train_and_evaluate
-    from peftjax.train.loop import build, encode_split
+    from peftjax.train.compose import build
+    from peftjax.train.loop import encode_splits
 
     config = get_config("model=tiny-t5,method=lora,task=tweet_sentiment")
     config.data_dir = str(tmp_path / "tfds")
@@ -297,7 +298,7 @@ def test_text_to_text_classification_through_the_loop(tmp_path):
         config.train[k] = v
     task, model, tokenizer, method, _ = build(config, with_weights=False)
     assert model.head == "seq2seq_lm"
-    enc = encode_split(config, task, tokenizer, "test", 16, for_eval=True)
+    enc = encode_splits(config, task, tokenizer)["test"]
     words = [tokenizer(name, add_special_tokens=False)["input_ids"] for name in task.label_names]
     for row, c in zip(enc["labels"], enc["class_labels"]):
         assert list(row[row != -100]) == words[c]  # the class's words are the decoder targets

@@ -70,7 +70,7 @@ def main(meshes: str = MESHES, methods: str = ",".join(METHODS)) -> None:
                                   "warmup_ratio": 0.0})
     meths = {n: methods_lib.create(n, model, METHOD_CONFIGS[n]) for n in METHODS}
     pefts = {n: meths[n].setup(jax.random.PRNGKey(1), base, fisher_context(model, batch)) for n in METHODS}
-    txs = {n: make_optimizer(tc, STEPS + 1, meths[n].gradient_transform())[0] for n in METHODS}
+    txs = {n: make_optimizer(tc, STEPS + 1, meths[n])[0] for n in METHODS}
     fns = {n: make_train_step(meths[n], txs[n], seed=0) for n in METHODS}
 
     def multi(states, frozens, b):

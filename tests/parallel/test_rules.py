@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from peftjax import methods as methods_lib
 from peftjax.parallel import distributed, mesh as mesh_lib, rules as rules_lib, shard
 from peftjax.parallel.rules import ShardingRules, fallback_spec, fit_spec
+from peftjax.train.memory import abstract_plan
 from tests.helpers import METHOD_CONFIGS, TINY, TINY_OVERRIDES
 
 MESH = {"data": 2, "fsdp": 4, "tensor": 2}
@@ -110,7 +111,7 @@ def _lora_plan(mesh_shape, min_elements=rules_lib.DEFAULT_MIN_ELEMENTS):
     model, abstract = abstract_tiny("llama")
     method = methods_lib.create("lora", model, METHOD_CONFIGS["lora"])
     tx = optax.adamw(1e-3)
-    return shard.abstract_plan(method, dict(zip(mesh_lib.AXES, mesh_shape)), abstract, tx,
+    return abstract_plan(method, dict(zip(mesh_lib.AXES, mesh_shape)), abstract, tx,
                                min_elements=min_elements)
 
 
@@ -176,7 +177,7 @@ def test_every_registered_method_gets_a_plan_on_a_full_mesh():
     for name in sorted(set(methods_lib.registered()) - {"fishmask", "child_tuning_d"}):
         config = METHOD_CONFIGS.get(name, {})   # a method without a contract config: its defaults
         method = methods_lib.create(name, model, config)
-        state, frozen, sh = shard.abstract_plan(method, "2,2,2", abstract, tx, min_elements=0)
+        state, frozen, sh = abstract_plan(method, "2,2,2", abstract, tx, min_elements=0)
         for tree, shardings in ((state, sh.state), (frozen, sh.frozen)):
             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
                 shape = s.shard_shape(x.shape)   # raises if a split does not divide
@@ -187,7 +188,7 @@ def test_sharded_memory_of_a_config_divides_the_params_over_fsdp():
     """scripts/memory.py --mesh's figures: on 8-way FSDP each device holds 1/8 of every sharded
     array plus the replicated ones whole (counted independently from the placements)."""
     from configs.train import get_config
-    from peftjax.parallel.memory import sharded_memory
+    from peftjax.train.memory import sharded_memory
 
     config = get_config("model=tiny-llama,method=lora")
     config.mesh.min_shard_elements = 0
@@ -216,7 +217,7 @@ def test_gpt2_bloom_t5_rules_shard_their_kernels_over_fsdp_and_tensor(name):
     model = build_model(hf, head="seq2seq_lm" if "seq2seq_lm" in family.heads else "causal_lm")
     abstract = traverse_util.flatten_dict(model.abstract_params(), sep=".")
     method = methods_lib.create("lora", model, {"rank": 4})
-    state, frozen, sh = shard.abstract_plan(method, "2,2,2", abstract, optax.adamw(1e-3), min_elements=0)
+    state, frozen, sh = abstract_plan(method, "2,2,2", abstract, optax.adamw(1e-3), min_elements=0)
     matrices = {p: pl for p, pl in sh.placements["frozen"].items() if len(frozen[p].shape) >= 2}
     assert matrices and "fallback" not in {pl.rule for pl in matrices.values()}
     report = shard.memory_report(state, frozen, sh)

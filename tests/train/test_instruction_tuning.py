@@ -123,7 +123,7 @@ def test_causal_lm_loss_is_the_mean_over_response_tokens_only():
     """On encoded instruction rows, the train loss is -mean log p(response + EOS tokens), and the
     logits at prompt positions (which predict prompt tokens) do not enter it."""
     from peftjax.data import instructions as ins
-    from peftjax.train.losses import causal_lm_loss
+    from peftjax.losses import causal_lm_loss
 
     class Chars:  # a character tokenizer: ids 3.. for bytes
         def __call__(self, texts, add_special_tokens=False):
