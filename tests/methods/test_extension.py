@@ -131,3 +131,85 @@ def test_variant_trains_counts_saves_and_merges(registered, family, tmp_path):
 
 def test_registry_is_clean_after_the_test():
     assert NAME not in methods.registered()  # the contract matrix sees only real methods
+
+
+# --------------------------------------------------------------------------------------------
+# A low-rank variant written in a temporary module through LoRA's variant surface alone, run
+# through the contract matrix's checks (docs/adding_a_low_rank_variant.md).
+
+VARIANT = "_test_gained_lora"
+VARIANT_SOURCE = '''
+"""LoRA with a trainable per-output gain on the update: ΔW = s · A B diag(g), g₀ = 1."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from peftjax.methods import core, lora
+
+
+@dataclasses.dataclass(frozen=True)
+class GainedLoRAConfig(lora.LoRAConfig):
+    gain_init: float = 1.0
+
+
+@core.register("%s")
+class GainedLoRA(lora.LoRA):
+    Config = GainedLoRAConfig
+    inits = ("default", "gaussian")
+
+    def init_site(self, rng, site, kernel):
+        params = super().init_site(rng, site, kernel)
+        params["lora_gain"] = jnp.full((kernel.shape[1],), self.config.gain_init, kernel.dtype)
+        return params
+
+    def factors(self, params, dtype, context=None):
+        a, b = super().factors(params, dtype, context)
+        return a, b * params["lora_gain"].astype(dtype)[None, :]
+''' % VARIANT
+
+
+@pytest.fixture
+def variant_module(tmp_path):
+    import importlib.util
+
+    path = tmp_path / "gained_lora.py"
+    path.write_text(VARIANT_SOURCE)
+    spec = importlib.util.spec_from_file_location("gained_lora", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)   # registers the variant
+    try:
+        yield module
+    finally:
+        core._METHODS.pop(VARIANT, None)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_variant_from_a_temporary_module_passes_the_contract(variant_module, family, tmp_path):
+    from tests.methods import test_contract as contract
+
+    c = contract.Case(VARIANT, family, config={"rank": 4, "alpha": 8.0})
+    sites = c.method.sites.linear
+    expected = sum(4 * (sites[s]["in_features"] + sites[s]["out_features"]) + sites[s]["out_features"]
+                   for s in c.method.targets)     # A, B and one gain per output unit
+    contract.check_counts(c, expected)
+    contract.check_training(c)
+    contract.check_optimizer_state(c)
+    contract.check_checkpoint(c, tmp_path)
+    contract.check_adapter_file(c, tmp_path)
+    contract.check_merge(c)
+    # the gain trained, and the surface's factors are what the model ran: the adapter set
+    # (which reads low_rank_factors) reproduces the adapted model
+    gains = [v for k, v in c.state.trainable["added"].items() if k.endswith("lora_gain")]
+    assert any(not np.allclose(np.asarray(g), 1.0) for g in gains)
+    from peftjax.adapters import AdapterSet
+
+    aset = AdapterSet(c.model, {**c.peft.frozen, **c.state.trainable["head"]})
+    aset.add("gained", c.method, c.state.trainable)
+    np.testing.assert_allclose(np.asarray(aset.apply(c.batch, "gained")),
+                               np.asarray(c.apply(c.state.trainable, c.state.method_state)),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_variant_registry_is_clean_after_the_test():
+    assert VARIANT not in methods.registered()
