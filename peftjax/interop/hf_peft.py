@@ -108,6 +108,16 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
     from safetensors.numpy import save_file
 
     model = method.model
+    if model.pooling == "mean" and model.head in ("classification", "regression"):
+        # transformers' BertForSequenceClassification always classifies tanh(pooler(h[CLS])),
+        # RobertaForSequenceClassification the <s> state: PEFT has no way to say "mean of the
+        # tokens", so PeftModel would silently classify a different vector than peftjax trained.
+        raise AdapterError(
+            f"a pooling='mean' head cannot be exported as a PEFT adapter: transformers' "
+            f"{model.config.model_type} sequence classifiers always read the first token "
+            "([CLS] through the pooler, or <s>). Keep the adapter in peftjax's own format "
+            "(peftjax.methods.saving.save_adapter; training writes it to <workdir>/adapter/), "
+            "or train with pooling='cls' (--config.model.pooling=cls) to export to PEFT")
     if trainable.get("base"):
         raise AdapterError(f"method {method.name!r} trains base params ({len(trainable['base'])}, "
                            f"e.g. {next(iter(trainable['base']))}); a PEFT LoRA/prompt adapter cannot "

@@ -5,12 +5,25 @@ load by name and PEFT target patterns (``query|value``) carry over. The forward 
 transformers' ``modeling_bert`` / ``modeling_roberta`` exactly (post-LayerNorm residual blocks,
 exact-erf GELU, additive padding mask), which the parity test checks to 1e-4 against PyTorch.
 
-Heads (HF layouts, so checkpoints with heads load):
+Heads (HF layouts, so checkpoints with heads load), by the model config's ``pooling``:
 
-* BERT sequence classification/regression: ``pooler.dense`` + tanh on [CLS], dropout,
-  ``classifier`` (BertForSequenceClassification).
-* RoBERTa: no pooler; ``classifier.dense`` + tanh, ``classifier.out_proj`` on <s>
-  (RobertaClassificationHead).
+* ``cls`` (transformers' heads, unchanged):
+  BERT sequence classification/regression: ``pooler.dense`` + tanh on [CLS], dropout,
+  ``classifier`` (BertForSequenceClassification); RoBERTa: no pooler; ``classifier.dense`` +
+  tanh, ``classifier.out_proj`` on <s> (RobertaClassificationHead).
+* ``mean`` (sentence-transformers' pooling, which all-MiniLM-L6-v2 and the other sentence
+  embedding checkpoints were trained with; their BERT pooler is untrained, e.g. MiniLM's
+  ``pooler.dense.bias`` is exactly 0): the masked mean of the last hidden states over real
+  tokens (``masked_mean``) replaces the pooler's output (BERT: dropout, ``classifier``) or the
+  <s> state (RoBERTa: the head's own dropout, ``dense`` + tanh, dropout, ``out_proj`` are kept,
+  they are trained with the head). The model then has no ``pooler`` params at all (a checkpoint's
+  pooler is not loaded). The mean uses the *effective* mask that ``BertModel`` returns, so with
+  prompt tuning the virtual tokens are averaged too (they are part of the sequence the encoder
+  reads, as the [CLS] pooler reads the first virtual token under ``cls``). The bare encoder
+  (head ``"none"``) is the same under both poolings.
+
+The task head is ``classifier`` for both poolings and both model types (``_head_prefixes``): the
+BERT pooler is backbone under ``cls``, as in HF PEFT (``modules_to_save=["classifier"]``).
 """
 
 from __future__ import annotations
@@ -46,10 +59,13 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    # Not a transformers field: what the classification head reads ("cls" | "mean", see the
+    # module docstring); registry.build_model sets it from the model config.
+    pooling: str = "cls"
 
     @classmethod
     def from_hf(cls, hf: Any) -> "BertConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"pooling"}
         values = {k: getattr(hf, k) for k in fields if hasattr(hf, k) and getattr(hf, k) is not None
                   or k == "classifier_dropout" and hasattr(hf, k)}
         if values.get("pad_token_id") is None:
@@ -232,17 +248,31 @@ class BertPooler(nn.Module):
                               kernel_init=normal_init(c.initializer_range), name="dense")(h[:, 0]))
 
 
+def masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``h`` (batch, seq, d) over the positions where ``mask`` (batch, seq) is nonzero.
+
+    sentence-transformers' ``Pooling`` with ``pooling_mode_mean_tokens``
+    (sentence_transformers/models/Pooling.py): ``sum_t h_t m_t / max(sum_t m_t, 1e-9)``, so an
+    all-padding row gives zeros, not NaN. Summed in float32 (a bf16 sum over 64+ tokens loses
+    digits), returned in ``h``'s dtype.
+    """
+    m = mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(h.astype(jnp.float32) * m, axis=1)
+    return (total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)).astype(h.dtype)
+
+
 class RobertaClassificationHead(nn.Module):
     config: BertConfig
     num_labels: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, train: bool):
+    def __call__(self, h, train: bool, features: jax.Array | None = None):
+        """``features``: the pooled vector to classify (``mean``); None reads <s> (``cls``)."""
         c = self.config
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         init = normal_init(c.initializer_range)
-        x = Dropout(rate)(h[:, 0], deterministic=not train)
+        x = Dropout(rate)(h[:, 0] if features is None else features, deterministic=not train)
         x = jnp.tanh(Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="dense")(x))
         x = Dropout(rate)(x, deterministic=not train)
         return Dense(self.num_labels, dtype=self.dtype, kernel_init=init, name="out_proj")(x)
@@ -259,11 +289,18 @@ class BertForSequenceClassification(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False):
         c = self.config
+        if c.pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {c.pooling!r}; valid poolings: cls, mean")
         roberta = c.model_type == "roberta"
-        h, pooled, _ = BertModel(c, self.dtype, add_pooling_layer=not roberta, remat=self.remat,
-                                 name=c.model_type)(input_ids, attention_mask, token_type_ids, train)
+        mean = c.pooling == "mean"
+        h, pooled, mask = BertModel(c, self.dtype, add_pooling_layer=not (roberta or mean),
+                                    remat=self.remat, name=c.model_type)(
+            input_ids, attention_mask, token_type_ids, train)
+        if mean:  # the effective mask: prompt tuning's virtual tokens count as real tokens
+            pooled = masked_mean(h, mask)
         if roberta:
-            return RobertaClassificationHead(c, self.num_labels, self.dtype, name="classifier")(h, train)
+            return RobertaClassificationHead(c, self.num_labels, self.dtype, name="classifier")(
+                h, train, pooled if mean else None)
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
         pooled = Dropout(rate)(pooled, deterministic=not train)
         return Dense(self.num_labels, dtype=self.dtype, kernel_init=normal_init(c.initializer_range),
@@ -277,6 +314,10 @@ def _build(config: BertConfig, head: str, num_labels: int, dtype, remat: bool) -
 
 
 def _head_prefixes(config: BertConfig, head: str) -> tuple[str, ...]:
+    """The task head, trained by every method: ``classifier`` under both poolings (BERT's
+    ``classifier`` Dense; RoBERTa's ``classifier.dense`` + ``out_proj``). Under ``cls`` the BERT
+    pooler is backbone, as in HF PEFT's ``modules_to_save=["classifier"]``; under ``mean`` the
+    model has no pooler."""
     return () if head == "none" else ("classifier",)
 
 
@@ -294,4 +335,5 @@ FAMILY = registry.register_family(registry.Family(
     backbone_prefix=_backbone_prefix,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     optional_params=r"(^|\.)pooler\.",
+    poolings=("cls", "mean"),
 ))

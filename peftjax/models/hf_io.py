@@ -202,11 +202,14 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
 
 def load_pretrained(folder: str, head: str = "none", num_labels: int | None = None, *,
                     dtype: Any = jnp.float32, rng: jax.Array | None = None,
-                    remat: bool = False) -> tuple[Model, dict]:
-    """Builds the model of a checkpoint folder and loads its weights (fp32 or bf16)."""
+                    remat: bool = False, pooling: str = "cls") -> tuple[Model, dict]:
+    """Builds the model of a checkpoint folder and loads its weights (fp32 or bf16).
+
+    ``pooling``: what a classification head reads (``registry.POOLINGS``).
+    """
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
-    model = build_model(config, head=head, num_labels=num_labels, remat=remat)
+    model = build_model(config, head=head, num_labels=num_labels, remat=remat, pooling=pooling)
     params, _ = params_from_tensors(model, read_safetensors(folder), dtype=dtype, rng=rng,
                                     source=folder)
     return model, params
@@ -288,8 +291,11 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
 
     ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
-    ``package:...``) and ``tokenizer``. Without a checkpoint the weights are random (seeded by
-    ``rng``); ``with_weights=False`` returns ``params=None`` (for abstract work on 7B configs).
+    ``package:...``), ``tokenizer`` and ``pooling`` (what a classification/regression head
+    reads, ``registry.POOLINGS``; absent or empty: ``"cls"``, transformers' head; the encoder
+    configs set it, a decoder or T5 refuses ``"mean"``). Without a checkpoint the weights are
+    random (seeded by ``rng``); ``with_weights=False`` returns ``params=None`` (for abstract
+    work on 7B configs). A checkpoint's pooler is not loaded into a ``mean`` model (it has none).
     """
     get = (lambda k, d=None: model_cfg.get(k, d)) if hasattr(model_cfg, "get") else \
         (lambda k, d=None: getattr(model_cfg, k, d))
@@ -298,7 +304,8 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     if checkpoint:
         folder = resolve_checkpoint(checkpoint)
         hf = read_config(folder)
-    model = build_model(hf, head=head, num_labels=num_labels, dtype=dtype, remat=remat)
+    model = build_model(hf, head=head, num_labels=num_labels, dtype=dtype, remat=remat,
+                        pooling=get("pooling") or "cls")
     params = None
     if with_weights:
         rng = jax.random.PRNGKey(0) if rng is None else rng

@@ -18,6 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 HEADS = ("none", "classification", "regression", "causal_lm", "seq2seq_lm")
+# What a classification/regression head reads (``pooling`` of a model config):
+#   cls   the head transformers builds for the family (BERT: tanh(pooler.dense) of [CLS];
+#         RoBERTa: <s>; decoders: the last real token);
+#   mean  the masked mean of the last hidden states over real tokens, as sentence-transformers'
+#         Pooling(pooling_mode_mean_tokens) computes sum_t(h_t m_t) / max(sum_t m_t, 1e-9)
+#         (sentence_transformers/models/Pooling.py); offered by families listing it in
+#         ``Family.poolings`` (the encoders).
+POOLINGS = ("cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,11 @@ class Family:
         other kernel is an ``nn.Linear`` weight, stored (out, in).
       tied_fallbacks: ``(tensor, source)`` pairs: a checkpoint without ``tensor`` loads it from
         ``source``, as transformers ties it (a T5 ``lm_head.weight`` absent: ``shared.weight``).
+      poolings: the ``POOLINGS`` its classification/regression heads offer. Non-empty: the
+        family config has a ``pooling`` field, which ``build_model`` sets, so ``build`` and
+        ``head_prefixes`` see it. Empty (decoders, T5): the head is transformers' alone and only
+        ``"cls"`` (meaning that head) is accepted; ``"mean"`` is refused rather than ignored, so
+        a run never reports a pooling that did not happen.
     """
 
     name: str
@@ -55,6 +68,7 @@ class Family:
     optional_params: str = ""
     untransposed_kernels: str = ""
     tied_fallbacks: tuple[tuple[str, str], ...] = ()
+    poolings: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -122,6 +136,12 @@ class Model:
         return self.family.head_prefixes(self.config, self.head)
 
     @property
+    def pooling(self) -> str | None:
+        """What the classification/regression head reads (``POOLINGS``); None for a family whose
+        head is fixed (decoders read the last token, T5 has none)."""
+        return getattr(self.config, "pooling", None) if self.family.poolings else None
+
+    @property
     def backbone_prefix(self) -> str:
         return self.family.backbone_prefix(self.config, self.head)
 
@@ -171,15 +191,25 @@ class Model:
 
 
 def build_model(hf_config: Any, head: str = "none", num_labels: int | None = None,
-                dtype: Any = jnp.float32, remat: bool = False) -> Model:
-    """Builds a ``Model`` from a transformers config (object or ``config.json`` dict)."""
+                dtype: Any = jnp.float32, remat: bool = False, pooling: str = "cls") -> Model:
+    """Builds a ``Model`` from a transformers config (object or ``config.json`` dict).
+
+    ``pooling`` (``POOLINGS``) is what a classification/regression head reads; see
+    ``Family.poolings`` for the families that offer ``"mean"``.
+    """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
     hf = hf_config_from(hf_config)
     family = family_for(hf.model_type)
     if head not in family.heads:
         raise ValueError(f"the {family.name} family has no {head!r} head (task/model mismatch); "
                          f"its heads: {', '.join(family.heads)}")
+    if pooling not in (family.poolings or ("cls",)):
+        raise ValueError(f"the {family.name} family has no pooling={pooling!r}; its classification "
+                         "head is transformers' own (pooling='cls'); 'mean' is offered by: "
+                         + ", ".join(sorted({f.name for f in _FAMILIES.values() if "mean" in f.poolings})))
     if head == "classification":
         num_labels = num_labels or getattr(hf, "num_labels", 2)
         if num_labels < 2:
@@ -189,6 +219,25 @@ def build_model(hf_config: Any, head: str = "none", num_labels: int | None = Non
     else:
         num_labels = 0
     config = family.config_from_hf(hf)
+    if family.poolings:
+        config = dataclasses.replace(config, pooling=pooling)
     module = family.build(config, head, num_labels, dtype, remat)
     return Model(family=family, config=config, head=head, num_labels=num_labels, module=module,
                  hf_config=hf, dtype=dtype)
+
+
+def head_description(model: Model) -> dict:
+    """What a result states about the task head: the pooling and the params the head holds.
+
+    ``{"pooling": "cls" | "mean" | None, "head": {"params": [paths], "count": n}}``. The params
+    are those under ``model.head_prefixes`` (trained by every method, reported apart from the
+    method's own): with ``cls`` on BERT the ``classifier`` only, the pooler being backbone (as
+    HF PEFT's ``modules_to_save=["classifier"]``); with ``mean`` the pooler does not exist.
+    """
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(model.abstract_params(), sep=".")
+    paths = sorted(p for p in flat
+                   if any(p == h or p.startswith(h + ".") for h in model.head_prefixes))
+    count = sum(int(np.prod(flat[p].shape)) for p in paths)
+    return {"pooling": model.pooling, "head": {"params": paths, "count": count}}

@@ -313,6 +313,22 @@ def test_refuses_head_that_does_not_fit(bert_adapter):
     assert "base_model.model.classifier.weight: adapter (3, 32), model expects (5, 32)" in str(e.value)
 
 
+@pytest.mark.parametrize("method_name", ["lora", "prompt_tuning"])
+def test_export_refuses_a_mean_pooling_head(method_name, tmp_path):
+    """transformers' BertForSequenceClassification always classifies the pooler's [CLS] vector:
+    a PEFT adapter of a mean-pooling head would load and silently classify something else."""
+    model = build_model(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=37,
+                                                num_labels=3), head="classification", pooling="mean")
+    config = {"num_virtual_tokens": 3} if method_name == "prompt_tuning" else {"rank": 4}
+    method = core.create(method_name, model, config)
+    peft_ = method.setup(jax.random.PRNGKey(0), hf_io.flatten(model.init(jax.random.PRNGKey(0))))
+    with pytest.raises(AdapterError, match=r"pooling='mean' head cannot be exported as a PEFT "
+                       r"adapter.*peftjax's own format.*pooling='cls'"):
+        export_adapter(method, peft_.trainable, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 # --------------------------------------------------------------------------- GPT-2 (Conv1D)
 
 
