@@ -72,6 +72,13 @@ def train_defaults() -> dict:
         eval_limit=0,            # evaluate on the first N validation/test examples (0: all)
         test_limit=-1,           # the test split's own limit (-1: eval_limit's; 0: all)
         progress=True,
+        # Per-parameter learning-rate multipliers on the optimizer's updates, "regex=m,regex=m"
+        # over trainable keys ("added.<site>.lora_B", "base.<path>", "head.<path>"): LoRA+ is
+        # "lora_B$=16". A method may add its own (Method.lr_multipliers).
+        lr_mults="",
+        # Resuming a workdir whose recorded config (run_config.json) differs is refused; "force"
+        # accepts changes to evaluation/logging fields only (compose.RESUME_SAFE_FIELDS).
+        resume="auto",
     )
 
 

@@ -17,7 +17,7 @@ the same random batch, AdamW, fp32 unless --dtype=bfloat16.
 import json
 import os
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags, logging
 
 flags.DEFINE_string("model", "all-MiniLM-L6-v2", "named model (configs/models) ")
@@ -166,4 +166,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

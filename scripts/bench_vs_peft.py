@@ -34,7 +34,7 @@ import platform
 import statistics
 import time
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 import bench  # its flags: --model --methods --batch --seq --steps --warmup --num_labels ...
 from absl import app, flags, logging
 
@@ -184,12 +184,16 @@ def main(argv):
     from peftjax.models import hf_io
 
     torch.set_num_threads(threads)
-    model_cfg = models.get(FLAGS.model)
-    if FLAGS.random_weights and model_cfg.get("checkpoint"):
-        # Same shapes, random weights on both sides (speed does not depend on the values): for
-        # machines that lack the checkpoint's package.
-        model_cfg = model_cfg.copy_and_resolve_references()
-        with model_cfg.unlocked():
+    model_cfg = models.get(FLAGS.model).copy_and_resolve_references()
+    with model_cfg.unlocked():
+        # The PyTorch side is transformers' ForSequenceClassification, which always classifies
+        # through the pooler on [CLS]: time the same head here (a model config may default to
+        # sentence-transformers' mean pooling).
+        if "pooling" in model_cfg:
+            model_cfg.pooling = "cls"
+        if FLAGS.random_weights and model_cfg.get("checkpoint"):
+            # Same shapes, random weights on both sides (speed does not depend on the values):
+            # for machines that lack the checkpoint's package.
             model_cfg.checkpoint = None
     model, params, _ = hf_io.load_from_config(model_cfg, head="classification",
                                               num_labels=FLAGS.num_labels, dtype=jnp.float32,
@@ -250,4 +254,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

@@ -11,7 +11,7 @@ papers count), ``head_params`` (the task head, always trained, reported apart) a
 
 import json
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

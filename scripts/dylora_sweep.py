@@ -10,7 +10,7 @@ the model and data from ``WORKDIR/result.json``'s config, evaluates validation a
 import json
 import os
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "workdir of a finished dylora run (result.json, checkpoints/)")
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

@@ -11,7 +11,7 @@ them to ``--output`` when given.
 
 import json
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from _decoding import load_causal_lm, task_template
 from absl import app, flags, logging
 
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -123,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

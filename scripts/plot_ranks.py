@@ -8,7 +8,7 @@ reads WORKDIR/result.json (``adalora_ranks``) and writes WORKDIR/rank_allocation
 import json
 import os
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "a finished adalora run (with result.json)")
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

@@ -14,7 +14,7 @@ checkpoint folder of the tuned small model. All three models must share the base
 
 import json
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from _decoding import load_causal_lm, task_template
 from absl import app, flags, logging
 
@@ -110,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

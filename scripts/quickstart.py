@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -114,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

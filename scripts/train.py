@@ -11,7 +11,7 @@ head_params, total_params, metrics.validation / metrics.test, step_time_s, peak_
 
 import json
 
-import _bootstrap  # noqa: F401
+import _bootstrap
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _bootstrap.run(main)

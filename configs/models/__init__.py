@@ -36,8 +36,21 @@ def _load(module: str) -> ml_collections.ConfigDict:
     return mod.get_config()
 
 
+def from_folder(folder: str) -> ml_collections.ConfigDict:
+    """The model config of a checkpoint folder (config.json + safetensors, e.g. one written by
+    ``hf_io.save_pretrained`` or transformers' ``save_pretrained``): its architecture is the
+    folder's config.json, its weights and tokenizer the folder's files."""
+    from peftjax.models import hf_io
+
+    path = os.path.abspath(os.path.expanduser(folder))
+    return ml_collections.ConfigDict(dict(name=path, checkpoint=path, pooling="", tokenizer="",
+                                          hf_config=hf_io.read_config(path)))
+
+
 def get(name: str) -> ml_collections.ConfigDict:
-    """The named model config; an unknown name lists the available ones."""
+    """The named model config, or a checkpoint folder's; an unknown name lists the available ones."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return from_folder(name)
     module = _module_name(name)
     if not os.path.exists(os.path.join(_DIR, module + ".py")):
         raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(available())} "

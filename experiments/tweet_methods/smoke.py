@@ -29,6 +29,6 @@ def get_config():
     keep = {"lora", "bitfit"}
     for name in [v for v in c.variants if v not in keep]:
         del c.variants[name]
-    c.variants.lora.grid.method.rank = [4, 8]
+    c.variants.lora.grid = {"method": {"rank": [4, 8]}}
     c.report.order = [v for v in c.report.order if v in keep]
     return c

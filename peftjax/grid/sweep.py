@@ -215,6 +215,7 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
 
     cells: list[Cell] = []
     seen: dict[str, str] = {}
+    models_seen: dict[str, object] = {}   # abstract models for the value checks, by config
     for model, task, (vname, variant) in itertools.product(d["models"], d["tasks"],
                                                            d["variants"].items()):
         where = f"cell {model}/{task}/{vname}"
@@ -262,6 +263,7 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
                     for key, value in values.items():
                         _set(config, key, value, f"{label} (field {field!r})")
                 _check_method_config(methods_lib, config, label, vname)
+                _check_values(config, label, vname, models_seen)
                 if rank_sweep:
                     r_max = config.method.rank
                     if not all(1 <= r <= r_max for r in rank_sweep):
@@ -276,6 +278,28 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
                 cells.append(Cell(id=cid, variant=vname, method=method, model=model, task=task,
                                   seed=seed, hp=hp, config=resolved, rank_sweep=rank_sweep))
     return cells
+
+
+def _check_values(config, label: str, variant: str, models: dict) -> None:
+    """The cell's values as a run would check them, before any cell runs: the train settings
+    (``compose.validate_config``) and the method built on the (abstract) model, so ``rank=0`` or
+    a target that matches nothing fails at ``--dry_run``, not hours later when the cell starts.
+    Models are built once per (model, task format) and reused."""
+    import json as json_lib
+
+    from peftjax import methods as methods_lib
+    from peftjax.train import compose
+
+    try:
+        compose.validate_config(config)
+        key = json_lib.dumps([config.model.to_dict(), config.task.to_dict(), config.train.dtype,
+                              str(config.train.remat)], sort_keys=True, default=str)
+        if key not in models:
+            models[key] = compose.build(config, with_weights=False, with_tokenizer=False)[1]
+        methods_lib.create(config.method.name, models[key],
+                           {k: v for k, v in config.method.to_dict().items() if k != "name"})
+    except ValueError as e:
+        raise GridError(f"{label} (variant {variant!r}): {e}") from None
 
 
 def _check_method_config(methods_lib, config, label: str, variant: str) -> None:

@@ -108,16 +108,7 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
     from safetensors.numpy import save_file
 
     model = method.model
-    if model.pooling == "mean" and model.head in ("classification", "regression"):
-        # transformers' BertForSequenceClassification always classifies tanh(pooler(h[CLS])),
-        # RobertaForSequenceClassification the <s> state: PEFT has no way to say "mean of the
-        # tokens", so PeftModel would silently classify a different vector than peftjax trained.
-        raise AdapterError(
-            f"a pooling='mean' head cannot be exported as a PEFT adapter: transformers' "
-            f"{model.config.model_type} sequence classifiers always read the first token "
-            "([CLS] through the pooler, or <s>). Keep the adapter in peftjax's own format "
-            "(peftjax.methods.saving.save_adapter; training writes it to <workdir>/adapter/), "
-            "or train with pooling='cls' (--config.model.pooling=cls) to export to PEFT")
+    _check_head_representable(model, "exported as")
     if trainable.get("base"):
         raise AdapterError(f"method {method.name!r} trains base params ({len(trainable['base'])}, "
                            f"e.g. {next(iter(trainable['base']))}); a PEFT LoRA/prompt adapter cannot "
@@ -148,6 +139,22 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     write_json_atomic(os.path.join(folder, CONFIG_NAME), config, indent=2, sort_keys=True)
     return config
+
+
+def _check_head_representable(model: Model, verb: str) -> None:
+    """Refuses a task head that PEFT's models cannot represent (a mean-pooling head).
+
+    transformers' BertForSequenceClassification always classifies tanh(pooler(h[CLS])),
+    RobertaForSequenceClassification the <s> state: PEFT has no way to say "mean of the tokens",
+    so a PEFT adapter and a peftjax mean-pooling model would classify different vectors.
+    """
+    if model.pooling == "mean" and model.head in ("classification", "regression"):
+        raise AdapterError(
+            f"a pooling='mean' head cannot be {verb} a PEFT adapter: transformers' "
+            f"{model.config.model_type} sequence classifiers always read the first token "
+            "([CLS] through the pooler, or <s>). Keep the adapter in peftjax's own format "
+            "(peftjax.methods.saving.save_adapter; training writes it to <workdir>/adapter/), "
+            "or use pooling='cls' (--config.model.pooling=cls) to move adapters to and from PEFT")
 
 
 def _conv1d_targets(model: Model, targets) -> bool:
@@ -246,6 +253,7 @@ def import_adapter(folder: str, model: Model, *, require_head: bool = True
         raise AdapterError(f"{folder}: peft_type {peft_type!r} is not supported; supported peft "
                            f"types: {', '.join(SUPPORTED_PEFT_TYPES)}")
     _check_task_type(config, model, folder)
+    _check_head_representable(model, "loaded from")
     if peft_type == "LORA":
         method, added, prefix = _import_lora(config, tensors, model, folder)
     else:

@@ -120,24 +120,47 @@ def safetensors_files(folder: str) -> list[str]:
 
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    """Every tensor of a checkpoint folder; an unreadable file is an error naming it."""
+    from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, np.ndarray] = {}
     for path in safetensors_files(folder):
-        with safe_open(path, framework="np") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(path, framework="np") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     return tensors
 
 
 def read_config(folder: str) -> dict:
+    """A checkpoint folder's config.json; a missing or malformed file is an error naming it."""
     path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
         raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
     if not os.path.exists(path):
         raise CheckpointError(f"{folder} has no config.json")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{path} has no model_type: not a transformers config.json")
+    return config
+
+
+def weights_digest(folder: str) -> str:
+    """sha256 over a checkpoint's safetensors files (in order): which weights a run trained."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in safetensors_files(folder):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _to_dtype(array: np.ndarray, dtype: Any) -> jax.Array:

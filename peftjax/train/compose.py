@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -25,18 +26,45 @@ from peftjax import methods as methods_lib
 from peftjax.data import formats
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+log = logging.getLogger(__name__)
 
 
 def _flat(params: dict) -> dict:
     return traverse_util.flatten_dict(params, sep=".")
 
 
+def model_hf_config(config: Any) -> dict:
+    """The architecture the run loads: a checkpoint's own config.json when the model config
+    names a checkpoint (it wins over ``model.hf_config``, as the loader does), else
+    ``model.hf_config``."""
+    from peftjax.models import hf_io
+
+    checkpoint = config.model.get("checkpoint", "")
+    if checkpoint:
+        return hf_io.read_config(hf_io.resolve_checkpoint(checkpoint))
+    hf = config.model.hf_config
+    return hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+
+
 def family_heads(config: Any) -> tuple[str, ...]:
     """The heads the configured model's family offers (what ``formats.task_format`` decides on)."""
     from peftjax.models.registry import family_for
 
-    hf = config.model.hf_config
-    return family_for(hf.get("model_type") if hasattr(hf, "get") else hf.model_type).heads
+    return family_for(model_hf_config(config)["model_type"]).heads
+
+
+def model_source(config: Any, base: dict | None) -> dict:
+    """What a run actually loaded: the checkpoint folder (or random init), its model type, the
+    parameter count and a sha256 of the weights files — recorded in result.json so a result
+    names its weights, whatever ``model.name`` says."""
+    from peftjax.models import hf_io
+
+    checkpoint = config.model.get("checkpoint", "")
+    folder = hf_io.resolve_checkpoint(checkpoint) if checkpoint else None
+    return {"name": config.model.name, "checkpoint": os.path.abspath(folder) if folder else None,
+            "model_type": model_hf_config(config)["model_type"],
+            "params": int(sum(np.prod(np.shape(v), dtype=np.int64) for v in base.values())) if base else None,
+            "weights_sha256": hf_io.weights_digest(folder) if folder else None}
 
 
 def remat_setting(value) -> bool | str:
@@ -132,3 +160,125 @@ def load_run(workdir: str) -> FinishedRun:
     task, model, tokenizer, _, base = build(config)
     method, trainable, state, frozen = saving.load_adapter(os.path.join(workdir, "adapter"), model, base)
     return FinishedRun(config, result, task, model, tokenizer, method, trainable, frozen, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of a composed config, before anything is loaded or computed.
+
+RESUME_MODES = ("auto", "force")
+
+
+def _check(ok: bool, field: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid; valid: {valid}")
+
+
+def _finite_positive(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and np.isfinite(value) and value > 0)
+
+
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def validate_config(config: Any) -> None:
+    """Checks a composed train config's values (not only its keys) before any work: a bad
+    learning rate, step count or schedule fails here with the field and what is valid, instead
+    of after the model is loaded, or silently (``steps=0`` used to report an untrained model)."""
+    from peftjax.models.layers import remat_name
+    from peftjax.train.optim import SCHEDULES, parse_lr_mults
+
+    tc = config.train
+    _check(_int_at_least(tc.steps, 1), "train.steps", tc.steps,
+           "an integer >= 1 (0 would report the untrained model's scores)")
+    _check(_finite_positive(tc.learning_rate), "train.learning_rate", tc.learning_rate,
+           "a finite number > 0")
+    for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "eval_every", "log_every",
+                 "checkpoint_every"):
+        _check(_int_at_least(tc[name], 1), f"train.{name}", tc[name], "an integer >= 1")
+    for name in ("train_limit", "eval_limit"):
+        _check(_int_at_least(tc[name], 0), f"train.{name}", tc[name], "an integer >= 0 (0: all)")
+    test_limit = tc.get("test_limit", -1)
+    _check(_int_at_least(test_limit, -1), "train.test_limit", test_limit,
+           "-1 (as eval_limit), 0 (all) or a positive integer")
+    _check(tc.schedule in SCHEDULES, "train.schedule", tc.schedule, " | ".join(SCHEDULES))
+    _check(tc.dtype in DTYPES, "train.dtype", tc.dtype, " | ".join(DTYPES))
+    _check(0.0 <= float(tc.get("warmup_ratio", 0.0)) <= 1.0, "train.warmup_ratio",
+           tc.get("warmup_ratio", 0.0), "0 <= warmup_ratio <= 1")
+    _check(_int_at_least(tc.warmup_steps, 0), "train.warmup_steps", tc.warmup_steps, "an integer >= 0")
+    for name in ("weight_decay", "clip_norm"):
+        value = tc[name]
+        _check(isinstance(value, (int, float)) and np.isfinite(value) and value >= 0,
+               f"train.{name}", value, "a finite number >= 0")
+    _check(0 <= tc.b1 < 1 and 0 <= tc.b2 < 1, "train.b1/b2", (tc.b1, tc.b2), "0 <= beta < 1")
+    _check(_finite_positive(tc.eps), "train.eps", tc.eps, "a finite number > 0")
+    resume = tc.get("resume", "auto")
+    _check(resume in RESUME_MODES, "train.resume", resume, " | ".join(RESUME_MODES))
+    remat_name(tc.remat)
+    parse_lr_mults(tc.get("lr_mults", ""))
+    formats.task_format(config.task, formats.get_task(config.task), family_heads(config))
+
+
+# --------------------------------------------------------------------------------------------
+# The config a workdir was started with.
+
+RUN_CONFIG = "run_config.json"
+# Fields that change what is reported or how often, never the trajectory of the training: a
+# resumed run may take new values for them with train.resume=force.
+RESUME_SAFE_FIELDS = ("train.eval_limit", "train.test_limit", "train.eval_batch_size",
+                      "train.eval_every", "train.log_every", "train.checkpoint_every",
+                      "train.progress", "train.resume", "data_dir", "distributed.*", "model.name")
+
+
+def _flat_config(config: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = list(node) if isinstance(node, tuple) else node
+
+    walk(config.to_dict() if hasattr(config, "to_dict") else dict(config), "")
+    return out
+
+
+def _safe(field: str) -> bool:
+    return any(field == f or (f.endswith(".*") and field.startswith(f[:-1])) for f in RESUME_SAFE_FIELDS)
+
+
+def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> None:
+    """Records ``config`` in ``workdir/run_config.json`` on a fresh start; on a resume, refuses a
+    config that differs from the recorded one, listing the fields, unless every differing
+    field is safe to change (evaluation and logging settings) and ``train.resume=force``."""
+    from peftjax.files import write_json_atomic
+
+    path = os.path.join(workdir, RUN_CONFIG)
+    mine = _flat_config(config)
+    if not os.path.exists(path) or not has_checkpoint:
+        write_json_atomic(path, config.to_dict(), sort_keys=True)
+        return
+    try:
+        with open(path) as f:
+            recorded = _flat_config(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); it records the config this workdir was "
+                         "started with: restore it, or start in a new workdir") from None
+    differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k, "<absent>") != recorded.get(k, "<absent>"))
+    if not differ:
+        return
+    rows = "\n  ".join(f"{k}: {recorded.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}" for k in differ)
+    unsafe = [k for k in differ if not _safe(k)]
+    force = config.train.get("resume", "auto") == "force"
+    if force and not unsafe:
+        log.warning("resuming %s with changed settings (train.resume=force):\n  %s", workdir, rows)
+        write_json_atomic(path, config.to_dict(), sort_keys=True)
+        return
+    ways = ("start in a new --workdir" + (", or pass --config.train.resume=force (every differing "
+            "field is an evaluation/logging setting, safe to change)" if not unsafe else
+            "; train.resume=force only allows evaluation/logging settings to change, and "
+            f"{', '.join(unsafe)} change the training itself"))
+    raise ValueError(f"{workdir} holds a run started with another config ({len(differ)} field(s) "
+                     f"differ):\n  {rows}\nResuming would mix two runs: {ways}.")

@@ -13,8 +13,13 @@ What it guarantees:
 * **Ends with a shareable adapter.** ``workdir/adapter/`` holds the best trainable tree and the
   method state (no optimizer state, no frozen base) as safetensors + JSON
   (``peftjax.methods.saving``); ``result.json`` gives its size in ``adapter_bytes``.
-* **Fails early and loudly.** Bad configs fail before compute; a NaN/inf loss stops the run with
-  a message and leaves the last good checkpoint in place.
+* **Fails early and loudly, and never poisons a workdir.** Bad config values fail before
+  anything is loaded (``compose.validate_config``). A non-finite loss or gradient norm stops the
+  run at that step, and a state is checked finite before it is checkpointed, so the kept
+  checkpoint is always a good one (the message names it). A workdir records the config it was
+  started with (``run_config.json``); resuming it under another config is refused with the
+  differing fields. An unreadable or non-finite latest checkpoint is moved aside and the
+  previous one used (``Checkpointer.restore_latest``).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from peftjax.files import write_json_atomic
 from peftjax.methods import saving
 from peftjax.models.registry import head_description
 from peftjax.train import measure
-from peftjax.train.checkpoint import Checkpointer
-from peftjax.train.compose import build, family_heads, init_context, run_format, total_steps
+from peftjax.train.checkpoint import Checkpointer, all_finite, exact_scalar, from_exact_scalar
+from peftjax.train.compose import (build, check_workdir_config, family_heads, init_context,
+                                   model_hf_config, model_source, run_format, total_steps,
+                                   validate_config)
 from peftjax.train.optim import make_optimizer
 from peftjax.train.steps import TrainState, init_state, make_eval_step, make_train_step
 
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """The loss, the gradient norm or the state became NaN/inf; nothing of it was saved."""
 
 
 class MetricsLog:
@@ -82,7 +89,7 @@ def encode_splits(config, task, tokenizer) -> dict[str, dict]:
     limits = formats.split_limits(config.train)
     heads = family_heads(config)
     return {key: formats.encode_split(config.task, task, tokenizer, split, limits[key],
-                                      family_heads=heads, hf_config=config.model.hf_config.to_dict(),
+                                      family_heads=heads, hf_config=model_hf_config(config),
                                       data_dir=config.data_dir or None, for_eval=key != "train")
             for key, split in zip(("train", "validation", "test"), task.splits)}
 
@@ -120,6 +127,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     ``stop_after_step`` ends the process' work early after that step's checkpoint, as a kill
     would (used by the resume tests).
     """
+    validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
     from peftjax.parallel import distributed, shard
@@ -148,14 +156,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     # multi-host: plain files come from process 0 (orbax checkpoints from every process)
     metrics_log = MetricsLog(workdir) if distributed.is_writer() else distributed.NullMetricsLog()
     start = 0
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore({"state": state, "best": placement.on_mesh(_best_tree(best, names))})
+    if distributed.is_writer():
+        check_workdir_config(config, workdir, has_checkpoint=ckpt.latest_step() is not None)
+    found = ckpt.restore_latest({"state": state, "best": placement.on_mesh(_best_tree(best, names))},
+                                finite=lambda t: (t["state"], t["best"]["trainable"]))
+    if found is not None:
+        _, restored = found
         state = TrainState(*restored["state"]) if not isinstance(restored["state"], TrainState) \
             else restored["state"]
         best = _best_from_tree(restored["best"])
         start = int(state.step)
-        metrics_log.truncate_after(start)
         log.info("resumed from step %d", start)
+    metrics_log.truncate_after(start)  # rows of steps that will be redone (all on a fresh start)
 
     train_step = placement.jit_train_step(make_train_step(method, tx, config.seed))
     eval_fn = placement.jit_eval_step(make_eval_step(method, lm_classes))
@@ -182,18 +194,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 state, m = train_step(state, frozen, batch)
                 loss = float(m["loss"])  # blocks: the step is done
                 times.append(time.perf_counter() - t0)
-            if not np.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss} at step {step + 1} ({method.name} on {task.name}, "
-                    f"lr={tc.learning_rate}); stopping. The last good checkpoint "
-                    f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}. Try a lower "
-                    "learning rate, gradient clipping (train.clip_norm) or fp32 (train.dtype).")
+            grad_norm = float(m["grad_norm"])
+            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                what = f"loss {loss}" if not np.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss})"
+                raise _non_finite(what, step + 1, method, task, tc, ckpt)
             done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if done % tc.log_every == 0 or done == total:
                 opt_step = done // tc.grad_accum_steps
-                metrics_log.write(done, "train", {"loss": loss, "grad_norm": float(m["grad_norm"]),
+                metrics_log.write(done, "train", {"loss": loss, "grad_norm": grad_norm,
                                                   "learning_rate": float(schedule(opt_step))})
             if done % tc.eval_every == 0 or done == total:
                 val = evaluate(eval_fn, state.trainable, frozen, state.method_state,
@@ -203,6 +213,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                     best = {"trainable": jax.tree.map(jnp.copy, state.trainable), "metrics": val,
                             "step": done}
             if done % tc.checkpoint_every == 0 or done == total:
+                if not bool(all_finite(state)):  # never write a state that holds NaN/inf
+                    raise _non_finite("the updated state", done, method, task, tc, ckpt)
                 ckpt.save(done, {"state": state, "best": placement.on_mesh(_best_tree(best, names))})
             if stop_after_step is not None and done >= stop_after_step:
                 ckpt.wait()
@@ -236,6 +248,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     result = {
         "method": method.name,
         "model": config.model.name,
+        "model_source": model_source(config, base),
         "task": task.name,
         **head_description(model),  # "pooling" and "head": {"params", "count"}
         **counts,
@@ -267,7 +280,7 @@ def _instruction_exact_match(config, tokenizer, method, trainable, frozen, metho
     from peftjax.data.instructions import special_tokens
     from peftjax.train.steps import greedy_exact_match
 
-    hf = config.model.hf_config.to_dict()
+    hf = model_hf_config(config)
     return greedy_exact_match(method, trainable, frozen, method_state, encoded,
                               limit=config.task.eval_generate, batch_size=config.train.eval_batch_size,
                               eos_token_id=special_tokens(tokenizer, hf)[1],
@@ -278,14 +291,29 @@ def _metric_names(task) -> tuple[str, ...]:
     return ("loss", "perplexity") if task.kind == "causal_lm" else tuple(task.metrics)
 
 
+def _non_finite(what: str, step: int, method, task, tc, ckpt) -> NonFiniteLossError:
+    """The stop message: what went non-finite, where, and the checkpoint actually kept."""
+    ckpt.wait()
+    kept = ckpt.latest_step()
+    where = (f"The last good checkpoint (step {kept}) is kept in {ckpt.directory}; rerunning "
+             "resumes from it." if kept is not None else "No checkpoint was written before it.")
+    return NonFiniteLossError(
+        f"{what} became non-finite at step {step} ({method.name} on {task.name}, "
+        f"lr={tc.learning_rate}); stopping without saving that state. {where} Try a lower "
+        "learning rate, gradient clipping (train.clip_norm) or fp32 (train.dtype).")
+
+
 def _best_tree(best: dict, names: tuple[str, ...]) -> dict:
-    """The best-so-far record as a fixed-structure pytree (orbax restores into a template)."""
+    """The best-so-far record as a fixed-structure pytree (orbax restores into a template).
+
+    Metrics are stored as the two 32-bit words of their float64 value (``exact_scalar``), so a
+    resumed run reports exactly the validation scores an uninterrupted one does."""
     metrics = best["metrics"] or {}
     return {"trainable": best["trainable"], "step": jnp.asarray(best["step"], jnp.int32),
-            "metrics": {k: jnp.asarray(metrics.get(k, np.nan), jnp.float32) for k in names}}
+            "metrics": {k: exact_scalar(metrics.get(k, np.nan)) for k in names}}
 
 
 def _best_from_tree(tree: dict) -> dict:
     step = int(tree["step"])
-    metrics = {k: float(v) for k, v in tree["metrics"].items()} if step > 0 else None
+    metrics = {k: from_exact_scalar(v) for k, v in tree["metrics"].items()} if step > 0 else None
     return {"trainable": tree["trainable"], "step": step, "metrics": metrics}

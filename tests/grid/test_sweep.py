@@ -83,6 +83,13 @@ def test_cell_ids_are_stable_and_follow_the_config():
     (lambda d: d["variants"]["lora"]["grid"]["method"].update(alpha=[16.0, 16]),
      ["resolves to the same config"]),
     (lambda d: d["variants"]["lora"].update(grd={}), ["variants.lora.grd"]),
+    # values, not only keys, are checked at expansion (--dry_run), as the run would check them
+    (lambda d: d["variants"]["lora"]["grid"]["method"].update(rank=[0]),
+     ["lora[", "lora.rank=0 is invalid"]),
+    (lambda d: d["base"]["train"].update(learning_rate=float("nan")), ["train.learning_rate=nan is invalid"]),
+    (lambda d: d["base"]["train"].update(steps=0), ["train.steps=0 is invalid"]),
+    (lambda d: d["variants"]["full"].update(method="lora", overrides={"method": {"targets": "nosuch"}}),
+     ["full/seed=0", "matches no module", "available module paths"]),
 ])
 def test_bad_definitions_fail_at_expansion_naming_cell_and_field(change, expect):
     d = definition()
@@ -142,3 +149,22 @@ def test_dry_run_cli_lists_cells_with_count():
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("160 cells (2 variants, 8 tasks, 1 models, 5 seeds)")
     assert "roberta-base/mnli_heldout/lora/seed=0" in out.stdout and len(lines) == 161
+
+
+def test_every_experiment_definition_dry_runs():
+    """Every sweep definition under experiments/ expands with its values checked (as --dry_run):
+    a definition broken by a later change fails here (tweet_methods/smoke.py did, after the
+    LoRA rank grid was removed)."""
+    import glob
+
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "*", "*.py"))):
+        source = open(path).read()
+        if "def get_config" not in source or "DEFINE_" in source:
+            continue  # a script with flags (experiments/decoder_tweets/run.py), not a definition
+        definition = sweep.load_definition(path)
+        if "variants" in definition:
+            assert sweep.expand(definition), path
+            found.append(os.path.relpath(path, ROOT))
+    assert {"experiments/tweet_methods/grid.py", "experiments/tweet_methods/smoke.py",
+            "experiments/glue_roberta_base/grid.py"} <= set(found)

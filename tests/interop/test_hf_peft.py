@@ -327,6 +327,16 @@ def test_export_refuses_a_mean_pooling_head(method_name, tmp_path):
                        r"adapter.*peftjax's own format.*pooling='cls'"):
         export_adapter(method, peft_.trainable, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+    # and a PEFT adapter (from the same architecture with transformers' head) is not loaded
+    # onto a mean-pooling model either
+    cls_model = build_model(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=37,
+                                                    num_labels=3), head="classification")
+    cls_method = core.create(method_name, cls_model, config)
+    cls_peft = cls_method.setup(jax.random.PRNGKey(0), hf_io.flatten(cls_model.init(jax.random.PRNGKey(0))))
+    export_adapter(cls_method, cls_peft.trainable, str(tmp_path / "cls"))
+    with pytest.raises(AdapterError, match=r"pooling='mean' head cannot be loaded from a PEFT adapter"):
+        import_adapter(str(tmp_path / "cls"), model)
 
 
 # --------------------------------------------------------------------------- GPT-2 (Conv1D)
