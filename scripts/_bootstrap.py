@@ -46,7 +46,16 @@ def run(main) -> None:
     def parse(argv):
         try:
             return flags.FLAGS(argv)
-        except flags.Error:
+        except flags.Error as e:
+            if show:
+                raise
+            # config_flags reports an error of the config file (an unknown model, task or
+            # method) with its traceback: keep the last line, the error itself
+            text = str(e).strip()
+            if "Traceback (most recent call last)" in text:
+                last = [ln for ln in text.splitlines() if ln.strip()][-1]
+                print(f"error: {last.split(': ', 1)[-1]}", file=sys.stderr)
+                sys.exit(EXIT_BAD_INPUT)
             return app.parse_flags_with_usage(argv)   # absl's own message for flag errors
         except (AttributeError, KeyError) as e:
             if show:

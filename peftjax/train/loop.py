@@ -196,7 +196,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 times.append(time.perf_counter() - t0)
             grad_norm = float(m["grad_norm"])
             if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                what = f"loss {loss}" if not np.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss})"
+                what = (f"the loss became {loss}" if not np.isfinite(loss) else
+                        f"the gradient norm became {grad_norm} (loss {loss:.4g})")
                 raise _non_finite(what, step + 1, method, task, tc, ckpt)
             done = step + 1
             bar.update(1)
@@ -214,7 +215,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                             "step": done}
             if done % tc.checkpoint_every == 0 or done == total:
                 if not bool(all_finite(state)):  # never write a state that holds NaN/inf
-                    raise _non_finite("the updated state", done, method, task, tc, ckpt)
+                    raise _non_finite("the updated state holds NaN/inf", done, method, task, tc, ckpt)
                 ckpt.save(done, {"state": state, "best": placement.on_mesh(_best_tree(best, names))})
             if stop_after_step is not None and done >= stop_after_step:
                 ckpt.wait()
@@ -295,12 +296,13 @@ def _non_finite(what: str, step: int, method, task, tc, ckpt) -> NonFiniteLossEr
     """The stop message: what went non-finite, where, and the checkpoint actually kept."""
     ckpt.wait()
     kept = ckpt.latest_step()
-    where = (f"The last good checkpoint (step {kept}) is kept in {ckpt.directory}; rerunning "
-             "resumes from it." if kept is not None else "No checkpoint was written before it.")
+    where = (f"The last good checkpoint (step {kept}) is kept in {ckpt.directory}."
+             if kept is not None else "No checkpoint was written before it.")
     return NonFiniteLossError(
-        f"{what} became non-finite at step {step} ({method.name} on {task.name}, "
-        f"lr={tc.learning_rate}); stopping without saving that state. {where} Try a lower "
-        "learning rate, gradient clipping (train.clip_norm) or fp32 (train.dtype).")
+        f"{what} at step {step} ({method.name} on {task.name}, lr={tc.learning_rate}); stopping "
+        f"without saving that state. {where} Start a new --workdir with a lower learning rate, "
+        "gradient clipping (train.clip_norm) or fp32 (train.dtype): this config would diverge "
+        "again, and another config does not resume this workdir.")
 
 
 def _best_tree(best: dict, names: tuple[str, ...]) -> dict:
