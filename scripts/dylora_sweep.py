@@ -29,15 +29,17 @@ def sweep(workdir: str, ranks: list[int]) -> dict:
     from peftjax.train.steps import make_eval_step
 
     run = load_run(workdir)
-    if run.method.name != "dylora":
-        raise ValueError(f"{workdir} is a {run.method.name!r} run; the rank sweep needs a dylora run")
+    field = run.method.eval_rank_field
+    if field is None:
+        raise ValueError(f"{workdir} is a {run.method.name!r} run, which cannot be evaluated at "
+                         "other ranks without retraining (DyLoRA can)")
     encoded = encode_splits(run.config, run.task, run.tokenizer)
     lm_classes = run.task.num_labels if "class_labels" in encoded["test"] else 0
     method_cfg = {k: v for k, v in run.config.method.to_dict().items() if k != "name"}
     out = {"workdir": workdir, "r_max": run.method.config.rank, "best_step": run.result["best_step"],
            "ranks": {}}
     for r in ranks:
-        m = methods.create("dylora", run.model, {**method_cfg, "eval_rank": r}, sites=run.method.sites)
+        m = methods.create(run.method.name, run.model, {**method_cfg, field: r}, sites=run.method.sites)
         eval_fn = jax.jit(make_eval_step(m, lm_classes))
         out["ranks"][str(r)] = {
             split: evaluate(eval_fn, run.trainable, run.frozen, run.state, encoded[split],

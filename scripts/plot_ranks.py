@@ -2,7 +2,7 @@
 
     python scripts/plot_ranks.py --workdir=runs/adalora
 
-reads WORKDIR/result.json (``adalora_ranks``) and writes WORKDIR/rank_allocation.{png,pdf}.
+reads WORKDIR/result.json (``rank_allocation``; ``adalora_ranks`` in runs of peftjax before 2026-12) and writes WORKDIR/rank_allocation.{png,pdf}.
 """
 
 import json
@@ -24,12 +24,14 @@ def main(argv):
     path = os.path.join(FLAGS.workdir, "result.json")
     with open(path) as f:
         result = json.load(f)
-    if "adalora_ranks" not in result:
-        raise SystemExit(f"{path} has no adalora_ranks: was it an adalora run? (method: "
-                         f"{result.get('method')!r})")
-    title = (f"AdaLoRA ranks, {result['model']} on {result['task']} "
-             f"(total {result['adalora_total_rank']}, budget {result['adalora_budget']['target']})")
-    for p in rank_allocation_heatmap(result["adalora_ranks"], FLAGS.out or os.path.join(
+    ranks = result.get("rank_allocation", result.get("adalora_ranks"))  # the older key too
+    if ranks is None:
+        raise ValueError(f"{path} has no rank_allocation: its method ({result.get('method')!r}) "
+                         "does not report one (AdaLoRA does)")
+    target = result.get("rank_budget", result.get("adalora_budget", {})).get("target")
+    title = (f"{result['method']} ranks, {result['model']} on {result['task']} "
+             f"(total {sum(ranks.values())}, budget {target})")
+    for p in rank_allocation_heatmap(ranks, FLAGS.out or os.path.join(
             FLAGS.workdir, "rank_allocation"), title):
         print(p)
 

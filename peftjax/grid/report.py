@@ -437,10 +437,10 @@ def _rank_plots(rows, ts: Sequence[Selection], plot_dir: str, tag: str, model: s
                               ylabel=f"{ts[0].metric}", logx=True,
                               title=f"{model} × {task}: rank ablations (test unless marked)")
     for s in ts:
-        ranks = s.first("adalora_ranks")
+        ranks = s.first("rank_allocation")
         if ranks:
             paths += plots.rank_allocation_heatmap(
-                ranks, os.path.join(plot_dir, f"adalora_ranks_{tag}_{s.variant}"),
+                ranks, os.path.join(plot_dir, f"rank_allocation_{tag}_{s.variant}"),
                 title=f"{s.variant} on {task}: final rank allocation (seed {s.rows[0]['seed']})")
     return paths
 

@@ -82,7 +82,7 @@ def read_curves(workdir: str) -> dict:
 
 def train_cell(cell: Cell, workdir: str) -> dict:
     """The default cell: ``train_and_evaluate`` on the cell's config (resuming in ``workdir``),
-    plus the learning curves and, for DyLoRA with ``rank_sweep``, the rank sweep."""
+    plus the learning curves and, with ``rank_sweep``, the evaluation at those ranks."""
     import ml_collections
 
     from peftjax.train import train_and_evaluate
@@ -91,12 +91,12 @@ def train_cell(cell: Cell, workdir: str) -> dict:
     result = train_and_evaluate(config, workdir)
     result["curves"] = read_curves(workdir)
     if cell.rank_sweep:
-        result["rank_sweep"] = _dylora_sweep(workdir, list(cell.rank_sweep))
+        result["rank_sweep"] = _rank_sweep(workdir, list(cell.rank_sweep))
     return result
 
 
-def _dylora_sweep(workdir: str, ranks: list[int]) -> dict:
-    """``scripts/dylora_sweep.py`` on the finished DyLoRA cell (its own process: the script owns
+def _rank_sweep(workdir: str, ranks: list[int]) -> dict:
+    """``scripts/dylora_sweep.py`` on the finished cell (its own process: the script owns
     absl flags); returns its ``rank_sweep.json``."""
     import subprocess
 

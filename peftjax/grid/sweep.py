@@ -18,8 +18,9 @@ and each variant is::
     overrides {section: {key: value}}            (optional) fixed settings of this variant
     task_overrides {task: {section: {...}}}      (optional) per task, for this variant only
     grid      {section: {key: [values, ...]}}    (optional) the variant's hyperparameter grid
-    rank_sweep [ints]                            (optional, dylora) evaluate the finished run at
-                                                 these ranks (DyLoRA's rank sweep, no retraining)
+    rank_sweep [ints]                            (optional) evaluate the finished run at these
+                                                 ranks without retraining (a method with an
+                                                 ``eval_rank_field``: DyLoRA)
 
 The cells are the product models × tasks × variants × (the variant's grid) × seeds. Each cell's
 config is ``configs/train.py``'s composed config with, in this order, ``base``,
@@ -239,9 +240,10 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
                 raise GridError(f"{where}: field 'variants.{vname}.grid.{key}' must be a non-empty "
                                 f"list of values, got {values!r}")
         rank_sweep = tuple(int(r) for r in variant.get("rank_sweep", ()))
-        if rank_sweep and method != "dylora":
-            raise GridError(f"{where}: field 'variants.{vname}.rank_sweep' needs method 'dylora', "
-                            f"not {method!r}")
+        if rank_sweep and methods_lib.method_class(method).eval_rank_field is None:
+            able = [m for m in methods_lib.registered() if methods_lib.method_class(m).eval_rank_field]
+            raise GridError(f"{where}: field 'variants.{vname}.rank_sweep' needs a method that "
+                            f"can be evaluated at other ranks ({', '.join(able)}), not {method!r}")
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             hp = dict(zip(keys, combo))

@@ -55,7 +55,7 @@ Written on LoRA's variant surface: ``init_site`` (A, E, B), ``factors`` ((A ⊙ 
 forward, merge and export apply), ``scaling``; the budget and masking are AdaLoRA's own
 ``prepare`` / ``init_state`` / ``update_state``.
 
-``report()`` gives the final per-layer ranks (``adalora_ranks``); ``merge`` folds the current
+``report()`` gives the final per-layer ranks (``rank_allocation``, plotted by the grid report); ``merge`` folds the current
 (masked) ΔW into the kernels.
 """
 
@@ -240,8 +240,9 @@ class AdaLoRA(lora.LoRA):
 
     def report(self, trainable, state) -> dict:
         ranks = self.ranks(state)
-        return {"adalora_ranks": ranks, "adalora_total_rank": int(sum(ranks.values())),
-                "adalora_budget": {"init": self.init_bgt, "target": self.target_bgt}}
+        return {"rank_allocation": ranks,
+                "rank_budget": {"init": self.init_bgt, "target": self.target_bgt,
+                                "final": int(sum(ranks.values()))}}
 
 
 def _fro(m: jax.Array) -> jax.Array:

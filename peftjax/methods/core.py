@@ -219,6 +219,10 @@ class Method:
     Config: ClassVar[type]
     family: ClassVar[str] = ""        # 'low_rank' | 'additional' | 'selection' | 'baseline'
     mergeable: ClassVar[bool] = False
+    # The config field that selects the rank used at evaluation and merge, when a trained run can
+    # be evaluated at other ranks without retraining (DyLoRA: "eval_rank"); the grid's
+    # ``rank_sweep`` and scripts/dylora_sweep.py need it. None: no such field.
+    eval_rank_field: ClassVar[str | None] = None
 
     def __init__(self, config: Any, model: Model, sites: Sites | None = None) -> None:
         self.config = config
@@ -339,7 +343,8 @@ class Method:
         return {}
 
     def report(self, trainable: dict, state: Flat) -> dict[str, Any]:
-        """Method-specific results merged into a run's result.json (AdaLoRA's final ranks)."""
+        """Method-specific results merged into a run's result.json. ``rank_allocation``
+        ({site: rank}, AdaLoRA's final ranks) and ``rank_budget`` are plotted by the grid."""
         return {}
 
     # -- conveniences built on the protocol ----------------------------------------------

@@ -51,6 +51,7 @@ class DyLoRA(lora.LoRA):
 
     Config = DyLoRAConfig
     inits = ("default", "gaussian")
+    eval_rank_field = "eval_rank"
 
     def validate(self) -> None:
         super().validate()

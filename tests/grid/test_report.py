@@ -42,7 +42,7 @@ def synthetic_rows():
             ranks = {f"bert.encoder.layer.{i}.attention.self.{m}": (i + seed) % 4
                      for i in range(2) for m in ("query", "value")}
             rows.append(row(task, "adalora", "adalora", seed, {}, 0.71 + e, 0.70 + e, 900,
-                            adalora_ranks=ranks))
+                            rank_allocation=ranks))
     return rows
 
 
@@ -94,7 +94,7 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
     plots = {os.path.basename(p) for p in out["plots"]}
     for task in TASKS:
         for stem in (f"pareto_m_{task}", f"curves_m_{task}", f"rank_ablation_m_{task}",
-                     f"adalora_ranks_m_{task}_adalora"):
+                     f"rank_allocation_m_{task}_adalora"):
             assert {f"{stem}.png", f"{stem}.pdf"} <= plots, stem
     assert {"memory.png", "memory.pdf", "step_time.png", "step_time.pdf"} <= plots
     assert all(os.path.getsize(p) > 1000 for p in out["plots"])

@@ -78,7 +78,7 @@ def test_cell_ids_are_stable_and_follow_the_config():
      ["lora[", "'method.rank' cannot take 'a'"]),
     (lambda d: d["variants"]["full"].update(overrides={"method": {"rank": 2}}),
      ["full/seed=0", "variants.full.overrides", "'method.rank'"]),
-    (lambda d: d["variants"]["full"].update(rank_sweep=[1]), ["'variants.full.rank_sweep' needs method 'dylora'"]),
+    (lambda d: d["variants"]["full"].update(rank_sweep=[1]), ["'variants.full.rank_sweep' needs a method that can be evaluated at other ranks (dylora), not 'full'"]),
     (lambda d: d["variants"]["dylora"].update(rank_sweep=[16]), ["dylora/seed=0", "1..method.rank=8"]),
     (lambda d: d["variants"]["lora"]["grid"]["method"].update(alpha=[16.0, 16]),
      ["resolves to the same config"]),

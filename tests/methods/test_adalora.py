@@ -80,14 +80,14 @@ def test_final_pattern_is_fixed_reapplied_and_reported(bert):
     for t in range(13):  # t = 12 = T - t_final: forced mask at b_T, EMAs reset
         state, trainable = update(state, _ones_e(trainable), _random_grads(peft, t), jnp.asarray(t))
     assert all(not np.asarray(state[k]).any() for k in state if k.endswith((".ipt", ".unc")))
-    ranks = m.report(trainable, state)["adalora_ranks"]
+    ranks = m.report(trainable, state)["rank_allocation"]
     assert sum(ranks.values()) == m.target_bgt == 12
     pattern = {s: np.asarray(state[s + ".rank_mask"]) for s in m.targets}
     for t in range(13, 16):  # E regrows (all ones) but the fixed pattern is re-applied
         state, trainable = update(state, _ones_e(trainable), _random_grads(peft, t), jnp.asarray(t))
         for s in m.targets:
             np.testing.assert_array_equal(np.asarray(trainable["added"][s + ".lora_E"]), pattern[s])
-    assert m.report(trainable, state)["adalora_ranks"] == ranks
+    assert m.report(trainable, state)["rank_allocation"] == ranks
 
 
 def test_orth_regulariser_zero_for_orthonormal_factors(bert):
