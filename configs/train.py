@@ -69,6 +69,10 @@ def train_defaults() -> dict:
         log_every=10,
         checkpoint_every=200,
         train_limit=0,           # use only the first N training examples (0: all)
+        # Length-grouped batching (transformers' group_by_length): 0 off; G > 0 sorts mega-batches
+        # of G x batch_size rows by length, so batches pad little (peftjax.data.epoch_order).
+        group_by_length=0,
+        bucket_multiple=0,       # pad batches to multiples of this many tokens (0: powers of two)
         eval_limit=0,            # evaluate on the first N validation/test examples (0: all)
         test_limit=-1,           # the test split's own limit (-1: eval_limit's; 0: all)
         progress=True,

@@ -43,7 +43,8 @@ def sweep(workdir: str, ranks: list[int]) -> dict:
         eval_fn = jax.jit(make_eval_step(m, lm_classes))
         out["ranks"][str(r)] = {
             split: evaluate(eval_fn, run.trainable, run.frozen, run.state, encoded[split],
-                            run.config.train.eval_batch_size, run.task)
+                            run.config.train.eval_batch_size, run.task,
+                            run.config.train.get("bucket_multiple", 0))
             for split in ("validation", "test")}
     write_json_atomic(os.path.join(workdir, "rank_sweep.json"), out)
     return out

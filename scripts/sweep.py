@@ -29,6 +29,8 @@ flags.DEFINE_bool("retry_failed", False, "rerun cells whose last attempt failed 
 flags.DEFINE_string("cell_fn", "peftjax.grid.runner:train_cell",
                     "module:function run for each cell as fn(cell, celldir) -> result dict")
 flags.DEFINE_bool("progress", True, "progress bars")
+flags.DEFINE_bool("compile_cache", True, "JAX's persistent compilation cache in WORKDIR/jax_cache, "
+                  "shared by the cells (a cell reuses the programs an earlier one compiled)")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -58,7 +60,8 @@ def main(argv):
         return 2
     definition = sweep._plain(FLAGS.config)
     counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
-                        cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress)
+                        cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress,
+                        compile_cache=FLAGS.compile_cache)
     print(json.dumps(counts))
     print(f"results: {os.path.join(FLAGS.workdir, 'results.jsonl')}\n"
           f"report:  python scripts/report.py {FLAGS.workdir}")

@@ -164,6 +164,28 @@ def status(cells: Sequence[Cell], workdir: str) -> dict[str, str]:
 # Workers.
 
 
+COMPILATION_CACHE = "jax_cache"
+
+
+def use_compilation_cache(workdir: str) -> str:
+    """Turns on JAX's persistent compilation cache in ``<workdir>/jax_cache`` for this process.
+
+    Why: every cell compiles its train and eval steps; cells that differ only in seed, or in
+    values passed as arrays, compile the very same programs. With the cache a later cell (or a
+    resumed sweep, or another worker) loads the compiled executable instead of spending XLA's
+    compile time again. Every program is cached (no minimum compile time): the tiny ones are
+    cheap to store and a cell has few of them. One cache per sweep workdir keeps it next to what
+    it serves and lets ``rm -r`` clean both.
+    """
+    import jax
+
+    path = os.path.join(os.path.abspath(workdir), COMPILATION_CACHE)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def _die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies (no orphan keeps training)."""
     if sys.platform.startswith("linux"):
@@ -176,13 +198,16 @@ def _die_with_parent() -> None:
             return
 
 
-def _worker(wid: int, parent_pid: int, tasks, results, cell_fn_spec: str, workdir: str) -> None:
+def _worker(wid: int, parent_pid: int, tasks, results, cell_fn_spec: str, workdir: str,
+            compile_cache: bool = True) -> None:
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
     # The running cell's bar sits below the overall bar, one line per worker (tqdm reads
     # TQDM_* environment variables as defaults).
     os.environ["TQDM_POSITION"] = str(wid + 1)
+    if compile_cache:
+        use_compilation_cache(workdir)
     cell_fn = load_cell_fn(cell_fn_spec)
     while True:
         item = tasks.get()
@@ -199,17 +224,20 @@ def _worker(wid: int, parent_pid: int, tasks, results, cell_fn_spec: str, workdi
 
 def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: bool = False,
         cell_fn: str = DEFAULT_CELL_FN, definition: Mapping[str, Any] | None = None,
-        progress: bool = True) -> dict[str, int]:
+        progress: bool = True, compile_cache: bool = True) -> dict[str, int]:
     """Runs every pending cell of ``cells`` in ``workdir``; returns counts by outcome.
 
     ``workers=1`` runs the cells one after another in this process; ``workers=N`` in N spawned
     processes. ``cell_fn`` (``module:function``, called as ``fn(cell, celldir) -> dict``) is what
-    a cell does: by default, training and evaluating its config.
+    a cell does: by default, training and evaluating its config. ``compile_cache``: JAX's
+    persistent compilation cache in ``<workdir>/jax_cache`` (``use_compilation_cache``).
     """
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
     load_cell_fn(cell_fn)  # a bad spec fails here, not in every worker
     os.makedirs(workdir, exist_ok=True)
+    if compile_cache and workers == 1:
+        use_compilation_cache(workdir)
     from peftjax.grid.stamp import stamp
 
     ResultsStore(os.path.join(workdir, "stamps.jsonl")).append(stamp())
@@ -243,7 +271,7 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
                 bar.set_postfix_str(cell.label)
                 record(run_cell(cell, workdir, fn))
         else:
-            _run_pool(todo, workdir, workers, cell_fn, bar, record)
+            _run_pool(todo, workdir, workers, cell_fn, bar, record, compile_cache)
     finally:
         bar.close()
     return counts
@@ -256,7 +284,8 @@ def _failed_row(cell: Cell, error: str) -> dict:
             **_task_info(cell.task)}
 
 
-def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, bar, record) -> None:
+def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, bar, record,
+              compile_cache: bool = True) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -273,7 +302,8 @@ def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, ba
     running: dict[int, str] = {}
 
     def start(wid: int) -> None:
-        p = ctx.Process(target=_worker, args=(wid, os.getpid(), tasks, results, cell_fn, workdir),
+        p = ctx.Process(target=_worker, args=(wid, os.getpid(), tasks, results, cell_fn, workdir,
+                                              compile_cache),
                         daemon=True)
         p.start()
         procs[wid] = p

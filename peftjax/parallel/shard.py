@@ -203,7 +203,8 @@ def plan(method, mesh: Mesh, state, frozen: Mapping[str, Any], *, rules: Shardin
               jax.tree_util.tree_flatten_with_path(state.trainable)[0]}
     opt_sh = _opt_state_shardings(state.opt_state, trainable_sh, shapes, replicated)
     state_sh = state._replace(step=replicated, trainable=trainable_sh, opt_state=opt_sh,
-                              method_state=named(placements["method_state"]))
+                              method_state=named(placements["method_state"]),
+                              **({"rng": replicated} if getattr(state, "rng", None) is not None else {}))
     return TrainShardings(mesh, state_sh, named(placements["frozen"]),
                           NamedSharding(mesh, P(mesh_lib.BATCH_AXES)), replicated, placements)
 

@@ -197,8 +197,8 @@ def validate_config(config: Any) -> None:
     for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "eval_every", "log_every",
                  "checkpoint_every"):
         _check(_int_at_least(tc[name], 1), f"train.{name}", tc[name], "an integer >= 1")
-    for name in ("train_limit", "eval_limit"):
-        _check(_int_at_least(tc[name], 0), f"train.{name}", tc[name], "an integer >= 0 (0: all)")
+    for name in ("train_limit", "eval_limit", "group_by_length", "bucket_multiple"):
+        _check(_int_at_least(tc[name], 0), f"train.{name}", tc[name], "an integer >= 0 (0: off / all)")
     test_limit = tc.get("test_limit", -1)
     _check(_int_at_least(test_limit, -1), "train.test_limit", test_limit,
            "-1 (as eval_limit), 0 (all) or a positive integer")

@@ -24,6 +24,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -94,10 +95,12 @@ def encode_splits(config, task, tokenizer) -> dict[str, dict]:
             for key, split in zip(("train", "validation", "test"), task.splits)}
 
 
-def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int, task) -> dict[str, float]:
+def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int, task,
+             bucket_multiple: int = 0) -> dict[str, float]:
+    """The task's metrics on a whole (length-sorted) split, ``batch_size`` rows at a time."""
     if task.kind == "causal_lm":
         nll = tokens = 0.0
-        for batch in data_lib.eval_batches(encoded, batch_size):
+        for batch in data_lib.eval_batches(encoded, batch_size, bucket_multiple):
             out = jax.device_get(eval_fn(trainable, frozen, method_state, batch))
             nll += float(out["nll_sum"])
             tokens += float(out["tokens"])
@@ -105,7 +108,7 @@ def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int,
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
     preds, labels = [], []
     label_key = "class_labels" if "class_labels" in encoded else "labels"
-    for batch in data_lib.eval_batches(encoded, batch_size):
+    for batch in data_lib.eval_batches(encoded, batch_size, bucket_multiple):
         out = jax.device_get(eval_fn(trainable, frozen, method_state, batch))
         keep = np.asarray(batch["mask"], bool)
         preds.append(np.asarray(out["predictions"])[keep])
@@ -145,7 +148,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, ctx)
     initial_added = peft.trainable["added"] if method.rewrites_base else None
     tx, schedule = make_optimizer(tc, tc.steps, method, config.seed)
-    state = init_state(peft.trainable, peft.state, tx)
+    state = init_state(peft.trainable, peft.state, tx, seed=config.seed)
     # Where the step runs: config.mesh's devices with the sharding rules, or a single device.
     placement = shard.from_config(config, method, state, frozen=peft.frozen)
     state, frozen = placement.put(state, peft.frozen)
@@ -169,13 +172,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         log.info("resumed from step %d", start)
     metrics_log.truncate_after(start)  # rows of steps that will be redone (all on a fresh start)
 
-    train_step = placement.jit_train_step(make_train_step(method, tx, config.seed))
+    train_step = placement.jit_train_step(make_train_step(method, tx))  # the seed is in the state
     eval_fn = placement.jit_eval_step(make_eval_step(method, lm_classes))
 
     times: list[float] = []
     compiled_shapes: set = set()
     memory: dict[str, int] = {}
-    batches = data_lib.train_batches(encoded["train"], tc.batch_size, config.seed, start_step=start)
+    batching = dict(group_by_length=tc.group_by_length, bucket_multiple=tc.bucket_multiple)
+    batches = data_lib.train_batches(encoded["train"], tc.batch_size, config.seed, start_step=start,
+                                     **batching)
     bar = tqdm(total=total, initial=start, desc=f"{method.name} on {task.name}", unit="step",
                dynamic_ncols=True, disable=not tc.progress)
     try:
@@ -208,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                                                   "learning_rate": float(schedule(opt_step))})
             if done % tc.eval_every == 0 or done == total:
                 val = evaluate(eval_fn, state.trainable, frozen, state.method_state,
-                               encoded["validation"], tc.eval_batch_size, task)
+                               encoded["validation"], tc.eval_batch_size, task, tc.bucket_multiple)
                 metrics_log.write(done, "validation", val)
                 if _better(task, val, best["metrics"]):
                     best = {"trainable": jax.tree.map(jnp.copy, state.trainable), "metrics": val,
@@ -224,9 +229,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         if not memory:  # resumed after the last step: compile once to measure
             memory = measure.memory_analysis(
                 train_step.lower(state, frozen, placement.put_batch(next(data_lib.train_batches(
-                    encoded["train"], tc.batch_size, config.seed)))).compile())
+                    encoded["train"], tc.batch_size, config.seed, **batching)))).compile())
         test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
-                        tc.eval_batch_size, task)
+                        tc.eval_batch_size, task, tc.bucket_multiple)
         if fmt == "instruction" and config.task.get("eval_generate", 0):
             test.update(_instruction_exact_match(config, tokenizer, method, best["trainable"], frozen,
                                                  state.method_state, encoded["test"]))
@@ -258,6 +263,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "best_step": best["step"],
         "adapter_bytes": adapter_bytes,
         "steps": total,
+        # share of the token positions computed that were padding (train: the run's batches)
+        "padding_fraction": {
+            "train": data_lib.padding_fraction(itertools.islice(data_lib.train_batches(
+                encoded["train"], tc.batch_size, config.seed, **batching), total)),
+            "validation": data_lib.padding_fraction(data_lib.eval_batches(
+                encoded["validation"], tc.eval_batch_size, tc.bucket_multiple))},
         "step_time_s": measure.median(times),
         "peak_memory_bytes": memory.get("peak_memory_bytes"),
         "memory": memory,

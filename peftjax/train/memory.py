@@ -151,7 +151,8 @@ def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: s
                       else v) for k, v in frozen.items()}
     tx = make_tx(optimizer, config.train, method)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), peft.trainable,
-                       jax.eval_shape(tx.init, peft.trainable), peft.state)
+                       jax.eval_shape(tx.init, peft.trainable), peft.state,
+                       jax.ShapeDtypeStruct((2,), jnp.uint32))
     return peft, frozen, tx, state
 
 

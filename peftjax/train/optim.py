@@ -5,7 +5,8 @@ The chain, in order, for each update::
 
     clip_by_global_norm(clip_norm)          the raw gradient's global norm (transformers' Trainer)
     method.gradient_transform(rng)          e.g. Child-tuning_F's Bernoulli mask, after clipping
-    adamw(schedule, b1, b2, eps, wd)        weight decay skips biases and normalisation scales
+    adamw(schedule / lr, b1, b2, eps, wd)   weight decay skips biases and normalisation scales
+    × lr                                    the peak rate, an optimizer-state value (no recompile)
     lr multipliers                          updates of matching params × m (after AdamW)
 
 Weight decay skips biases and normalisation scales (as transformers' Trainer does), since
@@ -130,7 +131,11 @@ def make_optimizer(cfg: Any, total_steps: int, method: Any = None, seed: int = 0
     if cfg.grad_accum_steps < 1:
         raise ValueError(f"train.grad_accum_steps={cfg.grad_accum_steps} is invalid; valid: >= 1")
     warmup = cfg.warmup_steps or int(round(cfg.get("warmup_ratio", 0.0) * total_steps))
-    schedule = learning_rate_schedule(lr, total_steps, warmup, cfg.schedule)
+    # The schedule's shape runs at peak 1 inside AdamW and the peak rate multiplies the update
+    # last, as an optimizer-state value (inject_hyperparams): the compiled step then does not
+    # depend on the learning rate, so a learning-rate grid compiles its programs once.
+    unit = learning_rate_schedule(1.0, total_steps, warmup, cfg.schedule)
+    schedule = lambda count: lr * unit(count)  # noqa: E731 — what the run's rate is at ``count``
     parts = []
     if cfg.clip_norm and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -139,8 +144,9 @@ def make_optimizer(cfg: Any, total_steps: int, method: Any = None, seed: int = 0
         transform = method.gradient_transform(key)
         if transform is not None:
             parts.append(transform)
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+    parts.append(optax.adamw(unit, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=_decay_mask))
+    parts.append(optax.inject_hyperparams(optax.scale)(step_size=float(lr)))
     rules = parse_lr_mults(cfg.get("lr_mults", ""))
     if method is not None:
         rules += parse_lr_mults(method.lr_multipliers())

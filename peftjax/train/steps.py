@@ -22,27 +22,35 @@ class TrainState(NamedTuple):
     trainable: dict
     opt_state: Any
     method_state: dict
+    rng: jax.Array | None = None   # the run's base key (uint32 key data): dropout, DyLoRA's ranks
 
 
-def init_state(trainable: dict, method_state: dict, tx: optax.GradientTransformation) -> TrainState:
+def init_state(trainable: dict, method_state: dict, tx: optax.GradientTransformation,
+               seed: int = 0) -> TrainState:
     """A fresh train state that owns its buffers.
 
     The trees are copied: the train step donates its state, and donating arrays shared with the
     caller's base params (full fine-tuning's trainable tree *is* the base) would delete them.
+    The run's ``seed`` becomes the state's base key — an input of the compiled step, not a
+    constant in it, so runs that differ only in seed share one compiled program (and the
+    persistent compilation cache serves every seed of a sweep from one compile).
     """
     trainable = jax.tree.map(jnp.copy, trainable)
     method_state = jax.tree.map(jnp.copy, method_state)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), method_state)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), method_state,
+                      jax.random.PRNGKey(seed))
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int,
+def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int | None = None,
                     loss_fn: Callable | None = None) -> Callable:
-    """``(state, frozen, batch) -> (state, metrics)``; the step's rng is fold_in(seed, step) so a
-    resumed run draws exactly the dropout masks of an uninterrupted one."""
+    """``(state, frozen, batch) -> (state, metrics)``; the step's rng is fold_in(key, step) so a
+    resumed run draws exactly the dropout masks of an uninterrupted one. The key is the state's
+    (``init_state(..., seed)``); ``seed`` given here overrides it with a constant."""
     loss_fn = loss_fn or loss_for(method.model.head)
-    base_rng = jax.random.PRNGKey(seed)
+    fixed_rng = None if seed is None else jax.random.PRNGKey(seed)
 
     def step_fn(state: TrainState, frozen: dict, batch: dict):
+        base_rng = fixed_rng if fixed_rng is not None else state.rng
         rng = jax.random.fold_in(base_rng, state.step)
 
         def objective(trainable):
@@ -55,7 +63,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int,
         trainable = optax.apply_updates(state.trainable, updates)
         method_state, trainable = method.update_state(state.method_state, trainable, grads, state.step)
         metrics = {"loss": task_loss, "grad_norm": optax.global_norm(grads)}
-        return TrainState(state.step + 1, trainable, opt_state, method_state), metrics
+        return TrainState(state.step + 1, trainable, opt_state, method_state, state.rng), metrics
 
     return step_fn
 

@@ -150,3 +150,36 @@ def test_real_cells_train_record_curves_and_the_dylora_rank_sweep(tmp_path):
     out = write_report(str(tmp_path))
     assert "| lora | lora | rank=" in open(out["md"]).read()
     assert any("rank_ablation" in p for p in out["plots"])
+
+
+def test_compilation_cache_serves_every_seed_from_one_compile(tmp_path):
+    """A sweep's cells share JAX's persistent compilation cache (WORKDIR/jax_cache); cells that
+    differ only in seed or learning rate compile nothing new, because the seed's key and the
+    peak learning rate are inputs of the compiled step, not constants in it."""
+    grid = tmp_path / "grid.py"
+    d = {"name": "cache", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+         "base": {"train": {"steps": 2, "batch_size": 8, "train_limit": 16, "eval_limit": 16,
+                            "eval_batch_size": 16, "eval_every": 2, "checkpoint_every": 2,
+                            "progress": False}, "data_dir": str(tmp_path / "tfds")},
+         "variants": {"lora": {"method": "lora", "overrides": {"train": {"learning_rate": 1e-3}}}}}
+    workdir = tmp_path / "run"
+    cache = workdir / runner.COMPILATION_CACHE
+
+    def sweep_once(definition):
+        grid.write_text(f"def get_config():\n    import ml_collections\n"
+                        f"    return ml_collections.ConfigDict({definition!r})\n")
+        out = subprocess.run([sys.executable, "scripts/sweep.py", f"--config={grid}",
+                              f"--workdir={workdir}", "--progress=false"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return set(os.listdir(cache))
+
+    first = sweep_once(d)
+    assert first, "nothing was cached"
+    d["seeds"] = [0, 1]
+    d["variants"]["lora"]["overrides"]["train"]["learning_rate"] = 3e-3
+    d["variants"]["lora2"] = {"method": "lora", "overrides": {"train": {"learning_rate": 1e-3}}}
+    again = sweep_once(d)   # 3 new cells: other seed, other learning rate, both
+    assert again == first, sorted(again - first)
+    rows = [json.loads(line) for line in open(workdir / "results.jsonl")]
+    assert sum(r["status"] == "ok" for r in rows) == 4
