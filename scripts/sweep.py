@@ -35,37 +35,56 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+def _results(workdir: str | None) -> list[dict]:
+    from peftjax.grid import ResultsStore
+
+    path = os.path.join(workdir, "results.jsonl") if workdir else ""
+    return ResultsStore(path).read() if path and os.path.exists(path) else []
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from peftjax.grid import runner, sweep
 
     try:
-        cells = sweep.expand(FLAGS.config)
+        cells, deferred = sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir))
     except sweep.GridError as e:
         print(f"error: invalid sweep definition: {e}", file=sys.stderr)
         return 2
+    waiting = (f"; {len(deferred)} more wait for their variant's selection on "
+               f"selection_seeds" if deferred else "")
     if FLAGS.dry_run:
         if FLAGS.workdir and os.path.exists(os.path.join(FLAGS.workdir, "results.jsonl")):
             state = runner.status(cells, FLAGS.workdir)
             for c in cells:
                 print(f"{c.id}  {state[c.id]:<7}  {c.label}")
             counts = {s: list(state.values()).count(s) for s in ("ok", "failed", "pending")}
-            print(f"{len(cells)} cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+            print(f"{len(cells)} cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + waiting)
         else:
-            print(sweep.describe(cells))
+            print(sweep.describe(cells) + waiting)
         return 0
     if not FLAGS.workdir:
         print("error: --workdir is required to run the sweep", file=sys.stderr)
         return 2
     definition = sweep._plain(FLAGS.config)
-    counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
-                        cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress,
-                        compile_cache=FLAGS.compile_cache)
-    print(json.dumps(counts))
+    total = {"ok": 0, "failed": 0, "skipped_ok": 0}
+    while True:  # each round may release the deferred seeds of variants whose selection finished
+        counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
+                            cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress,
+                            compile_cache=FLAGS.compile_cache)
+        print(json.dumps(counts))
+        total = {k: total.get(k, 0) + counts.get(k, 0) for k in set(total) | set(counts)}
+        more, deferred = sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir))
+        if not {c.id for c in more} - {c.id for c in cells}:
+            break
+        cells = more
+    if deferred:
+        print(f"{len(deferred)} cells still wait for a selection (its cells failed?): "
+              + ", ".join(c.label for c in deferred[:5]), file=sys.stderr)
     print(f"results: {os.path.join(FLAGS.workdir, 'results.jsonl')}\n"
           f"report:  python scripts/report.py {FLAGS.workdir}")
-    return 1 if counts["failed"] else 0
+    return 1 if total["failed"] else 0
 
 
 if __name__ == "__main__":

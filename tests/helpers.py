@@ -54,6 +54,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     # The plain (folded) prefixes: the count the method reports is the tree it trains. The
     # reparameterisation MLP is exercised in tests/methods/test_prefix_tuning.py.
     "prefix_tuning": {"num_virtual_tokens": 4, "prefix_projection": False},
+    "linear_probe": {},
 }
 
 
@@ -118,6 +119,8 @@ def formula_count(method, base: dict) -> int:
     name = method.name
     if name in ("full", "child_tuning_f"):  # Child-tuning_F trains every base param
         return tree_size(non_head)
+    if name == "linear_probe":  # the head alone, reported apart
+        return 0
     if name == "lora":
         r = method.config.rank
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])

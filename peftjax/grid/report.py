@@ -137,13 +137,16 @@ def finished_rows(rows: Sequence[dict]) -> list[dict]:
     return [r for r in latest.values() if r.get("status", "ok") == "ok"]
 
 
-def select(rows: Sequence[dict], fixed: dict | None = None) -> list[Selection]:
+def select(rows: Sequence[dict], fixed: dict | None = None,
+           selection_seeds: Sequence[int] | None = None) -> list[Selection]:
     """Honest model selection: per (model, task, variant), the hp setting with the best mean
     validation score over its seeds; test is then read for that setting only.
 
     (The best *step* within a run was already chosen on validation by the training loop, which
     evaluated test once, at that step.) ``fixed`` restricts to rows whose hp has these values
-    (used by ablations: the best of the other hps at each value of one).
+    (used by ablations: the best of the other hps at each value of one). ``selection_seeds``:
+    the choice uses these seeds' validation scores only (two-stage tuning: the other seeds ran
+    the chosen value alone, and counting them would favour it after the fact).
     """
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
@@ -156,8 +159,9 @@ def select(rows: Sequence[dict], fixed: dict | None = None) -> list[Selection]:
         metric, higher = primary_of(next(iter(by_hp.values()))[0])
         cands = {}
         for hk, rs in by_hp.items():
-            val, _ = _mean_std([_get(r, f"metrics.validation.{metric}") for r in rs])
-            cands[hk] = (val, sorted(r["seed"] for r in rs))
+            picked = [r for r in rs if selection_seeds is None or r["seed"] in selection_seeds]
+            val, _ = _mean_std([_get(r, f"metrics.validation.{metric}") for r in picked])
+            cands[hk] = (val, sorted(r["seed"] for r in picked))
         valid = [hk for hk in cands if not math.isnan(cands[hk][0])]
         if not valid:
             continue
@@ -300,7 +304,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     os.makedirs(plot_dir, exist_ok=True)
     written: dict[str, Any] = {"plots": []}
 
-    sels = select(rows)
+    sels = select(rows, selection_seeds=definition.get("selection_seeds"))
     tasks = _order_names(sorted({s.task for s in sels}), definition.get("tasks") or [])
     md = [f"# {name}", ""]
     if command:
@@ -320,6 +324,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             metrics_names = [ts[0].metric] + [m for m in metrics_names if m != ts[0].metric]
             header, text, best = task_table(ts, metrics_names)
             md += [f"## {model} × {task}", "", render_markdown(header, text, best), ""]
+            md += uncertainty_section(ts)
             tex += [render_latex(header, text, best, f"{model} on {task}: test "
                                  f"{ts[0].metric} at the hyperparameters chosen on validation "
                                  "(mean ± std over seeds).",
@@ -395,6 +400,86 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     _write_text(written["tex"], "\n".join(tex) + "\n")
     written["selections"] = sels
     return written
+
+
+REFERENCES = ("full", "lora")   # the differences every row is reported against
+
+
+def _predictions(s: Selection) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """(predictions (seeds, n), labels (n,), seeds) of a selection's test split, or None."""
+    rows = [r for r in s.rows if (r.get("test_predictions") or {}).get("predictions")]
+    if not rows:
+        return None
+    labels = np.frombuffer(rows[0]["test_predictions"]["labels"].encode(), np.uint8) - ord("0")
+    preds = np.stack([np.frombuffer(r["test_predictions"]["predictions"].encode(), np.uint8) - ord("0")
+                      for r in rows])
+    return preds.astype(np.int64), labels.astype(np.int64), [r["seed"] for r in rows]
+
+
+def _edge_choices(s: Selection) -> list[str]:
+    """The chosen values that lie at an end of their grid (the grid should be extended)."""
+    notes = []
+    keys = sorted({k for hk in s.candidates for k in json.loads(hk)})
+    for key in keys:
+        values = sorted({json.loads(hk).get(key) for hk in s.candidates} - {None})
+        if len(values) >= 2 and key in s.hp and s.hp[key] in (values[0], values[-1]):
+            end = "lowest" if s.hp[key] == values[0] else "highest"
+            notes.append(f"{key.split('.')[-1]}={s.hp[key]:g} is the grid's {end}"
+                         if isinstance(s.hp[key], float) else f"{key}={s.hp[key]} at the grid's {end}")
+    return notes
+
+
+def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int = 2000) -> list[str]:
+    """95% paired-bootstrap intervals (test examples × seeds; ``peftjax.grid.stats``) of each
+    variant's test accuracy and macro-F1, its difference to full fine-tuning and to LoRA (marked
+    * when the interval excludes 0), and tiers: variants are ranked only where intervals do not
+    overlap. Rows that predict one class, and grid choices at a grid's end, are flagged."""
+    from peftjax.grid import stats
+
+    data = {s.variant: _predictions(s) for s in ts}
+    data = {v: d for v, d in data.items() if d is not None}
+    if not data:
+        return []
+    labels = next(iter(data.values()))[1]
+    if any(len(d[1]) != len(labels) or not np.array_equal(d[1], labels) for d in data.values()):
+        return ["(Intervals omitted: the variants' test predictions are not over the same examples.)", ""]
+    k = max(len(d[2]) for d in data.values())
+    classes = int(max(labels.max(), max(d[0].max() for d in data.values()))) + 1
+    draw = stats.Resamples.draw(len(labels), k, b=draws)
+
+    def seeds_k(preds: np.ndarray) -> np.ndarray:   # a deterministic baseline repeats its one run
+        return np.concatenate([preds] * (-(-k // len(preds))))[:k]
+
+    refs = {r: seeds_k(data[r][0]) for r in REFERENCES if r in data}
+    ivs: dict[str, dict] = {}
+    for v, (preds, _, _) in data.items():
+        p = seeds_k(preds)
+        ivs[v] = {m: stats.interval(p, labels, m, draw, classes, level) for m in stats.METRICS}
+        ivs[v]["diff"] = {r: stats.difference(p, rp, labels, "accuracy", draw, classes, level)
+                          for r, rp in refs.items() if r != v}
+    order = list(data)
+    tiers = stats.unranked_groups([ivs[v]["accuracy"] for v in order])
+    fmt = lambda iv: f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"  # noqa: E731
+    dfmt = lambda iv: (f"{100 * iv.estimate:+.1f} [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}]"  # noqa: E731
+                       + ("*" if iv.excludes_zero else ""))
+    md = [f"Test scores with {100 * level:.0f}% paired-bootstrap intervals ({draws} resamples of the "
+          f"{len(labels)} test examples × the {k} seeds). Δ: difference in accuracy (points) to "
+          "the reference, * where its interval excludes 0. Tier: 1 is best; variants share a tier "
+          "unless their accuracy intervals do not overlap — within a tier they are not ranked.", "",
+          "| variant | tier | test accuracy | test macro-F1 | "
+          + " | ".join(f"Δ vs {r}" for r in refs) + " | notes |",
+          "|---|---|---|---|" + "---|" * len(refs) + "---|"]
+    by_variant = {s.variant: s for s in ts}
+    for v, tier in zip(order, tiers):
+        preds = data[v][0]
+        top = np.bincount(preds.ravel(), minlength=classes).max() / preds.size
+        notes = _edge_choices(by_variant[v])
+        if top > 0.99:
+            notes.append(f"predicts one class for {100 * top:.1f}% of examples")
+        diffs = [dfmt(ivs[v]["diff"][r]) if r in ivs[v]["diff"] else "—" for r in refs]
+        md.append(f"| {v} | {tier + 1} | {fmt(ivs[v]['accuracy'])} | {fmt(ivs[v]['macro_f1'])} | "
+                  + " | ".join(diffs) + f" | {'; '.join(notes)} |")
+    return md + [""]
 
 
 def _order_names(names: list[str], order: Sequence[str]) -> list[str]:

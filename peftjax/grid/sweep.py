@@ -28,6 +28,12 @@ config is ``configs/train.py``'s composed config with, in this order, ``base``,
 values applied; then ``seed``. Sections are those of the train config (``train``, ``method``,
 ``task``, ``model``; ``seed``/``data_dir`` are top-level keys given as ``{"seed": ...}``).
 
+Two-stage tuning (``selection_seeds``, a subset of ``seeds``): a variant with a grid runs every
+grid value on the selection seeds only; once those cells have finished, the value with the best
+mean validation score (``peftjax.grid.report.select``) runs on the other seeds. Before that, the
+other seeds' cells are *deferred* (``expand_with_selection`` reports them; the sweep script
+re-expands after each round). Test is read for the chosen value only, as always.
+
 Everything is validated at expansion, before any cell runs: an unknown model, task, method or
 config key, or a value of the wrong type, raises :class:`GridError` naming the cell and the
 field. A cell's id is the sha256 of its resolved config as sorted JSON (display-only keys such as
@@ -41,15 +47,16 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from typing import Any, Iterable, Mapping
+import os
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
 # Keys that change what is displayed, not what is computed: left out of the cell id.
 DISPLAY_ONLY_KEYS = frozenset({"progress"})
 VARIANT_KEYS = frozenset({"method", "overrides", "task_overrides", "grid", "rank_sweep"})
-SWEEP_KEYS = frozenset({"name", "description", "models", "tasks", "seeds", "base", "task_overrides",
-                        "variants", "report"})
+SWEEP_KEYS = frozenset({"name", "description", "models", "tasks", "seeds", "selection_seeds", "base",
+                        "task_overrides", "variants", "report"})
 
 
 class GridError(ValueError):
@@ -192,6 +199,9 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
             raise GridError(f"sweep definition: field {field!r} is missing or empty")
     if len(set(d["seeds"])) != len(d["seeds"]) or not all(isinstance(s, int) for s in d["seeds"]):
         raise GridError(f"sweep definition: seeds must be distinct integers, got {d['seeds']!r}")
+    if not set(d.get("selection_seeds") or []) <= set(d["seeds"]):
+        raise GridError(f"sweep definition: selection_seeds {d['selection_seeds']!r} must be a "
+                        f"subset of seeds {d['seeds']!r}")
     order = (d.get("report") or {}).get("order", [])
     bad_order = [v for v in order if v not in d["variants"]]
     if bad_order or set(d.get("report") or {}) - {"order"}:
@@ -203,7 +213,7 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
     tasks = set(data_lib.list_tasks())
 
     for model in d["models"]:
-        if model not in models:
+        if model not in models and not os.path.isdir(os.path.expanduser(model)):
             raise GridError(f"cell {model}/*: unknown model {model!r} (field 'models'); "
                             f"available: {', '.join(sorted(models))}")
     for task in d["tasks"]:
@@ -280,6 +290,43 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
                 cells.append(Cell(id=cid, variant=vname, method=method, model=model, task=task,
                                   seed=seed, hp=hp, config=resolved, rank_sweep=rank_sweep))
     return cells
+
+
+def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigDict,
+                          results: Sequence[dict] = ()) -> tuple[list[Cell], list[Cell]]:
+    """``(cells to run, deferred cells)`` under two-stage tuning (``selection_seeds``).
+
+    Without ``selection_seeds`` every cell runs (nothing deferred). With it, a variant whose grid
+    has several values runs them all on the selection seeds; its other seeds run only the value
+    chosen on validation from ``results`` (the sweep's results rows), once every selection cell
+    of that (model, task, variant) has finished ok — until then they are deferred.
+    """
+    from peftjax.grid import report
+
+    cells = expand(definition)
+    d = _plain(definition)
+    sel_seeds = set(d.get("selection_seeds") or d["seeds"])
+    done = {r["cell"]: r for r in report.finished_rows(results)}
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.model, c.task, c.variant), []).append(c)
+    run, deferred = [], []
+    for group in groups.values():
+        hps = {json.dumps(c.hp, sort_keys=True) for c in group}
+        if len(hps) <= 1 or sel_seeds == set(d["seeds"]):
+            run.extend(group)
+            continue
+        selection = [c for c in group if c.seed in sel_seeds]
+        run.extend(selection)
+        rows = [done[c.id] for c in selection if c.id in done]
+        others = [c for c in group if c.seed not in sel_seeds]
+        if len(rows) < len(selection):
+            deferred.extend(others)
+            continue
+        (chosen,) = report.select(rows)
+        run.extend(c for c in others if c.hp == chosen.hp)
+    order = {c.id: i for i, c in enumerate(cells)}
+    return sorted(run, key=lambda c: order[c.id]), sorted(deferred, key=lambda c: order[c.id])
 
 
 def _check_values(config, label: str, variant: str, models: dict) -> None:

@@ -106,6 +106,14 @@ def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int,
             tokens += float(out["tokens"])
         loss = nll / max(tokens, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+    preds, labels = predict(eval_fn, trainable, frozen, method_state, encoded, batch_size,
+                            bucket_multiple)
+    return data_lib.compute_metrics(task, preds, labels)
+
+
+def predict(eval_fn, trainable, frozen, method_state, encoded, batch_size: int,
+            bucket_multiple: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(predictions, labels)`` of a classification/regression split, in the split's order."""
     preds, labels = [], []
     label_key = "class_labels" if "class_labels" in encoded else "labels"
     for batch in data_lib.eval_batches(encoded, batch_size, bucket_multiple):
@@ -113,7 +121,16 @@ def evaluate(eval_fn, trainable, frozen, method_state, encoded, batch_size: int,
         keep = np.asarray(batch["mask"], bool)
         preds.append(np.asarray(out["predictions"])[keep])
         labels.append(np.asarray(batch[label_key])[keep])
-    return data_lib.compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def class_string(values: np.ndarray) -> str | None:
+    """Class ids as one digit each ("0210…"), the compact form result.json keeps test
+    predictions in (for paired bootstrap intervals over examples); None beyond 10 classes."""
+    values = np.asarray(values)
+    if values.size and (values.min() < 0 or values.max() > 9):
+        return None
+    return "".join(map(str, values.astype(int).tolist()))
 
 
 def _better(task, new: dict, old: dict | None) -> bool:
@@ -230,8 +247,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             memory = measure.memory_analysis(
                 train_step.lower(state, frozen, placement.put_batch(next(data_lib.train_batches(
                     encoded["train"], tc.batch_size, config.seed, **batching)))).compile())
-        test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
-                        tc.eval_batch_size, task, tc.bucket_multiple)
+        test_predictions = None
+        if task.kind == "classification":
+            preds, labels = predict(eval_fn, best["trainable"], frozen, state.method_state,
+                                    encoded["test"], tc.eval_batch_size, tc.bucket_multiple)
+            test = data_lib.compute_metrics(task, preds, labels)
+            test_predictions = {"predictions": class_string(preds), "labels": class_string(labels)}
+        else:
+            test = evaluate(eval_fn, best["trainable"], frozen, state.method_state, encoded["test"],
+                            tc.eval_batch_size, task, tc.bucket_multiple)
         if fmt == "instruction" and config.task.get("eval_generate", 0):
             test.update(_instruction_exact_match(config, tokenizer, method, best["trainable"], frozen,
                                                  state.method_state, encoded["test"]))
@@ -260,6 +284,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         **counts,
         "trainable_percent": 100.0 * counts["trainable_params"] / counts["total_params"],
         "metrics": {"validation": best["metrics"], "test": test},
+        # the test split's predictions and labels in its (length-sorted) order, one digit per
+        # example: the same order in every run of a task, so runs pair up example by example
+        "test_predictions": test_predictions,
         "best_step": best["step"],
         "adapter_bytes": adapter_bytes,
         "steps": total,

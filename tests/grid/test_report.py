@@ -101,3 +101,50 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
     assert "![pareto_m_tweet_sentiment](plots/pareto_m_tweet_sentiment.png)" in md
     configs = json.load(open(out["configs"]))
     assert len(configs) == len(synthetic_rows())
+
+
+def test_selection_seeds_choose_on_the_selection_seed_only():
+    """Two-stage tuning: rank 16 ran only on seed 0 (worse), rank 4 on seeds 0-2; the choice
+    must compare them on seed 0 alone, whatever seeds 1-2 of rank 4 scored."""
+    rows = [row("tweet_sentiment", "lora", "lora", 0, {"method.rank": 4}, 0.70, 0.70, 400),
+            row("tweet_sentiment", "lora", "lora", 0, {"method.rank": 16}, 0.75, 0.72, 1600),
+            row("tweet_sentiment", "lora", "lora", 1, {"method.rank": 4}, 0.95, 0.70, 400),
+            row("tweet_sentiment", "lora", "lora", 2, {"method.rank": 4}, 0.95, 0.70, 400)]
+    (all_seeds,) = select(rows)
+    assert all_seeds.hp == {"method.rank": 4}        # biased: counts seeds only rank 4 ran
+    (honest,) = select(rows, selection_seeds=[0])
+    assert honest.hp == {"method.rank": 16}
+
+
+def _preds_row(variant, seed, accuracy, labels, rng, **kw):
+    p = labels.copy()
+    flip = rng.random(len(labels)) > accuracy
+    p[flip] = (p[flip] + 1) % 3
+    r = row("tweet_sentiment", variant, variant, seed, kw.pop("hp", {}), accuracy, accuracy, 10, **kw)
+    r["test_predictions"] = {"predictions": "".join(map(str, p)), "labels": "".join(map(str, labels))}
+    return r
+
+
+def test_report_gives_paired_intervals_differences_tiers_and_flags(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 1500)
+    rows = []
+    for seed in (0, 1, 2):
+        rows += [_preds_row("full", seed, 0.85, labels, rng), _preds_row("lora", seed, 0.84, labels, rng),
+                 _preds_row("bitfit", seed, 0.70, labels, rng)]
+        for lr in (1e-3, 1e-2):   # the chosen rate is the grid's highest: flagged
+            rows.append(_preds_row("vera", seed, 0.6 if lr == 1e-3 else 0.8, labels, rng,
+                                   hp={"train.learning_rate": lr}))
+    stuck = row("tweet_sentiment", "prefix", "prefix", 0, {}, 0.4, 0.4, 10)
+    stuck["test_predictions"] = {"predictions": "0" * len(labels), "labels": "".join(map(str, labels))}
+    store = ResultsStore(str(tmp_path / "results.jsonl"))
+    for r in rows + [stuck]:
+        store.append(r)
+    md = open(write_report(str(tmp_path))["md"]).read()
+    assert "paired-bootstrap intervals" in md
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines()
+             if line.startswith("| ") and "[" in line and "]" in line and "Δ" not in line}
+    assert "*" in lines["bitfit"].split("|")[5]           # clearly below full: significant
+    assert lines["full"].split("|")[2].strip() == lines["lora"].split("|")[2].strip() == "1"  # same tier
+    assert "learning_rate=0.01 is the grid's highest" in lines["vera"]
+    assert "predicts one class for 100.0% of examples" in lines["prefix"]

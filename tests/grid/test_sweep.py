@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,27 @@ def test_every_experiment_definition_dry_runs():
             found.append(os.path.relpath(path, ROOT))
     assert {"experiments/tweet_methods/grid.py", "experiments/tweet_methods/smoke.py",
             "experiments/glue_roberta_base/grid.py"} <= set(found)
+
+
+def test_two_stage_selection_defers_the_other_seeds_until_the_choice():
+    d = definition()
+    d["selection_seeds"] = [0]
+    d["tasks"] = ["tweet_sentiment"]
+    d.pop("task_overrides", None)
+    d["variants"]["full"].pop("task_overrides", None)
+    cells, deferred = sweep.expand_with_selection(d)
+    lora = [c for c in cells if c.variant == "lora"]
+    assert {c.seed for c in lora} == {0} and len({json.dumps(c.hp) for c in lora}) > 1
+    assert deferred and all(c.variant == "lora" and c.seed != 0 for c in deferred)
+    assert {c.seed for c in cells if c.variant == "full"} == set(d["seeds"])   # no grid: all seeds
+    # the selection cells finish; the best validation score picks the hp run on the other seeds
+    best = max(lora, key=lambda c: json.dumps(c.hp))
+    results = [{"cell": c.id, "status": "ok", "model": c.model, "task": c.task, "variant": c.variant,
+                "method": c.method, "seed": c.seed, "hp": c.hp, "primary_metric": "accuracy",
+                "metrics": {"validation": {"accuracy": 0.9 if c is best else 0.5}}} for c in lora]
+    more, deferred = sweep.expand_with_selection(d, results)
+    assert not deferred
+    others = [c for c in more if c.variant == "lora" and c.seed != 0]
+    assert others and all(c.hp == best.hp for c in others)
+    with pytest.raises(sweep.GridError, match="selection_seeds"):
+        sweep.expand({**definition(), "selection_seeds": [7]})
