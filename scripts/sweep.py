@@ -52,8 +52,9 @@ def main(argv):
     except sweep.GridError as e:
         print(f"error: invalid sweep definition: {e}", file=sys.stderr)
         return 2
-    waiting = (f"; {len(deferred)} more wait for their variant's selection on "
-               f"selection_seeds" if deferred else "")
+    will_run = len({(c.model, c.task, c.variant, c.seed) for c in deferred})
+    waiting = (f"; then {will_run} more, at the value each variant's selection on selection_seeds "
+               f"chooses (of {len(deferred)} candidates)" if deferred else "")
     if FLAGS.dry_run:
         if FLAGS.workdir and os.path.exists(os.path.join(FLAGS.workdir, "results.jsonl")):
             state = runner.status(cells, FLAGS.workdir)

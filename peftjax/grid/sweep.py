@@ -18,6 +18,7 @@ and each variant is::
     overrides {section: {key: value}}            (optional) fixed settings of this variant
     task_overrides {task: {section: {...}}}      (optional) per task, for this variant only
     grid      {section: {key: [values, ...]}}    (optional) the variant's hyperparameter grid
+    tasks     [names]                            (optional) run this variant on these tasks only
     rank_sweep [ints]                            (optional) evaluate the finished run at these
                                                  ranks without retraining (a method with an
                                                  ``eval_rank_field``: DyLoRA)
@@ -54,7 +55,7 @@ import ml_collections
 
 # Keys that change what is displayed, not what is computed: left out of the cell id.
 DISPLAY_ONLY_KEYS = frozenset({"progress"})
-VARIANT_KEYS = frozenset({"method", "overrides", "task_overrides", "grid", "rank_sweep"})
+VARIANT_KEYS = frozenset({"method", "overrides", "task_overrides", "grid", "rank_sweep", "tasks"})
 SWEEP_KEYS = frozenset({"name", "description", "models", "tasks", "seeds", "selection_seeds", "base",
                         "task_overrides", "variants", "report"})
 
@@ -236,6 +237,13 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
         if bad:
             raise GridError(f"{where}: unknown field(s) {', '.join(f'variants.{vname}.{b}' for b in bad)}; "
                             f"valid: {', '.join(sorted(VARIANT_KEYS))}")
+        only = variant.get("tasks")
+        if only is not None:
+            if not isinstance(only, list) or not set(only) <= set(d["tasks"]):
+                raise GridError(f"{where}: field 'variants.{vname}.tasks' must be a list of tasks "
+                                f"from 'tasks' ({d['tasks']}), got {only!r}")
+            if task not in only:
+                continue
         method = variant.get("method")
         if method not in registered:
             raise GridError(f"{where}: unknown method {method!r} (field 'variants.{vname}.method'); "

@@ -109,26 +109,26 @@ def prefix_tuning_available() -> bool:
 
 
 def test_committed_definitions_expand():
-    """tweet_methods (every method, 2 tasks, 3 seeds) and glue_roberta_base (LoRA Table 9)."""
+    """tweet_methods (every method tuned on sentiment, a subset on polarity; two-stage tuning)
+    and glue_roberta_base (LoRA Table 9)."""
     tweets = sweep.load_definition(os.path.join(ROOT, "experiments/tweet_methods/grid.py"))
-    expected = {"full", "lora", "dora", "adalora", "dylora", "vera", "adapter", "prompt_tuning",
-                "prefix_tuning", "bitfit", "child_tuning_f", "child_tuning_d", "fishmask"}
-    n_variants = 16
-    if not prefix_tuning_available():
-        # Only tolerated gap: prefix tuning is developed separately; until it is registered
-        # with a configs/methods file, expansion must name it, and the rest must expand.
-        with pytest.raises(sweep.GridError, match="prefix_tuning"):
-            sweep.expand(tweets)
-        del tweets.variants["prefix_tuning"]
-        tweets.report.order.remove("prefix_tuning")
-        expected.remove("prefix_tuning")
-        n_variants -= 1
     cells = sweep.expand(tweets)
-    assert len({c.variant for c in cells}) == n_variants and {c.method for c in cells} == expected
-    assert len(cells) == (n_variants + 1) * 2 * 3  # prefix tuning: two learning rates
+    expected = {"full", "linear_probe", "lora", "dora", "adalora", "dylora", "vera", "adapter",
+                "prompt_tuning", "prefix_tuning", "bitfit", "child_tuning_f", "child_tuning_d",
+                "fishmask"}
+    assert {c.method for c in cells} == expected
+    by_task = {t: {c.variant for c in cells if c.task == t} for t in ("tweet_sentiment", "tweet_polarity")}
+    assert len(by_task["tweet_sentiment"]) == 17 and by_task["tweet_polarity"] == {
+        "full", "linear_probe", "lora", "adapter_houlsby", "bitfit", "prompt_tuning"}
+    assert len(cells) == (17 + 6) * 3 * 3          # 3 learning rates x 3 seeds before selection
+    run, deferred = sweep.expand_with_selection(tweets)
+    assert len(run) == (17 + 6) * 3 and {c.seed for c in run} == {0}
+    assert len({(c.variant, c.task, c.seed) for c in deferred}) == (17 + 6) * 2
     by = {c.variant: c.config for c in cells}
     assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
     assert by["adapter_pfeiffer"]["method"]["placement"] == "pfeiffer"
+    assert by["adapter_houlsby"]["method"]["train_layernorm"] is True
+    assert by["full"]["train"]["test_limit"] == 0 and by["full"]["train"]["eval_limit"] == 0   # whole splits
 
     glue = sweep.load_definition(os.path.join(ROOT, "experiments/glue_roberta_base/grid.py"))
     cells = sweep.expand(glue)
