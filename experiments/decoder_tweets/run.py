@@ -320,7 +320,8 @@ def main(argv):
             res = evaluate_icl(large, tokenizer, task, train, test, icl_cfg, batch_size=32, progress=True)
             add(f"large, ICL k={k}" + (" (class-balanced)" if balanced else ""), res["predictions"][order],
                 model_params=n_large, trained_params=0,
-                mean_tokens_per_scored_sequence=round(res["mean_sequence_tokens"], 1))
+                mean_tokens_per_scored_sequence=round(res["mean_sequence_tokens"], 1),
+                demo_separator=icl_cfg.separator, eos_after_demo=icl_cfg.eos_after_demo)
     with timer("eval_tuned"):
         small_preds = score(tuned["small"])
         add("small, LoRA-tuned (expert)", small_preds, model_params=n_small, trained_params=lora_small)
