@@ -18,6 +18,14 @@ after the optimizer step, with the step's gradient::
 
     I = |w · ∂L/∂w|,  Ī ← β1 Ī + (1-β1) I,  Ū ← β2 Ū + (1-β2) |I - Ī|,  s(w) = Ī · Ū
 
+The gradient is the one the optimizer used: after the run's global-norm clipping
+(``InitContext.clip_norm``, train.clip_norm), ∂L/∂w · min(1, c/‖g‖) with ‖g‖ over the whole
+trainable tree. PEFT's ``update_and_allocate`` reads ``p.grad`` after ``optimizer.step()``, and
+a training loop that clips (transformers' Trainer, the AdaLoRA reference code) has rescaled it
+in place by then; the raw gradient would weight each step's importance by 1/min(1, c/‖g‖) more
+than PEFT does (found by the training-parity run, ``peftjax.interop.train_parity``). With
+gradient accumulation the importance reads each micro-step's gradient, clipped by its own norm.
+
 (Ī updated first, Ū uses the new Ī; β1 = β2 = 0.85). A triplet's score (Eq. 11) is
 s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji).
 
@@ -66,6 +74,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from peftjax.methods import core, lora
 
@@ -125,11 +134,14 @@ class AdaLoRA(lora.LoRA):
         n = len(self.targets)
         self.init_bgt, self.target_bgt = c.init_r * n, c.target_r * n
         self.total_step = None
+        self.clip_norm = None   # the run's gradient clipping (``prepare``)
         if c.total_step:
             self._schedule(c.total_step)
 
     def prepare(self, ctx: core.InitContext) -> None:
-        """The budget schedule over the run: ``total_step``, or the run's length when it is 0."""
+        """The budget schedule over the run: ``total_step``, or the run's length when it is 0;
+        the run's gradient clipping, which the importance applies to its gradients."""
+        self.clip_norm = float(ctx.clip_norm) if ctx.clip_norm else None
         if self.config.total_step:
             return
         if not ctx.total_steps:
@@ -197,6 +209,8 @@ class AdaLoRA(lora.LoRA):
             raise ValueError("adalora: the budget schedule needs the run's length; set up the "
                              "method with an InitContext(total_steps=...) or pass total_step")
         total = self.total_step
+        if self.clip_norm:   # the gradient as the optimizer used it (optax's own clipping)
+            grads, _ = optax.clip_by_global_norm(self.clip_norm).update(grads, optax.EmptyState())
         added, g = trainable["added"], grads["added"]
         boundary = total - c.tfinal
         t = jnp.clip(step, 0, total)

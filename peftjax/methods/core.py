@@ -203,6 +203,9 @@ class InitContext:
     loss_fn: Callable[[Flat, dict], Array] | None = None
     num_train_examples: int | None = None   # size of the training set, to refuse N > it early
     total_steps: int | None = None          # train steps of the run (micro-steps), for schedules
+    # The run's global-norm gradient clipping (train.clip_norm; None or 0: none), for a method
+    # that reads gradients in ``update_state`` as the optimizer used them (AdaLoRA's importance).
+    clip_norm: float | None = None
 
 
 class Method:
@@ -302,7 +305,11 @@ class Method:
         return ()
 
     def update_state(self, state: Flat, trainable: dict, grads: dict, step: Array) -> tuple[Flat, dict]:
-        """After each optimizer step: new state and possibly modified trainable (AdaLoRA masking)."""
+        """After each optimizer step: new state and possibly modified trainable (AdaLoRA masking).
+
+        ``trainable`` is the updated tree; ``grads`` the step's raw gradients of the whole
+        trainable tree (before clipping: a method that wants them as the optimizer used them
+        applies ``InitContext.clip_norm``)."""
         return state, trainable
 
     # -- merge ----------------------------------------------------------------------------

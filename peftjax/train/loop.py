@@ -161,7 +161,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
 
     total = total_steps(config)
-    ctx = init_context(model, tokenizer, encoded["train"], total_steps=total)
+    ctx = init_context(model, tokenizer, encoded["train"], total_steps=total, clip_norm=tc.clip_norm)
     peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, ctx)
     initial_added = peft.trainable["added"] if method.rewrites_base else None
     tx, schedule = make_optimizer(tc, tc.steps, method, config.seed)

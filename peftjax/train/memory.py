@@ -134,7 +134,8 @@ def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: s
     if frozen_dtype not in DTYPES:
         raise ValueError(f"frozen_dtype={frozen_dtype!r} is invalid; valid: {', '.join(DTYPES)}")
     abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
-    ctx = init_context(model, None, _concrete_rows(batch_spec), total_steps=total_steps(config))
+    ctx = init_context(model, None, _concrete_rows(batch_spec), total_steps=total_steps(config),
+                       clip_norm=config.train.clip_norm)
     try:
         peft = jax.eval_shape(lambda b: method.setup(jax.random.PRNGKey(config.seed + 1), b, ctx),
                               abstract_base)

@@ -149,3 +149,29 @@ def test_total_step_comes_from_the_run_through_prepare(bert):
     ctx = init_context(model2, None, {"input_ids": np.zeros((2, 4), np.int32)}, total_steps=600)
     method.prepare(ctx)
     assert method.total_step == 600
+
+
+def test_importance_reads_the_gradient_after_the_runs_clipping(bert):
+    """PEFT's ``update_and_allocate`` reads ``p.grad`` after the training loop's
+    ``clip_grad_norm_`` has rescaled it in place (transformers' Trainer, the AdaLoRA reference
+    code), so with clipping active I = |w · g · c/‖g‖| (‖g‖ over every trainable tensor, head
+    included); the clip norm is a run fact (``InitContext.clip_norm``, train.clip_norm).
+    Found by the training-parity run (tests/interop/test_train_parity.py), where the importance
+    averages differed from PEFT's by the clip factor whenever clipping was active."""
+    import optax
+
+    model, base = bert
+    site_key = None
+    for clip in (0.5, None, 1e6):   # clipped; no clipping configured; a norm below the clip
+        m = methods.create("adalora", model, {**CFG, "tinit": 8})   # no masking at step 0
+        peft = m.setup(jax.random.PRNGKey(0), base, InitContext(total_steps=16, clip_norm=clip))
+        grads = _random_grads(peft, 0)
+        grads["head"] = {k: jnp.ones_like(v) for k, v in grads["head"].items()}
+        norm = float(optax.global_norm(grads))
+        assert norm > 0.5
+        state, _ = jax.jit(m.update_state)(peft.state, peft.trainable, grads, jnp.asarray(0))
+        site_key = m.targets[0] + ".lora_A"
+        scale = 0.5 / norm if clip == 0.5 else 1.0
+        w, g = peft.trainable["added"][site_key], grads["added"][site_key]
+        expected = (1 - 0.85) * np.abs(np.asarray(w) * np.asarray(g) * scale)
+        np.testing.assert_allclose(np.asarray(state[site_key + ".ipt"]), expected, rtol=1e-5, atol=1e-12)
