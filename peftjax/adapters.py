@@ -145,8 +145,9 @@ class AdapterSet:
         """Adds an adapter from a Hugging Face PEFT folder (``peftjax.interop``)."""
         from peftjax.interop import import_adapter
 
-        method, trainable = import_adapter(folder, self.model, require_head=require_head)
-        self.add(name, method, trainable)
+        method, trainable, state = import_adapter(folder, self.model, require_head=require_head,
+                                                  with_state=True)   # VeRA's projections
+        self.add(name, method, trainable, state)
 
     def remove(self, name: str) -> None:
         del self._adapters[self.names[self.index(name)]]

@@ -3,8 +3,8 @@
 ``export_adapter`` writes a folder that ``peft.PeftModel.from_pretrained(torch_model, folder)``
 loads onto the transformers model of the same checkpoint; ``import_adapter`` reads a folder
 that PEFT saved and returns the peftjax method and its trainable tree. Supported: LoRA, rsLoRA
-(``use_rslora``), DoRA (``use_dora``, when ``peftjax.methods.dora`` is present) and prompt
-tuning, with the task head carried as PEFT's ``modules_to_save``.
+(``use_rslora``), DoRA (``use_dora``, when ``peftjax.methods.dora`` is present), AdaLoRA, VeRA and
+prompt tuning, with the task head carried as PEFT's ``modules_to_save``.
 
 Name mapping (verified against files PEFT itself writes, ``tests/interop``): a peftjax site
 *is* the transformers module path (``bert.encoder.layer.0.attention.self.query``), so
@@ -12,6 +12,13 @@ Name mapping (verified against files PEFT itself writes, ``tests/interop``): a p
     peftjax ``<site>.lora_A`` (in, r)   ↔  ``base_model.model.<site>.lora_A.weight`` (r, in)
     peftjax ``<site>.lora_B`` (r, out)  ↔  ``base_model.model.<site>.lora_B.weight`` (out, r)
     DoRA magnitude (out,)               ↔  ``base_model.model.<site>.lora_magnitude_vector``
+    AdaLoRA ``<site>.lora_A`` (in, r) / ``lora_E`` (r,) / ``lora_B`` (r, out)
+                                        ↔  ``base_model.model.<site>.lora_A`` (r, in) / ``lora_E``
+                                           (r, 1) / ``lora_B`` (out, r)  (no ``.weight``)
+    VeRA ``<site>.vera_lambda_b`` (out,), ``vera_lambda_d`` (r,)  ↔  the same names, bare
+    VeRA state ``vera_A`` (in_max, r), ``vera_B`` (r, out_max)
+                                        ↔  ``base_model.vera_A`` (r, in_max), ``base_model.vera_B``
+                                           (out_max, r)  (PEFT's ``save_projection=True``)
     prompt ``<emb site>.prompt_embeddings`` (n, d)  ↔  ``prompt_embeddings`` (n, d)
     head ``classifier.kernel`` (in, out) ↔  ``base_model.model.classifier.weight`` (out, in)
                                            (``base_model.classifier.weight`` for prompt tuning:
@@ -22,6 +29,13 @@ list item by equality or ``.``-suffix, so a full path targets exactly that modul
 else. On import, PEFT's matching rule (list: equal or suffix; string: ``re.fullmatch``;
 ``"all-linear"``) is translated into a peftjax target regex, and the set of modules it selects
 must equal the set of modules the file holds weights for.
+
+Methods with state: VeRA's shared projections and AdaLoRA's rank mask live in peftjax's method
+``state``, so ``export_adapter`` takes ``state=`` and ``import_adapter(..., with_state=True)``
+returns it. AdaLoRA follows PEFT's format for a pruned adapter: ``rank_pattern``
+(``{"<module>.lora_E": [kept?] * init_r}``) in the config and each module's tensors cut to its
+kept triplets; on import the triplets are put back at their indices (the pruned ones zero, E = 0
+there, so the update is unchanged) and the mask becomes the state's ``rank_mask``.
 
 Anything that does not fit is refused with a message that lists each missing, unexpected or
 mis-shaped key, or the config field that peftjax does not implement — never a silent partial
@@ -46,13 +60,14 @@ from peftjax.models.registry import Model
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-SUPPORTED_PEFT_TYPES = ("LORA", "PROMPT_TUNING")
+SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "VERA", "PROMPT_TUNING")
 
 # peftjax method name -> the extra per-site tensors it stores besides lora_A / lora_B:
 # {PEFT key suffix (after "<module>."): peftjax added-param name (after "<site>.")}. A new
 # LoRA-family method that PEFT expresses as a LoRA flag is one entry here and in _LORA_FLAGS.
 LOW_RANK_EXTRA: dict[str, dict[str, str]] = {"lora": {}, "dora": {"lora_magnitude_vector": "lora_magnitude"}}
 _LORA_FLAGS = {"lora": {}, "dora": {"use_dora": True}}
+EXPORTABLE = (*LOW_RANK_EXTRA, "adalora", "vera", "prompt_tuning")
 
 
 class AdapterError(ValueError):
@@ -98,10 +113,11 @@ def _listing(title: str, items: list[str], limit: int = 40) -> str:
 
 
 def export_adapter(method: core.Method, trainable: dict, folder: str, *,
-                   base_model_name_or_path: str = "") -> dict:
+                   base_model_name_or_path: str = "", state: dict | None = None) -> dict:
     """Writes ``trainable`` (``{"base","added","head"}``) as a PEFT adapter folder.
 
-    Returns the adapter config written. Both files are written to a temporary name and
+    ``state``: the method state, required by VeRA (its projections) and used by AdaLoRA (its
+    rank mask; without it every triplet is kept). Returns the adapter config written. Both files are written to a temporary name and
     renamed, the weights first, so an interrupted export never leaves a config whose weights
     are missing or stale.
     """
@@ -116,11 +132,15 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
     added = trainable.get("added", {})
     if _lora_like(method):
         config, tensors, prefix = _export_lora(method, added)
+    elif method.name == "adalora":
+        config, tensors, prefix = _export_adalora(method, added, state)
+    elif method.name == "vera":
+        config, tensors, prefix = _export_vera(method, added, state)
     elif method.name == "prompt_tuning":
         config, tensors, prefix = _export_prompt(method, added)
     else:
         raise AdapterError(f"method {method.name!r} has no Hugging Face PEFT equivalent here; "
-                           f"exportable methods: {', '.join(sorted([*LOW_RANK_EXTRA, 'prompt_tuning']))}")
+                           f"exportable methods: {', '.join(sorted(EXPORTABLE))}")
     head = trainable.get("head", {})
     expected = _head_params(model)
     if set(head) != set(expected):
@@ -197,6 +217,77 @@ def _export_lora(method, added) -> tuple[dict, dict, str]:
     return config, tensors, prefix
 
 
+def _check_added(method, added, names) -> None:
+    expected = {f"{s}.{n}" for s in method.targets for n in names}
+    if set(added) != expected:
+        raise AdapterError(_listing(f"{method.name} added params do not match its targets; missing",
+                                    sorted(expected - set(added)))
+                           + "; " + _listing("unexpected", sorted(set(added) - expected)))
+
+
+def _export_adalora(method, added, state) -> tuple[dict, dict, str]:
+    """PEFT's AdaLoRA file: (r, in) A, (r, 1) E, (out, r) B per module, and when the state's rank
+    mask has pruned triplets, ``rank_pattern`` with each module cut to its kept triplets (as
+    PEFT's ``resize_state_dict_by_rank_pattern`` writes it)."""
+    c = method.config
+    total = method.total_step or c.total_step
+    if not total:
+        raise AdapterError("adalora's budget schedule length (total_step) is unknown and PEFT's "
+                           "AdaLoraConfig requires it: set the method up with the run's "
+                           "InitContext(total_steps=...) or pass total_step")
+    _check_added(method, added, ("lora_A", "lora_E", "lora_B"))
+    prefix = "base_model.model."
+    keep = {site: np.ones(c.init_r, bool) for site in method.targets}
+    if state is not None:
+        keep = {site: _to_numpy(state[site + ".rank_mask"]) > 0 for site in method.targets}
+    pruned = any(not k.all() for k in keep.values())
+    tensors: dict[str, np.ndarray] = {}
+    for site in method.targets:
+        idx = np.flatnonzero(keep[site])
+        a, e, b = (_to_numpy(added[f"{site}.{n}"]) for n in ("lora_A", "lora_E", "lora_B"))
+        tensors[f"{prefix}{site}.lora_A"] = np.ascontiguousarray(a.T[idx])
+        tensors[f"{prefix}{site}.lora_E"] = np.ascontiguousarray(e[idx, None])
+        tensors[f"{prefix}{site}.lora_B"] = np.ascontiguousarray(b[idx].T)
+    config = {
+        "peft_type": "ADALORA", "init_r": int(c.init_r), "target_r": int(c.target_r),
+        "lora_alpha": float(c.alpha), "lora_dropout": float(c.dropout), "tinit": int(c.tinit),
+        "tfinal": int(c.tfinal), "deltaT": int(c.deltaT), "beta1": float(c.beta1),
+        "beta2": float(c.beta2), "orth_reg_weight": float(c.orth_reg_weight), "total_step": int(total),
+        "rank_pattern": ({f"{s}.lora_E": [bool(v) for v in keep[s]] for s in method.targets}
+                         if pruned else None),
+        "target_modules": list(method.targets), "bias": "none", "init_lora_weights": True,
+        "fan_in_fan_out": _conv1d_targets(method.model, method.targets), "use_rslora": False,
+        "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    }
+    return config, tensors, prefix
+
+
+def _export_vera(method, added, state) -> tuple[dict, dict, str]:
+    """PEFT's VeRA file with ``save_projection=True``: per module the two scaling vectors, and
+    the shared projections once (torch layout, transposed from ours)."""
+    c = method.config
+    if not state or "vera_A" not in state or "vera_B" not in state:
+        raise AdapterError("vera's export needs the method state, which holds its shared random "
+                           "projections (vera_A, vera_B): export_adapter(method, trainable, folder, "
+                           "state=state)")
+    _check_added(method, added, ("vera_lambda_b", "vera_lambda_d"))
+    prefix = "base_model.model."
+    tensors = {f"{prefix}{site}.{n}": _to_numpy(added[f"{site}.{n}"])
+               for site in method.targets for n in ("vera_lambda_b", "vera_lambda_d")}
+    tensors["base_model.vera_A"] = np.ascontiguousarray(_to_numpy(state["vera_A"]).T)
+    tensors["base_model.vera_B"] = np.ascontiguousarray(_to_numpy(state["vera_B"]).T)
+    config = {
+        "peft_type": "VERA", "r": int(c.rank), "target_modules": list(method.targets),
+        # The projections travel in the file (save_projection), so PEFT's key only seeds a draw
+        # that the loaded buffers replace; a pinned key is kept, the run-seeded one (-1) written as 0.
+        "projection_prng_key": int(max(c.projection_prng_key, 0)), "save_projection": True,
+        "vera_dropout": float(c.dropout), "d_initial": float(c.d_initial), "bias": "none",
+        "fan_in_fan_out": _conv1d_targets(method.model, method.targets), "init_weights": True,
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+    return config, tensors, prefix
+
+
 def _export_prompt(method, added) -> tuple[dict, dict, str]:
     hf = method.model.hf_config
     prompt = _to_numpy(added[f"{method.site}.prompt_embeddings"])
@@ -238,14 +329,18 @@ def read_adapter(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
     return config, load_file(weights)
 
 
-def import_adapter(folder: str, model: Model, *, require_head: bool = True
-                   ) -> tuple[core.Method, dict]:
-    """Loads a PEFT-saved adapter for ``model``: ``(method, trainable)``.
+def import_adapter(folder: str, model: Model, *, require_head: bool = True,
+                   with_state: bool = False) -> tuple:
+    """Loads a PEFT-saved adapter for ``model``: ``(method, trainable)``, or with
+    ``with_state=True`` ``(method, trainable, state)``.
 
     ``trainable`` is ``{"base": {}, "added": {...}, "head": {...}}``; combine it with the base
     params with ``peft_params`` (or ``method.partition``). When the model has a task head the
     adapter must carry it (``modules_to_save``) unless ``require_head=False``, in which case
-    ``trainable["head"]`` is empty and the caller supplies the head.
+    ``trainable["head"]`` is empty and the caller supplies the head. ``state`` is the method
+    state the file determines (VeRA: its projections, which the forward needs, so a VeRA
+    adapter requires ``with_state=True``; AdaLoRA: the rank mask of ``rank_pattern`` and zero
+    importance averages; others: empty).
     """
     config, tensors = read_adapter(folder)
     peft_type = config.get("peft_type")
@@ -254,19 +349,31 @@ def import_adapter(folder: str, model: Model, *, require_head: bool = True
                            f"types: {', '.join(SUPPORTED_PEFT_TYPES)}")
     _check_task_type(config, model, folder)
     _check_head_representable(model, "loaded from")
+    state: dict = {}
     if peft_type == "LORA":
         method, added, prefix = _import_lora(config, tensors, model, folder)
+    elif peft_type == "ADALORA":
+        method, added, state, prefix = _import_adalora(config, tensors, model, folder)
+    elif peft_type == "VERA":
+        if not with_state:
+            raise AdapterError(f"{folder}: a VeRA adapter's shared projections are method state "
+                               "(the forward needs them): call import_adapter(..., with_state=True) "
+                               "and pass the state on (peft_params(..., state=state))")
+        method, added, state, prefix = _import_vera(config, tensors, model, folder)
     else:
         method, added, prefix = _import_prompt(config, tensors, model, folder)
     head, unexpected = _import_head(tensors, model, prefix, folder, require_head)
     if unexpected:
         raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
                            + _listing("unexpected keys", sorted(unexpected)))
-    return method, {"base": {}, "added": added, "head": head}
+    trainable = {"base": {}, "added": added, "head": head}
+    return (method, trainable, state) if with_state else (method, trainable)
 
 
-def peft_params(method: core.Method, trainable: dict, base: dict) -> core.PeftParams:
-    """``PeftParams`` from imported ``trainable`` and the model's (flat or nested) base params.
+def peft_params(method: core.Method, trainable: dict, base: dict,
+                state: dict | None = None) -> core.PeftParams:
+    """``PeftParams`` from imported ``trainable`` (and ``state``, from
+    ``import_adapter(..., with_state=True)``) and the model's (flat or nested) base params.
 
     The imported head replaces the base params' head; when the import carried none the base
     params' head is kept.
@@ -276,7 +383,7 @@ def peft_params(method: core.Method, trainable: dict, base: dict) -> core.PeftPa
     train, head, frozen = method.partition(flat)
     head = {**head, **trainable["head"]}
     return core.PeftParams({"base": train, "added": dict(trainable["added"]), "head": head},
-                           frozen, {})
+                           frozen, dict(state or {}))
 
 
 def _check_task_type(config: dict, model: Model, folder: str) -> None:
@@ -335,7 +442,8 @@ _REFUSED_LORA_FIELDS = {
 }
 
 
-def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str]:
+def _refused_lora_fields(config) -> list[str]:
+    """What a LoRA-style config (LoRA, AdaLoRA) sets that peftjax does not implement."""
     problems = []
     for field, (fine, why) in _REFUSED_LORA_FIELDS.items():
         value = config.get(field, fine)
@@ -345,6 +453,11 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r}: trained biases (bias != 'none') are not "
                         "implemented")
+    return problems
+
+
+def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str]:
+    problems = _refused_lora_fields(config)
     for field in ("rank_pattern", "alpha_pattern"):
         if config.get(field):
             problems.append(f"{field}={config[field]!r}: per-module ranks/alphas are not implemented "
@@ -418,6 +531,148 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
         raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
                            + "\n  ".join(lines))
     return method, added, prefix
+
+
+def _take_module_tensors(tensors, model, method, prefix, folder, want) -> tuple[dict, list, list]:
+    """Pops ``<prefix><module>.<suffix>`` for every target and suffix of ``want`` (``{suffix:
+    shape(site) or None}``); returns (``{(site, suffix): array}``, missing, mis-shaped) and refuses
+    leftover tensors of the same kinds (modules the config does not select)."""
+    in_file = _strip_prefix(tensors, prefix)
+    ours = {k: full for k, full in in_file.items() if k.rsplit(".", 1)[-1] in want}
+    to_site = _module_map(model, sorted({k.rsplit(".", 1)[0] for k in ours}))
+    site_to_file = {s: m for m, s in to_site.items()}
+    found, missing, misshaped = {}, [], []
+    for site in method.targets:
+        module = site_to_file.get(site, site)
+        for suffix, shape in want.items():
+            key = f"{module}.{suffix}"
+            if key not in ours:
+                missing.append(prefix + key)
+                continue
+            array = tensors.pop(ours.pop(key))
+            expected = shape(site) if shape else None
+            if expected is not None and tuple(array.shape) != tuple(expected):
+                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {tuple(expected)}")
+                continue
+            found[(site, suffix)] = array
+    unexpected = sorted(prefix + k for k in ours)
+    if unexpected:
+        raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
+                           + _listing("unexpected keys (modules not selected or not adaptable)", unexpected))
+    return found, missing, misshaped
+
+
+def _raise_misfit(folder, model, missing, misshaped) -> None:
+    if missing or misshaped:
+        lines = []
+        if missing:
+            lines.append(_listing("missing keys (modules that target_modules selects)", missing))
+        if misshaped:
+            lines.append(_listing("mis-shaped keys", misshaped))
+        raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  " + "\n  ".join(lines))
+
+
+def _create_for(name, model, kwargs, config, folder) -> core.Method:
+    try:
+        return core.create(name, model, kwargs)
+    except ValueError as e:
+        raise AdapterError(f"{folder}: {config.get('peft_type')} adapter (target_modules="
+                           f"{config.get('target_modules')!r}) does not fit the "
+                           f"{model.family.name} model: {e}") from None
+
+
+def _import_adalora(config, tensors, model, folder) -> tuple[core.Method, dict, dict, str]:
+    """AdaLoRA: full init_r tensors, or PEFT's pruned ones put back at their ``rank_pattern``
+    indices (zeros elsewhere, so E = 0 there and the update is unchanged)."""
+    problems = _refused_lora_fields(config)
+    if config.get("use_dora") or config.get("use_rslora"):
+        problems.append("use_dora / use_rslora: not part of AdaLoRA")
+    if problems:
+        raise AdapterError(f"{folder}: cannot import this AdaLoRA adapter:\n  " + "\n  ".join(problems))
+    sites = core.Sites.discover(model)
+    init_r = int(config.get("init_r", 12))
+    kwargs = dict(init_r=init_r, target_r=int(config.get("target_r", 8)),
+                  alpha=float(config.get("lora_alpha", 8)),
+                  dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                  targets=_peft_targets_regex(config.get("target_modules"), sites),
+                  tinit=int(config.get("tinit", 0)), tfinal=int(config.get("tfinal", 0)),
+                  deltaT=int(config.get("deltaT", 1)), beta1=float(config.get("beta1", 0.85)),
+                  beta2=float(config.get("beta2", 0.85)),
+                  orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+                  total_step=int(config.get("total_step") or 0))
+    method = _create_for("adalora", model, kwargs, config, folder)
+    prefix = "base_model.model."
+    pattern_in = {k.removesuffix(".default"): v for k, v in (config.get("rank_pattern") or {}).items()}
+    to_site = _module_map(model, [k.rsplit(".", 1)[0] for k in pattern_in])
+    keep = {site: np.ones(init_r, bool) for site in method.targets}
+    for key, value in pattern_in.items():
+        site = to_site[key.rsplit(".", 1)[0]]
+        if site not in keep or len(value) != init_r:
+            raise AdapterError(f"{folder}: rank_pattern entry {key!r} does not fit the targets "
+                               f"(init_r={init_r}, {len(value)} values)")
+        keep[site] = np.asarray(value, bool)
+    k = lambda site: int(keep[site].sum())   # noqa: E731
+    info = sites.linear
+    want = {"lora_A": lambda s: (k(s), info[s]["in_features"]), "lora_E": lambda s: (k(s), 1),
+            "lora_B": lambda s: (info[s]["out_features"], k(s))}
+    found, missing, misshaped = _take_module_tensors(tensors, model, method, prefix, folder, want)
+    _raise_misfit(folder, model, missing, misshaped)
+    added = {}
+    for site in method.targets:
+        idx = np.flatnonzero(keep[site])
+        a = np.zeros((info[site]["in_features"], init_r), np.float32)
+        e = np.zeros((init_r,), np.float32)
+        b = np.zeros((init_r, info[site]["out_features"]), np.float32)
+        a[:, idx] = found[(site, "lora_A")].T
+        e[idx] = found[(site, "lora_E")][:, 0]
+        b[idx] = found[(site, "lora_B")].T
+        added.update({f"{site}.lora_A": jax.numpy.asarray(a), f"{site}.lora_E": jax.numpy.asarray(e),
+                      f"{site}.lora_B": jax.numpy.asarray(b)})
+    state = {}
+    for site in method.targets:
+        for part in ("lora_A", "lora_E", "lora_B"):
+            shape = added[f"{site}.{part}"].shape
+            state[f"{site}.{part}.ipt"] = jax.numpy.zeros(shape, jax.numpy.float32)
+            state[f"{site}.{part}.unc"] = jax.numpy.zeros(shape, jax.numpy.float32)
+        state[site + ".rank_mask"] = jax.numpy.asarray(keep[site], jax.numpy.float32)
+    return method, added, state, prefix
+
+
+def _import_vera(config, tensors, model, folder) -> tuple[core.Method, dict, dict, str]:
+    """VeRA saved with its projections (``save_projection=True``)."""
+    problems = []
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}: trained biases are not implemented")
+    for field in ("layers_to_transform", "layers_pattern"):
+        if config.get(field):
+            problems.append(f"{field}={config[field]!r}: adapting a subset of layers is not implemented")
+    if "base_model.vera_A" not in tensors or "base_model.vera_B" not in tensors:
+        problems.append("the file holds no projections (base_model.vera_A / vera_B): it was saved "
+                        "with save_projection=False, and PEFT would redraw them with torch's "
+                        "generator, which peftjax does not reproduce; re-save it with "
+                        "save_projection=True")
+    if problems:
+        raise AdapterError(f"{folder}: cannot import this VeRA adapter:\n  " + "\n  ".join(problems))
+    sites = core.Sites.discover(model)
+    r = int(config.get("r", 256))
+    kwargs = dict(rank=r, d_initial=float(config.get("d_initial", 0.1)),
+                  dropout=float(config.get("vera_dropout", 0.0) or 0.0),
+                  targets=_peft_targets_regex(config.get("target_modules"), sites),
+                  projection_prng_key=int(config.get("projection_prng_key", 0)))
+    method = _create_for("vera", model, kwargs, config, folder)
+    prefix = "base_model.model."
+    a, b = tensors.pop("base_model.vera_A"), tensors.pop("base_model.vera_B")
+    if a.shape != (r, method.in_max) or b.shape != (method.out_max, r):
+        raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  mis-shaped "
+                           f"projections: vera_A {a.shape}, vera_B {b.shape}; the targets need "
+                           f"({r}, {method.in_max}) and ({method.out_max}, {r})")
+    want = {"vera_lambda_b": lambda s: (sites.linear[s]["out_features"],), "vera_lambda_d": lambda s: (r,)}
+    found, missing, misshaped = _take_module_tensors(tensors, model, method, prefix, folder, want)
+    _raise_misfit(folder, model, missing, misshaped)
+    added = {f"{site}.{n}": jax.numpy.asarray(found[(site, n)]) for site in method.targets for n in want}
+    state = {"vera_A": jax.numpy.asarray(np.ascontiguousarray(a.T)),
+             "vera_B": jax.numpy.asarray(np.ascontiguousarray(b.T))}
+    return method, added, state, prefix
 
 
 def _import_prompt(config, tensors, model, folder) -> tuple[core.Method, dict, str]:

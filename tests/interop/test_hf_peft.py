@@ -216,6 +216,96 @@ def test_regex_target_modules_follow_peft_fullmatch(family, tmp_path):
     assert delta <= TOL
 
 
+# --------------------------------------------------------------------------- methods with state
+# VeRA's shared projections and AdaLoRA's rank mask are peftjax method state: export takes it,
+# import returns it (with_state=True).
+
+
+def test_vera_both_ways_with_the_projections(family, tmp_path):
+    name, torch_model, model, params, batch = family
+    method = core.create("vera", model, {"rank": 8, "targets": OUR_TARGETS[name]})
+    p = method.setup(jax.random.PRNGKey(0), params)
+    added = perturb({k: np.asarray(v) for k, v in p.trainable["added"].items()}, 5, 0.3)
+    head = perturb({k: np.asarray(v) for k, v in p.trainable["head"].items()}, 2)
+    p = p._replace(trainable={"base": {}, "added": added, "head": head})
+    config = export_adapter(method, p.trainable, str(tmp_path / "ours"), state=p.state)
+    assert config["save_projection"] and config["peft_type"] == "VERA"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "ours")).eval()
+    np.testing.assert_array_equal(loaded.base_model.vera_A["default"].numpy(), np.asarray(p.state["vera_A"]).T)
+    np.testing.assert_array_equal(loaded.base_model.vera_B["default"].numpy(), np.asarray(p.state["vera_B"]).T)
+    assert max_delta(ours(method, p, batch), theirs(loaded, batch), batch) <= TOL
+
+    torch.manual_seed(4)   # PEFT's own adapter: its projections drawn by torch, d random, b = 1
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.VeraConfig(
+        task_type="SEQ_CLS" if name == "bert" else "CAUSAL_LM", r=8, target_modules=TARGETS[name],
+        projection_prng_key=7, init_weights=False)).eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    method2, trainable, state = import_adapter(str(tmp_path / "peft"), model, with_state=True)
+    assert method2.name == "vera" and sorted(method2.targets) == sorted(method.targets)
+    assert method2.config.projection_prng_key == 7
+    delta = max_delta(ours(method2, peft_params(method2, trainable, params, state), batch),
+                      theirs(pm, batch), batch)
+    print(f"\n{name} vera PEFT→peftjax: max|Δ| {delta:.2e}")
+    assert delta <= TOL
+
+
+def test_vera_without_state_or_projections_is_refused(bert_adapter, tmp_path):
+    _, model = bert_adapter
+    method = core.create("vera", model, {"rank": 4})
+    p = method.setup(jax.random.PRNGKey(0), hf_io.flatten(model.init(jax.random.PRNGKey(0))))
+    with pytest.raises(AdapterError, match="needs the method state"):
+        export_adapter(method, p.trainable, str(tmp_path / "a"))
+    export_adapter(method, p.trainable, str(tmp_path / "a"), state=p.state)
+    with pytest.raises(AdapterError, match="with_state=True"):
+        import_adapter(str(tmp_path / "a"), model)
+    bare = _copy(str(tmp_path / "a"), tmp_path / "b", drop=("base_model.vera_A", "base_model.vera_B"))
+    with pytest.raises(AdapterError, match="save_projection=False"):
+        import_adapter(bare, model, with_state=True)
+
+
+def _train_peft_adalora(pm, batch, steps: int) -> None:
+    """A few PEFT AdaLoRA steps with update_and_allocate, so its rank pattern prunes triplets."""
+    inputs = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+    labels = torch.tensor([0, 1]) if "token_type_ids" in batch else inputs["input_ids"]
+    opt = torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-2)
+    for step in range(steps):
+        pm(**inputs, labels=labels).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+
+
+def test_adalora_both_ways_with_a_pruned_rank_pattern(family, tmp_path):
+    name, torch_model, model, params, batch = family
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.AdaLoraConfig(
+        task_type="SEQ_CLS" if name == "bert" else "CAUSAL_LM", init_r=4, target_r=2,
+        total_step=6, tinit=1, tfinal=2, target_modules=TARGETS[name]))
+    _train_peft_adalora(pm, batch, 6)
+    pattern = pm.peft_config["default"].rank_pattern
+    assert any(not all(v) for v in pattern.values())          # PEFT pruned some triplets
+    pm.eval().save_pretrained(str(tmp_path / "peft"))
+    method, trainable, state = import_adapter(str(tmp_path / "peft"), model, with_state=True)
+    assert method.name == "adalora" and method.config.init_r == 4 and method.total_step == 6
+    for key, keep in pattern.items():
+        site = key.removesuffix(".lora_E.default")
+        assert [bool(v) for v in np.asarray(state[site + ".rank_mask"])] == list(keep), site
+    p = peft_params(method, trainable, params, state)
+    delta = max_delta(ours(method, p, batch), theirs(pm, batch), batch)
+    print(f"\n{name} adalora PEFT→peftjax: max|Δ| {delta:.2e}")
+    assert delta <= TOL
+
+    # and back: our pruned adapter is written in PEFT's resized form and loads equal
+    e = {k: v + 0.3 for k, v in p.trainable["added"].items() if k.endswith(".lora_E")}
+    e = {k: v * state[k.removesuffix(".lora_E") + ".rank_mask"] for k, v in e.items()}
+    p = p._replace(trainable={**p.trainable, "added": {**p.trainable["added"], **e}})
+    config = export_adapter(method, p.trainable, str(tmp_path / "ours"), state=state)
+    assert config["rank_pattern"] == {k.removesuffix(".default"): list(v) for k, v in pattern.items()}
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "ours")).eval()
+    delta = max_delta(ours(method, p, batch), theirs(loaded, batch), batch)
+    assert delta <= TOL
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -277,7 +367,7 @@ def test_refuses_unexpected_and_missing_keys(bert_adapter, tmp_path):
 
 
 @pytest.mark.parametrize("update, message", [
-    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported; supported peft types: LORA, PROMPT_TUNING"),
+    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported; supported peft types: LORA, ADALORA, VERA, PROMPT_TUNING"),
     ({"rank_pattern": {"query": 8}}, "rank_pattern"),
     ({"alpha_pattern": {"query": 8}}, "alpha_pattern"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),
