@@ -1,19 +1,16 @@
 """Bottleneck adapters: Houlsby placement (two per layer, m=64) by default; ``placement=pfeiffer``
-gives one per layer after the FFN, ReLU, m = d/16 (set bottleneck=0)."""
+gives AdapterHub's SeqBnConfig: one per layer at the FFN, reading LN(h + x), ReLU, m = d/16 (set
+bottleneck=0), init N(0, 0.02²). ``train_layernorm=True`` is the Houlsby paper's setting (the
+LayerNorms train with the adapters); off by default (peftjax/methods/adapter.py)."""
 
 import ml_collections
 
+from peftjax.methods import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        name="adapter",
-        placement="houlsby",
-        bottleneck=64,
-        reduction_factor=16,
-        activation="",        # '' = gelu for houlsby, relu for pfeiffer
-        init_scale=1e-3,
-        train_layernorm=False,
-    ))
+    # The defaults are the method's Config dataclass (peftjax/methods), the one source of truth.
+    return ml_collections.ConfigDict(default_config("adapter"))
 
 
 def train_defaults() -> dict:
