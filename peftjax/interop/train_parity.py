@@ -740,6 +740,9 @@ def run_method(name: str, base: Base, encoded: Mapping[str, np.ndarray], *, step
     theirs = train_torch(s, pm, batches, opt, sched, tc.clip_norm, model.input_names, snapshot_at=snap)
     wall_peft = time.perf_counter() - t0
 
+    moved = max(float(np.max(np.abs(np.asarray(jax.device_get(ours["state"].trainable[p.tree][p.key]))
+                                    - np.asarray(peft.trainable[p.tree][p.key])), initial=0.0))
+                for p in pairs)
     lo, lp = np.asarray(ours["loss"]), np.asarray(theirs["loss"])
     rel = np.abs(lo - lp) / np.maximum(np.abs(lp), 1e-12)
     state = ours["state"]
@@ -759,6 +762,7 @@ def run_method(name: str, base: Base, encoded: Mapping[str, np.ndarray], *, step
         "initial_param_max_abs_diff": initial, "initial_frozen_max_abs_diff": initial_frozen,
         "final_param_max_abs_diff": max_abs_diff(pairs, state.trainable),
         "final_param_max_abs": float(max(np.abs(p.param.detach().numpy()).max() for p in pairs)),
+        "param_max_abs_update": moved,   # how far training moved any tensor (ours)
         "trainable_tensors": len(pairs),
         "trainable_values": int(sum(p.param.numel() for p in pairs)),
         "optimizer": optimizer_check,
