@@ -325,7 +325,10 @@ def test_head_the_family_lacks(minilm_folder):
 
 
 def test_load_from_named_config(minilm):
-    model, params, tok = hf_io.load_from_config(models.get("all-MiniLM-L6-v2"))
+    named = models.get("all-MiniLM-L6-v2")
+    assert named.pooling == "mean"   # the model's default head reads the mean of the tokens
+    named.pooling = "cls"            # the fixture loads transformers' pooler head
+    model, params, tok = hf_io.load_from_config(named)
     assert model.config == minilm[0].config and tok is not None
     _assert_trees_equal(params, minilm[1])
     with pytest.raises(ValueError) as e:
