@@ -386,11 +386,13 @@ def _peft_task_kwargs(model: Model) -> dict:
     return {"task_type": "SEQ_CLS", "modules_to_save": modules_to_save(model) or None}
 
 
-def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams, net, workdir: str):
-    """The PEFT model on ``net`` (a fresh copy of the base) starting from ``peft``'s tensors.
+def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams, template,
+              workdir: str, *, check_init: bool = True):
+    """The PEFT model on a copy of ``template`` (the base), starting from ``peft``'s tensors.
 
-    Returns ``(torch module, facts)``; facts hold comparisons made while building it (PiSSA: our
-    init against PEFT's own).
+    Returns ``(torch module, facts)``. Facts hold the comparisons made while building it:
+    ``init_vs_peft`` (``init_distributions``: PEFT's own draw of the method, made first, against
+    ours) and for PiSSA ``pissa_init_vs_peft`` (our SVD init against PEFT's).
     """
     import peft as peft_lib
 
@@ -399,6 +401,7 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
     facts: dict[str, Any] = {}
     if s.carry == "plain":
         # BitFit and full fine-tuning: plain transformers, only the trained tensors require grad.
+        net = copy.deepcopy(template)
         trained = {torch_name(method, model, t, k)[0]
                    for t in ("base", "head") for k in peft.trainable[t]}
         for name, p in net.named_parameters():
@@ -407,11 +410,23 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
     if s.carry == "file":
         folder = os.path.join(workdir, f"{s.name}_adapter")
         export_adapter(method, peft.trainable, folder, state=peft.state)
-        return peft_lib.PeftModel.from_pretrained(net, folder, is_trainable=True), facts
+        if check_init:   # the exported config, PEFT's own init
+            config = peft_lib.PeftConfig.from_pretrained(folder)
+            config.inference_mode = False
+            own = peft_lib.get_peft_model(copy.deepcopy(template), config)
+            facts["init_vs_peft"] = init_distributions(method, model, peft, own)
+            del own
+        return peft_lib.PeftModel.from_pretrained(copy.deepcopy(template), folder,
+                                                   is_trainable=True), facts
+    net = copy.deepcopy(template)
     if s.method == "prompt_tuning":
+        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}.get(method.config.init)
         config = peft_lib.PromptTuningConfig(num_virtual_tokens=method.config.num_virtual_tokens,
-                                             token_dim=method.hidden, **_peft_task_kwargs(model))
+                                             token_dim=method.hidden, prompt_tuning_init=init or "RANDOM",
+                                             **_peft_task_kwargs(model))
         pm = peft_lib.get_peft_model(net, config)
+        if check_init and init:
+            facts["init_vs_peft"] = init_distributions(method, model, peft, pm)
     elif s.method == "prefix_tuning":
         c = method.config
         config = peft_lib.PrefixTuningConfig(
@@ -419,6 +434,8 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
             encoder_hidden_size=method.hidden, token_dim=method.token_dim,
             num_attention_heads=method.kv_heads, num_layers=len(method.layers), **_peft_task_kwargs(model))
         pm = peft_lib.get_peft_model(net, config)
+        if check_init:
+            facts["init_vs_peft"] = init_distributions(method, model, peft, pm)
     elif s.method == "lora":   # PiSSA: PEFT computes its own init first
         c = method.config
         config = peft_lib.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
@@ -431,6 +448,53 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
         raise ParityError(f"no way to carry {s.name}'s initial tensors to PEFT")
     _copy_trainables(pair_trainables(method, model, peft.trainable, pm), peft.trainable)
     return pm, facts
+
+
+def init_distributions(method: core.Method, model: Model, peft: core.PeftParams, own) -> dict:
+    """Our initial tensors against PEFT's own init of the same method (``own``: a PEFT model
+    freshly made from the same config, its random tensors drawn by torch).
+
+    The training runs start from one draw (ours, carried over), so they cannot see a wrong init
+    *distribution* — a VeRA bound √6/√fan_in vs 1/√fan_in, a Linear init of the prefix MLP —
+    which this checks: per kind of tensor (``lora_A``, ``vera_lambda_d``, VeRA's projections,
+    ``prefix_encoder.transform.0.kernel``, ...; all targets pooled), tensors PEFT initialises
+    deterministically (zeros, d_initial, DoRA's ‖W0‖_c) must be equal entry by entry; random ones
+    must have the same standard deviation and largest magnitude up to sampling error. Returns
+    ``{kind: {"n", "kind": "equal"|"random", "max_abs_diff" | "std_ratio", "max_abs_ratio"}}``
+    and ``ok``: every equal kind within 1e-5 and every random kind's std ratio within
+    ``1 ± (0.02 + 4/√n)`` (n values; several standard errors of the estimate).
+    """
+    pairs = pair_trainables(method, model, peft.trainable, own)
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for p in pairs:
+        if p.tree != "added":
+            continue   # the head (and BitFit/full's base) is the checkpoint's / ours on both sides
+        site, _, local = p.key.rpartition(".")
+        kind = local if site in method.sites.linear else p.key
+        ours = to_torch_layout(np.asarray(peft.trainable["added"][p.key]), p.layout)
+        groups.setdefault(kind, []).append((ours, p.param.detach().numpy()))
+    if method.name == "vera":   # the shared projections (state here, buffers in PEFT)
+        for name in ("vera_A", "vera_B"):
+            groups[name] = [(to_torch_layout(np.asarray(peft.state[name]), "T"),
+                             getattr(own.base_model, name)["default"].numpy())]
+    out, ok = {}, True
+    for kind, items in sorted(groups.items()):
+        ours = np.concatenate([a.ravel() for a, _ in items]).astype(np.float64)
+        theirs = np.concatenate([b.ravel() for _, b in items]).astype(np.float64)
+        n = int(theirs.size)
+        scale = max(float(np.abs(theirs).max()), 1e-12)
+        deterministic = float(theirs.std()) <= 1e-7 * scale or np.allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+        if deterministic:
+            diff = float(np.abs(ours - theirs).max()) / scale
+            out[kind] = {"n": n, "kind": "equal", "max_abs_diff_rel": diff}
+            ok &= diff <= 1e-5
+        else:
+            std_ratio = float(ours.std() / max(theirs.std(), 1e-30))
+            out[kind] = {"n": n, "kind": "random", "std_ratio": std_ratio,
+                         "max_abs_ratio": float(np.abs(ours).max() / scale),
+                         "mean_ours": float(ours.mean()), "mean_peft": float(theirs.mean())}
+            ok &= abs(std_ratio - 1) <= 0.02 + 4 / math.sqrt(n)
+    return {"ok": bool(ok), "kinds": out}
 
 
 def _copy_trainables(pairs: list[Pair], trainable: dict) -> None:
@@ -719,7 +783,7 @@ def run_method(name: str, base: Base, encoded: Mapping[str, np.ndarray], *, step
 
     template = torch_net if torch_net is not None else torch_base(base)
     with tempfile.TemporaryDirectory() as workdir:
-        pm, facts = peft_side(s, method, model, peft, copy.deepcopy(template), workdir)
+        pm, facts = peft_side(s, method, model, peft, template, workdir)
     pairs = pair_trainables(method, model, peft.trainable, pm)
     initial = max_abs_diff(pairs, peft.trainable)
     initial_frozen = frozen_max_abs_diff(method, model, peft.frozen, pm)
@@ -792,7 +856,8 @@ def _prefix_default_positions(method, model, peft, template, batch) -> float:
     import torch
 
     with tempfile.TemporaryDirectory() as workdir:
-        pm, _ = peft_side(spec("prefix_tuning", 1), method, model, peft, copy.deepcopy(template), workdir)
+        pm, _ = peft_side(spec("prefix_tuning", 1), method, model, peft, template, workdir,
+                          check_init=False)
     inputs = _torch_inputs(batch, model.input_names)
     labels = torch.from_numpy(np.asarray(batch["labels"]).astype(np.int64))
     with torch.no_grad():
