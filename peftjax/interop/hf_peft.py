@@ -4,7 +4,17 @@
 loads onto the transformers model of the same checkpoint; ``import_adapter`` reads a folder
 that PEFT saved and returns the peftjax method and its trainable tree. Supported: LoRA, rsLoRA
 (``use_rslora``), DoRA (``use_dora``, when ``peftjax.methods.dora`` is present), AdaLoRA, VeRA and
-prompt tuning, with the task head carried as PEFT's ``modules_to_save``.
+prompt tuning, with the task head carried as PEFT's ``modules_to_save``; and every method that
+describes its own format through the protocol (``Method.peft_format``, ``peft_config``,
+``peft_tensors``, ``config_from_peft``): nothing here names it.
+
+LoRA variants are read from their class attributes (``LoRA.peft_lora_flags``,
+``peft_lora_extra``, ``inits``), not their names. A base-rewriting init (PiSSA, OLoRA: the frozen
+kernel becomes W0 − s·A₀B₀) follows PEFT's conventions both ways: export writes the trained
+adapter converted to a rank-2r LoRA of the *original* base (PEFT's
+``path_initial_model_for_weight_conversion``; needs ``initial_added``), and a file PEFT saved
+with ``init_lora_weights="pissa"`` / ``"olora"`` imports as that init, its residual rebuilt from
+the base by ``peft_params`` (PEFT's ``from_pretrained`` re-runs the init the same way).
 
 Name mapping (verified against files PEFT itself writes, ``tests/interop``): a peftjax site
 *is* the transformers module path (``bert.encoder.layer.0.attention.self.query``), so
@@ -60,14 +70,11 @@ from peftjax.models.registry import Model
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# The peft types with a format built in here; a method adds its own through the protocol
+# (``Method.peft_format``, ``supported_peft_types()``). A LoRA variant is read from its class
+# attributes (``LoRA.peft_lora_flags`` / ``peft_lora_extra``), never from its name.
 SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "VERA", "PROMPT_TUNING")
-
-# peftjax method name -> the extra per-site tensors it stores besides lora_A / lora_B:
-# {PEFT key suffix (after "<module>."): peftjax added-param name (after "<site>.")}. A new
-# LoRA-family method that PEFT expresses as a LoRA flag is one entry here and in _LORA_FLAGS.
-LOW_RANK_EXTRA: dict[str, dict[str, str]] = {"lora": {}, "dora": {"lora_magnitude_vector": "lora_magnitude"}}
-_LORA_FLAGS = {"lora": {}, "dora": {"use_dora": True}}
-EXPORTABLE = (*LOW_RANK_EXTRA, "adalora", "vera", "prompt_tuning")
+_BUILT_IN_EXPORTS = ("adalora", "vera", "prompt_tuning")
 
 
 class AdapterError(ValueError):
@@ -96,7 +103,30 @@ def modules_to_save(model: Model) -> list[str]:
 
 
 def _lora_like(method: core.Method) -> bool:
-    return method.name in LOW_RANK_EXTRA
+    """A LoRA variant that PEFT expresses as a LoraConfig (``LoRA.peft_lora_flags`` not None)."""
+    return getattr(method, "peft_lora_flags", None) is not None and method.peft_format is None
+
+
+def _declared_formats() -> dict[str, type[core.Method]]:
+    """``{peft_type: method class}`` of the registered methods that describe their own format."""
+    out: dict[str, type[core.Method]] = {}
+    for name in core.registered():
+        cls = core.method_class(name)
+        if cls.peft_format and cls.peft_format not in out:
+            out[cls.peft_format] = cls
+    return out
+
+
+def supported_peft_types() -> tuple[str, ...]:
+    """Every peft type ``import_adapter`` reads: the built-in ones and those methods declare."""
+    return SUPPORTED_PEFT_TYPES + tuple(sorted(set(_declared_formats()) - set(SUPPORTED_PEFT_TYPES)))
+
+
+def exportable_methods() -> list[str]:
+    """Registered methods ``export_adapter`` writes."""
+    return sorted(n for n in core.registered()
+                  if n in _BUILT_IN_EXPORTS or core.method_class(n).peft_format
+                  or getattr(core.method_class(n), "peft_lora_flags", None) is not None)
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -113,13 +143,16 @@ def _listing(title: str, items: list[str], limit: int = 40) -> str:
 
 
 def export_adapter(method: core.Method, trainable: dict, folder: str, *,
-                   base_model_name_or_path: str = "", state: dict | None = None) -> dict:
+                   base_model_name_or_path: str = "", state: dict | None = None,
+                   initial_added: dict | None = None) -> dict:
     """Writes ``trainable`` (``{"base","added","head"}``) as a PEFT adapter folder.
 
     ``state``: the method state, required by VeRA (its projections) and used by AdaLoRA (its
-    rank mask; without it every triplet is kept). Returns the adapter config written. Both files are written to a temporary name and
-    renamed, the weights first, so an interrupted export never leaves a config whose weights
-    are missing or stale.
+    rank mask; without it every triplet is kept). ``initial_added``: the added params at setup,
+    required by a base-rewriting LoRA init (PiSSA, OLoRA), which is written converted to a plain
+    LoRA of the *original* base (``_export_lora``). Returns the adapter config written. Both
+    files are written to a temporary name and renamed, the weights first, so an interrupted
+    export never leaves a config whose weights are missing or stale.
     """
     from safetensors.numpy import save_file
 
@@ -130,8 +163,10 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
                            f"e.g. {next(iter(trainable['base']))}); a PEFT LoRA/prompt adapter cannot "
                            "carry them")
     added = trainable.get("added", {})
-    if _lora_like(method):
-        config, tensors, prefix = _export_lora(method, added)
+    if method.peft_format:
+        config, tensors, prefix = _export_declared(method, added)
+    elif _lora_like(method):
+        config, tensors, prefix = _export_lora(method, added, initial_added)
     elif method.name == "adalora":
         config, tensors, prefix = _export_adalora(method, added, state)
     elif method.name == "vera":
@@ -140,7 +175,7 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
         config, tensors, prefix = _export_prompt(method, added)
     else:
         raise AdapterError(f"method {method.name!r} has no Hugging Face PEFT equivalent here; "
-                           f"exportable methods: {', '.join(sorted(EXPORTABLE))}")
+                           f"exportable methods: {', '.join(exportable_methods())}")
     head = trainable.get("head", {})
     expected = _head_params(model)
     if set(head) != set(expected):
@@ -183,14 +218,28 @@ def _conv1d_targets(model: Model, targets) -> bool:
     return bool(pattern) and bool(targets) and all(re.search(pattern, t + ".kernel") for t in targets)
 
 
-def _export_lora(method, added) -> tuple[dict, dict, str]:
+def _export_lora(method, added, initial_added=None) -> tuple[dict, dict, str]:
+    """PEFT's LoRA file. A base-rewriting init (PiSSA, OLoRA: the frozen kernel is W0 − s·A₀B₀)
+    is written as PEFT writes it with ``save_pretrained(path_initial_model_for_weight_conversion=
+    ...)`` (``LoraModel.subtract_mutated_init``): the trained adapter as a plain LoRA of the
+    *original* W0, ΔW = s·(A B − A₀ B₀) = s·[A, A₀][B; −B₀], i.e. rank 2r with A' = [A, A₀],
+    B' = [B; −B₀] (flax layout) and α doubled (α·√2 with rsLoRA) so the scaling is unchanged."""
     c = method.config
-    if method.rewrites_base:
-        raise AdapterError(f"{method.name} with init={c.init!r} trains against a rewritten base "
-                           "kernel (PiSSA: W0 - s·A0 B0) that a PEFT adapter folder does not carry; "
-                           "export requires a LoRA whose base is the unmodified pretrained model")
+    extra = method.peft_lora_extra
+    convert = method.rewrites_base
+    if convert:
+        if extra or not method.additive:
+            raise AdapterError(f"{method.name} with init={c.init!r} trains against a rewritten base "
+                               "and is not a plain W0 + ΔW update, so PEFT's conversion to a LoRA of "
+                               "the original base does not apply; merge it instead")
+        if initial_added is None:
+            raise AdapterError(f"{method.name} with init={c.init!r} trains against a rewritten base "
+                               "(W0 - s·A0 B0); its PEFT export is the equivalent LoRA of the original "
+                               "base, which needs the initial factors: export_adapter(..., "
+                               "initial_added=<the added params at setup>) (a peftjax adapter file "
+                               "stores them; the init is a function of W0: method.init(rng, base, ctx))")
+        _check_added(method, initial_added, ("lora_A", "lora_B"))
     prefix = "base_model.model."
-    extra = LOW_RANK_EXTRA[method.name]
     tensors: dict[str, np.ndarray] = {}
     expected = {f"{s}.{n}" for s in method.targets for n in ("lora_A", "lora_B", *extra.values())}
     if set(added) != expected:
@@ -198,12 +247,19 @@ def _export_lora(method, added) -> tuple[dict, dict, str]:
                                     sorted(expected - set(added)))
                            + "; " + _listing("unexpected", sorted(set(added) - expected)))
     for site in method.targets:
-        tensors[f"{prefix}{site}.lora_A.weight"] = _to_numpy(added[site + ".lora_A"]).T.copy()
-        tensors[f"{prefix}{site}.lora_B.weight"] = _to_numpy(added[site + ".lora_B"]).T.copy()
+        a, b = _to_numpy(added[site + ".lora_A"]), _to_numpy(added[site + ".lora_B"])
+        if convert:
+            a0, b0 = _to_numpy(initial_added[site + ".lora_A"]), _to_numpy(initial_added[site + ".lora_B"])
+            a, b = np.concatenate([a, a0.astype(a.dtype)], 1), np.concatenate([b, -b0.astype(b.dtype)], 0)
+        tensors[f"{prefix}{site}.lora_A.weight"] = a.T.copy()
+        tensors[f"{prefix}{site}.lora_B.weight"] = b.T.copy()
         for peft_key, ours in extra.items():
             tensors[f"{prefix}{site}.{peft_key}"] = _to_numpy(added[f"{site}.{ours}"])
+    rank, alpha = int(c.rank), float(c.alpha)
+    if convert:
+        rank, alpha = 2 * rank, alpha * (2 ** 0.5 if c.use_rslora else 2.0)
     config = {
-        "peft_type": "LORA", "r": int(c.rank), "lora_alpha": float(c.alpha),
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha,
         "lora_dropout": float(c.dropout), "use_rslora": bool(c.use_rslora),
         "target_modules": list(method.targets), "bias": "none",
         # PEFT's flag for Conv1D (GPT-2) layers, whose weight is stored (in, out); lora_A/B have
@@ -213,7 +269,27 @@ def _export_lora(method, added) -> tuple[dict, dict, str]:
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "use_dora": False, "lora_bias": False,
     }
-    config.update(_LORA_FLAGS[method.name])
+    config.update(method.peft_lora_flags)
+    return config, tensors, prefix
+
+
+def _export_declared(method, added) -> tuple[dict, dict, str]:
+    """A method that describes its own PEFT format (``Method.peft_format``: (IA)³, HiRA)."""
+    layout = method.peft_tensors()
+    expected = {f"{site}.{t.ours}" for site, ts in layout.items() for t in ts}
+    if set(added) != expected:
+        raise AdapterError(_listing(f"{method.name} added params do not match its PEFT layout; missing",
+                                    sorted(expected - set(added)))
+                           + "; " + _listing("unexpected", sorted(set(added) - expected)))
+    prefix = "base_model.model."
+    tensors: dict[str, np.ndarray] = {}
+    for site, ts in layout.items():
+        for t in ts:
+            array = _to_numpy(added[f"{site}.{t.ours}"])
+            tensors[f"{prefix}{site}.{t.peft}"] = np.ascontiguousarray(
+                (array.T if t.transpose else array).reshape(t.shape))
+    config = {"peft_type": method.peft_format, "target_modules": list(layout),
+              **method.peft_config(conv1d=_conv1d_targets(method.model, list(layout)))}
     return config, tensors, prefix
 
 
@@ -344,9 +420,10 @@ def import_adapter(folder: str, model: Model, *, require_head: bool = True,
     """
     config, tensors = read_adapter(folder)
     peft_type = config.get("peft_type")
-    if peft_type not in SUPPORTED_PEFT_TYPES:
+    declared = _declared_formats()
+    if peft_type not in SUPPORTED_PEFT_TYPES and peft_type not in declared:
         raise AdapterError(f"{folder}: peft_type {peft_type!r} is not supported; supported peft "
-                           f"types: {', '.join(SUPPORTED_PEFT_TYPES)}")
+                           f"types: {', '.join(supported_peft_types())}")
     _check_task_type(config, model, folder)
     _check_head_representable(model, "loaded from")
     state: dict = {}
@@ -360,8 +437,10 @@ def import_adapter(folder: str, model: Model, *, require_head: bool = True,
                                "(the forward needs them): call import_adapter(..., with_state=True) "
                                "and pass the state on (peft_params(..., state=state))")
         method, added, state, prefix = _import_vera(config, tensors, model, folder)
-    else:
+    elif peft_type == "PROMPT_TUNING":
         method, added, prefix = _import_prompt(config, tensors, model, folder)
+    else:
+        method, added, prefix = _import_declared(declared[peft_type], config, tensors, model, folder)
     head, unexpected = _import_head(tensors, model, prefix, folder, require_head)
     if unexpected:
         raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
@@ -376,10 +455,15 @@ def peft_params(method: core.Method, trainable: dict, base: dict,
     ``import_adapter(..., with_state=True)``) and the model's (flat or nested) base params.
 
     The imported head replaces the base params' head; when the import carried none the base
-    params' head is kept.
+    params' head is kept. A base-rewriting LoRA init (PiSSA, OLoRA) trains against W0 − s·A₀B₀,
+    with A₀B₀ a deterministic function of W0 (SVD, QR): as PEFT's ``from_pretrained`` re-runs
+    that init on the base before loading the trained A, B, the residual is rebuilt here from
+    ``method.init`` on ``base`` (which must be the original pretrained params).
     """
     flat = base if all(isinstance(k, str) and not isinstance(v, dict) for k, v in base.items()) \
         else hf_io.flatten(base)
+    if method.rewrites_base:
+        flat = method.transform_base(flat, method.init(jax.random.PRNGKey(0), flat, core.InitContext()))
     train, head, frozen = method.partition(flat)
     head = {**head, **trainable["head"]}
     return core.PeftParams({"base": train, "added": dict(trainable["added"]), "head": head},
@@ -463,17 +547,12 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
             problems.append(f"{field}={config[field]!r}: per-module ranks/alphas are not implemented "
                             "(peftjax LoRA has one rank and alpha for all targets)")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.split("_")[0].lower() in ("pissa", "olora", "corda", "loftq"):
-        problems.append(f"init_lora_weights={init!r}: this init rewrites the base weights, which "
-                        "the adapter alone does not carry")
-    method_name = "dora" if config.get("use_dora") else "lora"
-    if method_name not in core.registered():
-        problems.append("use_dora=True needs peftjax.methods.dora, which is not available")
+    method_name, our_init = _lora_variant(config, init, problems)
     if problems:
         raise AdapterError(f"{folder}: cannot import this LoRA adapter:\n  " + "\n  ".join(problems))
 
     prefix = "base_model.model."
-    extra = LOW_RANK_EXTRA[method_name]
+    extra = core.method_class(method_name).peft_lora_extra
     suffixes = ("lora_A.weight", "lora_B.weight", *extra)
     in_file = _strip_prefix(tensors, prefix)
     lora_keys = {k: full for k, full in in_file.items() if k.endswith(tuple("." + s for s in suffixes))}
@@ -487,7 +566,7 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   use_rslora=bool(config.get("use_rslora", False)),
                   targets=_peft_targets_regex(config.get("target_modules"), sites),
-                  init="gaussian" if init == "gaussian" else "default")
+                  init=our_init)
     try:
         method = core.create(method_name, model, kwargs, sites=sites)
     except ValueError as e:
@@ -530,6 +609,80 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
             lines.append(_listing("mis-shaped keys", misshaped))
         raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
                            + "\n  ".join(lines))
+    return method, added, prefix
+
+
+def _lora_variant(config, init, problems: list[str]) -> tuple[str, str]:
+    """(registered LoRA variant, its init) that a PEFT LoraConfig describes, chosen by the
+    variants' ``peft_lora_flags`` and ``inits`` (PEFT's ``init_lora_weights``: True/False →
+    default, else the init's name: gaussian, pissa, olora); among several, the most general
+    class (a subclass that adds nothing PEFT records is read as its base)."""
+    flags = {"use_dora": True} if config.get("use_dora") else {}
+    our_init = "default" if isinstance(init, bool) else str(init)
+    found = []
+    for name in core.registered():
+        cls = core.method_class(name)
+        if getattr(cls, "peft_lora_flags", None) == flags and our_init in getattr(cls, "inits", ()):
+            found.append(cls)
+    if not found:
+        known = sorted({i for n in core.registered()
+                        for i in getattr(core.method_class(n), "inits", ())
+                        if getattr(core.method_class(n), "peft_lora_flags", None) is not None})
+        what = "use_dora=True with " if flags else ""
+        problems.append(f"{what}init_lora_weights={init!r}: no registered LoRA variant implements it "
+                        f"(inits peftjax reads: {', '.join(known)}; a randomized or data-driven "
+                        "init that rewrites the base cannot be rebuilt from the adapter)")
+        return "lora", "default"
+    cls = min(found, key=lambda c: (len(c.__mro__), c.name))
+    return cls.name, our_init
+
+
+def _import_declared(cls, config, tensors, model, folder) -> tuple[core.Method, dict, str]:
+    """A method that describes its own PEFT format (``Method.peft_format``: (IA)³, HiRA)."""
+    problems = []
+    for field in ("layers_to_transform", "layers_pattern", "exclude_modules", "rank_pattern",
+                  "alpha_pattern", "target_parameters"):
+        if config.get(field):
+            problems.append(f"{field}={config[field]!r}: not implemented; export the adapter with "
+                            "explicit target_modules and one setting for all of them")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}: trained biases are not implemented")
+    sites = core.Sites.discover(model)
+    try:
+        kwargs = cls.config_from_peft(config, lambda t: _peft_targets_regex(t, sites))
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise AdapterError(f"{folder}: cannot import this {config.get('peft_type')} adapter:\n  "
+                           + "\n  ".join(problems))
+    method = _create_for(cls.name, model, kwargs, config, folder)
+    layout = method.peft_tensors()
+    ours = jax.eval_shape(lambda b: method.init(jax.random.PRNGKey(0), b, core.InitContext()),
+                          hf_io.flatten(model.abstract_params()))
+    prefix = "base_model.model."
+    suffixes = {t.peft for ts in layout.values() for t in ts}
+    in_file = {k: full for k, full in _strip_prefix(tensors, prefix).items()
+               if k.rsplit(".", 1)[-1] in suffixes}
+    site_to_file = {s: m for m, s in _module_map(model, sorted({k.rsplit(".", 1)[0] for k in in_file})).items()}
+    added, missing, misshaped = {}, [], []
+    for site, ts in layout.items():
+        module = site_to_file.get(site, site)
+        for t in ts:
+            key = f"{module}.{t.peft}"
+            if key not in in_file:
+                missing.append(prefix + key)
+                continue
+            array = tensors.pop(in_file.pop(key))
+            if tuple(array.shape) != tuple(t.shape):
+                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {tuple(t.shape)}")
+                continue
+            name = f"{site}.{t.ours}"
+            added[name] = jax.numpy.asarray((array.T if t.transpose else array).reshape(ours[name].shape))
+    if in_file:
+        raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
+                           + _listing("unexpected keys (modules not selected or not adaptable)",
+                                      sorted(prefix + k for k in in_file)))
+    _raise_misfit(folder, model, missing, misshaped)
     return method, added, prefix
 
 

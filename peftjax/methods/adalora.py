@@ -115,6 +115,7 @@ class AdaLoRA(lora.LoRA):
 
     Config = AdaLoRAConfig
     rewrites_base = False   # one init (N(0, 0.02²) A, B; E = 0): the base stays W0
+    peft_lora_flags = None  # its own PEFT type (ADALORA), not a LoraConfig
 
     def validate(self) -> None:
         c, name = self.config, self.name

@@ -171,6 +171,21 @@ def check_range(method: str, field: str, value: Any, valid: str, ok: bool) -> No
 # The method protocol.
 
 
+class PeftTensor(NamedTuple):
+    """One per-module tensor of a Hugging Face PEFT adapter file, as a method maps it.
+
+    PEFT saves ``base_model.model.<module>.<peft>`` in torch layout; peftjax holds the added
+    param ``"<site>.<ours>"`` (the site *is* the module path). ``shape`` is PEFT's shape; with
+    ``transpose`` ours is its transpose (torch (out, in) vs flax (in, out)), otherwise the same
+    values reshaped ((IA)³'s ``(out, 1)`` vector is our ``(out,)``).
+    """
+
+    peft: str
+    ours: str
+    shape: tuple[int, ...]
+    transpose: bool = False
+
+
 class PeftParams(NamedTuple):
     """The partition a method makes of one model's params.
 
@@ -332,6 +347,35 @@ class Method:
         """The (method, trainable tree) written to an adapter file; prefix tuning folds its
         training-time MLP into the plain prefixes here. Default: as trained."""
         return self, trainable
+
+    # -- Hugging Face PEFT format (peftjax.interop) -------------------------------------------
+    # PEFT's ``peft_type`` for a method that describes its own adapter files through the three
+    # hooks below, so that ``peftjax.interop`` exports and imports it without naming it (IA3,
+    # HIRA). None: no such description (LoRA, DoRA, AdaLoRA, VeRA and prompt tuning have
+    # interop's built-in formats; other methods have no PEFT equivalent).
+    peft_format: ClassVar[str | None] = None
+
+    def peft_config(self, *, conv1d: bool) -> dict[str, Any]:
+        """The ``adapter_config.json`` fields of this method's PEFT adapter, besides those
+        interop writes for every adapter (``peft_type``, ``target_modules``, ``task_type``,
+        ``modules_to_save``, ...). ``conv1d``: the adapted modules are GPT-2 Conv1D layers
+        (PEFT's ``fan_in_fan_out``)."""
+        raise NotImplementedError(f"method {self.name!r} has no Hugging Face PEFT format")
+
+    def peft_tensors(self) -> dict[str, tuple[PeftTensor, ...]]:
+        """``{module path: its tensors}`` of the PEFT file: the modules PEFT adapts (its
+        ``target_modules``, written as the explicit list of these paths) and how each of this
+        method's added params is stored there."""
+        raise NotImplementedError(f"method {self.name!r} has no Hugging Face PEFT format")
+
+    @classmethod
+    def config_from_peft(cls, peft_config: Mapping[str, Any],
+                         targets: Callable[[Any], str]) -> dict[str, Any]:
+        """This method's config (a mapping for ``create``) from a PEFT ``adapter_config.json``.
+        ``targets(value)`` translates a PEFT ``target_modules`` value (list: equal or
+        ``.``-suffix; string: full match; ``"all-linear"``) into a peftjax target regex. Raises
+        ``ValueError`` naming each field peftjax does not implement."""
+        raise NotImplementedError(f"method {cls.name!r} has no Hugging Face PEFT format")
 
     # -- accounting -----------------------------------------------------------------------
     def count_added(self, abstract_base: Flat) -> int:

@@ -61,6 +61,8 @@ class DoRA(lora.LoRA):
 
     Config = DoRAConfig
     additive = False   # W' = m·(W0 + ΔW)/||W0 + ΔW||_c is not W0 plus a low-rank term
+    peft_lora_flags = {"use_dora": True}
+    peft_lora_extra = {"lora_magnitude_vector": "lora_magnitude"}
 
     def init_site(self, rng, site, kernel):
         params = super().init_site(rng, site, kernel)

@@ -52,6 +52,7 @@ class DyLoRA(lora.LoRA):
     Config = DyLoRAConfig
     inits = ("default", "gaussian")
     eval_rank_field = "eval_rank"
+    peft_lora_flags = None   # PEFT has no LoRA trained at a random rank per step
 
     def validate(self) -> None:
         super().validate()

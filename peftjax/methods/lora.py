@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +161,14 @@ class LoRA(core.Method):
     mergeable = True
     inits = INITS
     additive = True   # the update is W0 + ΔW (DoRA re-normalises: False)
+    # Hugging Face PEFT (``peftjax.interop``) reads a variant from these, not from its name:
+    # ``peft_lora_flags``, the LoraConfig fields that select it (DoRA: use_dora=True), or None
+    # when PEFT has no LoraConfig form of it (DyLoRA's per-step rank; AdaLoRA's own format);
+    # ``peft_lora_extra``, its tensors besides lora_A / lora_B ({PEFT key suffix: local name}).
+    # ``inits`` also name PEFT's ``init_lora_weights`` strings (gaussian, pissa, olora): a PEFT
+    # file saved with a base-rewriting init is read as the variant whose ``inits`` hold it.
+    peft_lora_flags: ClassVar[dict[str, Any] | None] = {}
+    peft_lora_extra: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:
         c = self.config

@@ -367,13 +367,14 @@ def test_refuses_unexpected_and_missing_keys(bert_adapter, tmp_path):
 
 
 @pytest.mark.parametrize("update, message", [
-    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported; supported peft types: LORA, ADALORA, VERA, PROMPT_TUNING"),
+    ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported; supported peft types: LORA, ADALORA, VERA, PROMPT_TUNING"),
     ({"rank_pattern": {"query": 8}}, "rank_pattern"),
     ({"alpha_pattern": {"query": 8}}, "alpha_pattern"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"bias": "all"}, "bias='all'"),
-    ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
+    ({"init_lora_weights": "corda"}, "no registered LoRA variant implements it"),
+    ({"init_lora_weights": "pissa_niter_4"}, "no registered LoRA variant implements it"),
     ({"task_type": "CAUSAL_LM"}, "task_type 'CAUSAL_LM' does not fit"),
     ({"target_modules": ["nonexistent"]}, "matches no module"),
 ])
