@@ -55,6 +55,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     # reparameterisation MLP is exercised in tests/methods/test_prefix_tuning.py.
     "prefix_tuning": {"num_virtual_tokens": 4, "prefix_projection": False},
     "linear_probe": {},
+    "ia3": {},   # PEFT's per-model-type targets and feedforward modules
 }
 
 
@@ -139,6 +140,9 @@ def formula_count(method, base: dict) -> int:
                    for s in method.targets)
     if name == "vera":  # d (r) and b (out) per layer; the shared A/B are frozen
         return sum(method.config.rank + sites.linear[s]["out_features"] for s in method.targets)
+    if name == "ia3":  # one vector per target: its input size at feedforward targets, else its output
+        return sum(sites.linear[s]["in_features"] if s in method.feedforward
+                   else sites.linear[s]["out_features"] for s in method.targets)
     if name == "fishmask":  # round(ratio x all params), the head inside the budget
         k = int(round(method.config.keep_ratio * tree_size(base)))
         return k - (tree_size(base) - tree_size(non_head)) if method.config.head_in_budget else k
