@@ -56,6 +56,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     "prefix_tuning": {"num_virtual_tokens": 4, "prefix_projection": False},
     "linear_probe": {},
     "ia3": {},   # PEFT's per-model-type targets and feedforward modules
+    "olora": {"rank": 4, "alpha": 8.0},
 }
 
 
@@ -140,6 +141,10 @@ def formula_count(method, base: dict) -> int:
                    for s in method.targets)
     if name == "vera":  # d (r) and b (out) per layer; the shared A/B are frozen
         return sum(method.config.rank + sites.linear[s]["out_features"] for s in method.targets)
+    if name == "olora":  # LoRA's A (in x r) and B (r x out); the QR init adds nothing trainable
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   for s in method.targets)
     if name == "ia3":  # one vector per target: its input size at feedforward targets, else its output
         return sum(sites.linear[s]["in_features"] if s in method.feedforward
                    else sites.linear[s]["out_features"] for s in method.targets)
