@@ -57,6 +57,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     "linear_probe": {},
     "ia3": {},   # PEFT's per-model-type targets and feedforward modules
     "olora": {"rank": 4, "alpha": 8.0},
+    "hira": {"rank": 4},
 }
 
 
@@ -141,6 +142,10 @@ def formula_count(method, base: dict) -> int:
                    for s in method.targets)
     if name == "vera":  # d (r) and b (out) per layer; the shared A/B are frozen
         return sum(method.config.rank + sites.linear[s]["out_features"] for s in method.targets)
+    if name == "hira":  # A (in x r) and B (r x out): LoRA's count for a Hadamard update
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   for s in method.targets)
     if name == "olora":  # LoRA's A (in x r) and B (r x out); the QR init adds nothing trainable
         r = method.config.rank
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
