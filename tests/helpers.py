@@ -58,6 +58,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     "ia3": {},   # PEFT's per-model-type targets and feedforward modules
     "olora": {"rank": 4, "alpha": 8.0},
     "hira": {"rank": 4},
+    "ln_tuning": {},   # PEFT's norm modules (BERT: every LayerNorm)
 }
 
 
@@ -142,6 +143,9 @@ def formula_count(method, base: dict) -> int:
                    for s in method.targets)
     if name == "vera":  # d (r) and b (out) per layer; the shared A/B are frozen
         return sum(method.config.rank + sites.linear[s]["out_features"] for s in method.targets)
+    if name == "ln_tuning":  # each targeted norm's scale (and bias: LayerNorm, not RMSNorm)
+        return sum(tree_size(v) for k, v in non_head.items()
+                   if k.rpartition(".")[0] in method.modules and k.endswith((".scale", ".bias")))
     if name == "hira":  # A (in x r) and B (r x out): LoRA's count for a Hadamard update
         r = method.config.rank
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
