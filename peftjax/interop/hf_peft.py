@@ -663,7 +663,8 @@ def _import_declared(cls, config, tensors, model, folder) -> tuple[core.Method, 
     suffixes = {t.peft for ts in layout.values() for t in ts}
     in_file = {k: full for k, full in _strip_prefix(tensors, prefix).items()
                if k.rsplit(".", 1)[-1] in suffixes}
-    site_to_file = {s: m for m, s in _module_map(model, sorted({k.rsplit(".", 1)[0] for k in in_file})).items()}
+    modules = sorted({k.rsplit(".", 1)[0] for k in in_file})
+    site_to_file = {s: m for m, s in _module_map(model, modules).items()}
     added, missing, misshaped = {}, [], []
     for site, ts in layout.items():
         module = site_to_file.get(site, site)
@@ -674,7 +675,8 @@ def _import_declared(cls, config, tensors, model, folder) -> tuple[core.Method, 
                 continue
             array = tensors.pop(in_file.pop(key))
             if tuple(array.shape) != tuple(t.shape):
-                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {tuple(t.shape)}")
+                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, "
+                                 f"model expects {tuple(t.shape)}")
                 continue
             name = f"{site}.{t.ours}"
             added[name] = jax.numpy.asarray((array.T if t.transpose else array).reshape(ours[name].shape))

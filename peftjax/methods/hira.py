@@ -1,7 +1,8 @@
 """HiRA: Hadamard high-rank adaptation (Huang et al., ICLR 2025, §3).
 
 The update is the Hadamard product of the frozen weight with a low-rank matrix, so its rank is
-not bounded by r (only rank(W0 ⊙ AB) ≤ rank(W0)·r) at LoRA's parameter count. In flax layout (kernel W0 (in, out))
+not bounded by r (only rank(W0 ⊙ AB) ≤ rank(W0)·r) at LoRA's parameter count. In flax layout
+(kernel W0 (in, out))
 
     h = x (W0 + W0 ⊙ (A B)) + b = y + dropout(x) (W0 ⊙ (A B)),    A: (in, r), B: (r, out)
 
