@@ -43,13 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.merging import COMBINED
 from peftjax.methods import core
 from peftjax.models import hf_io
 from peftjax.models import hooks as hooks_lib
 from peftjax.models.registry import Model
 
 DISABLED = -1
-COMBINED = "lora"   # a combination of low-rank updates is itself a plain LoRA
 
 
 class _StackHooks(hooks_lib.Hooks):
@@ -65,6 +65,31 @@ class _StackHooks(hooks_lib.Hooks):
         a = self.a[site][self.index].astype(x.dtype)
         b = (self.b[site][self.index] * self.on).astype(x.dtype)
         return y + (x @ a) @ b
+
+
+class _RowHooks(hooks_lib.Hooks):
+    """Mixed batches: row i adds ``x_i A[k_i] B[k_i]`` with its own adapter k_i (zero for the
+    base model), and a task head's linear layers use row i's head."""
+
+    def __init__(self, a, b, index, on, heads: Mapping[str, tuple], head_index):
+        self.a, self.b, self.index, self.on = a, b, index, on
+        self.heads, self.head_index = heads, head_index
+
+    def linear(self, module, x, y, kernel, bias):
+        site = hooks_lib.site(module)
+        if site in self.heads:
+            k, bb = self.heads[site]
+            k = k[self.head_index].astype(x.dtype)                       # (B, in, out)
+            y = jnp.einsum("b...i,bio->b...o", x, k)
+            if bb is not None:
+                y = y + bb[self.head_index].astype(y.dtype).reshape(
+                    (y.shape[0],) + (1,) * (y.ndim - 2) + (y.shape[-1],))
+            return y
+        if site not in self.a:
+            return y
+        a = self.a[site][self.index].astype(x.dtype)                     # (B, in, R)
+        b = (self.b[site][self.index] * self.on[:, None, None]).astype(x.dtype)   # (B, R, out)
+        return y + jnp.einsum("b...r,bro->b...o", jnp.einsum("b...i,bir->b...r", x, a), b)
 
 
 def _flat(params: Mapping) -> dict:
@@ -89,6 +114,7 @@ class AdapterSet:
         self._stack: dict | None = None
         self.traces = 0  # how many times the forward was traced (compiled); for tests
         self._jitted = jax.jit(self._forward)
+        self._jitted_rows = jax.jit(self._forward_rows)
 
     # -- registry -------------------------------------------------------------------------
     @property
@@ -194,11 +220,40 @@ class AdapterSet:
         with hooks_lib.use(hooks):
             return self.model.apply(traverse_util.unflatten_dict({**frozen, **head}, sep="."), batch)
 
-    def apply(self, batch: Mapping[str, Any], adapter: str | int | None) -> jax.Array:
+    def _forward_rows(self, stack, frozen, batch, index):
+        from flax import traverse_util
+
+        self.traces += 1
+        n = next(iter(stack["A"].values())).shape[0] if stack["A"] else len(self._adapters)
+        on = index >= 0
+        heads = {}
+        for path, values in stack["head"].items():
+            site, _, leaf = path.rpartition(".")
+            if site not in self.sites.linear or leaf not in ("kernel", "bias"):
+                raise ValueError(f"mixed-adapter batches need a task head of linear layers; "
+                                 f"{path} is not one")
+            k, bias = heads.get(site, (None, None))
+            heads[site] = (values, bias) if leaf == "kernel" else (k, values)
+        hooks = _RowHooks(stack["A"], stack["B"], jnp.clip(index, 0, n - 1),
+                          on.astype(jnp.float32), heads, jnp.where(on, index, n))
+        with hooks_lib.use(hooks):
+            head = {k: v[n] for k, v in stack["head"].items()}   # replaced row by row by the hooks
+            return self.model.apply(traverse_util.unflatten_dict({**frozen, **head}, sep="."), batch)
+
+    def apply(self, batch: Mapping[str, Any], adapter: str | int | None | Sequence) -> jax.Array:
         """The model's output with ``adapter`` active (``None``: disabled, the base model).
 
-        Jitted; the adapter is a traced index, so switching never recompiles.
+        ``adapter`` may also be a sequence with one entry per row of the batch (names, indices or
+        ``None``/``"base"`` for the base model; PEFT's ``adapter_names``): a mixed batch, one
+        compiled forward for any assignment, each row equal to running its adapter alone.
+        Jitted; adapters are traced indices, so switching never recompiles.
         """
+        if isinstance(adapter, (list, tuple, np.ndarray)):
+            rows = len(next(iter(batch.values())))
+            if len(adapter) != rows:
+                raise ValueError(f"{len(adapter)} adapter names for a batch of {rows} rows; give one per row")
+            index = jnp.asarray([self.index(None if a == "base" else a) for a in adapter], jnp.int32)
+            return self._jitted_rows(self.stack(), self.frozen, batch, index)
         index = jnp.asarray(self.index(adapter), jnp.int32)
         return self._jitted(self.stack(), self.frozen, batch, index)
 
@@ -209,16 +264,32 @@ class AdapterSet:
         return {site: jnp.asarray(a @ b) for site, (a, b) in factors.items()}
 
     def combine(self, name: str, adapters: Sequence[str], weights: Sequence[float], *,
-                rank: int | None = None, head: str | None = None) -> tuple[core.Method, dict]:
-        """Adds (and returns) the adapter ΔW = Σ wᵢ sᵢ Aᵢ Bᵢ as one LoRA.
+                rank: int | None = None, head: str | None = None, combination: str = "linear",
+                density: float = 1.0, seed: int = 0) -> tuple[core.Method, dict]:
+        """Adds (and returns) the merge of ``adapters`` as one LoRA.
 
-        Without ``rank`` it is exact, of rank Σrᵢ (PEFT's ``"cat"``); with ``rank`` each site's
-        ΔW is truncated to its best rank-``rank`` approximation. ``head`` names the adapter
-        whose head the result keeps (default: the base head).
+        ``combination="linear"``: ΔW = Σ wᵢ sᵢ Aᵢ Bᵢ, without ``rank`` exact, of rank Σrᵢ
+        (PEFT's ``"cat"``), with ``rank`` each site's ΔW truncated to its best
+        rank-``rank`` approximation. ``"ties"``, ``"dare_linear"``, ``"dare_ties"``,
+        ``"magnitude_prune"``: task-arithmetic merges of the dense ΔWᵢ with ``density``
+        (``peftjax.merging``; DARE seeded by ``seed``), re-factorised by SVD to ``rank`` (or
+        each site's exact rank). ``head`` names the adapter whose head the result keeps
+        (default: the base head).
         """
         if len(adapters) != len(weights) or not adapters:
             raise ValueError(f"combine needs one weight per adapter, got {len(adapters)} adapters "
                              f"and {len(weights)} weights")
+        head_params = dict(self._adapters[self.names[self.index(head)]][2]) if head else {}
+        if combination != "linear" or density != 1.0:
+            from peftjax import merging
+
+            vectors = [{s: np.asarray(a, np.float64) @ np.asarray(b, np.float64) for s, (a, b) in
+                        self._adapters[self.names[self.index(n)]][3].items()} for n in adapters]
+            merged = merging.merge_task_vectors(vectors, weights, combination, density=density, seed=seed)
+            method, trainable = merging.as_lora(self.model, merged, rank, self.sites)
+            trainable["head"] = head_params
+            self.add(name, method, trainable)
+            return method, trainable
         entries = [self._adapters[self.names[self.index(a)]][3] for a in adapters]
         sites = [s for s in self.sites.linear if any(s in f for f in entries)]
         widths = [max(a.shape[1] for a, _ in f.values()) for f in entries]
@@ -245,7 +316,6 @@ class AdapterSet:
                                                         "targets": _targets_regex(sites)}, sites=self.sites)
         except ValueError as e:
             raise ValueError(f"combine {name!r}: {e}; pass rank= to truncate") from None
-        head_params = dict(self._adapters[self.names[self.index(head)]][2]) if head else {}
         trainable = {"base": {}, "added": added, "head": head_params}
         self.add(name, method, trainable)
         return method, trainable

@@ -120,3 +120,46 @@ def test_load_from_peft_folder_and_refusals(setup, tmp_path):
         dora = core.create("dora", model, {"rank": 2})
         with pytest.raises(ValueError, match="DoRA re-normalises"):
             other.add("d", dora, {})
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone(setup):
+    """PEFT's adapter_names per row: one compiled forward for any assignment, each row's output
+    equal to its adapter (or the base model) run alone, task heads included."""
+    model, params, aset, adapters, batch = setup
+    names = ["a", "base", "b", "a"]
+    mixed = np.asarray(aset.apply(batch, names))
+    for i, n in enumerate(names):
+        alone = np.asarray(aset.apply(batch, None if n == "base" else n))[i]
+        np.testing.assert_allclose(mixed[i], alone, atol=1e-5, rtol=1e-5)
+    traces = aset.traces
+    again = np.asarray(aset.apply(batch, ["b", "b", "a", "base"]))
+    assert aset.traces == traces   # another assignment: no new trace
+    np.testing.assert_allclose(again[2], np.asarray(aset.apply(batch, "a"))[2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one per row"):
+        aset.apply(batch, ["a"])
+
+
+def test_merges_are_the_formulas_on_the_adapters_updates(setup):
+    """TIES, DARE and magnitude pruning of the set's updates (scalings folded in, rsLoRA's
+    α/√r included) equal peftjax.merging applied to the explicit ΔW matrices."""
+    from peftjax import merging
+
+    model, params, aset, adapters, batch = setup
+    da, db = aset.delta_weights("a"), aset.delta_weights("b")
+    # rsLoRA: b's scale is alpha / sqrt(r) = 8 / 2
+    m_b, p_b = adapters["b"]
+    site = next(iter(db))
+    expected_b = 4.0 * np.asarray(p_b.trainable["added"][site + ".lora_A"]) @ np.asarray(
+        p_b.trainable["added"][site + ".lora_B"])
+    np.testing.assert_allclose(np.asarray(db[site]), expected_b, atol=1e-5)
+    for combination in ("ties", "dare_ties", "magnitude_prune", "dare_linear"):
+        method, _ = aset.combine(combination, ["a", "b"], [0.6, 0.8], combination=combination,
+                                 density=0.5, seed=3)
+        want = merging.merge_task_vectors([{s: np.asarray(v) for s, v in da.items()},
+                                           {s: np.asarray(v) for s, v in db.items()}],
+                                          [0.6, 0.8], combination, density=0.5, seed=3)
+        got = aset.delta_weights(combination)
+        assert set(got) == set(want)
+        for s in want:
+            np.testing.assert_allclose(np.asarray(got[s]), want[s], atol=1e-4)
+        aset.remove(combination)
