@@ -197,31 +197,10 @@ class FishMask(SparseSelection):
                              f"set ({available} examples); valid: 1..{available}")
         paths = self.candidate_paths(base)
         scores, used = fisher.empirical_fisher(
-            ctx.loss_fn, base, paths, _rechunk(ctx.train_batches(), c.fisher_chunk),
+            ctx.loss_fn, base, paths, fisher.rechunk(ctx.train_batches(), c.fisher_chunk),
             c.num_examples, desc="fishmask Fisher", progress=c.progress)
         if used < c.num_examples:
             raise ValueError(f"fishmask.num_examples={c.num_examples} is larger than the training "
                              f"set ({used} examples)")
         return fisher.global_top_k(scores, self.num_selected(base))
 
-
-def _rechunk(batches, size: int):
-    """Re-batches a stream of batches into batches of exactly ``size`` rows (mask pads)."""
-    pending: list[dict] = []
-    count = 0
-    for b in batches:
-        b = {k: np.asarray(v) for k, v in b.items()}
-        pending.append(b)
-        count += len(b["mask"])
-        while count >= size:
-            cat = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-            yield {k: v[:size] for k, v in cat.items()}
-            rest = {k: v[size:] for k, v in cat.items()}
-            count -= size
-            pending = [rest] if count else []
-    if count:
-        cat = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-        pad = size - count
-        out = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in cat.items()}
-        out["mask"][count:] = False
-        yield out
