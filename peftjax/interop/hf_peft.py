@@ -147,8 +147,9 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
                    initial_added: dict | None = None) -> dict:
     """Writes ``trainable`` (``{"base","added","head"}``) as a PEFT adapter folder.
 
-    ``state``: the method state, required by VeRA (its projections) and used by AdaLoRA (its
-    rank mask; without it every triplet is kept). ``initial_added``: the added params at setup,
+    ``state``: the method state, required by VeRA (its projections) and by a method whose PEFT
+    tensors are partly state (``Method.peft_added``: LoRA-FA's frozen A), and used by AdaLoRA
+    (its rank mask; without it every triplet is kept). ``initial_added``: the added params at setup,
     required by a base-rewriting LoRA init (PiSSA, OLoRA), which is written converted to a plain
     LoRA of the *original* base (``_export_lora``). Returns the adapter config written. Both
     files are written to a temporary name and renamed, the weights first, so an interrupted
@@ -162,7 +163,8 @@ def export_adapter(method: core.Method, trainable: dict, folder: str, *,
         raise AdapterError(f"method {method.name!r} trains base params ({len(trainable['base'])}, "
                            f"e.g. {next(iter(trainable['base']))}); a PEFT LoRA/prompt adapter cannot "
                            "carry them")
-    added = trainable.get("added", {})
+    # The added params as PEFT holds them (LoRA-FA: its frozen A comes from the state).
+    added = method.peft_added(trainable.get("added", {}), dict(state or {}))
     if method.peft_format:
         config, tensors, prefix = _export_declared(method, added)
     elif _lora_like(method):

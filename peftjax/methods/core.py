@@ -309,7 +309,11 @@ class Method:
 
     def gradient_transform(self, rng: Array) -> optax.GradientTransformation | None:
         """An optax transformation of the clipped gradients, before the optimizer (Child-tuning_F's
-        Bernoulli mask), or None. ``rng`` derives from the run's seed."""
+        Bernoulli mask), or None. ``rng`` derives from the run's seed. The train step passes the
+        method state as the extra argument ``method_state`` (an ``optax.
+        GradientTransformationExtraArgs`` receives it in ``update(updates, state, params, *,
+        method_state, **extra)``): a transform that needs the state (LoRA-FA's projection of B's
+        gradient by its frozen A) reads it there; others ignore it."""
         return None
 
     def lr_multipliers(self) -> tuple[tuple[str, float], ...]:
@@ -367,6 +371,13 @@ class Method:
         ``target_modules``, written as the explicit list of these paths) and how each of this
         method's added params is stored there."""
         raise NotImplementedError(f"method {self.name!r} has no Hugging Face PEFT format")
+
+    def peft_added(self, added: Flat, state: Flat) -> Flat:
+        """The added params as the method's Hugging Face PEFT tensors hold them, from the
+        trainable ``added`` and the method state. A method that keeps some of PEFT's trainable
+        tensors in its state returns them here (LoRA-FA's frozen A: PEFT's file is a plain
+        LoRA with A and B); default: ``added``."""
+        return added
 
     @classmethod
     def config_from_peft(cls, peft_config: Mapping[str, Any],

@@ -5,6 +5,8 @@ The chain, in order, for each update::
 
     clip_by_global_norm(clip_norm)          the raw gradient's global norm (transformers' Trainer)
     method.gradient_transform(rng)          e.g. Child-tuning_F's Bernoulli mask, after clipping
+                                            (it may read the method state: the train step passes
+                                            ``method_state=`` to ``update``)
     adamw(schedule / lr, b1, b2, eps, wd)   weight decay skips biases and normalisation scales
     × lr                                    the peak rate, an optimizer-state value (no recompile)
     lr multipliers                          updates of matching params × m (after AdamW)

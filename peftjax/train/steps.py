@@ -59,7 +59,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int 
             return task + method.regularizer(trainable, state.method_state), task
 
         (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        # The method state travels to the optimizer as an extra argument: a method's gradient
+        # transform may read it (LoRA-FA's projection of B's gradient by its frozen A).
+        updates, opt_state = optax.with_extra_args_support(tx).update(
+            grads, state.opt_state, state.trainable, method_state=state.method_state)
         trainable = optax.apply_updates(state.trainable, updates)
         method_state, trainable = method.update_state(state.method_state, trainable, grads, state.step)
         metrics = {"loss": task_loss, "grad_norm": optax.global_norm(grads)}
