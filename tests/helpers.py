@@ -59,6 +59,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     "olora": {"rank": 4, "alpha": 8.0},
     "hira": {"rank": 4},
     "ln_tuning": {},   # PEFT's norm modules (BERT: every LayerNorm)
+    "lora_plus": {"rank": 4, "alpha": 8.0, "lr_ratio": 16.0},
 }
 
 
@@ -151,6 +152,10 @@ def formula_count(method, base: dict) -> int:
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
                    for s in method.targets)
     if name == "olora":  # LoRA's A (in x r) and B (r x out); the QR init adds nothing trainable
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   for s in method.targets)
+    if name == "lora_plus":  # LoRA's A and B; the ratio changes learning rates, not params
         r = method.config.rank
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
                    for s in method.targets)
