@@ -11,7 +11,9 @@ PEFT, the same batches, dropout off, the same AdamW, schedule and clipping, fp32
 ``<out>/train_vs_peft.json`` (per method: ``method``, ``steps``, ``loss_ours``, ``loss_peft``,
 ``max_rel_loss_diff``, ``final_param_max_abs_diff``, AdaLoRA's ranks on both sides, wall times
 and the checks made) and ``<out>/plots/<method>.png`` (both loss curves and their relative
-difference). The JSON is rewritten after each method. See the module's docstring for exactly
+difference). The JSON is rewritten after each method. ``--noise_floor`` (on) also trains each
+side again from a start one ulp away: how far float rounding alone moves that run's losses, the
+yardstick for the cross-framework difference. See the module's docstring for exactly
 what is made identical and where PEFT's behaviour had to be written out.
 
 Exit code 0 even when a method misses ``--tolerance``: the report says which (``within_tolerance``),
@@ -34,6 +36,8 @@ flags.DEFINE_integer("seed", 0, "data order and peftjax's initial draws")
 flags.DEFINE_integer("train_limit", 0, "use the first N training rows (0: all)")
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)")
 flags.DEFINE_float("tolerance", 1e-3, "max relative loss difference a method must stay within")
+flags.DEFINE_bool("noise_floor", True, "also train each side again from a start one ulp away, to "
+                  "measure how much float rounding alone moves this run's losses (doubles the time)")
 flags.DEFINE_string("out", "runs/train_vs_peft", "output folder")
 FLAGS = flags.FLAGS
 
@@ -62,7 +66,8 @@ def main(argv):
         base = tp.load_base(folder, num_labels=num_labels, pooling="cls", seed=FLAGS.seed)
         log(tp.SUMMARY_HEADER)
         report = tp.run_all(methods, base, encoded, steps=FLAGS.steps, batch_size=FLAGS.batch,
-                            seed=FLAGS.seed, out_dir=FLAGS.out, facts=facts, log=log)
+                            seed=FLAGS.seed, out_dir=FLAGS.out, facts=facts,
+                            noise_floor=FLAGS.noise_floor, log=log)
     for r in report["methods"]:
         r["within_tolerance"] = r["max_rel_loss_diff"] <= FLAGS.tolerance and r.get("rank_patterns_equal", True)
     from peftjax.files import write_json_atomic

@@ -79,6 +79,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from peftjax.methods import core
@@ -473,6 +474,19 @@ def init_distributions(method: core.Method, model: Model, peft: core.PeftParams,
         kind = local if site in method.sites.linear else p.key
         ours = to_torch_layout(np.asarray(peft.trainable["added"][p.key]), p.layout)
         groups.setdefault(kind, []).append((ours, p.param.detach().numpy()))
+    if method.name == "prompt_tuning" and method.config.init == "vocab":
+        # Rows sampled from the vocabulary (PEFT's SAMPLE_VOCAB): 20 rows are 20 draws, not
+        # 20·d independent values, so the check is exact instead — every row on both sides is a
+        # row of the word-embedding table.
+        table = own.get_input_embeddings().weight.detach().numpy()
+        ours_rows = to_torch_layout(np.asarray(peft.trainable["added"][f"{method.site}.prompt_embeddings"]), "same")
+        theirs_rows = own.prompt_encoder["default"].embedding.weight.detach().numpy()
+        inside = lambda rows: int(sum(np.any(np.all(np.abs(table - r) <= 1e-7 * max(1.0, np.abs(r).max()),  # noqa: E731
+                                                    axis=1)) for r in rows))
+        a, b = inside(ours_rows), inside(theirs_rows)
+        return {"ok": a == len(ours_rows) and b == len(theirs_rows),
+                "kinds": {"prompt_embeddings": {"n": len(ours_rows), "kind": "vocabulary rows",
+                                                "ours_rows_in_table": a, "peft_rows_in_table": b}}}
     if method.name == "vera":   # the shared projections (state here, buffers in PEFT)
         for name in ("vera_A", "vera_B"):
             groups[name] = [(to_torch_layout(np.asarray(peft.state[name]), "T"),
@@ -761,7 +775,7 @@ def importance_snapshot_step(method) -> int | None:
 def run_method(name: str, base: Base, encoded: Mapping[str, np.ndarray], *, steps: int,
                batch_size: int, seed: int = 0, method_overrides: Mapping[str, Any] | None = None,
                train_overrides: Mapping[str, Any] | None = None, torch_net=None,
-               log: Callable[[str], None] | None = None) -> dict:
+               noise_floor: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Trains parity method ``name`` on ``base`` for ``steps`` steps both ways; the comparison.
 
     ``encoded``: the tokenised training split (``peftjax.data.encode``); ``torch_net``: a
@@ -769,6 +783,12 @@ def run_method(name: str, base: Base, encoded: Mapping[str, np.ndarray], *, step
     record (``method``, ``steps``, ``loss_ours``, ``loss_peft``, ``max_rel_loss_diff``,
     ``final_param_max_abs_diff``, timings, the checks made; AdaLoRA: ``ranks_ours``,
     ``ranks_peft``, ``rank_patterns_equal``).
+
+    ``noise_floor``: also trains each side again from the same start moved by one ulp
+    (``one_ulp``), and records how far each framework's losses move from its own run
+    (``noise_floor``): the difference float rounding alone makes on this run. A cross-framework
+    difference at that level is the run's sensitivity to rounding, not a difference of method;
+    one far above it is a bug.
     """
     from peftjax.train.compose import init_context
 
@@ -848,7 +868,37 @@ def run_method(name: str, base: Base, encoded: Mapping[str, np.ndarray], *, step
     if s.method == "prefix_tuning":
         record["prefix_default_positions_loss_rel_diff"] = _prefix_default_positions(
             method, model, peft, template, batches[0])
+    if noise_floor:
+        log(f"{name}: noise floor (both sides from a start one ulp away)")
+        moved = one_ulp(peft, seed)
+        ours2 = train_ours(method, tc, moved, batches, seed)
+        with tempfile.TemporaryDirectory() as workdir:
+            pm2, _ = peft_side(s, method, model, moved, template, workdir, check_init=False)
+        opt2 = torch_optimizer(s, tc, pm2, model)
+        theirs2 = train_torch(s, pm2, batches, opt2, torch_schedule(opt2, tc, steps), tc.clip_norm,
+                              model.input_names)
+        self_ours = np.abs(np.asarray(ours2["loss"]) - lo) / np.abs(lo)
+        self_peft = np.abs(np.asarray(theirs2["loss"]) - lp) / np.abs(lp)
+        record["noise_floor"] = {"rel_loss_diff_ours": self_ours.tolist(),
+                                 "rel_loss_diff_peft": self_peft.tolist(),
+                                 "max_ours": float(self_ours.max()), "max_peft": float(self_peft.max())}
     return record
+
+
+def one_ulp(peft: core.PeftParams, seed: int) -> core.PeftParams:
+    """``peft`` with every trainable value moved one ulp up or down (random signs, seeded): a
+    start that differs from the original by float rounding alone, as the two frameworks'
+    first steps do."""
+    rng = np.random.default_rng([seed, 0x756C70])
+
+    def move(x):
+        x = np.asarray(jax.device_get(x))
+        toward = np.where(rng.random(x.shape) < 0.5, -np.inf, np.inf).astype(x.dtype)
+        return jnp.asarray(np.nextafter(x, toward))   # in x's own precision
+
+    trainable = {tree: {k: move(v) for k, v in sorted(peft.trainable[tree].items())}
+                 for tree in ("base", "added", "head")}
+    return peft._replace(trainable=trainable)
 
 
 def _prefix_default_positions(method, model, peft, template, batch) -> float:
@@ -896,11 +946,17 @@ def plot(record: Mapping[str, Any], path: str) -> str:
     top.set_title(f"{record['method']}: {record['steps']} steps, batch {record['batch_size']}")
     top.legend()
     rel = np.maximum(np.asarray(record["rel_loss_diff"]), 1e-10)
-    bottom.semilogy(steps, rel, color="tab:red", lw=1.0)
+    floor = record.get("noise_floor")
+    if floor:   # each side against itself from a start one ulp away
+        bottom.semilogy(steps, np.maximum(floor["rel_loss_diff_ours"], 1e-10), color="tab:blue",
+                        lw=0.8, alpha=0.5, label="peftjax vs itself (1 ulp)")
+        bottom.semilogy(steps, np.maximum(floor["rel_loss_diff_peft"], 1e-10), color="tab:orange",
+                        lw=0.8, alpha=0.5, label="PEFT vs itself (1 ulp)")
+    bottom.semilogy(steps, rel, color="tab:red", lw=1.2, label="peftjax vs PEFT")
     bottom.axhline(1e-3, color="gray", ls=":", lw=1.0, label="1e-3")
     bottom.set_ylabel("|Δloss| / loss")
     bottom.set_xlabel("step")
-    bottom.legend(loc="lower right")
+    bottom.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
@@ -955,7 +1011,7 @@ def versions() -> dict:
 
 def run_all(methods: Iterable[str], base: Base, encoded: Mapping[str, np.ndarray], *, steps: int,
             batch_size: int, seed: int, out_dir: str, facts: Mapping[str, Any] | None = None,
-            log: Callable[[str], None] | None = None) -> dict:
+            noise_floor: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Runs ``run_method`` for each method and writes ``out_dir/train_vs_peft.json`` (rewritten
     after every method, so a long run's finished methods are kept) and
     ``out_dir/plots/<method>.png``. Returns the report."""
@@ -976,7 +1032,7 @@ def run_all(methods: Iterable[str], base: Base, encoded: Mapping[str, np.ndarray
     path = os.path.join(out_dir, "train_vs_peft.json")
     for name in methods:
         record = run_method(name, base, encoded, steps=steps, batch_size=batch_size, seed=seed,
-                            torch_net=template, log=log)
+                            torch_net=template, noise_floor=noise_floor, log=log)
         record["plot"] = os.path.relpath(plot(record, os.path.join(out_dir, "plots", f"{name}.png")), out_dir)
         report["methods"].append(record)
         write_json_atomic(path, report, indent=1)
@@ -991,10 +1047,13 @@ def summary_row(r: Mapping[str, Any]) -> str:
     if "ranks_ours" in r:
         ranks = (f"{sum(r['ranks_ours'].values())} / {sum(r['ranks_peft'].values())}, "
                  f"{'identical' if r['rank_patterns_equal'] else 'DIFFERENT'}")
-    return (f"| {r['method']} | {r['max_rel_loss_diff']:.2e} | {r['final_param_max_abs_diff']:.2e} | "
-            f"{r['trainable_values']:,} | {ranks} | {r['wall_s_ours']:.1f} | {r['wall_s_peft']:.1f} |")
+    floor = r.get("noise_floor")
+    floor = f"{floor['max_ours']:.1e} / {floor['max_peft']:.1e}" if floor else "—"
+    return (f"| {r['method']} | {r['max_rel_loss_diff']:.2e} | {floor} | "
+            f"{r['final_param_max_abs_diff']:.2e} | {r['trainable_values']:,} | {ranks} | "
+            f"{r['wall_s_ours']:.1f} | {r['wall_s_peft']:.1f} |")
 
 
-SUMMARY_HEADER = ("| method | max rel loss diff | final max abs param diff | trainable values | "
-                  "AdaLoRA ranks (ours / PEFT, pattern) | wall s peftjax | wall s PEFT |\n"
-                  "|---|---|---|---|---|---|---|")
+SUMMARY_HEADER = ("| method | max rel loss diff | noise floor (ours / PEFT) | final max abs param diff | "
+                  "trainable values | AdaLoRA ranks (ours / PEFT, pattern) | wall s peftjax | "
+                  "wall s PEFT |\n|---|---|---|---|---|---|---|---|")
