@@ -60,6 +60,7 @@ METHOD_CONFIGS: dict[str, dict] = {
     "hira": {"rank": 4},
     "ln_tuning": {},   # PEFT's norm modules (BERT: every LayerNorm)
     "lora_plus": {"rank": 4, "alpha": 8.0, "lr_ratio": 16.0},
+    "lora_fa": {"rank": 4, "alpha": 8.0},
 }
 
 
@@ -159,6 +160,8 @@ def formula_count(method, base: dict) -> int:
         r = method.config.rank
         return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
                    for s in method.targets)
+    if name == "lora_fa":  # B (r x out) only: A is frozen method state
+        return sum(method.config.rank * sites.linear[s]["out_features"] for s in method.targets)
     if name == "ia3":  # one vector per target: its input size at feedforward targets, else its output
         return sum(sites.linear[s]["in_features"] if s in method.feedforward
                    else sites.linear[s]["out_features"] for s in method.targets)
