@@ -61,6 +61,8 @@ METHOD_CONFIGS: dict[str, dict] = {
     "ln_tuning": {},   # PEFT's norm modules (BERT: every LayerNorm)
     "lora_plus": {"rank": 4, "alpha": 8.0, "lr_ratio": 16.0},
     "lora_fa": {"rank": 4, "alpha": 8.0},
+    # Gradient from the learnable batch (fisher_context), two backward passes of 4 rows.
+    "lora_ga": {"rank": 4, "alpha": 8.0, "num_examples": 8, "batch_size": 4, "progress": False},
 }
 
 
@@ -162,6 +164,10 @@ def formula_count(method, base: dict) -> int:
                    for s in method.targets)
     if name == "lora_fa":  # B (r x out) only: A is frozen method state
         return sum(method.config.rank * sites.linear[s]["out_features"] for s in method.targets)
+    if name == "lora_ga":  # LoRA's A (in x r) and B (r x out); the gradient init adds nothing
+        r = method.config.rank
+        return sum(r * (sites.linear[s]["in_features"] + sites.linear[s]["out_features"])
+                   for s in method.targets)
     if name == "ia3":  # one vector per target: its input size at feedforward targets, else its output
         return sum(sites.linear[s]["in_features"] if s in method.feedforward
                    else sites.linear[s]["out_features"] for s in method.targets)

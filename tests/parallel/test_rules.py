@@ -16,7 +16,7 @@ from peftjax import methods as methods_lib
 from peftjax.parallel import distributed, mesh as mesh_lib, rules as rules_lib, shard
 from peftjax.parallel.rules import ShardingRules, fallback_spec, fit_spec
 from peftjax.train.memory import abstract_plan
-from tests.helpers import METHOD_CONFIGS, TINY, TINY_OVERRIDES
+from tests.helpers import METHOD_CONFIGS, TINY, TINY_OVERRIDES, fisher_context
 
 MESH = {"data": 2, "fsdp": 4, "tensor": 2}
 
@@ -175,10 +175,13 @@ def test_every_registered_method_gets_a_plan_on_a_full_mesh():
     # are placed (and trained) for real in sharded_train.py (FishMask; Child-tuning_D keeps the
     # same values + .indices representation).
     # linear_probe is refused on a causal LM (its head has no params of its own).
+    # A data-driven init whose shapes do not depend on the data (LoRA-GA's gradient) traces its
+    # data pass on the abstract params: it gets the contract's training rows.
+    ctx = fisher_context(model)
     for name in sorted(set(methods_lib.registered()) - {"fishmask", "child_tuning_d", "linear_probe"}):
         config = METHOD_CONFIGS.get(name, {})   # a method without a contract config: its defaults
         method = methods_lib.create(name, model, config)
-        state, frozen, sh = abstract_plan(method, "2,2,2", abstract, tx, min_elements=0)
+        state, frozen, sh = abstract_plan(method, "2,2,2", abstract, tx, min_elements=0, ctx=ctx)
         for tree, shardings in ((state, sh.state), (frozen, sh.frozen)):
             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
                 shape = s.shard_shape(x.shape)   # raises if a split does not divide
