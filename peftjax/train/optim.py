@@ -156,5 +156,8 @@ def make_optimizer(cfg: Any, total_steps: int, method: Any = None, seed: int = 0
         parts.append(scale_by_lr_mults(rules))
     tx = optax.chain(*parts)
     if cfg.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+        multi = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+        # MultiSteps forwards extra arguments (the method state a gradient transform may read)
+        # to the inner chain, but is not typed as taking them: say so, or optax drops them.
+        tx = optax.GradientTransformationExtraArgs(multi.init, multi.update)
     return tx, schedule

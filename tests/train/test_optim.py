@@ -75,3 +75,27 @@ def test_bad_lr_mults_are_refused(bad):
 def test_non_positive_or_non_finite_learning_rate_is_refused(lr):
     with pytest.raises(ValueError, match="train.learning_rate"):
         make_optimizer(_cfg(learning_rate=lr), 10)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_gradient_transform_receives_the_method_state_with_and_without_accumulation(accum):
+    """The train step calls ``update(..., method_state=)``; the chain (and gradient
+    accumulation's MultiSteps around it) hands it to the method's gradient transform."""
+    import optax
+
+    seen = []
+
+    class Reader(type(methods.create("lora", tiny_model("bert")[0], {"rank": 4}))):
+        def gradient_transform(self, rng):
+            def update(updates, state, params=None, *, method_state=None, **extra):
+                seen.append(method_state)
+                return updates, state
+
+            return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    method = Reader(Reader.Config(rank=4), tiny_model("bert")[0])
+    tx, _ = make_optimizer(_cfg(grad_accum_steps=accum), 10, method)
+    params = _tree(jax.random.PRNGKey(0))
+    optax.with_extra_args_support(tx).update(params, tx.init(params), params,
+                                             method_state={"marker": jnp.ones(())})
+    assert seen and all(s is not None and "marker" in s for s in seen)
