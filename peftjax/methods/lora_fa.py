@@ -6,7 +6,7 @@ Models Fine-tuning", arXiv:2308.03303): LoRA with A frozen at its random init, o
 
 So ΔW = s·A B stays in the column space of the fixed random A: half of LoRA's trainable params
 (r·out per layer instead of r·(in + out)), and the backward pass needs only x A (tokens × r), not
-x, for B's gradient (the paper's activation-memory saving, §3).
+x, for B's gradient (the paper's activation-memory saving).
 
 Here A is method *state* (``init_state``: LoRA's init per target, drawn from the run's rng, so
 every seed of a comparison draws its own A), never differentiated and with no optimizer moments;

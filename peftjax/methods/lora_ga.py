@@ -13,7 +13,7 @@ Algorithm 1 of the paper, per targeted kernel W (torch layout, (out, in)):
 
 so that W_res + s·B A = W, and A's and B's gradients at the first step are the projections of G
 onto the spans that make s·ΔB·A + s·B·ΔA the best rank-2r approximation of one step of full
-fine-tuning (the paper's Theorem 3.1).
+fine-tuning (the paper's gradient-approximation argument).
 
 The data pass is the protocol's "prepare from data" pass, shared with FishMask's and
 Child-tuning_D's Fisher estimates: ``prepare(ctx)`` refuses a run without training data, then

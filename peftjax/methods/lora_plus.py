@@ -2,7 +2,7 @@
 Models", arXiv:2402.12354): LoRA whose B matrices learn λ times faster than its A matrices.
 
 The model, init, forward, merge, counts and files are LoRA's (``peftjax/methods/lora.py``); only
-the learning rates differ. The paper's argument (§3, infinite-width analysis): with one rate for
+the learning rates differ. The paper's argument (an infinite-width analysis): with one rate for
 both factors, feature learning in wide models is inefficient, because B (r, out) and A (in, r)
 need rates of different orders in the width; setting
 
