@@ -4,7 +4,8 @@
       --methods=all --steps=100 --batch=32 --out=experiments/train_vs_peft
 
 For every method both frameworks implement (``peftjax.interop.train_parity.METHODS``: lora,
-rslora, dora, pissa, loraplus, adalora, vera, prompt_tuning, prefix_tuning, bitfit, full) it
+rslora, dora, pissa, olora, lora_ga, loraplus, lora_fa, adalora, vera, hira, ia3, prompt_tuning,
+prefix_tuning, ln_tuning, bitfit, full) it
 trains the model's checkpoint (pooling ``cls``: transformers' head) on the task's training
 batches from one starting point — the method's initial tensors drawn by peftjax and carried to
 PEFT, the same batches, dropout off, the same AdamW, schedule and clipping, fp32 — and writes
@@ -38,6 +39,8 @@ flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default)"
 flags.DEFINE_float("tolerance", 1e-3, "max relative loss difference a method must stay within")
 flags.DEFINE_bool("noise_floor", True, "also train each side again from a start one ulp away, to "
                   "measure how much float rounding alone moves this run's losses (doubles the time)")
+flags.DEFINE_bool("resume", True, "keep the methods an earlier run with the same settings already "
+                  "wrote to <out>/train_vs_peft.json (each record names its commit)")
 flags.DEFINE_string("out", "runs/train_vs_peft", "output folder")
 FLAGS = flags.FLAGS
 
@@ -67,7 +70,7 @@ def main(argv):
         log(tp.SUMMARY_HEADER)
         report = tp.run_all(methods, base, encoded, steps=FLAGS.steps, batch_size=FLAGS.batch,
                             seed=FLAGS.seed, out_dir=FLAGS.out, facts=facts,
-                            noise_floor=FLAGS.noise_floor, log=log)
+                            noise_floor=FLAGS.noise_floor, resume=FLAGS.resume, log=log)
     for r in report["methods"]:
         r["within_tolerance"] = r["max_rel_loss_diff"] <= FLAGS.tolerance and r.get("rank_patterns_equal", True)
     from peftjax.files import write_json_atomic

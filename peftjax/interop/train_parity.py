@@ -17,10 +17,13 @@ What is made identical, and how
   head (randomly initialised on our side) and checked equal to our params tensor by tensor.
   The method's initial tensors are drawn once, by peftjax, and carried to PEFT: as a PEFT
   adapter folder (``export_adapter`` → ``PeftModel.from_pretrained(..., is_trainable=True)``:
-  LoRA, rsLoRA, DoRA, LoRA+, AdaLoRA, VeRA with its projections, prompt tuning) or copied by name
-  into the PEFT model's parameters (prefix tuning's embedding and MLP, which PEFT's file format
-  folds away; PiSSA's factors and residual base, which PEFT computes itself first and we compare
-  before overwriting). Random inits are never redrawn: every trainable tensor and every frozen
+  LoRA, rsLoRA, DoRA, LoRA+, LoRA-FA, AdaLoRA, VeRA with its projections, HiRA, (IA)³) or copied
+  by name into the PEFT model's parameters (prompt and prefix tuning — PEFT will not load a
+  prompt-learning folder as trainable, and its file folds the prefix MLP away; PiSSA's and
+  OLoRA's factors and residual base, which PEFT computes itself first and we compare before
+  overwriting; LoRA-GA's factors and residual into a plain PEFT LoRA, since PEFT's LoRA-GA init
+  needs its own gradient pass — compared with ours in tests/methods/test_lora_ga.py; LN tuning's
+  norm copies, equal to the base's). Random inits are never redrawn: every trainable tensor and every frozen
   base tensor is checked equal at step 0 (``initial_param_max_abs_diff``).
 * **Batches.** ``peftjax.data.train_batches`` of the encoded training split (length-bucketed);
   the torch side consumes the very same numpy arrays. Dropout is off on both sides.
@@ -60,6 +63,13 @@ Documented choices where peftjax deviates from PEFT by design, set to PEFT's beh
   ``cache``), so the torch side runs PEFT's own prefix path by hand: ``get_prompt`` (PEFT's
   PrefixEncoder and cache layout), the attention mask extended by p ones, and the base model
   called with ``past_key_values`` — exactly the branch PEFT takes when the check passes.
+* LoRA-FA: PEFT's method is its optimizer (``create_lorafa_optimizer``: lora_A frozen, B's
+  gradient projected by (A Aᵀ + δI)⁺ / s²); peftjax's ``lora_fa`` runs with
+  ``gradient_projection=True`` and PEFT's weight decay 0. PEFT's optimizer fixes β and ε (1e-6) in
+  its param group: they are set to the run's. It projects under bf16 autocast wherever
+  accelerate reports bf16, CPUs included: the comparison is fp32 on both sides
+  (``fp32_lora_fa_projection``). It remains transformers' legacy AdamW, adding ε to √v before
+  the bias correction (optax: to √v̂): a documented difference, measured in the report.
 * LoRA+: PEFT's (and the LoRA+ reference code's) ``create_loraplus_optimizer`` puts every 1-D
   trainable tensor — the head's bias — into B's group, at ratio × lr; the parity run's
   ``train.lr_mults`` say the same (``lora_B$`` and ``\\.bias$`` × ratio).
@@ -67,6 +77,7 @@ Documented choices where peftjax deviates from PEFT by design, set to PEFT's beh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -87,8 +98,8 @@ from peftjax.models import hf_io
 from peftjax.models.registry import Model, build_model
 
 # Parity names, in report order. Each is a peftjax method (plus settings) that PEFT also has.
-METHODS = ("lora", "rslora", "dora", "pissa", "loraplus", "adalora", "vera", "prompt_tuning",
-           "prefix_tuning", "bitfit", "full")
+METHODS = ("lora", "rslora", "dora", "pissa", "olora", "lora_ga", "loraplus", "lora_fa", "adalora",
+           "vera", "hira", "ia3", "prompt_tuning", "prefix_tuning", "ln_tuning", "bitfit", "full")
 LORAPLUS_RATIO = 16.0
 
 
@@ -130,6 +141,19 @@ def spec(name: str, steps: int) -> Spec:
         return Spec(name, "lora", {"use_rslora": True}, {}, "file")
     if name == "pissa":
         return Spec(name, "lora", {"init": "pissa"}, {}, "copy")
+    if name == "olora":   # PEFT computes its QR init first; compared, then ours is copied over
+        return Spec(name, "olora", {}, {}, "copy")
+    if name == "lora_ga":
+        # PEFT's LoRA-GA init needs its own gradient pass (preprocess_loraga); the factors and the
+        # residual are compared with it in tests/methods/test_lora_ga.py, and here carried into a
+        # plain PEFT LoRA: after init, LoRA-GA trains as LoRA against the rewritten base.
+        return Spec(name, "lora_ga", {"progress": False}, {}, "copy")
+    if name == "lora_fa":
+        # PEFT's LoRA-FA is its optimizer (create_lorafa_optimizer): A frozen, B's gradient
+        # projected; its weight decay defaults to 0 (and would reach biases after the step).
+        return Spec(name, "lora_fa", {"gradient_projection": True}, {"weight_decay": 0.0}, "file")
+    if name == "ln_tuning":   # PEFT trains a copy of each targeted norm; equal to the base at start
+        return Spec(name, "ln_tuning", {}, {}, "copy")
     if name == "loraplus":
         r = LORAPLUS_RATIO
         return Spec(name, "lora", {}, {"lr_mults": f"lora_B$={r:g},\\.bias$={r:g}"}, "file")
@@ -285,12 +309,22 @@ def torch_name(method: core.Method, model: Model, tree: str, key: str) -> tuple[
     """``(canonical PEFT name, layout)`` of our trainable tensor ``key`` in tree ``tree``.
 
     Layouts: ``same``; ``T`` (flax (in, out) ↔ torch (out, in), or PEFT's (r, in) A); ``col``
-    (AdaLoRA's E: ours (r,), PEFT's (r, 1)).
+    (AdaLoRA's E: ours (r,), PEFT's (r, 1)); ``reshape:AxB`` (the same values in PEFT's shape,
+    from the method's ``peft_tensors``). LN tuning's trained norms are PEFT's copies
+    (``<norm>.ln_tuning_layers.weight``).
     """
     if tree in ("base", "head", "frozen"):
         name, transpose = hf_io.hf_name(key, model.family)
+        if tree == "base" and method.name == "ln_tuning":   # PEFT's trained copy of the norm
+            module, _, leaf = name.rpartition(".")
+            name = f"{module}.ln_tuning_layers.{leaf}"
         return name, "T" if transpose else "same"
     site, _, local = key.rpartition(".")
+    if method.peft_format is not None:   # the method describes its PEFT tensors (IA3, HiRA)
+        for t in method.peft_tensors().get(site, ()):
+            if t.ours == local:
+                return f"{site}.{t.peft}", "T" if t.transpose else "reshape:" + "x".join(map(str, t.shape))
+        raise ParityError(f"{method.name}'s PEFT tensors name nothing for {key!r}")
     if method.name == "prompt_tuning":
         return "prompt_encoder.embedding.weight", "same"
     if method.name == "prefix_tuning":
@@ -309,6 +343,8 @@ def torch_name(method: core.Method, model: Model, tree: str, key: str) -> tuple[
 
 def to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
     x = np.asarray(x, np.float32)
+    if layout.startswith("reshape:"):   # (IA)³'s (out,) vector is PEFT's (out, 1)
+        return x.reshape(tuple(int(n) for n in layout.split(":")[1].split("x")))
     if layout == "T":
         return np.ascontiguousarray(x.T)
     if layout == "col":
@@ -417,8 +453,8 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
             own = peft_lib.get_peft_model(copy.deepcopy(template), config)
             facts["init_vs_peft"] = init_distributions(method, model, peft, own)
             del own
-        return peft_lib.PeftModel.from_pretrained(copy.deepcopy(template), folder,
-                                                   is_trainable=True), facts
+        net = peft_lib.PeftModel.from_pretrained(copy.deepcopy(template), folder, is_trainable=True)
+        return _freeze_lora_fa_a(s, net), facts
     net = copy.deepcopy(template)
     if s.method == "prompt_tuning":
         init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}.get(method.config.init)
@@ -437,18 +473,36 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
         pm = peft_lib.get_peft_model(net, config)
         if check_init:
             facts["init_vs_peft"] = init_distributions(method, model, peft, pm)
-    elif s.method == "lora":   # PiSSA: PEFT computes its own init first
+    elif s.method in ("lora", "olora", "lora_ga"):
+        # PiSSA, OLoRA: PEFT computes its own init first (compared); LoRA-GA: a plain LoRA. Then
+        # our factors and residual base are copied over.
         c = method.config
+        init = {"pissa": "pissa", "olora": "olora"}.get(s.name, True)
         config = peft_lib.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
                                      target_modules=list(method.targets), use_rslora=c.use_rslora,
-                                     init_lora_weights="pissa", **_peft_task_kwargs(model))
+                                     init_lora_weights=init, **_peft_task_kwargs(model))
         pm = peft_lib.get_peft_model(net, config)
-        facts["pissa_init_vs_peft"] = pissa_compare(method, model, peft, pm)
+        if init is not True:
+            facts[f"{s.name}_init_vs_peft"] = pissa_compare(method, model, peft, pm)
         _copy_frozen(method, model, peft.frozen, pm, only=[t + ".kernel" for t in method.targets])
+    elif s.method == "ln_tuning":
+        modules = sorted({torch_name(method, model, "frozen", k)[0].rpartition(".")[0]
+                          for k in peft.trainable["base"]})
+        config = peft_lib.LNTuningConfig(target_modules=modules, **_peft_task_kwargs(model))
+        pm = peft_lib.get_peft_model(net, config)
     else:
         raise ParityError(f"no way to carry {s.name}'s initial tensors to PEFT")
     _copy_trainables(pair_trainables(method, model, peft.trainable, pm), peft.trainable)
     return pm, facts
+
+
+def _freeze_lora_fa_a(s: Spec, net):
+    """LoRA-FA: PEFT's lora_A frozen, as ``create_lorafa_optimizer`` does (ours is state)."""
+    if s.method == "lora_fa":
+        for name, param in net.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return net
 
 
 def init_distributions(method: core.Method, model: Model, peft: core.PeftParams, own) -> dict:
@@ -465,8 +519,14 @@ def init_distributions(method: core.Method, model: Model, peft: core.PeftParams,
     and ``ok``: every equal kind within 1e-5 and every random kind's std ratio within
     ``1 ± (0.02 + 4/√n)`` (n values; several standard errors of the estimate).
     """
+    if method.name == "lora_fa":
+        _freeze_lora_fa_a(spec("lora_fa", 1), own)
     pairs = pair_trainables(method, model, peft.trainable, own)
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    if method.name == "lora_fa":   # the frozen A: state here, a frozen lora_A in PEFT
+        theirs = {canonical(n): p for n, p in named_parameters(own)}
+        groups["lora_A"] = [(to_torch_layout(np.asarray(peft.state[f"{site}.lora_A"]), "T"),
+                             theirs[f"{site}.lora_A.weight"].detach().numpy()) for site in method.targets]
     for p in pairs:
         if p.tree != "added":
             continue   # the head (and BitFit/full's base) is the checkpoint's / ours on both sides
@@ -562,6 +622,14 @@ def torch_optimizer(s: Spec, tc, net, model: Model):
 
         return create_loraplus_optimizer(net, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=LORAPLUS_RATIO,
                                          loraplus_weight_decay=wd, betas=betas, eps=eps)
+    if s.name == "lora_fa":
+        from peft.optimizers import create_lorafa_optimizer
+
+        c = method_config(s)
+        opt = create_lorafa_optimizer(net, r=c["rank"], lora_alpha=c["alpha"], lr=lr, weight_decay=wd)
+        for g in opt.param_groups:   # PEFT fixes β at (0.9, 0.999) and ε at 1e-6: the run's here
+            g["betas"], g["eps"] = betas, eps
+        return opt
     decay = set(transformers.Trainer.get_decay_parameter_names(None, net))
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": wd},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
@@ -600,7 +668,8 @@ def check_optimizers(tc, method: core.Method, trainable: dict, pairs: list[Pair]
     bad, mults = [], {}
     for p in pairs:
         key = f"{p.tree}.{p.key}"
-        ours = (next((m for rx, m in rules if rx.search(key)), 1.0), decays[key])
+        ours = (next((m for rx, m in rules if rx.search(key)), 1.0),
+                decays[key] and float(tc.weight_decay) > 0)
         if id(p.param) not in group_of:
             bad.append(f"{key}: not in the torch optimizer")
             continue
@@ -649,8 +718,32 @@ def peft_prefix_forward(pm, inputs: dict, labels, *, shift_positions: bool = Fal
     return pm.base_model(**kwargs, labels=labels, past_key_values=pm.get_prompt(b))
 
 
+@contextlib.contextmanager
+def fp32_lora_fa_projection(s: Spec):
+    """PEFT's LoraFAOptimizer projects B's gradient under bf16 autocast wherever accelerate
+    reports bf16 (on CPU too); the comparison runs both sides in fp32, so the check is off here
+    (peftjax's projection is fp32)."""
+    if s.name != "lora_fa":
+        yield
+        return
+    from peft.optimizers import lorafa
+
+    before = lorafa.is_bf16_available
+    lorafa.is_bf16_available = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        lorafa.is_bf16_available = before
+
+
 def train_torch(s: Spec, net, batches: list[dict], opt, sched, clip_norm: float,
                 input_names: Iterable[str], snapshot_at: int | None = None) -> dict:
+    with fp32_lora_fa_projection(s):
+        return _train_torch(s, net, batches, opt, sched, clip_norm, input_names, snapshot_at)
+
+
+def _train_torch(s: Spec, net, batches: list[dict], opt, sched, clip_norm: float,
+                 input_names: Iterable[str], snapshot_at: int | None = None) -> dict:
     """Trains ``net`` on ``batches``; per step the task loss (mean cross-entropy of the logits),
     the loss trained on (``outputs.loss``: AdaLoRA's includes its regulariser) and wall times.
     ``snapshot_at``: AdaLoRA's importance averages are copied after that step."""
@@ -1011,10 +1104,15 @@ def versions() -> dict:
 
 def run_all(methods: Iterable[str], base: Base, encoded: Mapping[str, np.ndarray], *, steps: int,
             batch_size: int, seed: int, out_dir: str, facts: Mapping[str, Any] | None = None,
-            noise_floor: bool = False, log: Callable[[str], None] | None = None) -> dict:
+            noise_floor: bool = False, resume: bool = True,
+            log: Callable[[str], None] | None = None) -> dict:
     """Runs ``run_method`` for each method and writes ``out_dir/train_vs_peft.json`` (rewritten
     after every method, so a long run's finished methods are kept) and
-    ``out_dir/plots/<method>.png``. Returns the report."""
+    ``out_dir/plots/<method>.png``. Returns the report.
+
+    ``resume``: methods already in ``out_dir``'s JSON from a run with the same settings (model,
+    weights, task rows, steps, batch, seed, pooling, noise floor) are kept, not rerun; each
+    record names the commit it ran on (``git``)."""
     import platform
 
     import torch
@@ -1030,15 +1128,42 @@ def run_all(methods: Iterable[str], base: Base, encoded: Mapping[str, np.ndarray
               "platform": platform.platform(), "jax_backend": jax.default_backend(), "methods": []}
     template = torch_base(base)
     path = os.path.join(out_dir, "train_vs_peft.json")
+    done = finished_records(path, report, noise_floor) if resume else {}
     for name in methods:
+        if name in done:   # a run that was stopped keeps what it finished
+            report["methods"].append(done[name])
+            if log:
+                log(f"{name}: kept from {path} (same run settings)")
+            continue
         record = run_method(name, base, encoded, steps=steps, batch_size=batch_size, seed=seed,
                             torch_net=template, noise_floor=noise_floor, log=log)
+        record["git"] = report["git"]
         record["plot"] = os.path.relpath(plot(record, os.path.join(out_dir, "plots", f"{name}.png")), out_dir)
         report["methods"].append(record)
         write_json_atomic(path, report, indent=1)
         if log:
             log(summary_row(record))
     return report
+
+
+RESUME_KEYS = ("steps", "batch_size", "seed", "pooling", "model", "task", "weights_sha256",
+               "train_rows", "max_length", "num_labels")
+
+
+def finished_records(path: str, report: Mapping[str, Any], noise_floor: bool) -> dict[str, dict]:
+    """``{method: record}`` of an earlier report at ``path`` made with ``report``'s settings
+    (``RESUME_KEYS``, the noise floor); {} when there is none or it was made otherwise."""
+    import json
+
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if any(old.get(k) != report.get(k) for k in RESUME_KEYS):
+        return {}
+    return {r["method"]: r for r in old.get("methods", [])
+            if bool(r.get("noise_floor")) == bool(noise_floor)}
 
 
 def summary_row(r: Mapping[str, Any]) -> str:
