@@ -29,6 +29,10 @@ Child-tuning 3e-5..3e-4 (BERT/RoBERTa fine-tuning 1e-5..1e-4, higher for a 22M-p
 LoRA family, adapters, BitFit, FishMask 3e-4..3e-3 (LoRA 4e-4..5e-4, Houlsby 3e-5..3e-3, BitFit
 1e-4..1e-3); VeRA 3e-3..3e-2 (the paper: 4e-3..1e-2 for the vectors); prompt tuning 3e-3..3e-1
 (Lester et al. 0.3 with Adafactor); prefix tuning 1e-3..1e-2; the linear probe 1e-3..1e-1.
+Issue 19's methods: LoRA+ 1e-4..1e-3 (A's rate; B's is 16× — the paper keeps A near LoRA's best
+rate or below); OLoRA and LoRA-GA 1e-4..1e-3 (inits that start from W0's or the gradient's top
+directions train at or below LoRA's rate, as PiSSA); LoRA-FA, HiRA and LN tuning LoRA's
+3e-4..3e-3; (IA)³ 1e-3..1e-2 (T-Few: 3e-3).
 """
 
 import ml_collections
@@ -71,6 +75,15 @@ VARIANTS = {
     "child_tuning_f": {"method": "child_tuning_f", **FULL_LR},
     "child_tuning_d": {"method": "child_tuning_d", **FULL_LR},
     "fishmask": {"method": "fishmask", **LOW_LR},
+    # The methods of issue 19, at the LoRA rows' rank and alpha where they have them.
+    "lora_plus": {"method": "lora_plus", "overrides": {"method": dict(LOW_RANK)}, **lrs(1e-4, 3e-4, 1e-3)},
+    "lora_fa": {"method": "lora_fa", "overrides": {"method": dict(LOW_RANK)}, **LOW_LR},
+    "olora": {"method": "olora", "overrides": {"method": dict(LOW_RANK)}, **lrs(1e-4, 3e-4, 1e-3)},
+    "lora_ga": {"method": "lora_ga", "overrides": {"method": {**LOW_RANK, "progress": False}},
+                **lrs(1e-4, 3e-4, 1e-3)},
+    "hira": {"method": "hira", **LOW_LR},
+    "ia3": {"method": "ia3", **lrs(1e-3, 3e-3, 1e-2)},
+    "ln_tuning": {"method": "ln_tuning", **LOW_LR},
 }
 # tweet_polarity (positive vs negative; 71/29): the stated subset, one per family plus the
 # strongest baselines, to fit the 2-core budget.
