@@ -41,6 +41,8 @@ flags.DEFINE_bool("noise_floor", True, "also train each side again from a start 
                   "measure how much float rounding alone moves this run's losses (doubles the time)")
 flags.DEFINE_bool("resume", True, "keep the methods an earlier run with the same settings already "
                   "wrote to <out>/train_vs_peft.json (each record names its commit)")
+flags.DEFINE_bool("report_only", False, "only rewrite <out>/report.md and the plots from "
+                  "<out>/train_vs_peft.json")
 flags.DEFINE_string("out", "runs/train_vs_peft", "output folder")
 FLAGS = flags.FLAGS
 
@@ -50,6 +52,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from peftjax.interop import train_parity as tp
 
+    if FLAGS.report_only:
+        return write_report(tp)
     methods = list(tp.METHODS) if FLAGS.methods == ["all"] else FLAGS.methods
     bad = [m for m in methods if m not in tp.METHODS]
     if bad:
@@ -80,9 +84,26 @@ def main(argv):
     print(tp.SUMMARY_HEADER)
     for r in report["methods"]:
         print(tp.summary_row(r))
+    write_report(tp)
     missed = [r["method"] for r in report["methods"] if not r["within_tolerance"]]
     print(f"\n{len(report['methods']) - len(missed)}/{len(report['methods'])} methods within "
           f"{FLAGS.tolerance:g}" + (f"; outside: {', '.join(missed)}" if missed else ""))
+
+
+def write_report(tp) -> None:
+    """``<out>/report.md`` (the table, settings and versions) and the plots, from the JSON."""
+    import json
+
+    from peftjax.files import write_text_atomic
+
+    with open(os.path.join(FLAGS.out, "train_vs_peft.json")) as f:
+        report = json.load(f)
+    for r in report["methods"]:
+        tp.plot(r, os.path.join(FLAGS.out, r["plot"]))
+    command = (f"python scripts/train_vs_peft.py --model={report['model']} --task={report['task']} "
+               f"--methods=all --steps={report['steps']} --batch={report['batch_size']} --out={FLAGS.out}")
+    write_text_atomic(os.path.join(FLAGS.out, "report.md"), tp.report_markdown(report, command=command))
+    print(f"report: {os.path.join(FLAGS.out, 'report.md')}")
 
 
 if __name__ == "__main__":

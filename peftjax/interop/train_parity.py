@@ -1179,6 +1179,52 @@ def summary_row(r: Mapping[str, Any]) -> str:
             f"{r['wall_s_ours']:.1f} | {r['wall_s_peft']:.1f} |")
 
 
+def _init_check(r: Mapping[str, Any]) -> str:
+    """The init comparison a record holds, in a few words."""
+    for key in ("pissa_init_vs_peft", "olora_init_vs_peft"):
+        if key in r:
+            c = r[key]
+            return f"SVD/QR init vs PEFT's: ΔW {c['update_max_rel_diff']:.1e}, residual {c['residual_max_rel_diff']:.1e}"
+    c = r.get("init_vs_peft")
+    if not c:
+        return {"bitfit": "checkpoint's", "full": "checkpoint's", "ln_tuning": "checkpoint's norms",
+                "lora_ga": "tests/methods/test_lora_ga.py"}.get(r["method"], "—")
+    return ("distribution " + ("ok" if c["ok"] else "DIFFERS") + " ("
+            + ", ".join(sorted(c["kinds"])) + ")")
+
+
+def report_markdown(report: Mapping[str, Any], *, command: str) -> str:
+    """The committed report's table and settings, from ``train_vs_peft.json``."""
+    rows = report["methods"]
+    tol = report.get("tolerance", 1e-3)
+    lines = [f"Command: `{command}`", "",
+             f"{report['model']} × {report['task']} ({report['train_rows']:,} training rows, max length "
+             f"{report['max_length']}), {report['steps']} steps of batch {report['batch_size']}, seed "
+             f"{report['seed']}, head pooling `{report['pooling']}`, fp32, dropout off on both sides; "
+             f"weights sha256 `{report['weights_sha256'][:16]}…`.", "",
+             "| method | max rel loss diff | noise floor (ours / PEFT) | final max abs param diff | "
+             "trainable values | init check | AdaLoRA ranks (ours / PEFT) | lr | wall s peftjax | "
+             "wall s PEFT | within " + f"{tol:g} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = r.get("noise_floor")
+        floor = f"{floor['max_ours']:.1e} / {floor['max_peft']:.1e}" if floor else "—"
+        ranks = ""
+        if "ranks_ours" in r:
+            ranks = (f"{sum(r['ranks_ours'].values())} / {sum(r['ranks_peft'].values())}, "
+                     + ("identical" if r["rank_patterns_equal"] else "DIFFERENT"))
+        ok = r["max_rel_loss_diff"] <= tol and r.get("rank_patterns_equal", True)
+        lines.append(f"| [{r['method']}]({r['plot']}) | {r['max_rel_loss_diff']:.2e} | {floor} | "
+                     f"{r['final_param_max_abs_diff']:.2e} | {r['trainable_values']:,} | {_init_check(r)} | "
+                     f"{ranks} | {r['learning_rate']:g} | {r['wall_s_ours']:.0f} | {r['wall_s_peft']:.0f} | "
+                     f"{'yes' if ok else 'NO'} |")
+    commits = sorted({(r.get("git") or report["git"])["commit"][:7] for r in rows})
+    v = report["versions"]
+    lines += ["", f"Versions: {', '.join(f'{k} {v[k]}' for k in sorted(v))}; {report['platform']}, "
+              f"{report['cpus']} CPUs, torch threads {report['torch_threads']}, jax backend "
+              f"{report['jax_backend']}. Commit(s): {', '.join(commits)}."]
+    return "\n".join(lines) + "\n"
+
+
 SUMMARY_HEADER = ("| method | max rel loss diff | noise floor (ours / PEFT) | final max abs param diff | "
                   "trainable values | AdaLoRA ranks (ours / PEFT, pattern) | wall s peftjax | "
                   "wall s PEFT |\n|---|---|---|---|---|---|---|---|")
