@@ -64,6 +64,7 @@ import numpy as np
 
 from peftjax.files import atomic_write, write_json_atomic
 from peftjax.methods import core
+from peftjax.methods.lora import LoRA
 from peftjax.models import hf_io
 from peftjax.models.registry import Model
 
@@ -102,9 +103,15 @@ def modules_to_save(model: Model) -> list[str]:
     return sorted({p.split(".")[0] for p in core.Sites.discover(model).head_prefixes})
 
 
+def _as_lora_config(cls: type[core.Method]) -> bool:
+    """A LoRA variant class that PEFT expresses as a LoraConfig: its variant surface declares
+    the flags (``LoRA.peft_lora_flags`` not None) and it describes no format of its own."""
+    return issubclass(cls, LoRA) and cls.peft_lora_flags is not None and cls.peft_format is None
+
+
 def _lora_like(method: core.Method) -> bool:
-    """A LoRA variant that PEFT expresses as a LoraConfig (``LoRA.peft_lora_flags`` not None)."""
-    return getattr(method, "peft_lora_flags", None) is not None and method.peft_format is None
+    """``method`` is written as a PEFT LoraConfig (``_as_lora_config``)."""
+    return _as_lora_config(type(method))
 
 
 def _declared_formats() -> dict[str, type[core.Method]]:
@@ -126,7 +133,7 @@ def exportable_methods() -> list[str]:
     """Registered methods ``export_adapter`` writes."""
     return sorted(n for n in core.registered()
                   if n in _BUILT_IN_EXPORTS or core.method_class(n).peft_format
-                  or getattr(core.method_class(n), "peft_lora_flags", None) is not None)
+                  or _as_lora_config(core.method_class(n)))
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -624,12 +631,11 @@ def _lora_variant(config, init, problems: list[str]) -> tuple[str, str]:
     found = []
     for name in core.registered():
         cls = core.method_class(name)
-        if getattr(cls, "peft_lora_flags", None) == flags and our_init in getattr(cls, "inits", ()):
+        if _as_lora_config(cls) and cls.peft_lora_flags == flags and our_init in cls.inits:
             found.append(cls)
     if not found:
-        known = sorted({i for n in core.registered()
-                        for i in getattr(core.method_class(n), "inits", ())
-                        if getattr(core.method_class(n), "peft_lora_flags", None) is not None})
+        known = sorted({i for n in core.registered() if _as_lora_config(core.method_class(n))
+                        for i in core.method_class(n).inits})
         what = "use_dora=True with " if flags else ""
         problems.append(f"{what}init_lora_weights={init!r}: no registered LoRA variant implements it "
                         f"(inits peftjax reads: {', '.join(known)}; a randomized or data-driven "
