@@ -152,6 +152,7 @@ def test_real_cells_train_record_curves_and_the_dylora_rank_sweep(tmp_path):
     assert any("rank_ablation" in p for p in out["plots"])
 
 
+@pytest.mark.slow   # ~28 s on 2 cores: make test-all (make test keeps under its CI budget)
 def test_compilation_cache_serves_every_seed_from_one_compile(tmp_path):
     """A sweep's cells share JAX's persistent compilation cache (WORKDIR/jax_cache); cells that
     differ only in seed or learning rate compile nothing new, because the seed's key and the

@@ -115,15 +115,15 @@ def test_committed_definitions_expand():
     cells = sweep.expand(tweets)
     expected = {"full", "linear_probe", "lora", "dora", "adalora", "dylora", "vera", "adapter",
                 "prompt_tuning", "prefix_tuning", "bitfit", "child_tuning_f", "child_tuning_d",
-                "fishmask"}
+                "fishmask", "lora_plus", "lora_fa", "olora", "lora_ga", "hira", "ia3", "ln_tuning"}
     assert {c.method for c in cells} == expected
     by_task = {t: {c.variant for c in cells if c.task == t} for t in ("tweet_sentiment", "tweet_polarity")}
-    assert len(by_task["tweet_sentiment"]) == 17 and by_task["tweet_polarity"] == {
+    assert len(by_task["tweet_sentiment"]) == 24 and by_task["tweet_polarity"] == {
         "full", "linear_probe", "lora", "adapter_houlsby", "bitfit", "prompt_tuning"}
-    assert len(cells) == (17 + 6) * 3 * 3          # 3 learning rates x 3 seeds before selection
+    assert len(cells) == (24 + 6) * 3 * 3          # 3 learning rates x 3 seeds before selection
     run, deferred = sweep.expand_with_selection(tweets)
-    assert len(run) == (17 + 6) * 3 and {c.seed for c in run} == {0}
-    assert len({(c.variant, c.task, c.seed) for c in deferred}) == (17 + 6) * 2
+    assert len(run) == (24 + 6) * 3 and {c.seed for c in run} == {0}
+    assert len({(c.variant, c.task, c.seed) for c in deferred}) == (24 + 6) * 2
     by = {c.variant: c.config for c in cells}
     assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
     assert by["adapter_pfeiffer"]["method"]["placement"] == "pfeiffer"

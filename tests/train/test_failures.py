@@ -116,7 +116,7 @@ def _corrupt_data_file(step_dir: str) -> str:
     return target
 
 
-@pytest.mark.parametrize("damage", ["truncate", "metadata"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("metadata", marks=pytest.mark.slow)])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path, damage, caplog):
     config = tiny_config(data_dir)
     reference = train_and_evaluate(config, str(tmp_path / "a"))
