@@ -1,6 +1,6 @@
-"""The released decoders' named configs (configs/models/): our abstract parameter count equals
-transformers' count of the same config instantiated on the meta device (no weights, no download),
-and both equal the published figure."""
+"""The released decoders' named configs (configs/models/): our abstract parameter count (as
+``scripts/count_params.py`` computes it) equals transformers' count of the same config
+instantiated on the meta device (no weights, no download), and both equal the published figure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 import transformers
 
 from configs import models as model_configs
-from peftjax.models import build_model
 
 # The count transformers gives for each config.json (tied embeddings counted once).
 EXPECTED = {
@@ -25,10 +24,17 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_abstract_count_equals_transformers_meta_count(name):
+    from configs.train import get_config
+    from peftjax import methods
+    from peftjax.train.compose import build
+
+    # count_params.py's path: the run config, abstract shapes, the method's accounting.
+    _, ours, _, method, _ = build(get_config(f"model={name},method=full,task=tweet_instructions"),
+                                  with_weights=False, with_tokenizer=False)
     hf = model_configs.get(name).hf_config.to_dict()
-    ours = build_model(hf, head="causal_lm")
-    assert ours.family.name == hf["model_type"]
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ours.abstract_params()))
+    assert ours.family.name == hf["model_type"] and ours.head == "causal_lm"
+    count = methods.count_params(method)["total_params"]
+    assert count == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ours.abstract_params()))
     spec = dict(hf)
     config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
     with torch.device("meta"):
