@@ -36,9 +36,10 @@ and its MLP (``down_proj``'s output) with the layer input it adds them to and ``
 Llama-architecture families (Qwen2, Qwen3, Mistral: ``qwen2.py``, ``qwen3.py``, ``mistral.py``)
 reuse these modules through three extension points, and each is one file: the config's
 ``attention_window(layer)`` (sliding-window layers; ``attention_masks`` builds one mask per
-window), ``LlamaAttention.project_qkv`` (biases, per-head norms), and the module classes the
-containers name as class attributes (``attention_cls``, ``layer_cls``, ``stack_cls``,
-``model_cls``; ``make_build`` turns them into the registry's ``build``).
+window), ``LlamaAttention.project_qkv`` (biases, per-head norms) and ``attend`` (scale, logit
+soft-capping), ``LlamaModel.embed`` (scaled embeddings), and the module classes the containers
+name as class attributes (``attention_cls``, ``mlp_cls``, ``layer_cls``, ``stack_cls``,
+``norm_cls``, ``model_cls``; ``make_build`` turns them into the registry's ``build``).
 
 Incremental decoding: pass a ``generation.KVCache`` (preallocated ``(B, max_len, kv_heads,
 head_dim)`` buffers per layer, written with ``lax.dynamic_update_slice`` so every decode step has
@@ -337,10 +338,14 @@ class LlamaAttention(nn.Module):
         if train and c.attention_dropout > 0:
             drop = Dropout(c.attention_dropout)
             dropout = lambda p: drop(p, deterministic=False)
-        out = attention_weights_and_output(q, k, v, mask, dropout, scale=c.head_dim ** -0.5)
+        out = self.attend(q, k, v, mask, dropout)
         out = Dense(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, kernel_init=init,
                     name="o_proj")(out.reshape(b, l, c.num_attention_heads * c.head_dim))
         return out, new_cache
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout) -> jax.Array:
+        """``softmax(q kᵀ / √d + mask) v``; Gemma overrides the scale and soft-caps the logits."""
+        return attention_weights_and_output(q, k, v, mask, dropout, scale=self.config.head_dim ** -0.5)
 
     def project_qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries ``(B, L, heads, d)``, keys and values ``(B, L, kv_heads, d)`` before RoPE.
@@ -441,13 +446,18 @@ class LlamaModel(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     stack_cls = LlamaLayerStack
+    norm_cls = RMSNorm
 
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype,
                                   embedding_init=normal_init(c.initializer_range))
         self.layers = self.stack_cls(c, self.dtype, self.remat)
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.norm = self.norm_cls(c.rms_norm_eps, self.dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """The token embeddings the layers start from (Gemma scales them by √hidden)."""
+        return self.embed_tokens(input_ids)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied LM head: ``h @ embed_tokens.T``."""
@@ -458,7 +468,7 @@ class LlamaModel(nn.Module):
         input_ids = jnp.asarray(input_ids)
         attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         b, l_in = input_ids.shape
-        h = self.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         h, attention_mask, _ = hooks.active().embeddings(self, h, attention_mask, None)
         n_pre = h.shape[1] - l_in
         if n_pre < 0:
