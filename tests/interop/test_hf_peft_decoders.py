@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from peftjax.interop import export_adapter, import_adapter, peft_params
 from peftjax.models import hf_io
-from tests.models.test_qwen_mistral import FAMILIES, hf_model
+from tests.models.test_decoder_families import FAMILIES, hf_model
 
 TOL = 1e-4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]

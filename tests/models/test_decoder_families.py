@@ -1,10 +1,11 @@
-"""Qwen2, Qwen3 and Mistral: parity with transformers' PyTorch models, generation, save back.
+"""Qwen2, Qwen3, Mistral and Gemma 2: parity with transformers' PyTorch models, generation, save back.
 
 Each family gets a tiny random transformers checkpoint written by the test (fp32, eager
 attention) whose config exercises what the family adds to Llama: Qwen2's q/k/v biases and tied
 embeddings, Qwen3's per-head q/k norms and a head_dim != hidden / heads, and sliding windows
 shorter than the sequences (Mistral's on every layer, Qwen's on the layers from
-``max_window_layers`` on). Logits are compared on padded batches at real tokens (max |Δ| <=
+``max_window_layers`` on, Gemma 2's on even layers), and Gemma 2's scaled embeddings,
+zero-centred sandwich norms, query_pre_attn_scalar and soft-caps small enough to bite. Logits are compared on padded batches at real tokens (max |Δ| <=
 1e-4), cached greedy generation against full recomputation and transformers' ``generate``, and
 the folder ``hf_io.save_pretrained`` writes is loaded back by transformers.
 """
@@ -33,7 +34,13 @@ CONFIGS = {
               dict(head_dim=32, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(sliding_window=4)),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
 }
+# Settings with every window at least as long as the sequences (the released configs).
+NO_WINDOW = {"qwen2": {"use_sliding_window": False}, "qwen3": {"use_sliding_window": False},
+             "mistral": {"sliding_window": None}, "gemma2": {"sliding_window": 4096}}
 FAMILIES = sorted(CONFIGS)
 
 
@@ -69,7 +76,8 @@ def test_padded_batch_parity_names_and_save_back(checkpoint, tmp_path):
     assert model.family.name == family
     c = model.config
     windows = [c.attention_window(i) for i in range(c.num_hidden_layers)]
-    assert windows == {"qwen2": [None, 4], "qwen3": [None, 5], "mistral": [4, 4]}[family]
+    assert windows == {"qwen2": [None, 4], "qwen3": [None, 5], "mistral": [4, 4],
+                       "gemma2": [4, None]}[family]
     names = {hf_io.hf_name(p)[0] for p in hf_io.flatten(params)}
     assert names == set(ref.state_dict()) - ({"lm_head.weight"} if c.tie_word_embeddings else set())
     ids, mask = padded_batch(128)
@@ -80,8 +88,8 @@ def test_padded_batch_parity_names_and_save_back(checkpoint, tmp_path):
     assert delta <= TOL
     # The window matters here: without it the logits differ.
     off = {k: v for k, v in model.hf_config.to_dict().items() if k != "layer_types"}
-    full = build_model(off | {"sliding_window": None, "use_sliding_window": False}, head="causal_lm")
-    assert all(full.config.attention_window(i) is None for i in range(c.num_hidden_layers))
+    full = build_model(off | {"sliding_window": 1000}, head="causal_lm")
+    assert all((full.config.attention_window(i) or 1000) == 1000 for i in range(c.num_hidden_layers))
     assert np.abs(np.asarray(run(full, params, batch)) - ours)[mask.astype(bool)].max() > 1e-3
 
     hf_io.save_pretrained(model, params, str(tmp_path / "back"))
@@ -93,14 +101,13 @@ def test_padded_batch_parity_names_and_save_back(checkpoint, tmp_path):
 
 
 def test_full_attention_parity(checkpoint):
-    """The released configs' setting: no sliding window (Qwen's use_sliding_window false,
-    Mistral v0.3's sliding_window null); Qwen2 untied here."""
+    """The released configs' setting: no window shorter than the sequence (Qwen's
+    use_sliding_window false, Mistral v0.3's sliding_window null, Gemma 2's 4096); untied here."""
     family = checkpoint[0]
-    off = ({"use_sliding_window": False} if family != "mistral" else {"sliding_window": None})
-    ref = hf_model(family, seed=1, tie_word_embeddings=False, **off)
+    ref = hf_model(family, seed=1, tie_word_embeddings=False, **NO_WINDOW[family])
     model = build_model(ref.config, head="causal_lm")
     params, _ = hf_io.params_from_tensors(model, {k: v.numpy() for k, v in ref.state_dict().items()})
-    assert all(model.config.attention_window(i) is None for i in range(2))
+    assert all((model.config.attention_window(i) or 4096) == 4096 for i in range(2))
     ids, mask = padded_batch(128, seed=3)
     delta = max_delta(run(model, params, {"input_ids": ids, "attention_mask": mask}),
                       torch_logits(ref, ids, mask, positions_from(mask)), mask)
@@ -158,7 +165,8 @@ def test_cached_logits_equal_full_forward(checkpoint):
 
 def test_sequence_classification_parity(checkpoint):
     family = checkpoint[0]
-    cls = getattr(transformers, {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    cls = getattr(transformers, {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral",
+                                  "gemma2": "Gemma2"}[family]
                   + "ForSequenceClassification")
     torch.manual_seed(0)
     ref = cls(hf_config(family, num_labels=3, pad_token_id=0)).eval()
