@@ -33,11 +33,12 @@ values); each decoder layer calls ``block_output`` for its attention block (``o_
 and its MLP (``down_proj``'s output) with the layer input it adds them to and ``norm=None``
 (pre-norm: the sum is the block's output); the hook's module is ``self_attn`` / ``mlp``.
 
-Llama-architecture families (Qwen2, Qwen3, Mistral: ``qwen2.py``, ``qwen3.py``, ``mistral.py``)
-reuse these modules through three extension points, and each is one file: the config's
+Llama-architecture families (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3: ``qwen2.py`` ...) reuse
+these modules through a few extension points, and each is one file: the config's
 ``attention_window(layer)`` (sliding-window layers; ``attention_masks`` builds one mask per
-window), ``LlamaAttention.project_qkv`` (biases, per-head norms) and ``attend`` (scale, logit
-soft-capping), ``LlamaModel.embed`` (scaled embeddings), and the module classes the containers
+window) and ``rope_for_layer(layer)`` (Gemma 3's two RoPE bases; one cos/sin per RoPE config);
+``LlamaAttention.project_qkv`` (biases, per-head norms) and ``attend`` (scale, logit
+soft-capping); ``LlamaModel.embed`` (scaled embeddings); and the module classes the containers
 name as class attributes (``attention_cls``, ``mlp_cls``, ``layer_cls``, ``stack_cls``,
 ``norm_cls``, ``model_cls``; ``make_build`` turns them into the registry's ``build``).
 
@@ -73,7 +74,7 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _rope_from_hf(hf: Any) -> tuple[float, str, tuple[tuple[str, Any], ...]]:
+def rope_from_hf(hf: Any) -> tuple[float, str, tuple[tuple[str, Any], ...]]:
     """``(rope_theta, rope_type, other rope parameters)`` from a transformers v5 or v4 config.
 
     transformers 5 keeps every RoPE setting in ``config.rope_parameters`` (``{"rope_type",
@@ -140,7 +141,7 @@ class LlamaConfig:
 
         heads = int(get("num_attention_heads", cls.num_attention_heads))
         hidden = int(get("hidden_size", cls.hidden_size))
-        theta, rope_type, rope_scaling = _rope_from_hf(hf)
+        theta, rope_type, rope_scaling = rope_from_hf(hf)
         eos = get("eos_token_id", ())
         eos = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         pad = getattr(hf, "pad_token_id", None)
@@ -171,6 +172,11 @@ class LlamaConfig:
 
     def rope_param(self, key: str, default: Any = None) -> Any:
         return dict(self.rope_scaling).get(key, default)
+
+    def rope_for_layer(self, layer: int) -> "LlamaConfig":
+        """The config whose RoPE fields (``rope_theta``, ``rope_type``, ``rope_scaling``) rotate
+        ``layer``'s queries and keys: this one (Gemma 3's local layers have their own base)."""
+        return self
 
     def attention_window(self, layer: int) -> int | None:
         """How many slots (itself included) a query of ``layer`` sees: ``None`` = every earlier
@@ -417,14 +423,17 @@ class LlamaLayerStack(nn.Module):
     layer_cls = LlamaDecoderLayer
 
     @nn.compact
-    def __call__(self, h, masks, cos, sin, caches, cache_index, train: bool):
-        """``masks``: the attention mask per window (``config.attention_window``), by window."""
+    def __call__(self, h, masks, ropes, caches, cache_index, train: bool):
+        """``masks``: the attention mask per window (``config.attention_window``); ``ropes``:
+        ``(cos, sin)`` per RoPE config (``config.rope_for_layer``)."""
+        c = self.config
         layer_cls = remat_block(self.layer_cls, self.remat, static_argnums=(7,))
         new_caches = []
-        for i in range(self.config.num_hidden_layers):
+        for i in range(c.num_hidden_layers):
             layer_cache = None if caches is None else caches[i]
-            h, new_cache = layer_cls(self.config, self.dtype, name=str(i))(
-                h, masks[self.config.attention_window(i)], cos, sin, layer_cache, cache_index, train)
+            cos, sin = ropes[c.rope_for_layer(i)]
+            h, new_cache = layer_cls(c, self.dtype, name=str(i))(
+                h, masks[c.attention_window(i)], cos, sin, layer_cache, cache_index, train)
             new_caches.append(new_cache)
         return h, (None if caches is None else new_caches)
 
@@ -502,8 +511,12 @@ class LlamaModel(nn.Module):
             caches = list(zip(cache.keys, cache.values))
         masks = attention_masks(self.config, q_slots, kv_slots, kv_valid)
 
-        cos, sin = rope_cos_sin(self.config, positions, self.dtype)
-        h, new_caches = self.layers(h, masks, cos, sin, caches, index, train)
+        ropes = {}
+        for i in range(self.config.num_hidden_layers):
+            rope = self.config.rope_for_layer(i)
+            if rope not in ropes:
+                ropes[rope] = rope_cos_sin(rope, positions, self.dtype)
+        h, new_caches = self.layers(h, masks, ropes, caches, index, train)
         h = self.norm(h)
         new_cache = None
         if cache is not None:
