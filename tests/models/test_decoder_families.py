@@ -1,11 +1,12 @@
-"""Qwen2, Qwen3, Mistral and Gemma 2: parity with transformers' PyTorch models, generation, save back.
+"""Qwen2, Qwen3, Mistral, Gemma 2 and Gemma 3 (text): parity with transformers' PyTorch models, generation, save back.
 
 Each family gets a tiny random transformers checkpoint written by the test (fp32, eager
 attention) whose config exercises what the family adds to Llama: Qwen2's q/k/v biases and tied
 embeddings, Qwen3's per-head q/k norms and a head_dim != hidden / heads, and sliding windows
 shorter than the sequences (Mistral's on every layer, Qwen's on the layers from
 ``max_window_layers`` on, Gemma 2's on even layers), and Gemma 2's scaled embeddings,
-zero-centred sandwich norms, query_pre_attn_scalar and soft-caps small enough to bite. Logits are compared on padded batches at real tokens (max |Δ| <=
+zero-centred sandwich norms, query_pre_attn_scalar and soft-caps small enough to bite, Gemma 3's
+q/k norms and two RoPE configs (local / global). Logits are compared on padded batches at real tokens (max |Δ| <=
 1e-4), cached greedy generation against full recomputation and transformers' ``generate``, and
 the folder ``hf_io.save_pretrained`` writes is loaded back by transformers.
 """
@@ -37,10 +38,18 @@ CONFIGS = {
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                     attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    # Two RoPE configs: linear interpolation on the global layer, another base on the local one.
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                        "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 # Settings with every window at least as long as the sequences (the released configs).
 NO_WINDOW = {"qwen2": {"use_sliding_window": False}, "qwen3": {"use_sliding_window": False},
-             "mistral": {"sliding_window": None}, "gemma2": {"sliding_window": 4096}}
+             "mistral": {"sliding_window": None}, "gemma2": {"sliding_window": 4096},
+             "gemma3": {"sliding_window": 4096}}
 FAMILIES = sorted(CONFIGS)
 
 
@@ -77,7 +86,10 @@ def test_padded_batch_parity_names_and_save_back(checkpoint, tmp_path):
     c = model.config
     windows = [c.attention_window(i) for i in range(c.num_hidden_layers)]
     assert windows == {"qwen2": [None, 4], "qwen3": [None, 5], "mistral": [4, 4],
-                       "gemma2": [4, None]}[family]
+                       "gemma2": [4, None], "gemma3": [4, None]}[family]
+    ropes = [(r.rope_theta, r.rope_type) for r in map(c.rope_for_layer, range(c.num_hidden_layers))]
+    assert ropes == ([(100.0, "default"), (1e6, "linear")] if family == "gemma3"
+                     else [(c.rope_theta, "default")] * 2)
     names = {hf_io.hf_name(p)[0] for p in hf_io.flatten(params)}
     assert names == set(ref.state_dict()) - ({"lm_head.weight"} if c.tie_word_embeddings else set())
     ids, mask = padded_batch(128)
@@ -166,7 +178,7 @@ def test_cached_logits_equal_full_forward(checkpoint):
 def test_sequence_classification_parity(checkpoint):
     family = checkpoint[0]
     cls = getattr(transformers, {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral",
-                                  "gemma2": "Gemma2"}[family]
+                                  "gemma2": "Gemma2", "gemma3": "Gemma3Text"}[family]
                   + "ForSequenceClassification")
     torch.manual_seed(0)
     ref = cls(hf_config(family, num_labels=3, pad_token_id=0)).eval()
@@ -195,9 +207,10 @@ def test_hook_sites_cover_the_new_weights(checkpoint):
     biased = {c["site"].rpartition(".")[2] for c in linear if c["has_bias"]}
     assert biased == ({"q_proj", "k_proj", "v_proj"} if family == "qwen2" else set())
     flat = hf_io.flatten(params)
-    if family == "qwen3":
-        assert flat["model.layers.0.self_attn.q_norm.scale"].shape == (32,)
-        assert flat["model.layers.1.self_attn.k_norm.scale"].shape == (32,)
+    if family in ("qwen3", "gemma3"):
+        d = model.config.head_dim
+        assert flat["model.layers.0.self_attn.q_norm.scale"].shape == (d,)
+        assert flat["model.layers.1.self_attn.k_norm.scale"].shape == (d,)
     else:
         assert not any("q_norm" in k for k in flat)
 
