@@ -52,6 +52,7 @@ PEFT_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma3_text": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
     "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
     "t5": (("k", "v", "wo"), ("wo",)),

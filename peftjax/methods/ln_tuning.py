@@ -10,7 +10,7 @@ matched PEFT's way: a module equal to an item or ending with ``.item``):
 
     llama   input_layernorm, post_attention_layernorm, norm (the final RMSNorm); mistral alike
     qwen2   post_attention_layernorm (qwen3 alike: not its per-head q_norm / k_norm)
-    gemma2  the four block norms and norm
+    gemma2, gemma3_text  the four block norms and norm (not Gemma 3's q_norm / k_norm)
     bloom   input_layernorm, post_attention_layernorm, ln_f (not the embedding LayerNorm)
     gpt2    ln_1, ln_2, ln_f
     t5/mt5  layer_norm, final_layer_norm
@@ -37,6 +37,8 @@ PEFT_DEFAULTS: dict[str, tuple[str, ...]] = {
     "qwen3": ("post_attention_layernorm",),
     "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "norm"),
+    "gemma3_text": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm", "norm"),
     "bloom": ("input_layernorm", "post_attention_layernorm", "ln_f"),
     "gpt2": ("ln_1", "ln_2", "ln_f"),
     "t5": ("layer_norm", "final_layer_norm"),
