@@ -103,6 +103,11 @@ def test_padded_batch_parity_names_and_save_back(checkpoint, tmp_path):
     full = build_model(off | {"sliding_window": 1000}, head="causal_lm")
     assert all((full.config.attention_window(i) or 1000) == 1000 for i in range(c.num_hidden_layers))
     assert np.abs(np.asarray(run(full, params, batch)) - ours)[mask.astype(bool)].max() > 1e-3
+    if family == "gemma2":  # and so do the soft-caps
+        uncapped = build_model(model.hf_config.to_dict() | {"attn_logit_softcapping": None,
+                                                           "final_logit_softcapping": None},
+                               head="causal_lm")
+        assert np.abs(np.asarray(run(uncapped, params, batch)) - ours)[mask.astype(bool)].max() > 1e-3
 
     hf_io.save_pretrained(model, params, str(tmp_path / "back"))
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"),
