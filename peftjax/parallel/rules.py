@@ -198,7 +198,7 @@ _LLAMA = [
     (r"(^|\.)lm_head\.kernel$", _COLUMN),                  # (hidden, vocab): vocab over tensor
     (r"norm\.scale$", P()),
 ]
-for _family in ("llama", "qwen2", "qwen3", "mistral", "gemma2"):
+for _family in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"):
     register_rules(_family, _LLAMA)
 
 register_rules("bert", [

@@ -48,9 +48,10 @@ TRAIN_STEPS = 25
 
 # Cells a method refuses by design, with the reason its error must give.
 REFUSED = {("linear_probe", f): "has no params of its own"
-           for f in ("llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2")}
-# Qwen3 (attention_bias false, as released), Mistral and Gemma 2 have no bias terms at all.
-REFUSED.update({("bitfit", f): "the model has no bias terms" for f in ("qwen3", "mistral", "gemma2")})
+           for f in ("llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")}
+# Qwen3 (attention_bias false, as released), Mistral and Gemma 2/3 have no bias terms at all.
+REFUSED.update({("bitfit", f): "the model has no bias terms"
+                for f in ("qwen3", "mistral", "gemma2", "gemma3")})
 
 
 class Case:
