@@ -133,8 +133,16 @@ def test_full_attention_parity(checkpoint):
 
 
 NEW = 8
+# Generation is the same code for every family (the Llama model's cache and masks): `make test`
+# runs it on Mistral (a window on every layer) and Gemma 3 (local / global layers, two RoPE
+# configs, q/k norms); the other families under -m slow (time budget).
+GENERATION_FAST = ("mistral", "gemma3")
+generation_families = pytest.mark.parametrize(
+    "checkpoint", [f if f in GENERATION_FAST else pytest.param(f, marks=pytest.mark.slow)
+                   for f in FAMILIES], indirect=True)
 
 
+@generation_families
 def test_cached_greedy_equals_recomputation_and_transformers(checkpoint):
     family, ref, model, params = checkpoint
     rs = np.random.RandomState(0)
@@ -156,6 +164,7 @@ def test_cached_greedy_equals_recomputation_and_transformers(checkpoint):
     np.testing.assert_array_equal(cached, expected)
 
 
+@generation_families
 def test_cached_logits_equal_full_forward(checkpoint):
     """prefill + decode_step logits equal one forward over the final sequence (≤ 1e-5): the
     window hides the same slots in the cache as in the full pass."""
