@@ -3,10 +3,10 @@
 The tiny checkpoints are those of tests/models/test_qwen_mistral.py (Qwen2's q/k/v biases and
 tied embeddings, Qwen3's q/k norms, sliding windows shorter than the batch). PEFT builds the
 adapter on transformers' model with non-zero B (``init_lora_weights=False``) and perturbed DoRA
-magnitudes and saves it; ``import_adapter`` reads it into peftjax (PEFT → peftjax), and the
-folder ``export_adapter`` writes from that import is what PEFT itself wrote (same tensors, same
-config fields) and loads back into PEFT (peftjax → PEFT); logits agree to 1e-4 at real tokens of
-a right-padded batch.
+magnitudes and saves it; ``import_adapter`` reads it into peftjax (PEFT → peftjax) and ``export_adapter`` of that
+import writes what PEFT itself wrote (same tensors, same config fields); then every added tensor
+is moved to values of our own, exported and loaded into PEFT (peftjax → PEFT). Logits agree to
+1e-4 at real tokens of a right-padded batch.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def test_lora_dora_both_ways(family, method_name, tmp_path):
     assert method.name == method_name
     assert len(method.targets) == 2 * len(TARGETS)
     p = peft_params(method, trainable, params)
-    ours = np.asarray(jax.jit(lambda t, f, s, b: method.apply(t, f, s, b))(
-        p.trainable, p.frozen, p.state, batch))
+    apply = jax.jit(lambda t, f, s, b: method.apply(t, f, s, b))
+    ours = np.asarray(apply(p.trainable, p.frozen, p.state, batch))
     delta = logits_delta(ours, pm, batch)
     print(f"\n{name} {method_name} PEFT→peftjax: max|Δ| {delta:.2e}")
     assert delta <= TOL
@@ -82,7 +82,17 @@ def test_lora_dora_both_ways(family, method_name, tmp_path):
     cb = json.load(open(tmp_path / "ours" / "adapter_config.json"))
     for field in ("peft_type", "task_type", "r", "lora_alpha", "use_dora", "use_rslora"):
         assert ca[field] == cb[field], field
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "ours")).eval()
+
+    # peftjax → PEFT with values of our own: every added tensor moved off PEFT's, exported, loaded.
+    rs = np.random.RandomState(7)
+    added = {k: np.asarray(v) + rs.normal(0, 0.05, np.shape(v)).astype(np.float32)
+             for k, v in trainable["added"].items()}
+    mine = {**trainable, "added": added}
+    p = peft_params(method, mine, params)
+    ours = np.asarray(apply(p.trainable, p.frozen, p.state, batch))
+    export_adapter(method, mine, str(tmp_path / "mine"))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "mine")).eval()
     delta = logits_delta(ours, loaded, batch)
     print(f"{name} {method_name} peftjax→PEFT: max|Δ| {delta:.2e}")
     assert delta <= TOL
+    assert logits_delta(ours, pm, batch) > 1e-3   # not PEFT's own adapter any more
