@@ -49,7 +49,15 @@ def logits_delta(ours: np.ndarray, peft_model, batch) -> float:
     return float(np.abs(ours - theirs.numpy())[batch["attention_mask"].astype(bool)].max())
 
 
-@pytest.mark.parametrize("method_name", ["lora", "dora"])
+def _cells():
+    """LoRA on every family in make test; DoRA (the same export path plus magnitudes) on Gemma 3
+    there and on the others under -m slow (time budget)."""
+    for f in FAMILIES:
+        yield f, "lora"
+        yield (f, "dora") if f == "gemma3" else pytest.param(f, "dora", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("family,method_name", list(_cells()), indirect=["family"])
 def test_lora_dora_both_ways(family, method_name, tmp_path):
     name, torch_model, model, params, batch = family
     torch.manual_seed(3)

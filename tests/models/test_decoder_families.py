@@ -117,6 +117,9 @@ def test_padded_batch_parity_names_and_save_back(checkpoint, tmp_path):
     assert delta <= TOL
 
 
+@pytest.mark.parametrize("checkpoint", [f if f in ("qwen2", "mistral") else
+                                        pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES],
+                         indirect=True)
 def test_full_attention_parity(checkpoint):
     """The released configs' setting: no window shorter than the sequence (Qwen's
     use_sliding_window false, Mistral v0.3's sliding_window null, Gemma 2's 4096); untied here."""
