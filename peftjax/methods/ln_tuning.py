@@ -8,7 +8,9 @@ is added, so the trained values *are* the model (nothing to merge). As Hugging F
 targets are PEFT's per model type (``TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING``,
 matched PEFT's way: a module equal to an item or ending with ``.item``):
 
-    llama   input_layernorm, post_attention_layernorm, norm (the final RMSNorm)
+    llama   input_layernorm, post_attention_layernorm, norm (the final RMSNorm); mistral alike
+    qwen2   post_attention_layernorm (qwen3 alike: not its per-head q_norm / k_norm)
+    gemma2, gemma3_text  the four block norms and norm (not Gemma 3's q_norm / k_norm)
     bloom   input_layernorm, post_attention_layernorm, ln_f (not the embedding LayerNorm)
     gpt2    ln_1, ln_2, ln_f
     t5/mt5  layer_norm, final_layer_norm
@@ -30,6 +32,13 @@ from peftjax.methods import core
 
 PEFT_DEFAULTS: dict[str, tuple[str, ...]] = {
     "llama": ("input_layernorm", "post_attention_layernorm", "norm"),
+    "mistral": ("input_layernorm", "post_attention_layernorm", "norm"),
+    "qwen2": ("post_attention_layernorm",),   # PEFT's choice for Qwen: the FFN's norm only
+    "qwen3": ("post_attention_layernorm",),
+    "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm", "norm"),
+    "gemma3_text": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm", "norm"),
     "bloom": ("input_layernorm", "post_attention_layernorm", "ln_f"),
     "gpt2": ("ln_1", "ln_2", "ln_f"),
     "t5": ("layer_norm", "final_layer_norm"),

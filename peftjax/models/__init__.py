@@ -1,14 +1,19 @@
-"""The Flax model zoo: encoder (BERT/RoBERTa/MiniLM) and decoder (Llama, GPT-2, BLOOM) families.
+"""The Flax model zoo: encoder (BERT/RoBERTa/MiniLM), decoder (Llama, Qwen2, Qwen3, Mistral,
+GPT-2, BLOOM) and encoder-decoder (T5/mT5) families.
 
-Importing this package registers every family.
+Importing this package imports every module in it, and a family module registers itself
+(``registry.register_family``) when imported: a new family is one file here, listed nowhere.
 """
 
-from peftjax.models import bert, llama  # noqa: F401  (register the families)
-from peftjax.models import bloom, gpt2  # noqa: F401  (decoders: BLOOM, GPT-2)
-from peftjax.models import t5  # noqa: F401  (encoder-decoder: T5, mT5)
+import importlib
+import pkgutil
+
 from peftjax.models import hooks
 from peftjax.models.registry import (Family, Model, build_model, family_for, register_family,
                                      supported_model_types)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registers the families
 
 __all__ = ["Family", "Model", "build_model", "family_for", "register_family",
            "supported_model_types", "hooks"]

@@ -148,13 +148,15 @@ class RMSNorm(nn.Module):
 def attention_weights_and_output(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                                  dropout: Callable[[jax.Array], jax.Array] | None = None,
                                  scale: float | None = None,
-                                 bias: jax.Array | None = None) -> jax.Array:
+                                 bias: jax.Array | None = None,
+                                 softcap: float | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
 
     q ``(B, Q, H, D)``, k/v ``(B, K, KVH, D)`` with ``H % KVH == 0``, mask ``(B, 1|H, Q, K)`` bool
     (True = attend). Scores and softmax are computed in fp32. Grouped-query attention
     (Ainslie et al. 2023) shares each key/value head among ``H / KVH`` query heads; the
-    reshape below computes it without materialising repeated keys.
+    reshape below computes it without materialising repeated keys. ``softcap`` (Gemma 2's
+    attention-logit soft-capping) maps the scaled scores to ``c · tanh(s / c)`` before the mask.
     """
     b, ql, h, d = q.shape
     kvh = k.shape[2]
@@ -169,6 +171,8 @@ def attention_weights_and_output(q: jax.Array, k: jax.Array, v: jax.Array, mask:
         qg = q.reshape(b, ql, kvh, groups, d)
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k).astype(jnp.float32) * scale
         scores = scores.reshape(b, h, ql, k.shape[1])
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)

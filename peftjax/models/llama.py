@@ -33,6 +33,15 @@ values); each decoder layer calls ``block_output`` for its attention block (``o_
 and its MLP (``down_proj``'s output) with the layer input it adds them to and ``norm=None``
 (pre-norm: the sum is the block's output); the hook's module is ``self_attn`` / ``mlp``.
 
+Llama-architecture families (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3: ``qwen2.py`` ...) reuse
+these modules through a few extension points, and each is one file: the config's
+``attention_window(layer)`` (sliding-window layers; ``attention_masks`` builds one mask per
+window) and ``rope_for_layer(layer)`` (Gemma 3's two RoPE bases; one cos/sin per RoPE config);
+``LlamaAttention.project_qkv`` (biases, per-head norms) and ``attend`` (scale, logit
+soft-capping); ``LlamaModel.embed`` (scaled embeddings); and the module classes the containers
+name as class attributes (``attention_cls``, ``mlp_cls``, ``layer_cls``, ``stack_cls``,
+``norm_cls``, ``model_cls``; ``make_build`` turns them into the registry's ``build``).
+
 Incremental decoding: pass a ``generation.KVCache`` (preallocated ``(B, max_len, kv_heads,
 head_dim)`` buffers per layer, written with ``lax.dynamic_update_slice`` so every decode step has
 static shapes) and the call returns ``(output, new_cache)``; see ``peftjax.models.generation``.
@@ -65,7 +74,7 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _rope_from_hf(hf: Any) -> tuple[float, str, tuple[tuple[str, Any], ...]]:
+def rope_from_hf(hf: Any) -> tuple[float, str, tuple[tuple[str, Any], ...]]:
     """``(rope_theta, rope_type, other rope parameters)`` from a transformers v5 or v4 config.
 
     transformers 5 keeps every RoPE setting in ``config.rope_parameters`` (``{"rope_type",
@@ -132,7 +141,7 @@ class LlamaConfig:
 
         heads = int(get("num_attention_heads", cls.num_attention_heads))
         hidden = int(get("hidden_size", cls.hidden_size))
-        theta, rope_type, rope_scaling = _rope_from_hf(hf)
+        theta, rope_type, rope_scaling = rope_from_hf(hf)
         eos = get("eos_token_id", ())
         eos = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         pad = getattr(hf, "pad_token_id", None)
@@ -163,6 +172,17 @@ class LlamaConfig:
 
     def rope_param(self, key: str, default: Any = None) -> Any:
         return dict(self.rope_scaling).get(key, default)
+
+    def rope_for_layer(self, layer: int) -> "LlamaConfig":
+        """The config whose RoPE fields (``rope_theta``, ``rope_type``, ``rope_scaling``) rotate
+        ``layer``'s queries and keys: this one (Gemma 3's local layers have their own base)."""
+        return self
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many slots (itself included) a query of ``layer`` sees: ``None`` = every earlier
+        one (Llama's full causal attention). Families with sliding-window layers (Mistral,
+        Qwen2 ``layer_types``) override this; the model builds one mask per distinct window."""
+        return None
 
 
 # --------------------------------------------------------------------------------------- RoPE
@@ -271,6 +291,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
+def attention_masks(config: LlamaConfig, q_slots: jax.Array, kv_slots: jax.Array,
+                    kv_valid: jax.Array) -> dict[int | None, jax.Array]:
+    """``(B, 1, Q, K)`` bool masks, one per attention window the layers use (``None``: full).
+
+    Slot ``j`` is visible to the query in slot ``i`` iff it holds a real token, ``j <= i``
+    (causal) and, for a window ``W``, ``j > i - W`` (transformers' ``sliding_window_overlay``:
+    the query and the ``W - 1`` slots before it; Beltagy et al. 2020, "Longformer", and Jiang et
+    al. 2023, "Mistral 7B", §2). Slots, not RoPE positions, as in transformers: in a left- or
+    right-padded row the real tokens are contiguous, so the two agree on real tokens. With a KV
+    cache the query slots start at ``cache.index`` and the keys span the whole buffer, so cached
+    decoding applies the same window as a full forward pass.
+    """
+    b = kv_valid.shape[0]
+    base = (kv_slots[None, :] <= q_slots[:, None])[None, None] & kv_valid[:, None, None, :]
+    shape = (b, 1, q_slots.shape[0], kv_slots.shape[0])
+    windows = {config.attention_window(i) for i in range(config.num_hidden_layers)}
+    masks = {}
+    for window in windows:
+        mask = base if window is None else base & (kv_slots[None, :] > q_slots[:, None] - window)[None, None]
+        masks[window] = jnp.broadcast_to(mask, shape)
+    return masks
+
+
 # ------------------------------------------------------------------------------------- modules
 
 
@@ -286,13 +329,7 @@ class LlamaAttention(nn.Module):
         init = normal_init(c.initializer_range)
         b, l, _ = h.shape
 
-        def proj(features: int, name: str) -> Dense:
-            return Dense(features, use_bias=c.attention_bias, dtype=self.dtype, kernel_init=init, name=name)
-
-        heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = proj(heads * d, "q_proj")(h).reshape(b, l, heads, d)
-        k = proj(kv_heads * d, "k_proj")(h).reshape(b, l, kv_heads, d)
-        v = proj(kv_heads * d, "v_proj")(h).reshape(b, l, kv_heads, d)
+        q, k, v = self.project_qkv(h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if layer_cache is not None:
@@ -307,9 +344,34 @@ class LlamaAttention(nn.Module):
         if train and c.attention_dropout > 0:
             drop = Dropout(c.attention_dropout)
             dropout = lambda p: drop(p, deterministic=False)
-        out = attention_weights_and_output(q, k, v, mask, dropout, scale=c.head_dim ** -0.5)
-        out = proj(c.hidden_size, "o_proj")(out.reshape(b, l, c.num_attention_heads * c.head_dim))
+        out = self.attend(q, k, v, mask, dropout)
+        out = Dense(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, kernel_init=init,
+                    name="o_proj")(out.reshape(b, l, c.num_attention_heads * c.head_dim))
         return out, new_cache
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout) -> jax.Array:
+        """``softmax(q kᵀ / √d + mask) v``; Gemma overrides the scale and soft-caps the logits."""
+        return attention_weights_and_output(q, k, v, mask, dropout, scale=self.config.head_dim ** -0.5)
+
+    def project_qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries ``(B, L, heads, d)``, keys and values ``(B, L, kv_heads, d)`` before RoPE.
+
+        The extension point of Llama-architecture families: Qwen2 gives q/k/v a bias, Qwen3
+        normalises each query and key head (it is called inside the compact ``__call__``, so
+        the layers it creates are the attention module's own: ``self_attn.q_proj``).
+        """
+        c = self.config
+        b, l, _ = h.shape
+
+        def proj(features: int, name: str) -> Dense:
+            return Dense(features, use_bias=c.attention_bias, dtype=self.dtype,
+                         kernel_init=normal_init(c.initializer_range), name=name)
+
+        heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = proj(heads * d, "q_proj")(h).reshape(b, l, heads, d)
+        k = proj(kv_heads * d, "k_proj")(h).reshape(b, l, kv_heads, d)
+        v = proj(kv_heads * d, "v_proj")(h).reshape(b, l, kv_heads, d)
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
@@ -333,17 +395,21 @@ class LlamaDecoderLayer(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32
+    # Module classes as class attributes (not dataclass fields): a Llama-architecture family
+    # subclasses the one module that differs and names it here.
+    attention_cls = LlamaAttention
+    mlp_cls = LlamaMLP
 
     @nn.compact
     def __call__(self, h, mask, cos, sin, layer_cache, cache_index, train: bool):
         c = self.config
         block_output = hooks.active().block_output
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h)
-        attn = LlamaAttention(c, self.dtype, name="self_attn")
+        attn = self.attention_cls(c, self.dtype, name="self_attn")
         a, new_cache = attn(x, mask, cos, sin, layer_cache, cache_index, train)
         h = block_output(attn, "attention", a, h, None)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
-        mlp = LlamaMLP(c, self.dtype, name="mlp")
+        mlp = self.mlp_cls(c, self.dtype, name="mlp")
         h = block_output(mlp, "ffn", mlp(x), h, None)
         return h, new_cache
 
@@ -354,15 +420,20 @@ class LlamaLayerStack(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
+    layer_cls = LlamaDecoderLayer
 
     @nn.compact
-    def __call__(self, h, mask, cos, sin, caches, cache_index, train: bool):
-        layer_cls = remat_block(LlamaDecoderLayer, self.remat, static_argnums=(7,))
+    def __call__(self, h, masks, ropes, caches, cache_index, train: bool):
+        """``masks``: the attention mask per window (``config.attention_window``); ``ropes``:
+        ``(cos, sin)`` per RoPE config (``config.rope_for_layer``)."""
+        c = self.config
+        layer_cls = remat_block(self.layer_cls, self.remat, static_argnums=(7,))
         new_caches = []
-        for i in range(self.config.num_hidden_layers):
+        for i in range(c.num_hidden_layers):
             layer_cache = None if caches is None else caches[i]
-            h, new_cache = layer_cls(self.config, self.dtype, name=str(i))(
-                h, mask, cos, sin, layer_cache, cache_index, train)
+            cos, sin = ropes[c.rope_for_layer(i)]
+            h, new_cache = layer_cls(c, self.dtype, name=str(i))(
+                h, masks[c.attention_window(i)], cos, sin, layer_cache, cache_index, train)
             new_caches.append(new_cache)
         return h, (None if caches is None else new_caches)
 
@@ -383,13 +454,19 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    stack_cls = LlamaLayerStack
+    norm_cls = RMSNorm
 
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype,
                                   embedding_init=normal_init(c.initializer_range))
-        self.layers = LlamaLayerStack(c, self.dtype, self.remat)
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        self.layers = self.stack_cls(c, self.dtype, self.remat)
+        self.norm = self.norm_cls(c.rms_norm_eps, self.dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """The token embeddings the layers start from (Gemma scales them by √hidden)."""
+        return self.embed_tokens(input_ids)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied LM head: ``h @ embed_tokens.T``."""
@@ -400,7 +477,7 @@ class LlamaModel(nn.Module):
         input_ids = jnp.asarray(input_ids)
         attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         b, l_in = input_ids.shape
-        h = self.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         h, attention_mask, _ = hooks.active().embeddings(self, h, attention_mask, None)
         n_pre = h.shape[1] - l_in
         if n_pre < 0:
@@ -419,8 +496,8 @@ class LlamaModel(nn.Module):
         positions = positions.astype(jnp.int32)
 
         if cache is None:
-            causal = jnp.tril(jnp.ones((l, l), bool))
-            mask = causal[None, None] & valid[:, None, None, :]
+            q_slots = kv_slots = jnp.arange(l, dtype=jnp.int32)
+            kv_valid = valid
             caches, index = None, None
         else:
             if n_pre and not cache.prefilled:
@@ -430,13 +507,16 @@ class LlamaModel(nn.Module):
             index = cache.index.astype(jnp.int32)
             kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (jnp.int32(0), index))
             q_slots = index + jnp.arange(l, dtype=jnp.int32)
-            causal = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :] <= q_slots[:, None]
-            mask = causal[None, None] & kv_valid[:, None, None, :]
+            kv_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
             caches = list(zip(cache.keys, cache.values))
-        mask = jnp.broadcast_to(mask, (b, 1, l, mask.shape[-1]))
+        masks = attention_masks(self.config, q_slots, kv_slots, kv_valid)
 
-        cos, sin = rope_cos_sin(self.config, positions, self.dtype)
-        h, new_caches = self.layers(h, mask, cos, sin, caches, index, train)
+        ropes = {}
+        for i in range(self.config.num_hidden_layers):
+            rope = self.config.rope_for_layer(i)
+            if rope not in ropes:
+                ropes[rope] = rope_cos_sin(rope, positions, self.dtype)
+        h, new_caches = self.layers(h, masks, ropes, caches, index, train)
         h = self.norm(h)
         new_cache = None
         if cache is not None:
@@ -457,10 +537,11 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    model_cls = LlamaModel
 
     def setup(self) -> None:
         c = self.config
-        self.model = LlamaModel(c, self.dtype, self.remat)
+        self.model = self.model_cls(c, self.dtype, self.remat)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=normal_init(c.initializer_range))
@@ -489,41 +570,50 @@ class LlamaForSequenceClassification(nn.Module):
     num_labels: int
     dtype: Any = jnp.float32
     remat: bool = False
+    model_cls = LlamaModel
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h, _, _ = LlamaModel(self.config, self.dtype, self.remat, name="model")(
+        h, _, _ = self.model_cls(self.config, self.dtype, self.remat, name="model")(
             input_ids, attention_mask, train, positions)
         return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
                                 self.config.initializer_range)
 
 
-def _build(config: LlamaConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
-    if head == "none":
-        return LlamaModel(config, dtype, remat)
-    if head == "causal_lm":
-        return LlamaForCausalLM(config, dtype, remat)
-    return LlamaForSequenceClassification(config, num_labels, dtype, remat)
+def make_build(model_cls: type[nn.Module] = LlamaModel,
+               causal_lm_cls: type[nn.Module] = LlamaForCausalLM,
+               classifier_cls: type[nn.Module] = LlamaForSequenceClassification):
+    """The registry's ``build`` for a Llama-architecture family's three module classes."""
+    def build(config: LlamaConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
+        if head == "none":
+            return model_cls(config, dtype, remat)
+        if head == "causal_lm":
+            return causal_lm_cls(config, dtype, remat)
+        return classifier_cls(config, num_labels, dtype, remat)
+
+    return build
 
 
-def _head_prefixes(config: LlamaConfig, head: str) -> tuple[str, ...]:
+def head_prefixes(config: LlamaConfig, head: str) -> tuple[str, ...]:
     # The LM head is pretrained (part of the checkpoint), not a task head.
     return ("score",) if head in ("classification", "regression") else ()
 
 
-def _backbone_prefix(config: LlamaConfig, head: str) -> str:
+def backbone_prefix(config: LlamaConfig, head: str) -> str:
     return "" if head == "none" else "model"
 
+
+HEADS = ("none", "causal_lm", "classification", "regression")
 
 FAMILY = registry.register_family(registry.Family(
     name="llama",
     model_types=("llama",),
     config_from_hf=LlamaConfig.from_hf,
-    build=_build,
-    heads=("none", "causal_lm", "classification", "regression"),
-    head_prefixes=_head_prefixes,
-    backbone_prefix=_backbone_prefix,
+    build=make_build(),
+    heads=HEADS,
+    head_prefixes=head_prefixes,
+    backbone_prefix=backbone_prefix,
     input_names=("input_ids", "attention_mask"),
 ))

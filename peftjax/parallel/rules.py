@@ -184,7 +184,9 @@ def describe(placements: Iterable[Placement]) -> str:
 _COLUMN = P("fsdp", "tensor")     # input projections: out over tensor, in over fsdp
 _ROW = P("tensor", "fsdp")        # output projections: in over tensor, out over fsdp
 
-register_rules("llama", [
+# Llama and the Llama-architecture families (same module names; Qwen2's q/k/v biases, Qwen3's
+# per-head q_norm / k_norm scales and Gemma 2's extra block norms fall under the bias and norm rules).
+_LLAMA = [
     (r"self_attn\.(q|k|v)_proj\.kernel$", _COLUMN),
     (r"self_attn\.(q|k|v)_proj\.bias$", P("tensor")),
     (r"self_attn\.o_proj\.kernel$", _ROW),
@@ -195,7 +197,9 @@ register_rules("llama", [
     (r"embed_tokens\.embedding$", P("tensor", "fsdp")),   # vocab over tensor, hidden over fsdp
     (r"(^|\.)lm_head\.kernel$", _COLUMN),                  # (hidden, vocab): vocab over tensor
     (r"norm\.scale$", P()),
-])
+]
+for _family in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"):
+    register_rules(_family, _LLAMA)
 
 register_rules("bert", [
     (r"attention\.self\.(query|key|value)\.kernel$", _COLUMN),

@@ -39,12 +39,19 @@ METHOD_CONFIGS_LR = {"linear_probe": 3e-2, "full": 3e-3, "child_tuning_f": 3e-3,
                      # N(0, 1) prefixes (PEFT's init) on the tiny models: 1e-2 gives loss x0.91 in 25 steps.
                      "prefix_tuning": 5e-2,
                      # T5's embeddings have unit scale (init N(0, 1)); Lester et al. prompt-tune T5 at 0.3.
-                     ("prompt_tuning", "t5"): 3e-1}
+                     ("prompt_tuning", "t5"): 3e-1,
+                     # PEFT's Qwen default tunes one RMSNorm per layer (post_attention_layernorm):
+                     # 128 scales on the tiny models.
+                     ("ln_tuning", "qwen2"): 5e-2, ("ln_tuning", "qwen3"): 5e-2}
 TRAIN_STEPS = 25
 
 
 # Cells a method refuses by design, with the reason its error must give.
-REFUSED = {("linear_probe", f): "has no params of its own" for f in ("llama", "gpt2", "bloom", "t5")}
+REFUSED = {("linear_probe", f): "has no params of its own"
+           for f in ("llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")}
+# Qwen3 (attention_bias false, as released), Mistral and Gemma 2/3 have no bias terms at all.
+REFUSED.update({("bitfit", f): "the model has no bias terms"
+                for f in ("qwen3", "mistral", "gemma2", "gemma3")})
 
 
 class Case:

@@ -57,12 +57,13 @@ def same_sharding(tree: dict, shardings: dict) -> bool:
         jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
-def main(meshes: str = MESHES, methods: str = ",".join(METHODS)) -> None:
+def main(meshes: str = MESHES, methods: str = ",".join(METHODS), model_name: str = "tiny-llama") -> None:
     meshes = [tuple(int(x) for x in m.split(",")) for m in meshes.split("/")]
     METHODS = tuple(methods.split(","))
     assert jax.device_count() == 8, f"expected 8 forced host devices, got {jax.device_count()}"
-    hf = {**model_configs.get("tiny-llama").hf_config.to_dict(), "vocab_size": 256,
+    hf = {**model_configs.get(model_name).hf_config.to_dict(), "vocab_size": 256,
           "initializer_range": 0.2, "num_hidden_layers": 1}
+    hf.pop("layer_types", None)   # one layer: the family's default pattern (Gemma 3: local)
     model = build_model(hf, head="causal_lm")
     base = traverse_util.flatten_dict(model.init(jax.random.PRNGKey(0)), sep=".")
     batch = learnable_batch(model, batch=8)
@@ -150,4 +151,4 @@ def main(meshes: str = MESHES, methods: str = ",".join(METHODS)) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -60,6 +60,17 @@ def test_sharded_loss_curves_match_one_device(fast):
     check_curves(fast, "2,2,2")
 
 
+@pytest.mark.slow
+def test_a_llama_derived_family_trains_sharded_as_on_one_device():
+    """Gemma 3 (a local layer with its own RoPE base, q/k norms, sandwich norms) under the fast
+    methods on the (2,2,2) mesh: its sharding rules give one device's loss curves."""
+    run = run_script("sharded_train.py", "2,2,2", ",".join(FAST_METHODS), "tiny-gemma3")
+    check_curves(run, "2,2,2")
+    specs = run["placements"]["2,2,2"]["full"]["base"]
+    assert specs["model.layers.0.self_attn.q_proj.kernel"] == str(P("fsdp", "tensor"))
+    assert specs["model.layers.0.self_attn.q_norm.scale"] == str(P())
+
+
 def test_arrays_really_are_sharded(fast):
     pl = fast["placements"]["2,2,2"]
     # Q is column-parallel (in over fsdp, out over tensor); LoRA A and its Adam moments over fsdp.
