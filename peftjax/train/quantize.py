@@ -118,6 +118,15 @@ def quantize_frozen(method, frozen: Mapping[str, Any], trainable: Mapping[str, A
     _check(method, paths, qcfg)
     out = dict(frozen)
     partial = set(trainable.get("base", {}))
+    if all(p in partial for p in paths):
+        raise ValueError(
+            f"model.quant={qcfg.kind}: method {method.name!r} trains entries of every weight "
+            "matrix (a sparse selection spread over all of them), so none is left frozen whole "
+            "to quantize; use model.quant=none")
+    kept = [p for p in paths if p in partial]
+    if kept:
+        log.info("model.quant=%s: %d of %d frozen matrices stay float (the method trains "
+                 "entries of them)", qcfg.kind, len(kept), len(paths))
     for path in paths:
         value = frozen[path]
         q = known.get(path)
@@ -177,3 +186,71 @@ def summary(frozen: Mapping[str, Any]) -> dict[str, Any]:
     return {"quantized_matrices": len(qs), "kinds": sorted({v.kind for v in qs}),
             "double_quant": any(v.double_quant for v in qs),
             "quantized_bytes": sum(v.nbytes for v in qs), "float_bytes": float_bytes}
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize once: a quantized base as one safetensors file.
+
+QUANT_META = "peftjax_quant"
+
+
+def save_base(path: str, base: Mapping[str, Any]) -> int:
+    """Writes flat base params (``QuantizedTensor``s packed: ``<path>.quant_data`` 4-bit pairs or
+    int8, ``.quant_scale`` absmaxes or their 8-bit codes, ``.quant_scale2``/``.quant_offset``
+    under double quantization; float params as they are) to one safetensors file, the facts
+    that restore each quantized tensor in its metadata. Returns the file's size in bytes.
+
+    Why: quantizing a 7B base takes minutes and its float copy must be in memory meanwhile; a
+    run that loads this file never holds the float matrices."""
+    import json
+    import os
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    infos: dict[str, dict] = {}
+    for name, value in base.items():
+        if quant.is_quantized(value):
+            tensors, infos[name] = quant.to_tensors(name, value)
+            arrays.update(tensors)
+        else:
+            x = np.asarray(jax.device_get(value))
+            if x.dtype.name == "bfloat16":  # safetensors.numpy has no bfloat16: keep its bits
+                infos[name] = {"bfloat16_bits": True}
+                x = x.view(np.uint16)
+            arrays[name] = np.ascontiguousarray(x)
+    tmp = path + ".tmp"
+    save_file(arrays, tmp, metadata={QUANT_META: json.dumps(infos, sort_keys=True)})
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def load_base(path: str) -> dict[str, Any]:
+    """The flat base params written by ``save_base`` (quantized tensors as ``QuantizedTensor``)."""
+    import json
+
+    import jax.numpy as jnp
+    import ml_dtypes
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    with safe_open(path, framework="numpy") as f:
+        meta = (f.metadata() or {}).get(QUANT_META)
+    if meta is None:
+        raise ValueError(f"{path} was not written by peftjax.train.quantize.save_base "
+                         f"(no {QUANT_META!r} metadata)")
+    infos = json.loads(meta)
+    tensors = load_file(path)
+    out: dict[str, Any] = {}
+    for name, info in infos.items():
+        if "kind" in info:
+            out[name] = quant.from_tensors(name, tensors, info)
+    suffixes = tuple("." + s for s in quant.SUFFIXES)
+    for name, x in tensors.items():
+        if name in out or (name.endswith(suffixes) and name.rpartition(".")[0] in out):
+            continue
+        if infos.get(name, {}).get("bfloat16_bits"):
+            x = x.view(ml_dtypes.bfloat16)
+        out[name] = jnp.asarray(x)
+    return out
