@@ -89,7 +89,10 @@ def quantized_matmul(x: jax.Array, q: "quant.QuantizedTensor") -> jax.Array:
     dequantization is made data-dependent on the value that needs it (the layer's input; in
     the backward, the output's cotangent: ``quant.after``), so that XLA neither computes them
     all at the start of the step nor merges the backward's with the forward's. The dependence
-    enters at the 16-entry code table, so the dequantize-matmul stays one fusable chain.
+    enters at the packed codes, so the dequantize-matmul stays one fusable elementwise chain
+    and nothing derived from the codes outlives its matmul (compiled, llama2-7b QLoRA: 8.9 GiB
+    peak; with the dependence at the code table, XLA held every matrix's unpacked indices from
+    forward to backward: 20.9 GiB).
     """
     return _quantized_matmul_fwd(x, q)[0]
 

@@ -28,9 +28,13 @@ dynamic map (``DYNAMIC_CODE``, Dettmers 2015), each block with its own float32 a
 
     absmax ≈ DYNAMIC_CODE[q8] · absmax2[block] + offset
 
-8/64 + 32/(64·256) ≈ 0.127 bit per weight instead of 0.5. ``offset`` is computed in a fixed
-pairwise order (backend-independent); bitsandbytes' ``torch.mean`` may differ from it in the last
-bit, everything downstream of it is bit for bit bitsandbytes' (tests/models/test_quant.py).
+8/64 + 32/(64·256) ≈ 0.127 bit per weight instead of 0.5. The 8-bit codes are the nearest
+values (ties to the lower code), as bitsandbytes' reference kernel (``backends/default``,
+bucketize over the midpoints) computes them; its native CPU kernel's binary search is
+approximate and picks the farther code for ~0.2% of entries near a midpoint. ``offset`` is
+computed in a fixed pairwise order (backend-independent); bitsandbytes' ``torch.mean`` may
+differ from it in the last bit, everything downstream of it is bit for bit bitsandbytes'
+(tests/models/test_quant.py).
 
 int8 (Dettmers et al. 2022, "LLM.int8()", vector-wise quantization without outliers)
 -------------------------------------------------------------------------------------
@@ -270,7 +274,8 @@ def after(values: jax.Array, trigger: jax.Array) -> jax.Array:
     subexpressions) — holding every layer's float kernel at once, the memory quantization was
     meant to save. ``optimization_barrier`` would express the ordering, but XLA's CPU pipeline
     removes barriers before CSE and scheduling; a data dependence survives every backend.
-    Applied to the smallest array of the chain (the 16-entry code table, int8's scales).
+    Applied to the packed codes (``dequantize``): a select fused into the unpacking, and every
+    value derived from the codes then depends on the trigger.
     """
     first = trigger.reshape(-1)[:1]
     width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[first.dtype.itemsize]
