@@ -129,3 +129,49 @@ def test_adapter_and_quantized_base_save_and_load(tmp_path):
                                   out(m2, trainable, peft2.frozen, mstate))
     with pytest.raises(ValueError, match="already quantized as nf4"):
         quantize.setup(m2, jax.random.PRNGKey(1), loaded, None, quantize.QuantConfig("int8"))
+
+
+def test_quantized_weights_and_scales_shard_by_the_kernels_rule():
+    """On the (2,2,2) mesh: packed codes and per-block absmaxes follow the kernel's rule (Llama's
+    q_proj: in over fsdp, out over tensor), a dim that does not divide is replicated, double
+    quantization's second level is replicated, int8's per-output absmaxes follow ``out``."""
+    from jax.sharding import PartitionSpec as P
+
+    from peftjax.parallel import mesh as mesh_lib
+    from peftjax.parallel.shard import per_device_bytes, plan
+
+    model, base = tiny_model("llama")
+    method = methods.create("lora", model, METHOD_CONFIGS["lora"])
+    amesh = mesh_lib.abstract_mesh("2,2,2")
+    path = "model.layers.0.self_attn.q_proj.kernel"            # (32, 32): in padded to 64
+    for kind in ("nf4", "int8"):
+        peft = quantize.setup(method, jax.random.PRNGKey(1), base, None, quantize.QuantConfig(kind))
+        state = init_state(peft.trainable, peft.state, optax.adam(1e-3))
+        sh = plan(method, amesh, state, peft.frozen)
+        assert sh.placements["frozen"][path].spec == P("fsdp", "tensor")
+        q, s = peft.frozen[path], sh.frozen[path]
+        assert s.data.spec == P("fsdp", "tensor")               # (32, 32) packed pairs
+        if kind == "nf4":
+            assert s.scale.spec == P(None, "tensor")             # (1, 32): one block along in
+            assert s.scale2.spec == P() and s.offset.spec == P()
+        else:
+            assert s.scale.spec == P("tensor")                   # one absmax per output
+        assert per_device_bytes(q, s) < sum(np.asarray(x).nbytes for x in jax.tree.leaves(q))
+        # the shardings tree matches the frozen tree leaf for leaf (jit's in_shardings)
+        assert jax.tree.structure(peft.frozen) == jax.tree.structure(
+            sh.frozen, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+@pytest.mark.slow
+def test_quantized_base_trains_on_the_2_2_2_mesh_like_on_one_device():
+    """8 forced host devices (a subprocess: the device count is fixed when XLA starts)."""
+    from tests.parallel.test_sharding import run_script
+
+    run = run_script("quantized_train.py")
+    for kind in ("nf4", "int8"):
+        curves = run[kind]["losses"]
+        np.testing.assert_allclose(curves["2,2,2"], curves["1"], rtol=1e-5, err_msg=kind)
+        assert curves["1"][-1] < curves["1"][0]
+    # q_proj (32, 32): packed codes (32, 32) split over fsdp (in) and tensor (out)
+    assert run["nf4"]["shard_shapes"]["data"] == [[16, 16]]
+    assert run["int8"]["shard_shapes"]["scale"] == [[16]]
