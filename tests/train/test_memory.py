@@ -126,6 +126,7 @@ def test_remat_policies_keep_the_gradients():
     assert remat_name(True) == "block" and remat_name(False) == "none"
 
 
+@pytest.mark.slow   # a compile (~5 s); the llama2-7b rows in experiments/memory_table exercise it too
 def test_quantized_base_is_accounted_packed():
     """model.quant=nf4 (double quant): each frozen backbone kernel (in, out) is stored as
     in_p/2·out bytes of packed codes + in_p/64·out 8-bit absmax codes + 4 bytes per 256 of them
