@@ -47,12 +47,26 @@ def from_folder(folder: str) -> ml_collections.ConfigDict:
                                           hf_config=hf_io.read_config(path)))
 
 
+# Storage of the frozen base, for every model (peftjax/train/quantize.py): quant none | int8 |
+# nf4 (QLoRA's 4-bit NormalFloat); double_quant quantizes NF4's block absmaxes again (QLoRA §3).
+QUANT_DEFAULTS = dict(quant="none", double_quant=True)
+
+
+def with_quant_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the quantization fields (their defaults where a model file sets none), so
+    ``--config.model.quant=nf4`` works for every model, a checkpoint folder's included."""
+    for key, value in QUANT_DEFAULTS.items():
+        if key not in config:
+            config[key] = value
+    return config
+
+
 def get(name: str) -> ml_collections.ConfigDict:
     """The named model config, or a checkpoint folder's; an unknown name lists the available ones."""
     if os.path.isdir(os.path.expanduser(name)):
-        return from_folder(name)
+        return with_quant_fields(from_folder(name))
     module = _module_name(name)
     if not os.path.exists(os.path.join(_DIR, module + ".py")):
         raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(available())} "
                          "(or pass a checkpoint folder with config.json)")
-    return _load(module)
+    return with_quant_fields(_load(module))

@@ -36,3 +36,18 @@ if [ "${REMAT:-0}" = 1 ]; then
   $PY scripts/memory.py --config=configs/train.py:model=llama2-7b,method=full --batch=8 --seq=64 \
     --config.train.clip_norm=1.0 --head=causal_lm --methods=full --out="$OUT/llama2_7b_full_clip.json" > /dev/null
 fi
+
+# A quantized frozen base (issue 20): llama2-7b LoRA r8 with bf16 compute and a bf16 frozen
+# base, NF4 + double quantization (QLoRA), int8, and the plain bf16 base. Run with QUANT=1.
+if [ "${QUANT:-0}" = 1 ]; then
+  BF16="--config.train.dtype=bfloat16 --frozen_dtype=bfloat16"
+  run() { $PY scripts/memory.py --config=configs/train.py:model=llama2-7b,method=lora $COMMON $LORA \
+            --head=causal_lm --methods=lora "$@" > /dev/null; }
+  run $BF16 --config.model.quant=nf4 --config.model.double_quant=True --out="$OUT/llama2_7b_qlora_nf4_dq_bf16.json"
+  run $BF16 --config.model.quant=nf4 --config.model.double_quant=True --config.train.remat=block \
+    --out="$OUT/llama2_7b_qlora_nf4_dq_bf16_remat_block.json"
+  run --config.model.quant=nf4 --config.model.double_quant=True --out="$OUT/llama2_7b_qlora_nf4_dq_fp32.json"
+  run $BF16 --config.model.quant=int8 --out="$OUT/llama2_7b_lora_int8_bf16.json"
+  run $BF16 --out="$OUT/llama2_7b_lora_bf16_base.json"
+  run $BF16 --config.train.remat=block --out="$OUT/llama2_7b_lora_bf16_base_remat_block.json"
+fi

@@ -118,12 +118,29 @@ def _strip_display(x: Any) -> Any:
     return x
 
 
+# Fields added after grids had run, left out of the id while they hold the value that computes
+# what configs without them computed (a float base: peftjax/train/quantize.py), so the cells of
+# an existing sweep keep their ids.
+NEUTRAL_DEFAULTS = {"model": {"quant": "none", "double_quant": True}}
+
+
+def _strip_neutral(config: Any) -> Any:
+    if not isinstance(config, dict):
+        return config
+    out = dict(config)
+    for group, defaults in NEUTRAL_DEFAULTS.items():
+        sub = out.get(group)
+        if isinstance(sub, dict) and all(sub.get(k, v) == v for k, v in defaults.items()):
+            out[group] = {k: v for k, v in sub.items() if k not in defaults}
+    return out
+
+
 def cell_id(config: Mapping[str, Any], rank_sweep: Iterable[int] = ()) -> str:
     """sha256 (first 12 hex digits) of the resolved config as sorted, compact JSON.
 
     A DyLoRA rank sweep changes what the cell records, so its ranks are part of the id.
     """
-    payload: dict[str, Any] = {"config": _strip_display(_plain(config))}
+    payload: dict[str, Any] = {"config": _strip_neutral(_strip_display(_plain(config)))}
     if rank_sweep:
         payload["rank_sweep"] = [int(r) for r in rank_sweep]
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

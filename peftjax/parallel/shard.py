@@ -33,8 +33,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from peftjax.models import quant
 from peftjax.parallel import mesh as mesh_lib
-from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS, Placement, ShardingRules, describe
+from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS, Placement, ShardingRules, describe, fit_spec
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,28 @@ def plan(method, mesh: Mesh, state, frozen: Mapping[str, Any], *, rules: Shardin
     state_sh = state._replace(step=replicated, trainable=trainable_sh, opt_state=opt_sh,
                               method_state=named(placements["method_state"]),
                               **({"rng": replicated} if getattr(state, "rng", None) is not None else {}))
-    return TrainShardings(mesh, state_sh, named(placements["frozen"]),
+    frozen_sh = {k: (_quantized_shardings(frozen[k], pl.spec, mesh) if quant.is_quantized(frozen[k])
+                     else NamedSharding(mesh, pl.spec)) for k, pl in placements["frozen"].items()}
+    return TrainShardings(mesh, state_sh, frozen_sh,
                           NamedSharding(mesh, P(mesh_lib.BATCH_AXES)), replicated, placements)
+
+
+def _quantized_shardings(q: "quant.QuantizedTensor", kernel_spec: P, mesh) -> "quant.QuantizedTensor":
+    """A quantized frozen kernel's shardings: its arrays placed by the rule of the kernel it
+    stores (``quant.component_specs``: packed codes and per-block scales along the kernel's own
+    axes, int8's per-output scales along ``out``, double quantization's few-KiB second level
+    replicated), each dim that does not divide replicated (``fit_spec``)."""
+    specs = quant.component_specs(q, kernel_spec)
+    shape = dict(mesh.shape)
+
+    def one(spec, x):
+        if x is None:
+            return None
+        return NamedSharding(mesh, fit_spec(spec, _shape(x), shape, where=f"quantized {q.kind}")[0])
+
+    return quant.QuantizedTensor(one(specs.data, q.data), one(specs.scale, q.scale),
+                                 one(specs.scale2, q.scale2), one(specs.offset, q.offset),
+                                 kind=q.kind, shape=q.shape, dtype=q.dtype, block_size=q.block_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,6 +160,11 @@ def load_run(workdir: str) -> FinishedRun:
     config = ml_collections.ConfigDict(result["config"])
     task, model, tokenizer, _, base = build(config)
     method, trainable, state, frozen = saving.load_adapter(os.path.join(workdir, "adapter"), model, base)
+    from peftjax.train import quantize
+
+    qcfg = quantize.config_of(config)
+    if qcfg.enabled or quantize.has_quantized(frozen):  # the base the run trained against
+        frozen = quantize.quantize_frozen(method, frozen, trainable, qcfg)
     return FinishedRun(config, result, task, model, tokenizer, method, trainable, frozen, state)
 
 
@@ -217,6 +222,9 @@ def validate_config(config: Any) -> None:
     resume = tc.get("resume", "auto")
     _check(resume in RESUME_MODES, "train.resume", resume, " | ".join(RESUME_MODES))
     remat_name(tc.remat)
+    from peftjax.train.quantize import config_of
+
+    config_of(config)  # model.quant / model.double_quant
     parse_lr_mults(tc.get("lr_mults", ""))
     formats.task_format(config.task, formats.get_task(config.task), family_heads(config))
 
@@ -267,6 +275,14 @@ def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> 
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is unreadable ({e}); it records the config this workdir was "
                          "started with: restore it, or start in a new workdir") from None
+    # A field added since the workdir started (quantization) at its neutral default is no change.
+    from peftjax.grid.sweep import NEUTRAL_DEFAULTS
+
+    for group, defaults in NEUTRAL_DEFAULTS.items():
+        for k, v in defaults.items():
+            key = f"{group}.{k}"
+            if key not in recorded and mine.get(key) == v:
+                recorded[key] = v
     differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k, "<absent>") != recorded.get(k, "<absent>"))
     if not differ:
         return

@@ -41,7 +41,7 @@ from peftjax.data import formats
 from peftjax.files import write_json_atomic
 from peftjax.methods import saving
 from peftjax.models.registry import head_description
-from peftjax.train import measure
+from peftjax.train import measure, quantize
 from peftjax.train.checkpoint import Checkpointer, all_finite, exact_scalar, from_exact_scalar
 from peftjax.train.compose import (build, check_workdir_config, family_heads, init_context,
                                    model_hf_config, model_source, run_format, total_steps,
@@ -163,7 +163,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
 
     total = total_steps(config)
     ctx = init_context(model, tokenizer, encoded["train"], total_steps=total, clip_norm=tc.clip_norm)
-    peft = method.setup(jax.random.PRNGKey(config.seed + 1), base, ctx)
+    # model.quant: the frozen base's weight matrices stored quantized (peftjax/train/quantize.py)
+    qcfg = quantize.config_of(config)
+    peft = quantize.setup(method, jax.random.PRNGKey(config.seed + 1), base, ctx, qcfg)
     initial_added = peft.trainable["added"] if method.rewrites_base else None
     tx, schedule = make_optimizer(tc, tc.steps, method, config.seed)
     state = init_state(peft.trainable, peft.state, tx, seed=config.seed)
@@ -300,6 +302,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "peak_memory_bytes": memory.get("peak_memory_bytes"),
         "memory": memory,
         "format": fmt,
+        "quantization": {"setting": qcfg.describe(), **quantize.summary(peft.frozen)},
         "majority_rate": (data_lib.majority_rate(
             encoded["test"]["class_labels" if lm_classes else "labels"])
             if task.kind == "classification" else None),

@@ -128,6 +128,7 @@ def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: s
     """``(peft, frozen, tx, TrainState)`` of ``method`` on abstract shapes: the method set up
     under ``jax.eval_shape`` (data-driven methods see ``batch_spec``'s rows as their training
     set), the frozen tree held in ``frozen_dtype``, the optimizer and its state."""
+    from peftjax.models import quant
     from peftjax.train.compose import init_context, total_steps
     from peftjax.train.steps import TrainState
 
@@ -136,9 +137,12 @@ def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: s
     abstract_base = traverse_util.flatten_dict(model.abstract_params(), sep=".")
     ctx = init_context(model, None, _concrete_rows(batch_spec), total_steps=total_steps(config),
                        clip_norm=config.train.clip_norm)
+    from peftjax.train import quantize
+
+    qcfg = quantize.config_of(config)  # model.quant: the frozen matrices packed (NF4 / int8)
     try:
-        peft = jax.eval_shape(lambda b: method.setup(jax.random.PRNGKey(config.seed + 1), b, ctx),
-                              abstract_base)
+        peft = jax.eval_shape(lambda b: quantize.setup(method, jax.random.PRNGKey(config.seed + 1),
+                                                       b, ctx, qcfg), abstract_base)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
             jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError) as e:
         raise NotImplementedError(
@@ -148,8 +152,8 @@ def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: s
     frozen = peft.frozen
     if frozen_dtype != "float32":
         cast = DTYPES[frozen_dtype]
-        frozen = {k: (jax.ShapeDtypeStruct(v.shape, cast) if jnp.issubdtype(v.dtype, jnp.floating)
-                      else v) for k, v in frozen.items()}
+        frozen = {k: (jax.ShapeDtypeStruct(v.shape, cast) if not quant.is_quantized(v)
+                      and jnp.issubdtype(v.dtype, jnp.floating) else v) for k, v in frozen.items()}
     tx = make_tx(optimizer, config.train, method)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), peft.trainable,
                        jax.eval_shape(tx.init, peft.trainable), peft.state,
@@ -179,6 +183,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
                                   "memory accounting comes with the sharding work (issue 9); "
                                   "call it without a mesh for single-device figures")
     from peftjax import methods as methods_lib
+    from peftjax.train import quantize
     from peftjax.train.steps import make_train_step
 
     t0 = time.perf_counter()
@@ -214,6 +219,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         **({"target_seq": target_seq or seq} if any(n.startswith("decoder_") for n in model.input_names)
            else {}),
         "dtype": config.train.dtype, "frozen_dtype": frozen_dtype, "optimizer": optimizer,
+        "quant": quantize.config_of(config).describe(),
         "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,

@@ -193,3 +193,18 @@ def test_two_stage_selection_defers_the_other_seeds_until_the_choice():
     assert others and all(c.hp == best.hp for c in others)
     with pytest.raises(sweep.GridError, match="selection_seeds"):
         sweep.expand({**definition(), "selection_seeds": [7]})
+
+
+def test_quantization_fields_at_their_neutral_defaults_keep_cell_ids():
+    """model.quant / model.double_quant (issue 20) were added after grids had run: a float base
+    must keep the ids cells had without the fields; a quantized base is another cell."""
+    config = {"model": {"name": "all-MiniLM-L6-v2"}, "method": {"name": "lora", "rank": 8}}
+    with_fields = copy.deepcopy(config)
+    with_fields["model"].update(quant="none", double_quant=True)
+    assert sweep.cell_id(with_fields) == sweep.cell_id(config)
+    ids = {sweep.cell_id(config)}
+    for quant, dq in (("nf4", True), ("nf4", False), ("int8", True), ("none", False)):
+        cfg = copy.deepcopy(config)
+        cfg["model"].update(quant=quant, double_quant=dq)
+        ids.add(sweep.cell_id(cfg))
+    assert len(ids) == 5

@@ -124,3 +124,33 @@ def test_remat_policies_keep_the_gradients():
     for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(dots))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert remat_name(True) == "block" and remat_name(False) == "none"
+
+
+@pytest.mark.slow   # a compile (~5 s); the llama2-7b rows in experiments/memory_table exercise it too
+def test_quantized_base_is_accounted_packed():
+    """model.quant=nf4 (double quant): each frozen backbone kernel (in, out) is stored as
+    in_p/2·out bytes of packed codes + in_p/64·out 8-bit absmax codes + 4 bytes per 256 of them
+    + a 4-byte offset (in_p: in rounded up to 64); everything else as before."""
+    from flax import traverse_util
+
+    from peftjax import methods
+    from peftjax.models import build_model
+
+    c = _config()
+    c.model.quant = "nf4"
+    r = memory.analyze_train_step(c, batch=4, seq=16)
+    lora = _analysis()
+    assert r["quant"] == "nf4 + double quant" and lora["quant"] == "none"
+    model, _ = memory.build_abstract(c, None)
+    method = methods.create("lora", model, {k: v for k, v in c.method.to_dict().items() if k != "name"})
+    saved = 0
+    for path, v in traverse_util.flatten_dict(model.abstract_params(), sep=".").items():
+        site = path.rpartition(".")[0]
+        if path.endswith(".kernel") and site in method.sites.backbone_linear:
+            n_in, n_out = v.shape
+            nb = -(-n_in // 64)
+            stored = nb * 32 * n_out + nb * n_out + 4 * -(-nb * n_out // 256) + 4
+            saved += 4 * n_in * n_out - stored
+    assert saved > 0
+    assert r["bytes"]["frozen_params"] == lora["bytes"]["frozen_params"] - saved
+    assert r["bytes"]["trainable_params"] == lora["bytes"]["trainable_params"]

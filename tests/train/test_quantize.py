@@ -1,0 +1,184 @@
+"""Methods on a quantized frozen base (``model.quant``): every applicable method trains on tiny
+models whose frozen matrices are NF4 (double quant) or int8, the quantized tensors stay bit for
+bit what they were, methods that train whole matrices are refused, an adapter saves and loads
+against the quantized base, and the quantized base itself round-trips through safetensors.
+
+``make test`` trains LoRA on the tiny Llama (NF4); every other method × {Llama, BERT} × {NF4, int8}
+runs under ``-m slow`` (int8's numerics are in make test: tests/models/test_quant.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from peftjax import methods
+from peftjax.methods import saving
+from peftjax.models import quant
+from peftjax.train import init_state, make_train_step, quantize
+from tests.helpers import METHOD_CONFIGS, fisher_context, learnable_batch, tiny_model
+
+STEPS = 25
+FAST_STEPS = 15   # make test's LoRA case: enough for its loss to fall below 0.9x
+LR = {"vera": 1e-1, "prefix_tuning": 5e-2, "prompt_tuning": 3e-2, "adalora": 5e-2,
+      "child_tuning_d": 3e-3}
+# Every method trains some frozen-whole matrices except these, refused with this reason.
+REFUSED = {"full": "trains every weight matrix", "child_tuning_f": "trains every weight matrix",
+           "fishmask": "trains entries of every weight"}
+# Data-dependent: Child-tuning_D's selection reaches every matrix of the tiny Llama (on the tiny
+# BERT some stay whole and are quantized).
+REFUSED_ON = {("child_tuning_d", "llama"): "trains entries of every weight"}
+FAST = {("lora", "llama", "nf4")}
+
+
+@functools.lru_cache(maxsize=None)
+def train(method_name: str, family: str, kind: str, double_quant: bool = True):
+    model, base = tiny_model(family)
+    method = methods.create(method_name, model, METHOD_CONFIGS[method_name])
+    qcfg = quantize.QuantConfig(kind, double_quant)
+    peft = quantize.setup(method, jax.random.PRNGKey(1), base, fisher_context(model), qcfg)
+    before = jax.tree.map(np.array, peft.frozen)
+    tx = optax.adam(LR.get(method_name, 1e-2))
+    transform = method.gradient_transform(jax.random.PRNGKey(2))
+    if transform is not None:
+        tx = optax.chain(transform, tx)
+    state = init_state(peft.trainable, peft.state, tx)
+    step = jax.jit(make_train_step(method, tx, seed=0))
+    batch = learnable_batch(model)
+    losses = []
+    steps = FAST_STEPS if (method_name, family, kind) in FAST else STEPS
+    for _ in range(steps):
+        state, metrics = step(state, peft.frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return model, base, method, peft, before, state, losses
+
+
+CASES = [pytest.param(m, f, k, marks=() if (m, f, k) in FAST else pytest.mark.slow)
+         for m in sorted(METHOD_CONFIGS) if m not in REFUSED and m != "linear_probe"
+         for f in ("llama", "bert") for k in ("nf4", "int8") if (m, f) not in REFUSED_ON]
+
+
+@pytest.mark.parametrize("method_name,family,kind", CASES)
+def test_method_trains_on_a_quantized_base(method_name, family, kind):
+    model, base, method, peft, before, state, losses = train(method_name, family, kind)
+    quantized = {k: v for k, v in peft.frozen.items() if quant.is_quantized(v)}
+    assert quantized and {v.kind for v in quantized.values()} == {kind}
+    # embeddings, norms, biases and the head stay float; the LM head is not quantized
+    assert not any("embed" in k or "norm" in k or "lm_head" in k for k in quantized)
+    assert losses[-1] < 0.9 * losses[0], losses
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(peft.frozen)):
+        np.testing.assert_array_equal(np.asarray(b), a)     # quantized once, never touched
+    assert all(k.endswith(".kernel") for k in quantized)
+    summary = quantize.summary(peft.frozen)
+    assert summary["quantized_bytes"] < summary["float_bytes"] / (3 if kind == "nf4" else 1.9)
+
+
+@pytest.mark.parametrize("method_name,family", [
+    pytest.param(m, f, marks=pytest.mark.slow) if m in ("fishmask", "child_tuning_d") else (m, f)
+    for m, f in [(m, "bert") for m in sorted(REFUSED)] + sorted(REFUSED_ON)])
+def test_methods_that_train_every_matrix_are_refused(method_name, family):
+    model, base = tiny_model(family)
+    method = methods.create(method_name, model, METHOD_CONFIGS[method_name])
+    reason = REFUSED.get(method_name) or REFUSED_ON[method_name, family]
+    with pytest.raises(ValueError, match=reason + ".*use model.quant=none"):
+        quantize.setup(method, jax.random.PRNGKey(1), base, fisher_context(model),
+                       quantize.QuantConfig("nf4"))
+
+
+def test_bad_quant_settings_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: none | int8 | nf4"):
+        quantize.QuantConfig("nf2")
+    with pytest.raises(ValueError, match="valid: True | False"):
+        quantize.QuantConfig("nf4", double_quant="yes")
+
+
+def test_base_rewriting_init_quantizes_the_residual():
+    """PiSSA decomposes the float W0; its residual W0 - s·A₀B₀ is what is quantized."""
+    model, base = tiny_model("llama")
+    method = methods.create("lora", model, {**METHOD_CONFIGS["lora"], "init": "pissa"})
+    float_peft = method.setup(jax.random.PRNGKey(1), base)
+    peft = quantize.setup(method, jax.random.PRNGKey(1), base, None, quantize.QuantConfig("nf4"))
+    path = "model.layers.0.self_attn.q_proj.kernel"
+    q = peft.frozen[path]
+    assert quant.is_quantized(q)
+    reference = quant.quantize(float_peft.frozen[path], "nf4", True)
+    np.testing.assert_array_equal(np.asarray(q.data), np.asarray(reference.data))
+
+
+def test_adapter_and_quantized_base_save_and_load(tmp_path):
+    model, base, method, peft, before, state, _ = train("lora", "llama", "nf4")
+    # the quantized base: one safetensors file, packed codes and absmaxes, read back bit for bit
+    size = quantize.save_base(str(tmp_path / "base.safetensors"), peft.frozen)
+    loaded = quantize.load_base(str(tmp_path / "base.safetensors"))
+    assert set(loaded) == set(peft.frozen)
+    for k, v in peft.frozen.items():
+        assert quant.is_quantized(v) == quant.is_quantized(loaded[k]), k
+        for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(loaded[k])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+    assert size < sum(np.asarray(v).nbytes for v in base.values())
+    # the adapter holds the trainable tree alone; on the loaded quantized base it is the same model
+    saving.save_adapter(str(tmp_path / "adapter"), method, state.trainable, state.method_state)
+    m2, trainable, mstate, _ = saving.load_adapter(str(tmp_path / "adapter"), model)
+    # a pre-quantized base is used as it is (no requantization) whatever model.quant says
+    peft2 = quantize.setup(m2, jax.random.PRNGKey(1), {**loaded, **peft.trainable["head"]}, None,
+                           quantize.QuantConfig())
+    for k in peft.frozen:
+        for a, b in zip(jax.tree.leaves(peft.frozen[k]), jax.tree.leaves(peft2.frozen[k])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+    batch = learnable_batch(model)
+    out = lambda meth, tr, fr, st: np.asarray(jax.jit(
+        lambda tr, fr, st: meth.apply(tr, fr, st, batch))(tr, fr, st))
+    np.testing.assert_array_equal(out(method, state.trainable, peft.frozen, state.method_state),
+                                  out(m2, trainable, peft2.frozen, mstate))
+    with pytest.raises(ValueError, match="already quantized as nf4"):
+        quantize.setup(m2, jax.random.PRNGKey(1), loaded, None, quantize.QuantConfig("int8"))
+
+
+def test_quantized_weights_and_scales_shard_by_the_kernels_rule():
+    """On the (2,2,2) mesh: packed codes and per-block absmaxes follow the kernel's rule (Llama's
+    q_proj: in over fsdp, out over tensor), a dim that does not divide is replicated, double
+    quantization's second level is replicated, int8's per-output absmaxes follow ``out``."""
+    from jax.sharding import PartitionSpec as P
+
+    from peftjax.parallel import mesh as mesh_lib
+    from peftjax.parallel.shard import per_device_bytes, plan
+
+    model, base = tiny_model("llama")
+    method = methods.create("lora", model, METHOD_CONFIGS["lora"])
+    amesh = mesh_lib.abstract_mesh("2,2,2")
+    path = "model.layers.0.self_attn.q_proj.kernel"            # (32, 32): in padded to 64
+    for kind in ("nf4", "int8"):
+        peft = quantize.setup(method, jax.random.PRNGKey(1), base, None, quantize.QuantConfig(kind))
+        state = init_state(peft.trainable, peft.state, optax.adam(1e-3))
+        sh = plan(method, amesh, state, peft.frozen)
+        assert sh.placements["frozen"][path].spec == P("fsdp", "tensor")
+        q, s = peft.frozen[path], sh.frozen[path]
+        assert s.data.spec == P("fsdp", "tensor")               # (32, 32) packed pairs
+        if kind == "nf4":
+            assert s.scale.spec == P(None, "tensor")             # (1, 32): one block along in
+            assert s.scale2.spec == P() and s.offset.spec == P()
+        else:
+            assert s.scale.spec == P("tensor")                   # one absmax per output
+        assert per_device_bytes(q, s) < sum(np.asarray(x).nbytes for x in jax.tree.leaves(q))
+        # the shardings tree matches the frozen tree leaf for leaf (jit's in_shardings)
+        assert jax.tree.structure(peft.frozen) == jax.tree.structure(
+            sh.frozen, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+@pytest.mark.slow
+def test_quantized_base_trains_on_the_2_2_2_mesh_like_on_one_device():
+    """8 forced host devices (a subprocess: the device count is fixed when XLA starts)."""
+    from tests.parallel.test_sharding import run_script
+
+    run = run_script("quantized_train.py")
+    for kind in ("nf4", "int8"):
+        curves = run[kind]["losses"]
+        np.testing.assert_allclose(curves["2,2,2"], curves["1"], rtol=1e-5, err_msg=kind)
+        assert curves["1"][-1] < curves["1"][0]
+    # q_proj (32, 32): packed codes (32, 32) split over fsdp (in) and tensor (out)
+    assert run["nf4"]["shard_shapes"]["data"] == [[16, 16]]
+    assert run["int8"]["shard_shapes"]["scale"] == [[16]]
