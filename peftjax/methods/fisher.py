@@ -55,19 +55,29 @@ def empirical_fisher(loss_fn: Callable[[Flat, dict], jax.Array], base: Flat, pat
 
     acc = {p: jnp.zeros(v.shape, jnp.float32) for p, v in chosen.items()}
     used = 0
-    bar = tqdm(total=num_examples, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
-    for batch in batches:
-        if used >= num_examples:
-            break
-        batch = {k: np.asarray(v) for k, v in batch.items()}
-        real = np.asarray(batch["mask"], bool)
-        keep = real & (np.cumsum(real) + used <= num_examples)
+    for batch, keep, n in first_rows(batches, num_examples, desc=desc, progress=progress):
         acc = chunk_sum(acc, chosen, rest, batch, keep)
-        n = int(keep.sum())
         used += n
-        bar.update(n)
-    bar.close()
     return acc, used
+
+
+def first_rows(batches: Iterable[dict], num_examples: int, *, desc: str, progress: bool
+               ) -> Iterator[tuple[dict, np.ndarray, int]]:
+    """``(batch, keep, n)`` for each batch (as numpy) until the first ``num_examples`` real rows
+    (``mask``) have been yielded: ``keep`` masks the real rows within that count, ``n`` counts
+    them. One progress bar over the examples. The one loop of every data pass here."""
+    used = 0
+    with tqdm(total=num_examples, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            if used >= num_examples:
+                break
+            batch = {k: np.asarray(v) for k, v in batch.items()}
+            real = np.asarray(batch["mask"], bool)
+            keep = real & (np.cumsum(real) + used <= num_examples)
+            n = int(keep.sum())
+            yield batch, keep, n
+            used += n
+            bar.update(n)
 
 
 def global_top_k(scores: Flat, k: int) -> dict[str, np.ndarray]:
@@ -186,22 +196,13 @@ def mean_gradient(loss_fn: Callable[[Flat, dict], jax.Array], base: Flat, paths:
 
     acc = {p: jnp.zeros(v.shape, jnp.float32) for p, v in chosen.items()}
     used = count = 0
-    bar = tqdm(total=num_examples, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
-    for batch in batches:
-        if used >= num_examples:
-            break
-        batch = {k: np.asarray(v) for k, v in batch.items()}
-        real = np.asarray(batch["mask"], bool)
-        keep = real & (np.cumsum(real) + used <= num_examples)
-        n = int(keep.sum())
+    for batch, keep, n in first_rows(batches, num_examples, desc=desc, progress=progress):
         if n == 0:
             continue
         batch["mask"] = keep
         acc = add(acc, chosen, rest, batch)
         used += n
         count += 1
-        bar.update(n)
-    bar.close()
     if count == 0:
         raise ValueError("the training set yielded no example for the gradient estimate")
     return {p: a / count for p, a in acc.items()}, count, used
