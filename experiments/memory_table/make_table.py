@@ -31,6 +31,12 @@ def load(kind: str) -> list[dict]:
         for r in (data if isinstance(data, list) else [data]):
             if "_clip" in os.path.basename(path):  # the trainer's default clipping, not the seed's
                 r = {**r, "method": r["method"] + " (clip_norm=1.0)"}
+            setting = [f"{r['quant']} base" if r.get("quant", "none") != "none" else "",
+                       f"{r['dtype']} compute" if r.get("dtype", "float32") != "float32" else "",
+                       f"{r['frozen_dtype']} frozen" if r.get("frozen_dtype", "float32") != "float32"
+                       and r.get("quant", "none") == "none" else ""]
+            if any(setting):   # not the seed's fp32 setting: the row says which it is
+                r = {**r, "method": f"{r['method']} ({', '.join(x for x in setting if x)})"}
             key = (r["model"], r["method"], r.get("remat"), r.get("peak_bytes"), r.get("error"))
             if key not in seen:
                 seen.add(key)
