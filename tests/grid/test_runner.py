@@ -84,7 +84,8 @@ def test_bad_cell_function_fails_before_running(tmp_path):
         runner.run(sweep.expand(definition())[:1], str(tmp_path), cell_fn="nocolon", progress=False)
 
 
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow   # kill -9 of a sweep is also in the fault-injection matrix (make test-all)
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_mid_cell_then_rerun_gives_one_result_per_cell(tmp_path, workers):
     grid = tmp_path / "grid.py"
     grid.write_text("def get_config():\n    import ml_collections\n"

@@ -50,6 +50,7 @@ def _prompt():
     return ids, mask
 
 
+@pytest.mark.slow   # ~7 s; make test-all (make test keeps inside its CI budget)
 def test_alpha_zero_is_the_base_model(models):
     base, tuned, untuned = models
     ids, mask = _prompt()
