@@ -21,11 +21,17 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time so
+# that module fixtures are built once: a tiny model's test is one single-threaded XLA compile
+# after another, so two workers on 2 cores take ~2/3 of the wall time of one (11.4 -> 7.7 min).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 run: $(STAMP)
 	$(PY) scripts/quickstart.py

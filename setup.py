@@ -28,6 +28,6 @@ setup(
     ],
     extras_require={
         # torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest", "torch==2.13.0", "peft>=0.13"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "peft>=0.13"],
     },
 )
