@@ -10,10 +10,15 @@ a failing cell's error and traceback and goes on (``--retry_failed`` reruns fail
 killed run, restarted, resumes the interrupted cell from its checkpoints. The whole definition is
 validated before any cell runs: an unknown model, task, method or config key is an error naming
 the cell and the field. See peftjax/grid/sweep.py for the definition format.
+
+``--only=REGEX`` runs (or lists) only the cells whose label matches, e.g.
+``--only='/(full|lora)\['`` to settle two variants' selections before the rest; the others stay
+pending for a later run without it.
 """
 
 import json
 import os
+import re
 import sys
 
 import _bootstrap  # noqa: F401
@@ -25,6 +30,8 @@ config_flags.DEFINE_config_file("config", None, "the sweep definition (experimen
 flags.DEFINE_string("workdir", None, "the sweep's folder: results.jsonl, cells/<id>/, stamps")
 flags.DEFINE_bool("dry_run", False, "list the cells and their count; run nothing")
 flags.DEFINE_integer("workers", 1, "cells run at once, each worker a separate process (1: in this process)")
+flags.DEFINE_string("only", None, "a regular expression: run (or list) only the cells whose label "
+                    "(model/task/variant[hp]/seed=N) it matches; the rest stay pending")
 flags.DEFINE_bool("retry_failed", False, "rerun cells whose last attempt failed (from scratch)")
 flags.DEFINE_string("cell_fn", "peftjax.grid.runner:train_cell",
                     "module:function run for each cell as fn(cell, celldir) -> result dict")
@@ -52,6 +59,18 @@ def main(argv):
     except sweep.GridError as e:
         print(f"error: invalid sweep definition: {e}", file=sys.stderr)
         return 2
+    if FLAGS.only:
+        try:
+            only = re.compile(FLAGS.only)
+        except re.error as e:
+            print(f"error: --only={FLAGS.only!r} is not a regular expression: {e}", file=sys.stderr)
+            return 2
+        matching = [c for c in cells + deferred if only.search(c.label)]
+        if not matching:
+            print(f"error: --only={FLAGS.only!r} matches no cell; labels look like "
+                  f"{(cells + deferred)[0].label}", file=sys.stderr)
+            return 2
+        cells, deferred = ([c for c in group if only.search(c.label)] for group in (cells, deferred))
     will_run = len({(c.model, c.task, c.variant, c.seed) for c in deferred})
     waiting = (f"; then {will_run} more, at the value each variant's selection on selection_seeds "
                f"chooses (of {len(deferred)} candidates)" if deferred else "")
@@ -77,6 +96,8 @@ def main(argv):
         print(json.dumps(counts))
         total = {k: total.get(k, 0) + counts.get(k, 0) for k in set(total) | set(counts)}
         more, deferred = sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir))
+        if FLAGS.only:
+            more, deferred = ([c for c in group if only.search(c.label)] for group in (more, deferred))
         if not {c.id for c in more} - {c.id for c in cells}:
             break
         cells = more

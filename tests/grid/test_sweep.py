@@ -151,6 +151,14 @@ def test_dry_run_cli_lists_cells_with_count():
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("160 cells (2 variants, 8 tasks, 1 models, 5 seeds)")
     assert "roberta-base/mnli_heldout/lora/seed=0" in out.stdout and len(lines) == 161
+    only = subprocess.run([sys.executable, "scripts/sweep.py", "--config=experiments/glue_roberta_base/grid.py",
+                           "--dry_run", "--only=/mnli_heldout/lora/seed=[01]$"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert only.returncode == 0, only.stderr
+    assert only.stdout.strip().splitlines()[-1].startswith("2 cells")
+    none = subprocess.run([sys.executable, "scripts/sweep.py", "--config=experiments/glue_roberta_base/grid.py",
+                           "--dry_run", "--only=no-such-cell"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert none.returncode == 2 and "matches no cell" in none.stderr
 
 
 def test_every_experiment_definition_dry_runs():
