@@ -59,18 +59,20 @@ def main(argv):
     except sweep.GridError as e:
         print(f"error: invalid sweep definition: {e}", file=sys.stderr)
         return 2
-    if FLAGS.only:
-        try:
-            only = re.compile(FLAGS.only)
-        except re.error as e:
-            print(f"error: --only={FLAGS.only!r} is not a regular expression: {e}", file=sys.stderr)
-            return 2
-        matching = [c for c in cells + deferred if only.search(c.label)]
-        if not matching:
-            print(f"error: --only={FLAGS.only!r} matches no cell; labels look like "
-                  f"{(cells + deferred)[0].label}", file=sys.stderr)
-            return 2
-        cells, deferred = ([c for c in group if only.search(c.label)] for group in (cells, deferred))
+    try:
+        only = re.compile(FLAGS.only or "")
+    except re.error as e:
+        print(f"error: --only={FLAGS.only!r} is not a regular expression: {e}", file=sys.stderr)
+        return 2
+
+    def kept(*groups):  # the cells --only selects (all of them without it)
+        return tuple([c for c in group if only.search(c.label)] for group in groups)
+
+    example = (cells + deferred)[0].label
+    cells, deferred = kept(cells, deferred)
+    if not cells + deferred:
+        print(f"error: --only={FLAGS.only!r} matches no cell; labels look like {example}", file=sys.stderr)
+        return 2
     will_run = len({(c.model, c.task, c.variant, c.seed) for c in deferred})
     waiting = (f"; then {will_run} more, at the value each variant's selection on selection_seeds "
                f"chooses (of {len(deferred)} candidates)" if deferred else "")
@@ -95,9 +97,7 @@ def main(argv):
                             compile_cache=FLAGS.compile_cache)
         print(json.dumps(counts))
         total = {k: total.get(k, 0) + counts.get(k, 0) for k in set(total) | set(counts)}
-        more, deferred = sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir))
-        if FLAGS.only:
-            more, deferred = ([c for c in group if only.search(c.label)] for group in (more, deferred))
+        more, deferred = kept(*sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir)))
         if not {c.id for c in more} - {c.id for c in cells}:
             break
         cells = more
