@@ -274,9 +274,12 @@ def _curve_stats(sel: Selection, split: str, metric: str):
 
 
 def write_report(workdir: str, out: str | None = None, *, title: str | None = None,
-                 command: str | None = None) -> dict[str, Any]:
+                 command: str | None = None, convergence: str | None = None,
+                 convergence_command: str | None = None) -> dict[str, Any]:
     """Writes ``report.md``, ``report.tex``, ``plots/*.{png,pdf}`` and ``resolved_configs.json``
-    to ``out`` (default: ``workdir``) from ``workdir/results.jsonl``; returns what was written."""
+    to ``out`` (default: ``workdir``) from ``workdir/results.jsonl``; returns what was written.
+    ``convergence``: the folder of a longer rerun of some variants (peftjax/grid/convergence.py),
+    checked against this grid's choices in its own section."""
     from peftjax.grid import plots
     from peftjax.grid.results import ResultsStore
     from peftjax.grid.stamp import stamp
@@ -369,6 +372,14 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
                 series[task] = vals
             written["plots"] += plots.grouped_bars(labels, series, os.path.join(plot_dir, fname),
                                                    ylabel=ylabel, title=f"{ylabel} per method")
+    if convergence:
+        from peftjax.grid import convergence as convergence_lib
+
+        found = convergence_lib.checks(rows, convergence_lib.read(convergence),
+                                       definition.get("selection_seeds"))
+        lines, paths = convergence_lib.section(found, plot_dir, command=convergence_command)
+        md += lines or [f"(No variant of {convergence} matches a selection of this grid.)", ""]
+        written["plots"] += paths
     md += ["## Plots", ""]
     for p in written["plots"]:
         if p.endswith(".png"):

@@ -177,6 +177,7 @@ def test_every_experiment_definition_dry_runs():
             assert sweep.expand(definition), path
             found.append(os.path.relpath(path, ROOT))
     assert {"experiments/tweet_methods/grid.py", "experiments/tweet_methods/smoke.py",
+            "experiments/tweet_methods/convergence.py",
             "experiments/glue_roberta_base/grid.py"} <= set(found)
 
 

@@ -1,0 +1,48 @@
+"""tweet_methods' convergence check: full fine-tuning and LoRA at 4× the grid's budget.
+
+    python scripts/sweep.py --config=experiments/tweet_methods/convergence.py --workdir=runs/tweet_methods_convergence --workers=2
+    python scripts/report.py runs/tweet_methods --out=experiments/tweet_methods --convergence=runs/tweet_methods_convergence
+
+The grid (grid.py) gives every method the same budget of ``grid.STEPS`` updates. That compares
+methods, rather than how fast they learn, only if the strongest ones have stopped improving by
+then. This sweep reruns full fine-tuning and LoRA, each at the learning rate it chose on
+validation in the grid (seed 0, the selection seed; ``CHOSEN`` below, read off the grid's
+report), for 4× the steps with everything else as in the grid (the warm-up ratio and the linear
+decay stretch over the longer run). The report's convergence section
+(peftjax/grid/convergence.py) compares the best validation score of each pair and checks that
+the long run used the chosen rate; the budget stands when every gain is < 1 point.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location(
+    "tweet_methods_grid", os.path.join(os.path.dirname(os.path.abspath(__file__)), "grid.py"))
+grid = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(grid)
+
+FACTOR = 4
+# Chosen on validation in the grid (runs/tweet_methods, seed 0): task → variant → learning rate.
+CHOSEN = {
+    "tweet_sentiment": {"full": 1e-4, "lora": 1e-3},
+    "tweet_polarity": {"full": 1e-4, "lora": 1e-3},
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = grid.get_config()
+    c.name = "tweet_methods_convergence"
+    c.description = (f"Full fine-tuning and LoRA at {FACTOR}x the tweet_methods budget, at their "
+                     "chosen learning rates (seed 0): has the budget converged?")
+    c.seeds = [0]
+    c.selection_seeds = [0]
+    c.base["train"]["steps"] = FACTOR * grid.STEPS
+    c.variants = {
+        name: {k: v for k, v in grid.VARIANTS[name].items() if k != "grid"} | {
+            "task_overrides": {task: {"train": {"learning_rate": lrs[name]}}
+                               for task, lrs in CHOSEN.items()}}
+        for name in ("full", "lora")}
+    c.report = {"order": ["full", "lora"]}
+    return c
