@@ -1,0 +1,35 @@
+"""scripts/bench_sweep.py: both sides run the same cells, the 'before' side with its overrides
+and without the compilation cache, each in a fresh folder; a non-empty folder is refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, "scripts/bench_sweep.py", "--config=experiments/tweet_methods/grid.py",
+                           "--cell_fn=tests.grid.fake_cell:cell", "--workers=1", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_both_sides_run_the_selected_cells_with_the_before_overrides(tmp_path):
+    out = bench(f"--workdir={tmp_path}", "--only=tweet_sentiment/bitfit\\[", "--limit=2")
+    assert out.returncode == 0, out.stderr
+    assert "after/before:" in out.stdout
+    report = json.load(open(tmp_path / "bench_sweep.json"))
+    assert [s["cells"] for s in report["sides"]] == [2, 2]
+    assert report["cells"] == ["all-MiniLM-L6-v2/tweet_sentiment/bitfit[learning_rate=0.0003]/seed=0",
+                               "all-MiniLM-L6-v2/tweet_sentiment/bitfit[learning_rate=0.0003]/seed=1"]
+    configs = {side: [json.loads(line)["config"]["train"] for line in open(tmp_path / side / "results.jsonl")]
+               for side in ("before", "after")}
+    assert all(c["group_by_length"] == 0 and c["bucket_multiple"] == 0 for c in configs["before"])
+    assert all(c["group_by_length"] == 50 and c["bucket_multiple"] == 8 for c in configs["after"])
+    assert os.path.isdir(tmp_path / "after" / "jax_cache") and not os.path.exists(tmp_path / "before" / "jax_cache")
+    again = bench(f"--workdir={tmp_path}", "--only=bitfit")
+    assert again.returncode == 2 and "not empty" in again.stderr
+    wrong = bench(f"--workdir={tmp_path / 'new'}", "--only=bitfit", '--before={"train": {"nope": 1}}')
+    assert wrong.returncode == 2 and "train.nope" in wrong.stderr
