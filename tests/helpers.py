@@ -209,3 +209,35 @@ def formula_count(method, base: dict) -> int:
         return sum(2 * method.config.num_virtual_tokens * v["kv_heads"] * v["head_dim"]
                    for v in sites.attention.values())
     raise KeyError(f"no count formula for method {name!r}: add one to tests/helpers.py")
+
+
+def left_padded(seed: int = 0, batch: int = 3, length: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and mask of a decoder batch: row 0 full, row 1 left-padded by 3, row 2 by 5."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, 128, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def assert_greedy_matches(model, params, ref, ids: np.ndarray, mask: np.ndarray, new: int) -> np.ndarray:
+    """Cached greedy generation equals full recomputation and transformers' ``generate`` on the
+    same (left-padded) batch, token for token; returns the generated ids."""
+    import torch
+    import transformers
+
+    from peftjax.models import generation
+
+    cached = np.asarray(generation.generate(model, params, ids, mask, new, eos_token_id=()))
+    full = np.asarray(generation.generate(model, params, ids, mask, new, eos_token_id=(), use_cache=False))
+    np.testing.assert_array_equal(cached, full)
+    with torch.no_grad():
+        expected = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                                attention_mask=torch.tensor(mask, dtype=torch.long),
+                                generation_config=transformers.GenerationConfig(
+                                    max_new_tokens=new, do_sample=False, pad_token_id=0,
+                                    eos_token_id=None, bos_token_id=None)).numpy()
+    np.testing.assert_array_equal(cached, expected)
+    return cached

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from peftjax.models import build_model, generation, hf_io, hooks
+from tests.helpers import assert_greedy_matches, left_padded
 from tests.models.test_llama import max_delta, padded_batch, positions_from, run, torch_logits
 
 TOL = 1e-4
@@ -148,23 +149,8 @@ generation_families = pytest.mark.parametrize(
 @generation_families
 def test_cached_greedy_equals_recomputation_and_transformers(checkpoint):
     family, ref, model, params = checkpoint
-    rs = np.random.RandomState(0)
-    ids = rs.randint(3, 128, (3, 7)).astype(np.int32)
-    mask = np.ones((3, 7), np.int32)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    ids[mask == 0] = 0
-    cached = np.asarray(generation.generate(model, params, ids, mask, NEW, eos_token_id=()))
-    full = np.asarray(generation.generate(model, params, ids, mask, NEW, eos_token_id=(),
-                                          use_cache=False))
-    np.testing.assert_array_equal(cached, full)
-    with torch.no_grad():
-        expected = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                                attention_mask=torch.tensor(mask, dtype=torch.long),
-                                generation_config=transformers.GenerationConfig(
-                                    max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                                    eos_token_id=None, bos_token_id=None)).numpy()
-    np.testing.assert_array_equal(cached, expected)
+    ids, mask = left_padded()
+    assert_greedy_matches(model, params, ref, ids, mask, NEW)
 
 
 @generation_families

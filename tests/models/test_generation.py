@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from peftjax.models import build_model, generation, hf_io, hooks
+from tests.helpers import assert_greedy_matches, left_padded
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -31,32 +32,12 @@ def tiny(tmp_path_factory):
     return model, params, ref
 
 
-def left_padded(seed: int = 0, batch: int = 3, length: int = 7):
-    """Row 0 full, row 1 left-padded by 3, row 2 left-padded by 5."""
-    rs = np.random.RandomState(seed)
-    ids = rs.randint(3, 128, (batch, length)).astype(np.int32)
-    mask = np.ones((batch, length), np.int32)
-    mask[1, :3] = 0
-    mask[2, :5] = 0
-    ids[mask == 0] = 0
-    return ids, mask
-
-
 def test_cached_greedy_equals_recomputation_and_transformers(tiny):
     model, params, ref = tiny
     ids, mask = left_padded()
-    cached = np.asarray(generation.generate(model, params, ids, mask, NEW, eos_token_id=()))
-    full = np.asarray(generation.generate(model, params, ids, mask, NEW, eos_token_id=(), use_cache=False))
+    cached = assert_greedy_matches(model, params, ref, ids, mask, NEW)
     assert cached.shape == (3, 7 + NEW)
     np.testing.assert_array_equal(cached[:, :7], ids)
-    np.testing.assert_array_equal(cached, full)
-    with torch.no_grad():
-        expected = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                                attention_mask=torch.tensor(mask, dtype=torch.long),
-                                generation_config=transformers.GenerationConfig(
-                                    max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                                    eos_token_id=None, bos_token_id=None)).numpy()
-    np.testing.assert_array_equal(cached, expected)
 
 
 def test_left_padding_matches_unpadded_rows(tiny):
