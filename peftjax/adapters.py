@@ -36,7 +36,6 @@ Usage::
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -95,10 +94,6 @@ class _RowHooks(hooks_lib.Hooks):
 def _flat(params: Mapping) -> dict:
     nested = any(isinstance(v, Mapping) for v in params.values())
     return hf_io.flatten(dict(params)) if nested else dict(params)
-
-
-def _targets_regex(sites: Sequence[str]) -> str:
-    return "^(?:" + "|".join(re.escape(s) for s in sites) + ")$"
 
 
 class AdapterSet:
@@ -313,7 +308,7 @@ class AdapterSet:
             added[site + ".lora_A"], added[site + ".lora_B"] = a, b
         try:  # alpha = rank: scaling 1, the factors carry every scale
             method = core.create(COMBINED, self.model, {"rank": target_rank, "alpha": float(target_rank),
-                                                        "targets": _targets_regex(sites)}, sites=self.sites)
+                                                        "targets": core.exact_paths_regex(sites)}, sites=self.sites)
         except ValueError as e:
             raise ValueError(f"combine {name!r}: {e}; pass rank= to truncate") from None
         trainable = {"base": {}, "added": added, "head": head_params}

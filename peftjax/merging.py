@@ -130,8 +130,6 @@ def as_lora(model, merged: Mapping[str, np.ndarray], rank: int | None,
 
     With ``rank`` None each site keeps its exact rank; the LoRA's rank is then the largest, and
     narrower sites are padded with zero columns (adding nothing)."""
-    import re
-
     factors = {s: refactor(d, rank) for s, d in merged.items()}
     r = max(a.shape[1] for a, _ in factors.values())
     added = {}
@@ -139,6 +137,6 @@ def as_lora(model, merged: Mapping[str, np.ndarray], rank: int | None,
         pad = r - a.shape[1]
         added[site + ".lora_A"] = jnp.asarray(np.pad(a, ((0, 0), (0, pad))))
         added[site + ".lora_B"] = jnp.asarray(np.pad(b, ((0, pad), (0, 0))))
-    targets = "^(?:" + "|".join(re.escape(s) for s in factors) + ")$"
+    targets = core.exact_paths_regex(factors)
     method = core.create(COMBINED, model, {"rank": r, "alpha": float(r), "targets": targets}, sites=sites)
     return method, {"base": {}, "added": added, "head": {}}

@@ -510,12 +510,11 @@ def _peft_targets_regex(target_modules: Any, sites: core.Sites) -> str:
         if target_modules == "all-linear":
             # PEFT: every linear layer except the output layer (lm_head / the head).
             names = [s for s in sites.backbone_linear if s.split(".")[-1] != "lm_head"]
-            return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+            return core.exact_paths_regex(names)
         return f"^(?:{target_modules})$"
     if not target_modules:
         raise AdapterError("target_modules is empty")
-    items = "|".join(re.escape(t) for t in target_modules)
-    return rf"(?:^|\.)(?:{items})$"
+    return core.module_names_regex(target_modules)
 
 
 _REFUSED_LORA_FIELDS = {

@@ -107,6 +107,17 @@ def summarize_paths(paths: Iterable[str]) -> str:
     return "\n  ".join(f"{k} (x{n})" if n > 1 else k for k, n in counts.items())
 
 
+def exact_paths_regex(paths: Iterable[str]) -> str:
+    """A target regex matching exactly these module paths and nothing else."""
+    return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+def module_names_regex(names: Iterable[str]) -> str:
+    """PEFT's list rule for ``target_modules`` as a target regex: a path that equals a name or
+    ends with ``.name`` (``check_target_module_exists``)."""
+    return r"(?:^|\.)(?:" + "|".join(re.escape(n) for n in names) + r")$"
+
+
 def match_targets(targets: str | Iterable[str], available: Iterable[str], what: str = "target") -> list[str]:
     """Sites whose path contains a match of the regex ``targets`` (or of any item of a list).
 

@@ -37,7 +37,6 @@ import dataclasses
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from peftjax.methods import core
@@ -59,11 +58,6 @@ PEFT_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mt5": (("k", "v", "wi_1"), ()),
 }
 DEFAULT = "default"
-
-
-def targets_regex(items) -> str:
-    """PEFT's list rule for target_modules (equal, or ends with ``.item``) as a regex."""
-    return r"(?:^|\.)(?:" + "|".join(re.escape(t) for t in items) + r")$"
 
 
 def feedforward_regex(items) -> str:
@@ -115,7 +109,7 @@ class IA3(core.Method):
             raise ValueError(f"ia3 has no default targets for model type {model_type!r} (PEFT's "
                              f"defaults cover {', '.join(sorted(PEFT_DEFAULTS))}): set targets "
                              "and feedforward")
-        targets = targets_regex(default[0]) if c.targets == DEFAULT else c.targets
+        targets = core.module_names_regex(default[0]) if c.targets == DEFAULT else c.targets
         self.targets = core.match_targets(targets, self.sites.backbone_linear)
         feedforward = c.feedforward
         if feedforward == DEFAULT:

@@ -26,7 +26,6 @@ targeted norms (the base module and its trained copy), which peftjax does not ne
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from peftjax.methods import core
 
@@ -78,7 +77,7 @@ class LNTuning(core.Method):
                 raise ValueError(f"ln_tuning has no default targets for model type {model_type!r}: "
                                  f"set targets; its norm modules:\n  {core.summarize_paths(norms)}")
             items = PEFT_DEFAULTS[model_type]
-            targets = r"(?:^|\.)(?:" + "|".join(re.escape(t) for t in items) + r")$"
+            targets = core.module_names_regex(items)
         self.modules = frozenset(core.match_targets(targets, norms, "norm target"))
 
     def trains_base(self, path: str) -> bool:

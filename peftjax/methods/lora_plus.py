@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import numpy as np
 
@@ -75,5 +74,5 @@ class LoRAPlus(lora.LoRA):
         rules = [(r"^added\..+\.lora_B$", ratio)]
         head = self.ratio_params()
         if head:
-            rules.append(("^(?:" + "|".join(re.escape(k) for k in head) + ")$", ratio))
+            rules.append((core.exact_paths_regex(head), ratio))
         return tuple(rules)
