@@ -18,15 +18,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from peftjax.models import tensor_files
 from peftjax.models.registry import Model, build_model
 
 log = logging.getLogger(__name__)
@@ -119,19 +121,23 @@ def safetensors_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder} has no *.safetensors weights")
 
 
-def read_safetensors(folder: str) -> dict[str, np.ndarray]:
-    """Every tensor of a checkpoint folder; an unreadable file is an error naming it."""
-    from safetensors import SafetensorError, safe_open
+def tensor_index(folder: str) -> tensor_files.TensorIndex:
+    """The tensors of a checkpoint folder from its files' headers, read lazily (nothing of the
+    data is read here); an unreadable file is an error naming it."""
+    try:
+        return tensor_files.TensorIndex(safetensors_files(folder))
+    except tensor_files.TensorFileError as e:
+        raise CheckpointError(str(e)) from None
 
-    tensors: dict[str, np.ndarray] = {}
-    for path in safetensors_files(folder):
-        try:
-            with safe_open(path, framework="np") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    return tensors
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint folder in host memory (small checkpoints, tests); loading
+    a model goes through ``tensor_index`` instead, a tensor at a time."""
+    index = tensor_index(folder)
+    try:
+        return {name: index.read(name) for name in index}
+    except tensor_files.TensorFileError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_config(folder: str) -> dict:
@@ -163,17 +169,74 @@ def weights_digest(folder: str) -> str:
     return digest.hexdigest()
 
 
-def _to_dtype(array: np.ndarray, dtype: Any) -> jax.Array:
-    return jnp.asarray(array, dtype=dtype)
+Tensors = Mapping[str, Any]   # name → np.ndarray, or a lazy tensor_files.TensorIndex
 
 
-def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: Any = jnp.float32,
-                        rng: jax.Array | None = None, source: str = "checkpoint") -> tuple[dict, list[str]]:
-    """Maps HF tensors onto the model's param tree.
+def _read(tensors: Tensors, name: str, rows: slice | None = None) -> np.ndarray:
+    if isinstance(tensors, tensor_files.TensorIndex):
+        try:
+            return tensors.read(name, rows)
+        except tensor_files.TensorFileError as e:
+            raise CheckpointError(str(e)) from None
+    array = np.asarray(tensors[name])
+    return array if rows is None else array[rows]
+
+
+def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...], dtype: Any,
+           sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """One tensor read, converted (layout, dtype) and placed, holding at most one shard's
+    worth of it on the host beyond the placed result: with a sharding, each addressable shard
+    reads only the checkpoint rows it needs (``jax.make_array_from_callback``)."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def convert(block: np.ndarray) -> np.ndarray:
+        block = block.T if transpose else block
+        if block.dtype == np_dtype and block.flags.c_contiguous:
+            return block            # read into an aligned buffer: placed without a copy
+        out = tensor_files.empty(block.shape, np_dtype)   # layout and dtype in one aligned copy
+        np.copyto(out, block, casting="unsafe")
+        return out
+
+    if sharding is None:
+        return jax.device_put(convert(_read(tensors, name)))
+
+    def shard(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        stored = index[::-1] if transpose else index   # the index in the checkpoint's layout
+        rows = stored[0] if stored and stored[0].step in (None, 1) else None
+        block = _read(tensors, name, rows)
+        rest = stored[1:] if rows is not None else stored
+        return convert(block[(slice(None),) * (rows is not None) + tuple(rest)])
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def _fresh_init(model: Model, paths: list[str], rng: jax.Array, dtype: Any) -> dict[str, jax.Array]:
+    """The initial values of ``paths`` alone: the model's init under jit with every other
+    output dropped, so XLA removes their initialisers (the host never holds a second model).
+    Values equal the eager ``model.init(rng)``'s (the same ops on the same keys)."""
+    def init(key):
+        flat = flatten(model.init(key))
+        return {p: flat[p].astype(dtype) for p in paths}
+
+    return jax.jit(init)(rng)
+
+
+def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.float32,
+                        rng: jax.Array | None = None, source: str = "checkpoint",
+                        shardings: Mapping[str, jax.sharding.Sharding] | None = None
+                        ) -> tuple[dict, list[str]]:
+    """Maps HF tensors onto the model's param tree, a tensor at a time.
+
+    ``tensors``: a dict of arrays, or ``tensor_index(folder)`` to read each tensor from disk
+    only when it is placed (the host never holds the whole checkpoint; issue 23).
+    ``shardings``: param path (``flatten``'s dotted keys) → sharding to place it in directly
+    (absent paths: the default device); each device's shard reads only its rows.
 
     Returns ``(params, newly_initialised)``: task-head params (and the family's optional params,
-    e.g. a pooler) absent from the checkpoint are initialised randomly (listed in the second value); any other missing or mis-shaped tensor is
-    an error naming each one.
+    e.g. a pooler) absent from the checkpoint are initialised randomly (listed in the second
+    value). Every name and shape is checked against the checkpoint before anything is read or
+    placed: each missing or mis-shaped tensor is named in one error.
     """
     abstract = flatten(model.abstract_params())
     # A bare model (prefix "") also loads a checkpoint saved with a head (bert-base-uncased's
@@ -182,7 +245,7 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
         (p for h in model.family.heads if (p := model.family.backbone_prefix(model.config, h))), "")
     head = model.head_prefixes
     optional = re.compile(model.family.optional_params) if model.family.optional_params else None
-    out: dict[str, Any] = {}
+    found_at: dict[str, tuple[str, bool]] = {}
     missing, misshaped, fresh = [], [], []
     for path, spec in abstract.items():
         name, transpose = hf_name(path, model.family)
@@ -197,14 +260,12 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
             else:
                 missing.append(name)
             continue
-        array = tensors[found]
-        if transpose:
-            array = array.T
-        if tuple(array.shape) != tuple(spec.shape):
-            misshaped.append(f"{found}: checkpoint {tuple(tensors[found].shape)}, model expects "
+        stored = tuple(tensors[found].shape)
+        if (stored[::-1] if transpose else stored) != tuple(spec.shape):
+            misshaped.append(f"{found}: checkpoint {stored}, model expects "
                              f"{tuple(spec.shape[::-1]) if transpose else tuple(spec.shape)}")
             continue
-        out[path] = _to_dtype(array, dtype)
+        found_at[path] = (found, transpose)
     if missing or misshaped:
         lines = []
         if missing:
@@ -214,11 +275,16 @@ def params_from_tensors(model: Model, tensors: dict[str, np.ndarray], *, dtype: 
             lines.append(f"mis-shaped tensors ({len(misshaped)}): {'; '.join(misshaped[:50])}")
         raise CheckpointError(f"{source} does not fit the {model.family.name} model:\n  "
                               + "\n  ".join(lines))
+    shardings = shardings or {}
+    out: dict[str, Any] = {}
+    for path, (found, transpose) in found_at.items():
+        out[path] = _place(tensors, found, transpose, tuple(abstract[path].shape), dtype,
+                           shardings.get(path))
     if fresh:
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        init = flatten(model.init(rng))
+        init = _fresh_init(model, fresh, rng, dtype)
         for path in fresh:
-            out[path] = init[path].astype(dtype)
+            out[path] = jax.device_put(init[path], shardings[path]) if path in shardings else init[path]
         log.info("newly initialised (not in %s): %s", source, ", ".join(fresh))
     return unflatten(out), fresh
 
@@ -233,7 +299,7 @@ def load_pretrained(folder: str, head: str = "none", num_labels: int | None = No
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
     model = build_model(config, head=head, num_labels=num_labels, remat=remat, pooling=pooling)
-    params, _ = params_from_tensors(model, read_safetensors(folder), dtype=dtype, rng=rng,
+    params, _ = params_from_tensors(model, tensor_index(folder), dtype=dtype, rng=rng,
                                     source=folder)
     return model, params
 
@@ -251,38 +317,77 @@ def tensors_from_params(params: dict, family: Any = None) -> dict[str, np.ndarra
 
 def save_pretrained(model: Model, params: dict, folder: str, *,
                     max_shard_bytes: int | None = None) -> None:
-    """Writes ``config.json`` and safetensors in the Hugging Face layout (sharded when asked).
+    """Writes ``config.json`` and safetensors in the Hugging Face layout (sharded when asked),
+    one tensor on the host at a time: each tensor is fetched from its device (transposed where
+    HF stores it so) only when its bytes are written.
 
     Each file is written to a temporary name and renamed, so a kill leaves no half file.
     """
-    from safetensors.numpy import save_file
+    entries = []
+    for path, value in flatten(params).items():
+        name, transpose = hf_name(path, model.family)
+
+        def produce(value=value, transpose=transpose) -> np.ndarray:
+            array = np.asarray(jax.device_get(value))
+            return np.ascontiguousarray(array.T if transpose else array)
+
+        shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
+        entries.append((name, shape, np.dtype(value.dtype), produce))
+    _write_checkpoint(model, folder, entries, max_shard_bytes)
+
+
+def save_random_pretrained(model: Model, folder: str, *, dtype: Any = jnp.bfloat16, std: float = 0.02,
+                           seed: int = 0, max_shard_bytes: int | None = None) -> int:
+    """A checkpoint of ``model``'s shapes with N(0, std²) weights (norm scales 1), written a tensor
+    at a time — for measuring loaders on models whose real weights are not here (a ~1B model on
+    a laptop-sized host). Returns the bytes written."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    entries = []
+    for i, (path, spec) in enumerate(sorted(flatten(model.abstract_params()).items())):
+        name, transpose = hf_name(path, model.family)
+        shape = tuple(spec.shape)[::-1] if transpose else tuple(spec.shape)
+
+        def produce(shape=shape, i=i, ones=path.endswith(".scale")) -> np.ndarray:
+            if ones:
+                return np.ones(shape, np_dtype)
+            values = np.random.default_rng([seed, i]).standard_normal(shape, np.float32)
+            values *= std
+            return values.astype(np_dtype)
+
+        entries.append((name, shape, np_dtype, produce))
+    return _write_checkpoint(model, folder, entries, max_shard_bytes)
+
+
+def _write_checkpoint(model: Model, folder: str, entries: list, max_shard_bytes: int | None) -> int:
+    """``entries`` (name, shape, dtype, produce) as the safetensors files of ``folder`` (with an
+    index when sharded) and ``config.json``; returns the tensor bytes written."""
+    from peftjax.files import atomic_write as write
 
     os.makedirs(folder, exist_ok=True)
-    tensors = tensors_from_params(params, model.family)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    entries = sorted(entries, key=lambda e: e[0])
+    nbytes = {e[0]: math.prod(e[1]) * e[2].itemsize for e in entries}
+    shards: list[list] = [[]]
     size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for entry in entries:
+        if max_shard_bytes and shards[-1] and size + nbytes[entry[0]] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
+        shards[-1].append(entry)
+        size += nbytes[entry[0]]
 
-    from peftjax.files import atomic_write as write
+    def save(path: str, shard: list) -> None:
+        write(path, lambda p: tensor_files.write(p, shard, metadata={"format": "pt"}))
 
     if len(shards) == 1:
         written = {"model.safetensors"}
-        write(os.path.join(folder, "model.safetensors"),
-              lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        save(os.path.join(folder, "model.safetensors"), shards[0])
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write(os.path.join(folder, fname), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
-            weight_map.update({k: fname for k in shard})
-        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-                 "weight_map": weight_map}
+            save(os.path.join(folder, fname), shard)
+            weight_map.update({e[0]: fname for e in shard})
+        index = {"metadata": {"total_size": int(sum(nbytes.values()))}, "weight_map": weight_map}
         write(os.path.join(folder, "model.safetensors.index.json"),
               lambda p: open(p, "w").write(json.dumps(index, indent=2)))
         written = {*weight_map.values(), "model.safetensors.index.json"}
@@ -297,6 +402,7 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
         hf.num_labels = model.num_labels
     config = hf.to_dict()
     write(os.path.join(folder, "config.json"), lambda p: open(p, "w").write(json.dumps(config, indent=2)))
+    return int(sum(nbytes.values()))
 
 
 def load_tokenizer(folder: str):
@@ -333,7 +439,7 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     if with_weights:
         rng = jax.random.PRNGKey(0) if rng is None else rng
         if checkpoint:
-            params, _ = params_from_tensors(model, read_safetensors(folder), dtype=param_dtype,
+            params, _ = params_from_tensors(model, tensor_index(folder), dtype=param_dtype,
                                             rng=rng, source=folder)
         else:
             params = jax.tree.map(lambda x: x.astype(param_dtype), model.init(rng))

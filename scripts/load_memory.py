@@ -1,0 +1,82 @@
+"""Host memory of loading a checkpoint: the peak RSS rise over the load, against the bound.
+
+    python scripts/load_memory.py --model=all-MiniLM-L6-v2
+    python scripts/load_memory.py --model=Gemma-3-1B --random --checkpoint_dtype=bfloat16 \\
+        --dtype=bfloat16 --workdir=/tmp/gemma3_1b_random
+    python scripts/load_memory.py --model=all-MiniLM-L6-v2 --eager     # the loader before issue 23
+
+Loads the model's weights (a named model's checkpoint, a folder, or with ``--random`` a
+checkpoint of the named model's shapes with random weights, written a tensor at a time into
+``--workdir`` first) and prints JSON: the loaded parameter bytes ``P``, the largest tensor ``T``
+(as loaded), the peak RSS rise over the load (``peftjax.host_memory``: VmHWM reset before it),
+its ratio to ``P`` and the bound ``1.10 P + T`` (issue 23). The model is built (abstract shapes,
+nothing allocated) and JAX initialised before the measured block, so the rise is the loader's
+alone. ``--eager`` reads every tensor into a dict first (``hf_io.read_safetensors``), as loading
+did before the streaming loader: the figure to compare with.
+"""
+
+import json
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+from absl import app, flags, logging
+
+flags.DEFINE_string("model", "all-MiniLM-L6-v2", "a named model (configs/models) or a checkpoint folder")
+flags.DEFINE_string("head", "none", "the model's head (none, classification, causal_lm, ...)")
+flags.DEFINE_integer("num_labels", 3, "labels of a classification head")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the loaded params")
+flags.DEFINE_bool("random", False, "write a random checkpoint of the model's shapes to --workdir and load it")
+flags.DEFINE_enum("checkpoint_dtype", "bfloat16", ["float32", "bfloat16"], "dtype of the --random checkpoint")
+flags.DEFINE_string("workdir", None, "where --random writes its checkpoint (reused if it is there)")
+flags.DEFINE_bool("eager", False, "read the whole checkpoint into host arrays first (the old loader)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import jax
+    import jax.numpy as jnp
+
+    from configs import models
+    from peftjax import host_memory
+    from peftjax.models import build_model, hf_io
+
+    jnp.ones(1).block_until_ready()      # the runtime's own allocations happen before
+    if FLAGS.random:
+        if not FLAGS.workdir:
+            print("error: --random needs --workdir (where the random checkpoint is written)", file=sys.stderr)
+            return 2
+        hf = models.get(FLAGS.model).hf_config.to_dict()
+        model = build_model(hf, head=FLAGS.head, num_labels=FLAGS.num_labels)
+        folder = FLAGS.workdir
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            written = hf_io.save_random_pretrained(model, folder, dtype=getattr(jnp, FLAGS.checkpoint_dtype),
+                                                   max_shard_bytes=2 << 30)
+            print(f"wrote a random {FLAGS.checkpoint_dtype} checkpoint of {FLAGS.model}: "
+                  f"{written / 2**30:.2f} GiB in {folder}", file=sys.stderr)
+    else:
+        folder = (FLAGS.model if os.path.isdir(FLAGS.model)
+                  else hf_io.resolve_checkpoint(models.get(FLAGS.model).checkpoint))
+        model = build_model(hf_io.read_config(folder), head=FLAGS.head, num_labels=FLAGS.num_labels)
+    dtype = getattr(jnp, FLAGS.dtype)
+    with host_memory.measure() as rise:
+        tensors = hf_io.read_safetensors(folder) if FLAGS.eager else hf_io.tensor_index(folder)
+        params, fresh = hf_io.params_from_tensors(model, tensors, dtype=dtype, source=folder)
+        jax.block_until_ready(params)
+        del tensors
+    leaves = jax.tree.leaves(params)
+    p = sum(x.nbytes for x in leaves)
+    t = max(x.nbytes for x in leaves)
+    bound = 1.10 * p + t
+    print(json.dumps({"model": FLAGS.model, "folder": folder, "loader": "eager" if FLAGS.eager else "streaming",
+                      "dtype": FLAGS.dtype, "params": sum(x.size for x in leaves), "param_bytes": p,
+                      "largest_tensor_bytes": t, "rss_before": rise.start, "rss_peak_rise": rise.bytes,
+                      "rise_over_params": rise.bytes / p, "bound_bytes": bound, "within_bound": rise.bytes <= bound,
+                      "newly_initialised": fresh}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
