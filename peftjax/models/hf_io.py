@@ -182,6 +182,9 @@ def _read(tensors: Tensors, name: str, rows: slice | None = None) -> np.ndarray:
     return array if rows is None else array[rows]
 
 
+READ_CHUNK_BYTES = 8 << 20   # rows read at once when a shard keeps only some columns
+
+
 def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...], dtype: Any,
            sharding: jax.sharding.Sharding | None) -> jax.Array:
     """One tensor read, converted (layout, dtype) and placed, holding at most one shard's
@@ -200,13 +203,28 @@ def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...],
     if sharding is None:
         return jax.device_put(convert(_read(tensors, name)))
 
+    stored_shape = tuple(tensors[name].shape)
+
     def shard(index: tuple) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
         stored = index[::-1] if transpose else index   # the index in the checkpoint's layout
-        rows = stored[0] if stored and stored[0].step in (None, 1) else None
-        block = _read(tensors, name, rows)
-        rest = stored[1:] if rows is not None else stored
-        return convert(block[(slice(None),) * (rows is not None) + tuple(rest)])
+        if not stored:
+            return convert(_read(tensors, name))
+        first, last, _ = stored[0].indices(stored_shape[0])
+        rest = stored[1:]
+        if all(r == slice(None) for r in rest):
+            return convert(_read(tensors, name, slice(first, last)))
+        # Columns of a row-major tensor: read whole rows a chunk at a time and keep the
+        # columns, so the host never holds more than one chunk beyond the shard itself.
+        row_bytes = math.prod(stored_shape[1:]) * np.dtype(tensors[name].dtype).itemsize
+        step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+        block = None
+        for a in range(first, max(last, first + 1), step):
+            part = _read(tensors, name, slice(a, min(a + step, last)))[(slice(None),) + rest]
+            if block is None:
+                block = np.empty((last - first,) + part.shape[1:], part.dtype)
+            block[a - first:a - first + len(part)] = part
+        return convert(block)
 
     return jax.make_array_from_callback(shape, sharding, shard)
 

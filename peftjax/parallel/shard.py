@@ -333,3 +333,16 @@ def host_tree(tree):
 
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
                         if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
+
+
+def param_shardings(model, mesh: Mesh, *, rules: ShardingRules | None = None,
+                    min_elements: int = DEFAULT_MIN_ELEMENTS) -> dict[str, NamedSharding]:
+    """Where each of ``model``'s params lives on ``mesh`` under its family's rules (the frozen
+    base's placement in ``plan``), by dotted path, from abstract shapes: a loader places every
+    tensor there directly (``hf_io.params_from_tensors(..., shardings=...)``), so no host or
+    device ever holds the whole model."""
+    from flax import traverse_util
+
+    rules = rules or ShardingRules.for_family(model.family.name, min_elements)
+    flat = traverse_util.flatten_dict(model.abstract_params(), sep=".")
+    return {k: NamedSharding(mesh, p.spec) for k, p in _flat_placements(flat, rules, dict(mesh.shape)).items()}
