@@ -53,7 +53,8 @@ LOW_LR = lrs(3e-4, 1e-3, 3e-3)
 VARIANTS = {
     "full": {"method": "full", **FULL_LR},
     "linear_probe": {"method": "linear_probe", **lrs(1e-3, 1e-2, 1e-1)},
-    "lora": {"method": "lora", "overrides": {"method": dict(LOW_RANK)}, **LOW_LR},
+    # 3e-3 won on tweet_sentiment's validation at the grid's upper edge (76.4 vs 74.5 at 1e-3): extended.
+    "lora": {"method": "lora", "overrides": {"method": dict(LOW_RANK)}, **lrs(3e-4, 1e-3, 3e-3, 1e-2)},
     "rslora": {"method": "lora", "overrides": {"method": {"use_rslora": True, "alpha": 8.0}}, **LOW_LR},
     "dora": {"method": "dora", "overrides": {"method": dict(LOW_RANK)}, **LOW_LR},
     "pissa": {"method": "lora", "overrides": {"method": {**LOW_RANK, "init": "pissa"}}, **lrs(1e-4, 3e-4, 1e-3)},

@@ -120,10 +120,11 @@ def test_committed_definitions_expand():
     by_task = {t: {c.variant for c in cells if c.task == t} for t in ("tweet_sentiment", "tweet_polarity")}
     assert len(by_task["tweet_sentiment"]) == 24 and by_task["tweet_polarity"] == {
         "full", "linear_probe", "lora", "adapter_houlsby", "bitfit", "prompt_tuning"}
-    # 3 learning rates x 3 seeds before selection; AdaLoRA's grid was extended by one value
-    assert len(cells) == ((24 + 6) * 3 + 1) * 3
+    # 3 learning rates x 3 seeds before selection; AdaLoRA's grid (sentiment) and LoRA's (both
+    # tasks) were extended by one value each
+    assert len(cells) == ((24 + 6) * 3 + 3) * 3
     run, deferred = sweep.expand_with_selection(tweets)
-    assert len(run) == (24 + 6) * 3 + 1 and {c.seed for c in run} == {0}
+    assert len(run) == (24 + 6) * 3 + 3 and {c.seed for c in run} == {0}
     assert len({(c.variant, c.task, c.seed) for c in deferred}) == (24 + 6) * 2
     by = {c.variant: c.config for c in cells}
     assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
