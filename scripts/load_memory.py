@@ -17,6 +17,7 @@ did before the streaming loader: the figure to compare with.
 
 import json
 import os
+import subprocess
 import sys
 
 import _bootstrap  # noqa: F401
@@ -29,6 +30,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the loa
 flags.DEFINE_bool("random", False, "write a random checkpoint of the model's shapes to --workdir and load it")
 flags.DEFINE_enum("checkpoint_dtype", "bfloat16", ["float32", "bfloat16"], "dtype of the --random checkpoint")
 flags.DEFINE_string("workdir", None, "where --random writes its checkpoint (reused if it is there)")
+flags.DEFINE_bool("write_only", False, "with --random: write the checkpoint and exit (run by the script itself)")
 flags.DEFINE_bool("eager", False, "read the whole checkpoint into host arrays first (the old loader)")
 FLAGS = flags.FLAGS
 
@@ -51,11 +53,16 @@ def main(argv):
         hf = models.get(FLAGS.model).hf_config.to_dict()
         model = build_model(hf, head=FLAGS.head, num_labels=FLAGS.num_labels)
         folder = FLAGS.workdir
-        if not os.path.exists(os.path.join(folder, "config.json")):
+        if FLAGS.write_only:
             written = hf_io.save_random_pretrained(model, folder, dtype=getattr(jnp, FLAGS.checkpoint_dtype),
                                                    max_shard_bytes=2 << 30)
             print(f"wrote a random {FLAGS.checkpoint_dtype} checkpoint of {FLAGS.model}: "
                   f"{written / 2**30:.2f} GiB in {folder}", file=sys.stderr)
+            return 0
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            # Written by a child process: pages this process freed after writing would stay
+            # resident and absorb the load, hiding its rise.
+            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--write_only"], check=True)
     else:
         folder = (FLAGS.model if os.path.isdir(FLAGS.model)
                   else hf_io.resolve_checkpoint(models.get(FLAGS.model).checkpoint))

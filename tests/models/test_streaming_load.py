@@ -92,3 +92,14 @@ def test_loading_minilm_stays_within_the_host_memory_bound():
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report["param_bytes"] == 90_852_864 and report["largest_tensor_bytes"] == 30522 * 384 * 4
     assert report["within_bound"], report   # rise <= 1.10 P + T (1.62 P here); the eager loader: ~2.1 P
+
+
+@pytest.mark.slow
+def test_loading_a_1b_bf16_checkpoint_stays_within_the_host_memory_bound(tmp_path):
+    """Gemma-3-1B's shapes (1.0B params, random bf16 weights written by the script, 1.9 GiB)."""
+    out = subprocess.run([sys.executable, "scripts/load_memory.py", "--model=Gemma-3-1B", "--random",
+                          "--checkpoint_dtype=bfloat16", "--dtype=bfloat16", f"--workdir={tmp_path / 'ckpt'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["params"] == 999_885_952 and report["within_bound"], report
