@@ -242,14 +242,16 @@ def _fresh_init(model: Model, paths: list[str], rng: jax.Array, dtype: Any) -> d
 
 def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.float32,
                         rng: jax.Array | None = None, source: str = "checkpoint",
-                        shardings: Mapping[str, jax.sharding.Sharding] | None = None
-                        ) -> tuple[dict, list[str]]:
+                        shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+                        transforms: Mapping[str, Any] | None = None) -> tuple[dict, list[str]]:
     """Maps HF tensors onto the model's param tree, a tensor at a time.
 
     ``tensors``: a dict of arrays, or ``tensor_index(folder)`` to read each tensor from disk
     only when it is placed (the host never holds the whole checkpoint; issue 23).
     ``shardings``: param path (``flatten``'s dotted keys) → sharding to place it in directly
     (absent paths: the default device); each device's shard reads only its rows.
+    ``transforms``: param path → function applied to the placed tensor at once (quantize on
+    load: the float matrix exists for one tensor's time, never for the whole model).
 
     Returns ``(params, newly_initialised)``: task-head params (and the family's optional params,
     e.g. a pooler) absent from the checkpoint are initialised randomly (listed in the second
@@ -293,11 +295,11 @@ def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.floa
             lines.append(f"mis-shaped tensors ({len(misshaped)}): {'; '.join(misshaped[:50])}")
         raise CheckpointError(f"{source} does not fit the {model.family.name} model:\n  "
                               + "\n  ".join(lines))
-    shardings = shardings or {}
+    shardings, transforms = shardings or {}, transforms or {}
     out: dict[str, Any] = {}
     for path, (found, transpose) in found_at.items():
-        out[path] = _place(tensors, found, transpose, tuple(abstract[path].shape), dtype,
-                           shardings.get(path))
+        value = _place(tensors, found, transpose, tuple(abstract[path].shape), dtype, shardings.get(path))
+        out[path] = transforms[path](value) if path in transforms else value
     if fresh:
         rng = jax.random.PRNGKey(0) if rng is None else rng
         init = _fresh_init(model, fresh, rng, dtype)
@@ -433,8 +435,8 @@ def load_tokenizer(folder: str):
 def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None = None, *,
                      dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                      rng: jax.Array | None = None, remat: bool = False,
-                     with_weights: bool = True, with_tokenizer: bool = True
-                     ) -> tuple[Model, dict | None, Any]:
+                     with_weights: bool = True, with_tokenizer: bool = True,
+                     transforms: Any = None) -> tuple[Model, dict | None, Any]:
     """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
 
     ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
@@ -443,6 +445,8 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     configs set it, a decoder or T5 refuses ``"mean"``). Without a checkpoint the weights are
     random (seeded by ``rng``); ``with_weights=False`` returns ``params=None`` (for abstract
     work on 7B configs). A checkpoint's pooler is not loaded into a ``mean`` model (it has none).
+    ``transforms``: a function of the built model returning ``params_from_tensors``'s
+    ``transforms`` (what to do to each tensor as it is loaded: quantize on load).
     """
     get = (lambda k, d=None: model_cfg.get(k, d)) if hasattr(model_cfg, "get") else \
         (lambda k, d=None: getattr(model_cfg, k, d))
@@ -458,7 +462,8 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
         rng = jax.random.PRNGKey(0) if rng is None else rng
         if checkpoint:
             params, _ = params_from_tensors(model, tensor_index(folder), dtype=param_dtype,
-                                            rng=rng, source=folder)
+                                            rng=rng, source=folder,
+                                            transforms=transforms(model) if transforms else None)
         else:
             params = jax.tree.map(lambda x: x.astype(param_dtype), model.init(rng))
     tok_source = get("tokenizer") or checkpoint

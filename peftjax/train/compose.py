@@ -88,14 +88,24 @@ def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True
     task = formats.get_task(config.task)
     heads = family_heads(config)
     head = formats.model_head(formats.task_format(config.task, task, heads), task, heads)
+    method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
+    made = {}
+
+    def quantize_on_load(model) -> dict:
+        # model.quant: the matrices the method leaves frozen are quantized as each is read, so
+        # the float base is never on the host whole (peftjax/train/quantize.py decides which).
+        from peftjax.train import quantize
+
+        made["method"] = methods_lib.create(config.method.name, model, method_cfg)
+        return quantize.on_load(made["method"], model, quantize.config_of(config))
+
     model, params, tokenizer = hf_io.load_from_config(
         config.model, head=head,
         num_labels=task.num_labels if head == "classification" else None,
         dtype=DTYPES[config.train.dtype], rng=jax.random.PRNGKey(config.seed),
         remat=remat_setting(config.train.remat), with_weights=with_weights,
-        with_tokenizer=with_tokenizer)
-    method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
-    method = methods_lib.create(config.method.name, model, method_cfg)
+        with_tokenizer=with_tokenizer, transforms=quantize_on_load)
+    method = made.get("method") or methods_lib.create(config.method.name, model, method_cfg)
     return task, model, tokenizer, method, (_flat(params) if params is not None else None)
 
 

@@ -99,6 +99,25 @@ def quantizable_paths(method, paths, qcfg: QuantConfig | None = None) -> list[st
     return out
 
 
+def on_load(method, model, qcfg: QuantConfig) -> dict[str, Any]:
+    """``hf_io``'s load transforms that quantize the matrices ``setup`` would quantize, as each
+    is read (the host never holds the float base whole); ``setup`` then finds them quantized
+    and uses them as they are — the same tensors it would have made from the float ones.
+    Nothing when quantization is off, or for a method that rewrites the base (its SVD/QR needs
+    the float W0, quantized only after the rewrite)."""
+    if not qcfg.enabled or method.rewrites_base:
+        return {}
+    from flax import traverse_util
+
+    paths = quantizable_paths(method, list(traverse_util.flatten_dict(model.abstract_params(), sep=".")), qcfg)
+    _check(method, paths, qcfg)
+
+    def quantize_one(w):
+        return quant.quantize(w, qcfg.kind, qcfg.double_quant, qcfg.block_size)
+
+    return {p: quantize_one for p in paths}
+
+
 def _check(method, paths: list[str], qcfg: QuantConfig) -> None:
     if not paths:
         raise ValueError(

@@ -182,3 +182,29 @@ def test_quantized_base_trains_on_the_2_2_2_mesh_like_on_one_device():
     # q_proj (32, 32): packed codes (32, 32) split over fsdp (in) and tensor (out)
     assert run["nf4"]["shard_shapes"]["data"] == [[16, 16]]
     assert run["int8"]["shard_shapes"]["scale"] == [[16]]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantize_on_load_gives_the_base_quantize_after_load_gives(kind):
+    """A real checkpoint with model.quant set: its frozen matrices come out of the loader
+    already quantized (the float base never whole on the host), and the method's setup on
+    them gives bit for bit the frozen tree the quantize-after-load path gives."""
+    from configs.train import get_config
+    from peftjax.train.compose import build
+
+    config = get_config("model=all-MiniLM-L6-v2,method=lora,task=tweet_sentiment")
+    _, _, _, method, float_base = build(config, with_tokenizer=False)
+    config.model.quant = kind
+    _, _, _, method_q, loaded = build(config, with_tokenizer=False)
+    paths = quantize.quantizable_paths(method_q, list(loaded), quantize.config_of(config))
+    assert len(paths) == 36 and all(quant.is_quantized(loaded[p]) for p in paths)
+    assert not any(quant.is_quantized(v) for k, v in loaded.items() if k not in paths)
+    qcfg = quantize.config_of(config)
+    on_load = quantize.setup(method_q, jax.random.PRNGKey(1), loaded, None, qcfg)
+    after = quantize.setup(method, jax.random.PRNGKey(1), float_base, None, qcfg)
+    flat = lambda t: {k: np.asarray(v) for k, v in  # noqa: E731
+                      jax.tree_util.tree_flatten_with_path(t)[0]}
+    a, b = flat(on_load.frozen), flat(after.frozen)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    a, b = flat(on_load.trainable), flat(after.trainable)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
