@@ -4,6 +4,7 @@
     python scripts/load_memory.py --model=Gemma-3-1B --random --checkpoint_dtype=bfloat16 \\
         --dtype=bfloat16 --workdir=/tmp/gemma3_1b_random
     python scripts/load_memory.py --model=all-MiniLM-L6-v2 --eager     # the loader before issue 23
+    python scripts/load_memory.py --model=T0_3B --head=seq2seq_lm --checkpoint_dtype=float32 --accelerator_bound
 
 Loads the model's weights (a named model's checkpoint, a folder, or with ``--random`` a
 checkpoint of the named model's shapes with random weights, written a tensor at a time into
@@ -13,6 +14,11 @@ its ratio to ``P`` and the bound ``1.10 P + T`` (issue 23). The model is built (
 nothing allocated) and JAX initialised before the measured block, so the rise is the loader's
 alone. ``--eager`` reads every tensor into a dict first (``hf_io.read_safetensors``), as loading
 did before the streaming loader: the figure to compare with.
+
+``--accelerator_bound`` computes, from abstract shapes alone, what the loader holds on the host
+when the device is an accelerator (``hf_io.accelerator_host_bytes``: one chunk of rows and its
+converted copy at a time), and this process's RSS after building the model (Python + JAX on the
+CPU; an accelerator runtime adds its own), for the memory table's host column.
 """
 
 import json
@@ -28,9 +34,12 @@ flags.DEFINE_string("head", "none", "the model's head (none, classification, cau
 flags.DEFINE_integer("num_labels", 3, "labels of a classification head")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the loaded params")
 flags.DEFINE_bool("random", False, "write a random checkpoint of the model's shapes to --workdir and load it")
-flags.DEFINE_enum("checkpoint_dtype", "bfloat16", ["float32", "bfloat16"], "dtype of the --random checkpoint")
+flags.DEFINE_enum("checkpoint_dtype", "bfloat16", ["float32", "bfloat16"], "dtype of the --random checkpoint "
+                  "(and of the stored tensors for --accelerator_bound)")
 flags.DEFINE_string("workdir", None, "where --random writes its checkpoint (reused if it is there)")
 flags.DEFINE_bool("write_only", False, "with --random: write the checkpoint and exit (run by the script itself)")
+flags.DEFINE_bool("accelerator_bound", False, "print the loader's host bytes when the device is an "
+                  "accelerator, computed from abstract shapes (no weights needed), and exit")
 flags.DEFINE_bool("eager", False, "read the whole checkpoint into host arrays first (the old loader)")
 FLAGS = flags.FLAGS
 
@@ -46,6 +55,13 @@ def main(argv):
     from peftjax.models import build_model, hf_io
 
     jnp.ones(1).block_until_ready()      # the runtime's own allocations happen before
+    if FLAGS.accelerator_bound:
+        model = build_model(models.get(FLAGS.model).hf_config.to_dict(), head=FLAGS.head,
+                            num_labels=FLAGS.num_labels)
+        bound = hf_io.accelerator_host_bytes(model, getattr(jnp, FLAGS.checkpoint_dtype), getattr(jnp, FLAGS.dtype))
+        print(json.dumps({"model": FLAGS.model, "checkpoint_dtype": FLAGS.checkpoint_dtype,
+                          "dtype": FLAGS.dtype, **bound, "process_rss_here": host_memory.rss()}, indent=1))
+        return 0
     if FLAGS.random:
         if not FLAGS.workdir:
             print("error: --random needs --workdir (where the random checkpoint is written)", file=sys.stderr)

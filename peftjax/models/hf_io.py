@@ -183,6 +183,9 @@ def _read(tensors: Tensors, name: str, rows: slice | None = None) -> np.ndarray:
 
 
 READ_CHUNK_BYTES = 8 << 20   # rows read at once when a shard keeps only some columns
+# Chunked placement (rows to the device a chunk at a time) is for accelerators; on the CPU the
+# device is the host and an aligned whole tensor costs nothing extra. Tests force it here.
+CHUNK_ON_CPU = False
 
 
 def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...], dtype: Any,
@@ -200,10 +203,20 @@ def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...],
         np.copyto(out, block, casting="unsafe")
         return out
 
-    if sharding is None:
-        return jax.device_put(convert(_read(tensors, name)))
-
     stored_shape = tuple(tensors[name].shape)
+    if sharding is None:
+        device = jax.devices()[0]
+        row_bytes = math.prod(stored_shape[1:]) * np.dtype(tensors[name].dtype).itemsize
+        if (device.platform == "cpu" and not CHUNK_ON_CPU) or len(stored_shape) > 2 or \
+                len(stored_shape) < 1 or stored_shape[0] * row_bytes <= READ_CHUNK_BYTES:
+            # The device is the host: an aligned buffer is adopted as the array, no copy.
+            return jax.device_put(convert(_read(tensors, name)), device)
+        # An accelerator: the host holds one chunk of rows at a time; the chunks are joined on
+        # the device (which briefly holds the tensor twice, the host never holds it once).
+        step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+        pieces = [jax.device_put(convert(_read(tensors, name, slice(a, min(a + step, stored_shape[0])))), device)
+                  for a in range(0, stored_shape[0], step)]
+        return jnp.concatenate(pieces, axis=1 if transpose else 0)
 
     def shard(index: tuple) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
@@ -227,6 +240,31 @@ def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...],
         return convert(block)
 
     return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def accelerator_host_bytes(model: Model, checkpoint_dtype: Any, dtype: Any) -> dict[str, int]:
+    """The host bytes the loader holds at once when the device is an accelerator (params leave
+    the host as they are placed), from abstract shapes: per tensor, the rows read at once
+    (one ``READ_CHUNK_BYTES`` chunk, or the whole tensor when smaller) plus their converted copy
+    when the dtype or layout changes; the maximum over tensors. The process's own memory
+    (Python, JAX, the accelerator runtime) comes on top. ``largest_tensor`` is what a loader
+    that reads whole tensors would hold instead."""
+    stored = np.dtype(jnp.dtype(checkpoint_dtype))
+    loaded = np.dtype(jnp.dtype(dtype))
+    worst, largest = 0, 0
+    for path, spec in flatten(model.abstract_params()).items():
+        _, transpose = hf_name(path, model.family)
+        shape = tuple(spec.shape)[::-1] if transpose else tuple(spec.shape)
+        total = math.prod(shape) * stored.itemsize
+        largest = max(largest, total)
+        rows = shape[0] if shape else 1
+        row_bytes = total // max(rows, 1)
+        chunked = 1 <= len(shape) <= 2 and total > READ_CHUNK_BYTES
+        read = max(1, READ_CHUNK_BYTES // max(row_bytes, 1)) * row_bytes if chunked else total
+        read = min(read, total)
+        converts = loaded != stored or transpose
+        worst = max(worst, read + (read * loaded.itemsize // stored.itemsize if converts else 0))
+    return {"loader_host_bytes": worst, "largest_tensor_bytes": largest}
 
 
 def _fresh_init(model: Model, paths: list[str], rng: jax.Array, dtype: Any) -> dict[str, jax.Array]:

@@ -103,3 +103,38 @@ def test_loading_a_1b_bf16_checkpoint_stays_within_the_host_memory_bound(tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout[out.stdout.index("{"):])
     assert report["params"] == 999_885_952 and report["within_bound"], report
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_placement_for_accelerators_equals_the_whole_tensor(tmp_path, monkeypatch, dtype):
+    """On an accelerator each tensor goes to the device a chunk of rows at a time (the host
+    never holds a whole one); forced here on the CPU with chunks of a few rows, transposed
+    kernels and embeddings included."""
+    model, flat = tiny_model("llama")
+    hf_io.save_pretrained(model, hf_io.unflatten(flat), str(tmp_path))
+    whole, _ = hf_io.params_from_tensors(model, hf_io.tensor_index(str(tmp_path)), dtype=dtype)
+    monkeypatch.setattr(hf_io, "CHUNK_ON_CPU", True)
+    monkeypatch.setattr(hf_io, "READ_CHUNK_BYTES", 200)
+    reads = []
+    real_read = tensor_files.read
+    monkeypatch.setattr(tensor_files, "read", lambda info, rows=None: (reads.append(rows), real_read(info, rows))[1])
+    chunked, _ = hf_io.params_from_tensors(model, hf_io.tensor_index(str(tmp_path)), dtype=dtype)
+    assert _bits(chunked) == _bits(whole)
+    assert sum(r is not None for r in reads) > 2 * len(flat)   # several chunks per big tensor
+
+
+def test_accelerator_host_bound_matches_what_the_chunked_loader_reads(tmp_path, monkeypatch):
+    """The memory table's host column is computed (hf_io.accelerator_host_bytes): check it
+    against the largest read the chunked loader actually makes, plus its fp32 conversion."""
+    model, flat = tiny_model("llama")
+    hf_io.save_pretrained(model, hf_io.unflatten({k: jnp.asarray(v, jnp.bfloat16) for k, v in flat.items()}),
+                          str(tmp_path))
+    monkeypatch.setattr(hf_io, "CHUNK_ON_CPU", True)
+    monkeypatch.setattr(hf_io, "READ_CHUNK_BYTES", 1000)
+    sizes = []
+    real_read = tensor_files.read
+    monkeypatch.setattr(tensor_files, "read", lambda info, rows=None: (lambda a: (sizes.append(a.nbytes), a)[1])(real_read(info, rows)))
+    hf_io.params_from_tensors(model, hf_io.tensor_index(str(tmp_path)), dtype=jnp.float32)
+    bound = hf_io.accelerator_host_bytes(model, jnp.bfloat16, jnp.float32)
+    assert bound["loader_host_bytes"] == 3 * max(sizes)       # a bf16 chunk + its fp32 copy
+    assert bound["largest_tensor_bytes"] == max(np.asarray(v).size for v in flat.values()) * 2
