@@ -66,6 +66,9 @@ def train_defaults() -> dict:
         dtype="float32",         # compute dtype: float32 | bfloat16 (params stay fp32)
         remat="none",            # rematerialise each block in the backward pass: none | block | block_dots
         eval_every=200,
+        # The validation metric that picks the best step (and a sweep's setting): "" is the
+        # task's primary metric; e.g. macro_f1 for an imbalanced task. One of the task's metrics.
+        select_metric="",
         log_every=10,
         checkpoint_every=200,
         train_limit=0,           # use only the first N training examples (0: all)

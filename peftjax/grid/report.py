@@ -462,21 +462,24 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
         return np.concatenate([preds] * (-(-k // len(preds))))[:k]
 
     refs = {r: seeds_k(data[r][0]) for r in REFERENCES if r in data}
+    # The metric the variants were selected on (macro-F1 for an imbalanced task) is the one
+    # differences and tiers are stated in.
+    main = ts[0].metric if ts[0].metric in stats.METRICS else "accuracy"
     ivs: dict[str, dict] = {}
     for v, (preds, _, _) in data.items():
         p = seeds_k(preds)
         ivs[v] = {m: stats.interval(p, labels, m, draw, classes, level) for m in stats.METRICS}
-        ivs[v]["diff"] = {r: stats.difference(p, rp, labels, "accuracy", draw, classes, level)
+        ivs[v]["diff"] = {r: stats.difference(p, rp, labels, main, draw, classes, level)
                           for r, rp in refs.items() if r != v}
     order = list(data)
-    tiers = stats.unranked_groups([ivs[v]["accuracy"] for v in order])
+    tiers = stats.unranked_groups([ivs[v][main] for v in order])
     fmt = lambda iv: f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"  # noqa: E731
     dfmt = lambda iv: (f"{100 * iv.estimate:+.1f} [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}]"  # noqa: E731
                        + ("*" if iv.excludes_zero else ""))
     md = [f"Test scores with {100 * level:.0f}% paired-bootstrap intervals ({draws} resamples of the "
-          f"{len(labels)} test examples × the {k} seeds). Δ: difference in accuracy (points) to "
+          f"{len(labels)} test examples × the {k} seeds). Δ: difference in {main} (points) to "
           "the reference, * where its interval excludes 0. Tier: 1 is best; variants share a tier "
-          "unless their accuracy intervals do not overlap — within a tier they are not ranked.", "",
+          f"unless their {main} intervals do not overlap — within a tier they are not ranked.", "",
           "| variant | tier | test accuracy | test macro-F1 | "
           + " | ".join(f"Δ vs {r}" for r in refs) + " | notes |",
           "|---|---|---|---|" + "---|" * len(refs) + "---|"]

@@ -110,14 +110,17 @@ def _rank_sweep(workdir: str, ranks: list[int]) -> dict:
         return json.load(f)
 
 
-def _task_info(task: str) -> dict:
+def _task_info(task: str, config: Mapping[str, Any] | None = None) -> dict:
+    """The row's ``primary_metric`` (what chose its best step and what the report selects on:
+    the config's ``train.select_metric`` or the task's) and ``task_kind``."""
     try:
         from peftjax import data as data_lib
 
         t = data_lib.get_task(task)
     except (ImportError, ValueError):
         return {}
-    primary = "loss" if t.kind == "causal_lm" else t.primary_metric
+    chosen = ((config or {}).get("train") or {}).get("select_metric", "")
+    primary = "loss" if t.kind == "causal_lm" else (chosen or t.primary_metric)
     return {"primary_metric": primary, "task_kind": t.kind}
 
 
@@ -129,7 +132,7 @@ def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
     write_json_atomic(os.path.join(celldir, "cell.json"), cell.to_dict(), indent=1, sort_keys=True)
     row = {"cell": cell.id, "label": cell.label, "variant": cell.variant, "method": cell.method,
            "model": cell.model, "task": cell.task, "seed": cell.seed, "hp": cell.hp,
-           **_task_info(cell.task)}
+           **_task_info(cell.task, cell.config)}
     t0 = time.time()
     try:
         result = cell_fn(cell, celldir)
@@ -281,7 +284,7 @@ def _failed_row(cell: Cell, error: str) -> dict:
     return {"cell": cell.id, "label": cell.label, "variant": cell.variant, "method": cell.method,
             "model": cell.model, "task": cell.task, "seed": cell.seed, "hp": cell.hp,
             "status": "failed", "error": error, "traceback": "", "config": cell.config,
-            **_task_info(cell.task)}
+            **_task_info(cell.task, cell.config)}
 
 
 def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, bar, record,

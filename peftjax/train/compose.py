@@ -236,6 +236,10 @@ def validate_config(config: Any) -> None:
 
     config_of(config)  # model.quant / model.double_quant
     parse_lr_mults(tc.get("lr_mults", ""))
+    chosen = tc.get("select_metric", "")
+    task_metrics = formats.get_task(config.task).metrics
+    _check(chosen == "" or chosen in task_metrics, "train.select_metric", chosen,
+           '"" (the task\'s primary metric) or one of ' + " | ".join(task_metrics))
     formats.task_format(config.task, formats.get_task(config.task), family_heads(config))
 
 

@@ -134,12 +134,18 @@ def class_string(values: np.ndarray) -> str | None:
     return "".join(map(str, values.astype(int).tolist()))
 
 
-def _better(task, new: dict, old: dict | None) -> bool:
+def select_metric(config, task) -> str:
+    """The validation metric that chooses the best step: ``train.select_metric`` or the task's
+    primary metric (``loss`` for a language model)."""
+    if task.kind == "causal_lm":
+        return "loss"
+    return config.train.get("select_metric", "") or task.primary_metric
+
+
+def _better(metric: str, new: dict, old: dict | None) -> bool:
     if old is None:
         return True
-    if task.kind == "causal_lm":
-        return new["loss"] < old["loss"]
-    return new[task.primary_metric] > old[task.primary_metric]
+    return new[metric] < old[metric] if metric == "loss" else new[metric] > old[metric]
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
@@ -234,7 +240,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 val = evaluate(eval_fn, state.trainable, frozen, state.method_state,
                                encoded["validation"], tc.eval_batch_size, task, tc.bucket_multiple)
                 metrics_log.write(done, "validation", val)
-                if _better(task, val, best["metrics"]):
+                if _better(select_metric(config, task), val, best["metrics"]):
                     best = {"trainable": jax.tree.map(jnp.copy, state.trainable), "metrics": val,
                             "step": done}
             if done % tc.checkpoint_every == 0 or done == total:

@@ -148,3 +148,18 @@ def test_report_gives_paired_intervals_differences_tiers_and_flags(tmp_path):
     assert lines["full"].split("|")[2].strip() == lines["lora"].split("|")[2].strip() == "1"  # same tier
     assert "learning_rate=0.01 is the grid's highest" in lines["vera"]
     assert "predicts one class for 100.0% of examples" in lines["prefix"]
+
+
+def test_intervals_state_differences_and_tiers_in_the_selection_metric(tmp_path):
+    """An imbalanced task selected on macro-F1 (train.select_metric) gets its Δ and tiers in
+    macro-F1, not accuracy."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 800)
+    store = ResultsStore(str(tmp_path / "results.jsonl"))
+    for seed in (0, 1):
+        for variant, acc in (("full", 0.9), ("lora", 0.85)):
+            r = _preds_row(variant, seed, acc, labels, rng)
+            r["primary_metric"] = "macro_f1"
+            store.append(r)
+    md = open(write_report(str(tmp_path))["md"]).read()
+    assert "Δ: difference in macro_f1" in md and "unless their macro_f1 intervals" in md

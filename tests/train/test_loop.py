@@ -174,3 +174,22 @@ def test_fishmask_more_examples_than_the_training_set_is_refused(data_dir, tmp_p
     config.method.progress = False
     with pytest.raises(ValueError, match="num_examples=65 is larger than the training set"):
         train_and_evaluate(config, str(tmp_path))
+
+
+def test_select_metric_chooses_the_best_step_and_is_validated(data_dir, tmp_path):
+    """train.select_metric=macro_f1 (an imbalanced task's main metric) picks the best step by
+    validation macro-F1; the sweep row records it as the metric its settings are chosen on."""
+    from peftjax.grid.runner import _task_info
+    from peftjax.train.compose import validate_config
+
+    config = tiny_config(data_dir, steps=8, eval_every=2, select_metric="macro_f1", learning_rate=3e-3)
+    result = train_and_evaluate(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+    val = [(r["step"], r["macro_f1"]) for r in rows if r.get("split") == "validation"]
+    best = max(val, key=lambda sv: (sv[1], -sv[0]))   # the first step reaching the best macro-F1
+    assert result["best_step"] == best[0] and result["metrics"]["validation"]["macro_f1"] == best[1]
+    assert _task_info("tweet_sentiment", config.to_dict())["primary_metric"] == "macro_f1"
+    assert _task_info("tweet_sentiment", {})["primary_metric"] == "accuracy"
+    config.train.select_metric = "f1"
+    with pytest.raises(ValueError, match=r"train.select_metric.*accuracy \| macro_f1"):
+        validate_config(config)
