@@ -63,7 +63,10 @@ def baseline_rows(config: Any, *, alphas: Sequence[float] = NB_ALPHAS) -> list[d
     c = task.num_labels
     model_name = config.model.name
     base = {"model": model_name, "task": task.name, "seed": 0, "status": "ok",
-            "primary_metric": task.primary_metric, "task_kind": task.kind, "head_params": 0,
+            # the metric the sweep selects on for this task (train.select_metric), so α is
+            # chosen as the cells' settings are
+            "primary_metric": config.train.get("select_metric", "") or task.primary_metric,
+            "task_kind": task.kind, "head_params": 0,
             "majority_rate": data_lib.majority_rate(y["test"])}
 
     def row(variant: str, hp: dict, preds: dict[str, np.ndarray], params: int) -> dict:

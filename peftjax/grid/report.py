@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -135,6 +135,21 @@ def finished_rows(rows: Sequence[dict]) -> list[dict]:
         if "cell" in r:
             latest[r["cell"]] = r
     return [r for r in latest.values() if r.get("status", "ok") == "ok"]
+
+
+def current_rows(rows: Sequence[dict], definition: Mapping[str, Any] | None) -> tuple[list[dict], int]:
+    """``(rows of the definition's cells and baselines, how many others were dropped)``.
+
+    Why: a results store keeps every cell that ever finished; after a definition changes (a
+    setting, a task's selection metric) its old cells no longer belong to the comparison, and
+    mixing them into a selection would average two protocols. Without a definition, all rows."""
+    if not definition or not definition.get("variants"):
+        return list(rows), 0
+    from peftjax.grid import sweep
+
+    ids = {c.id for c in sweep.expand(definition)}
+    kept = [r for r in rows if r["cell"] in ids or str(r["cell"]).startswith("baseline:")]
+    return kept, len(rows) - len(kept)
 
 
 def select(rows: Sequence[dict], fixed: dict | None = None,
@@ -300,6 +315,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             definition = json.load(f).get("definition", {})
     variant_order = ((definition.get("report") or {}).get("order")
                      or list((definition.get("variants") or {}).keys()))
+    rows, stale = current_rows(rows, definition)
     name = title or definition.get("name") or os.path.basename(os.path.abspath(workdir))
     stamps = ResultsStore(os.path.join(workdir, "stamps.jsonl")).read()
     now = stamp()
@@ -312,6 +328,9 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     md = [f"# {name}", ""]
     if command:
         md += [f"Command: `{command}`", ""]
+    if stale:
+        md += [f"({stale} finished cells in results.jsonl are not cells of the current definition "
+               "(a setting changed since they ran) and are left out.)", ""]
     md += ["Model selection: per (model, task, variant) the hyperparameters with the best mean "
            "validation score over seeds are chosen; within each run the training loop keeps the "
            "step with the best validation score and evaluates test there once. Test is reported "

@@ -163,3 +163,18 @@ def test_intervals_state_differences_and_tiers_in_the_selection_metric(tmp_path)
             store.append(r)
     md = open(write_report(str(tmp_path))["md"]).read()
     assert "Δ: difference in macro_f1" in md and "unless their macro_f1 intervals" in md
+
+
+def test_rows_of_cells_outside_the_current_definition_are_left_out():
+    """A store keeps every cell that ever finished; after a setting changes, the old cells are
+    not part of the comparison (their selection would average two protocols)."""
+    from peftjax.grid import sweep
+    from peftjax.grid.report import current_rows
+
+    d = {"name": "t", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+         "base": {"train": {"steps": 4}}, "variants": {"full": {"method": "full"}}}
+    (cell,) = sweep.expand(d)
+    rows = [{"cell": cell.id}, {"cell": "0123456789ab"}, {"cell": "baseline:m/t/majority"}]
+    kept, dropped = current_rows(rows, d)
+    assert [r["cell"] for r in kept] == [cell.id, "baseline:m/t/majority"] and dropped == 1
+    assert current_rows(rows, None) == (rows, 0)
