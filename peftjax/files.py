@@ -28,6 +28,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
     base = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.tmp-", suffix=os.path.splitext(base)[1])
     os.close(fd)
+    # mkstemp makes the file private (0600); the result gets the permissions an ordinary
+    # open() would give it (0666 less the umask), as every other file the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # the bytes are on disk before the rename makes them visible
