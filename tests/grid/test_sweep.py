@@ -118,13 +118,14 @@ def test_committed_definitions_expand():
                 "fishmask", "lora_plus", "lora_fa", "olora", "lora_ga", "hira", "ia3", "ln_tuning"}
     assert {c.method for c in cells} == expected
     by_task = {t: {c.variant for c in cells if c.task == t} for t in ("tweet_sentiment", "tweet_polarity")}
-    assert len(by_task["tweet_sentiment"]) == 24 and by_task["tweet_polarity"] == {
+    assert len(by_task["tweet_sentiment"]) == 26 and by_task["tweet_polarity"] == {
         "full", "linear_probe", "lora", "adapter_houlsby", "bitfit", "prompt_tuning"}
     # 3 learning rates x 3 seeds before selection; AdaLoRA's grid (sentiment) and LoRA's (both
-    # tasks) were extended by one value each
-    assert len(cells) == ((24 + 6) * 3 + 3) * 3
+    # tasks) were extended by one value each; LoRA on NF4 and int8 bases (issue 20) at LoRA's
+    # chosen rate run their 3 seeds directly
+    assert len(cells) == ((24 + 6) * 3 + 3) * 3 + 2 * 3
     run, deferred = sweep.expand_with_selection(tweets)
-    assert len(run) == (24 + 6) * 3 + 3 and {c.seed for c in run} == {0}
+    assert len(run) == (24 + 6) * 3 + 3 + 2 * 3 and {c.seed for c in run} == {0, 1, 2}
     assert len({(c.variant, c.task, c.seed) for c in deferred}) == (24 + 6) * 2
     by = {c.variant: c.config for c in cells}
     assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
