@@ -474,7 +474,7 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
                      dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                      rng: jax.Array | None = None, remat: bool = False,
                      with_weights: bool = True, with_tokenizer: bool = True,
-                     transforms: Any = None) -> tuple[Model, dict | None, Any]:
+                     transforms: Any = None, shardings: Any = None) -> tuple[Model, dict | None, Any]:
     """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
 
     ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
@@ -484,7 +484,8 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     random (seeded by ``rng``); ``with_weights=False`` returns ``params=None`` (for abstract
     work on 7B configs). A checkpoint's pooler is not loaded into a ``mean`` model (it has none).
     ``transforms``: a function of the built model returning ``params_from_tensors``'s
-    ``transforms`` (what to do to each tensor as it is loaded: quantize on load).
+    ``transforms`` (what to do to each tensor as it is loaded: quantize on load); ``shardings``
+    likewise its ``shardings`` (each tensor placed straight into its place on a mesh).
     """
     get = (lambda k, d=None: model_cfg.get(k, d)) if hasattr(model_cfg, "get") else \
         (lambda k, d=None: getattr(model_cfg, k, d))
@@ -501,7 +502,8 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
         if checkpoint:
             params, _ = params_from_tensors(model, tensor_index(folder), dtype=param_dtype,
                                             rng=rng, source=folder,
-                                            transforms=transforms(model) if transforms else None)
+                                            transforms=transforms(model) if transforms else None,
+                                            shardings=shardings(model) if shardings else None)
         else:
             params = jax.tree.map(lambda x: x.astype(param_dtype), model.init(rng))
     tok_source = get("tokenizer") or checkpoint

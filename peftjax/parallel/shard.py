@@ -127,6 +127,10 @@ def put_tree(tree, shardings):
         return jax.device_put(tree, shardings)
 
     def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            # already global (streamed onto the mesh by the loader): kept, or resharded on the
+            # devices, never gathered to a host
+            return x if x.sharding == s else jax.device_put(x, s)
         x = np.asarray(jax.device_get(x)) if not isinstance(x, np.ndarray) else x
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 

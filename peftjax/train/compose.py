@@ -81,6 +81,27 @@ def run_format(config: Any, task: Any) -> str:
     return formats.task_format(config.task, task, family_heads(config))
 
 
+def _mesh_shardings(config: Any):
+    """With a mesh configured, a function of the model giving each param's sharding (the frozen
+    base's rules), so a checkpoint streams straight onto the mesh and no host holds it whole
+    (issue 23); the train step's plan places the params by the same rules, so nothing moves
+    again. None on a single device."""
+    from peftjax.parallel import mesh as mesh_lib
+
+    mesh_cfg = config.get("mesh", None)
+    if mesh_cfg is None or mesh_lib.is_trivial(mesh_cfg):
+        return None
+
+    def shardings(model) -> dict:
+        from peftjax.parallel import shard
+        from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS
+
+        return shard.param_shardings(model, mesh_lib.make_mesh(mesh_cfg), min_elements=int(
+            mesh_cfg.get("min_shard_elements", DEFAULT_MIN_ELEMENTS)))
+
+    return shardings
+
+
 def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True):
     """``(task, model, tokenizer, method, flat base params)`` from a composed train config."""
     from peftjax.models import hf_io
@@ -104,7 +125,7 @@ def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True
         num_labels=task.num_labels if head == "classification" else None,
         dtype=DTYPES[config.train.dtype], rng=jax.random.PRNGKey(config.seed),
         remat=remat_setting(config.train.remat), with_weights=with_weights,
-        with_tokenizer=with_tokenizer, transforms=quantize_on_load)
+        with_tokenizer=with_tokenizer, transforms=quantize_on_load, shardings=_mesh_shardings(config))
     method = made.get("method") or methods_lib.create(config.method.name, model, method_cfg)
     return task, model, tokenizer, method, (_flat(params) if params is not None else None)
 

@@ -62,3 +62,18 @@ def test_two_processes_each_hold_half_and_load_the_same_model():
         assert r["devices"] == 8 and r["placed"] and r["digest"] == digest
         assert r["local_shard_bytes"] < 0.6 * r["param_bytes"]
         assert r["rss_peak_rise"] <= 0.6 * r["param_bytes"], r
+
+
+def test_the_training_loop_streams_a_checkpoint_onto_its_mesh(tmp_path):
+    """With config.mesh set the loop's base comes out of the loader already sharded by the
+    frozen base's rules, and training matches the single-device run."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel", "streaming_loop.py"),
+                          str(tmp_path / "tfds")], cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = _json(out.stdout)
+    assert run["loaded_sharded"] > 0 and run["mesh"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    np.testing.assert_allclose(run["mesh"]["losses"], run["single"]["losses"], rtol=1e-5)
+    for split in ("validation", "test"):
+        for k, v in run["single"]["metrics"][split].items():
+            assert abs(run["mesh"]["metrics"][split][k] - v) <= 1e-6 * max(1.0, abs(v)), (split, k)
