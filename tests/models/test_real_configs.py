@@ -53,3 +53,21 @@ def test_abstract_count_equals_transformers_meta_count(name):
         theirs.pop("lm_head.weight")
     assert {k: s[::-1] if len(s) == 2 and not k.endswith("embed_tokens.weight") else s
             for k, s in theirs.items()} == ours_names
+
+
+# The speed benchmarks' models (issue 22): random weights, counts equal transformers' meta count.
+BENCH = {"bench-llama-small": (transformers.LlamaForCausalLM, "causal_lm", 57_942_528),
+         "bench-t5-small": (transformers.T5ForConditionalGeneration, "seq2seq_lm", 60_506_624)}
+
+
+@pytest.mark.parametrize("name", sorted(BENCH))
+def test_benchmark_configs_count_as_transformers(name):
+    from peftjax.models import build_model
+
+    cls, head, expected = BENCH[name]
+    hf = model_configs.get(name).hf_config.to_dict()
+    ours = build_model(hf, head=head)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ours.abstract_params()))
+    with torch.device("meta"):
+        ref = cls(transformers.AutoConfig.for_model(**hf))
+    assert count == sum(p.numel() for p in ref.parameters()) == expected
