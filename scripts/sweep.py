@@ -11,6 +11,10 @@ killed run, restarted, resumes the interrupted cell from its checkpoints. The wh
 validated before any cell runs: an unknown model, task, method or config key is an error naming
 the cell and the field. See peftjax/grid/sweep.py for the definition format.
 
+``--adopt_from=DIR`` first copies in the finished cells of another sweep folder that are cells of
+this one (the same resolved config, so the same id: a convergence check's long run is a cell of
+a grid at that budget).
+
 ``--only=REGEX`` runs (or lists) only the cells whose label matches, e.g.
 ``--only='/(full|lora)\['`` to settle two variants' selections before the rest; the others stay
 pending for a later run without it.
@@ -32,6 +36,8 @@ flags.DEFINE_bool("dry_run", False, "list the cells and their count; run nothing
 flags.DEFINE_integer("workers", 1, "cells run at once, each worker a separate process (1: in this process)")
 flags.DEFINE_string("only", None, "a regular expression: run (or list) only the cells whose label "
                     "(model/task/variant[hp]/seed=N) it matches; the rest stay pending")
+flags.DEFINE_string("adopt_from", None, "another sweep folder: its finished cells that are cells of this "
+                    "sweep (same resolved config, same id) are copied into this one's store first")
 flags.DEFINE_bool("retry_failed", False, "rerun cells whose last attempt failed (from scratch)")
 flags.DEFINE_string("cell_fn", "peftjax.grid.runner:train_cell",
                     "module:function run for each cell as fn(cell, celldir) -> result dict")
@@ -90,6 +96,10 @@ def main(argv):
         print("error: --workdir is required to run the sweep", file=sys.stderr)
         return 2
     definition = sweep._plain(FLAGS.config)
+    if FLAGS.adopt_from:
+        for cell in runner.adopt(sweep.expand(FLAGS.config), FLAGS.workdir, FLAGS.adopt_from):
+            print(f"adopted from {FLAGS.adopt_from}: {cell.label}")
+        cells, deferred = kept(*sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir)))
     total = {"ok": 0, "failed": 0, "skipped_ok": 0}
     while True:  # each round may release the deferred seeds of variants whose selection finished
         counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,

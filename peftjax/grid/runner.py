@@ -163,6 +163,25 @@ def status(cells: Sequence[Cell], workdir: str) -> dict[str, str]:
     return {c.id: latest.get(c.id, {}).get("status", "pending") for c in cells}
 
 
+def adopt(cells: Sequence[Cell], workdir: str, other: str) -> list[Cell]:
+    """Copies into ``workdir``'s store the finished cells of another sweep folder that are cells
+    of this one — the same resolved config, hence the same id (e.g. a convergence check's long
+    run at the rate a grid at that budget also runs) — labelled as this sweep labels them, with
+    ``adopted_from`` naming the source; returns the cells adopted. Rows whose config differs in
+    anything are never adopted (the id is the hash of the config, and the config is compared)."""
+    pending = {c.id: c for c in cells if status([c], workdir)[c.id] != "ok"}
+    store = ResultsStore(os.path.join(workdir, "results.jsonl"))
+    adopted = []
+    for row in latest_rows(ResultsStore(os.path.join(other, "results.jsonl")).read()).values():
+        cell = pending.get(row.get("cell"))
+        if cell is None or row.get("status") != "ok" or row.get("config") != json.loads(json.dumps(cell.config)):
+            continue
+        store.append({**row, "label": cell.label, "variant": cell.variant, "hp": cell.hp,
+                      "adopted_from": os.path.abspath(other)})
+        adopted.append(cell)
+    return adopted
+
+
 # --------------------------------------------------------------------------------------------
 # Workers.
 

@@ -185,3 +185,28 @@ def test_compilation_cache_serves_every_seed_from_one_compile(tmp_path):
     assert again == first, sorted(again - first)
     rows = [json.loads(line) for line in open(workdir / "results.jsonl")]
     assert sum(r["status"] == "ok" for r in rows) == 4
+
+
+def test_adopt_copies_the_same_cells_of_another_sweep_under_this_sweeps_labels(tmp_path):
+    """A convergence run given its rate by a per-task override is the grid's cell at that rate:
+    adopted with the grid's label and hp; a cell whose config differs is not."""
+    long = {"name": "long", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+            "base": {"train": {"steps": 3}},
+            "variants": {"full": {"method": "full", "task_overrides": {
+                "tweet_sentiment": {"train": {"learning_rate": 2e-3}}}}}}
+    other = {**long, "base": {"train": {"steps": 4}}}
+    runner.run(sweep.expand(long), str(tmp_path / "long"), cell_fn=FAKE, progress=False)
+    runner.run(sweep.expand(other), str(tmp_path / "other"), cell_fn=FAKE, progress=False)
+    grid = {**definition(), "seeds": [0]}
+    grid["variants"] = {"full": grid["variants"]["a"]}
+    cells = sweep.expand(grid)
+    for source in ("other", "long"):
+        adopted = runner.adopt(cells, str(tmp_path / "grid"), str(tmp_path / source))
+        assert [c.label for c in adopted] == ([] if source == "other" else
+                                              ["tiny-bert/tweet_sentiment/full[learning_rate=0.002]/seed=0"])
+    (row,) = ResultsStore(str(tmp_path / "grid" / "results.jsonl")).read()
+    assert row["hp"] == {"train.learning_rate": 2e-3} and row["variant"] == "full"
+    assert row["adopted_from"] == str(tmp_path / "long")
+    assert runner.status(cells, str(tmp_path / "grid")) == {c.id: "ok" if c.hp["train.learning_rate"] == 2e-3
+                                                            else "pending" for c in cells}
+    assert runner.adopt(cells, str(tmp_path / "grid"), str(tmp_path / "long")) == []   # once
