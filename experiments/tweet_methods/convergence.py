@@ -28,8 +28,8 @@ FACTOR = 4
 # task → variant → learning rate. A task is added once its selection has finished.
 # These are the choices at the first budget (400 steps). Its check (1600 steps) failed — full
 # fine-tuning gained 2.8 points, LoRA 2.2 on tweet_sentiment — and the grid moved to 1600 steps
-# (the 1600-step check runs are cells of the new grid: the same resolved configs). Before the
-# 6400-step check runs, these become the rates chosen at 1600 (the report flags a mismatch).
+# (validating every 200 steps). Before the 6400-step check runs, these become the rates chosen
+# at 1600 (the report flags a mismatch).
 CHOSEN = {
     # full: 1e-4 (val acc 78.1; 3e-5 75.7, 3e-4 77.6); LoRA: 3e-3 (76.4; 1e-3 74.5, 1e-2 stuck at
     # the majority class, 42.9).
