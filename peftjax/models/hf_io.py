@@ -379,6 +379,8 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
     one tensor on the host at a time: each tensor is fetched from its device (transposed where
     HF stores it so) only when its bytes are written.
 
+    Params sharded over several processes are gathered one tensor at a time: every process
+    calls this (the gathers are collectives, in the same order everywhere) and process 0 writes.
     Each file is written to a temporary name and renamed, so a kill leaves no half file.
     """
     entries = []
@@ -386,7 +388,12 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
         name, transpose = hf_name(path, model.family)
 
         def produce(value=value, transpose=transpose) -> np.ndarray:
-            array = np.asarray(jax.device_get(value))
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                from jax.experimental import multihost_utils
+
+                array = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+            else:
+                array = np.asarray(jax.device_get(value))
             return np.ascontiguousarray(array.T if transpose else array)
 
         shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
@@ -421,8 +428,13 @@ def _write_checkpoint(model: Model, folder: str, entries: list, max_shard_bytes:
     index when sharded) and ``config.json``; returns the tensor bytes written."""
     from peftjax.files import atomic_write as write
 
-    os.makedirs(folder, exist_ok=True)
     entries = sorted(entries, key=lambda e: e[0])
+    if jax.process_index() != 0:
+        # Another process writes; this one takes part in each tensor's gather, in order.
+        for entry in entries:
+            entry[3]()
+        return int(sum(math.prod(e[1]) * e[2].itemsize for e in entries))
+    os.makedirs(folder, exist_ok=True)
     nbytes = {e[0]: math.prod(e[1]) * e[2].itemsize for e in entries}
     shards: list[list] = [[]]
     size = 0

@@ -1,7 +1,9 @@
 """all-MiniLM-L6-v2 streamed straight into an FSDP sharding over 8 host CPU devices:
 
-    python tests/parallel/streaming_load.py single                # one process, 8 devices
-    python tests/parallel/streaming_load.py PROCESS_ID PORT       # one of two processes, 4 each
+    python tests/parallel/streaming_load.py single [OUT]             # one process, 8 devices
+    python tests/parallel/streaming_load.py PROCESS_ID PORT [OUT]    # one of two processes, 4 each
+
+With OUT (an absolute folder) the loaded model is saved back there with ``save_pretrained``.
 
 Prints JSON: this process's peak RSS rise over the load (``peftjax.host_memory``), the bytes of
 the model and of this process's shards, whether every param landed in its planned sharding, and
@@ -45,6 +47,8 @@ def main(argv: list[str]) -> None:
         whole = np.asarray(multihost_utils.process_allgather(flat[path], tiled=True) if multi
                            else jax.device_get(flat[path]))
         digest.update(path.encode() + whole.tobytes())
+    # Saved back from the mesh a tensor at a time (process 0 writes, every process gathers).
+    hf_io.save_pretrained(model, params, argv[-1]) if argv[-1].startswith("/") else None
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                       "rss_peak_rise": rise.bytes, "param_bytes": sum(x.nbytes for x in flat.values()),
                       "local_shard_bytes": local, "digest": digest.hexdigest(),
