@@ -208,3 +208,38 @@ def test_quantize_on_load_gives_the_base_quantize_after_load_gives(kind):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     a, b = flat(on_load.trainable), flat(after.trainable)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_the_loop_on_a_quantized_checkpoint_and_load_run_give_the_evaluated_model(tmp_path):
+    """End to end: model.quant=nf4 on a checkpoint (quantized as it is loaded), trained by the
+    loop; result.json says what was quantized, and load_run rebuilds the frozen tree the run
+    trained against (quantized at the same paths), so evaluating it reproduces the run's test
+    metrics."""
+    from configs.train import get_config
+    from peftjax.models import build_model, hf_io
+    from peftjax.train import load_run, train_and_evaluate
+    from peftjax.train.loop import encode_splits, evaluate
+    from peftjax.train.steps import make_eval_step
+
+    config = get_config("model=tiny-bert,method=lora,task=tweet_sentiment")
+    model = build_model(config.model.hf_config.to_dict(), head="none")
+    hf_io.save_pretrained(model, model.init(jax.random.PRNGKey(3)), str(tmp_path / "ckpt"))
+    config.model.checkpoint = str(tmp_path / "ckpt")
+    config.model.quant = "nf4"
+    config.data_dir = str(tmp_path / "tfds")
+    for k, v in dict(steps=4, batch_size=8, eval_batch_size=16, train_limit=32, eval_limit=32,
+                     eval_every=2, checkpoint_every=2, log_every=1, progress=False).items():
+        config.train[k] = v
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    q = result["quantization"]
+    # 2 layers × (q, k, v, o, FFN in, FFN out) + the pooler (outside the task head, frozen)
+    assert q["setting"] == "nf4 + double quant" and q["quantized_matrices"] == 13
+    assert q["quantized_bytes"] < q["float_bytes"] / 4
+    run = load_run(str(tmp_path / "run"))
+    paths = [k for k, v in run.frozen.items() if quant.is_quantized(v)]
+    assert len(paths) == 13
+    encoded = encode_splits(run.config, run.task, run.tokenizer)
+    metrics = evaluate(jax.jit(make_eval_step(run.method, 0)), run.trainable, run.frozen, run.state,
+                       encoded["test"], run.config.train.eval_batch_size, run.task,
+                       run.config.train.get("bucket_multiple", 0))
+    assert metrics == pytest.approx(result["metrics"]["test"], abs=1e-6)
