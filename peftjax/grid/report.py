@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -15,6 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from peftjax.files import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def human_bytes(n: float | None) -> str:
@@ -556,6 +559,13 @@ def _rank_plots(rows, ts: Sequence[Selection], plot_dir: str, tag: str, model: s
                               title=f"{model} × {task}: rank ablations (test unless marked)")
     for s in ts:
         ranks = s.first("rank_allocation")
+        budget = s.first("rank_budget") or {}
+        if ranks and budget.get("final") != budget.get("target", budget.get("final")):
+            # The schedule had not reached its target budget: the pattern is a mid-pruning
+            # snapshot, not the allocation AdaLoRA arrives at, so it is not plotted.
+            log.warning("%s on %s: rank budget %s of target %s at the end; allocation not plotted",
+                        s.variant, task, budget.get("final"), budget.get("target"))
+            continue
         if ranks:
             paths += plots.rank_allocation_heatmap(
                 ranks, os.path.join(plot_dir, f"rank_allocation_{tag}_{s.variant}"),

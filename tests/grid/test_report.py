@@ -178,3 +178,14 @@ def test_rows_of_cells_outside_the_current_definition_are_left_out():
     kept, dropped = current_rows(rows, d)
     assert [r["cell"] for r in kept] == [cell.id, "baseline:m/t/majority"] and dropped == 1
     assert current_rows(rows, None) == (rows, 0)
+
+
+def test_adalora_allocation_is_plotted_only_once_its_budget_reached_the_target(tmp_path):
+    ranks = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.0.attention.self.value": 1}
+    for final, plotted in ((3, True), (6, False)):
+        out = tmp_path / str(final)
+        store = ResultsStore(str(out / "results.jsonl"))
+        store.append(row("tweet_sentiment", "adalora", "adalora", 0, {}, 0.7, 0.7, 900, rank_allocation=ranks,
+                         rank_budget={"init": 8, "target": 3, "final": final}))
+        written = write_report(str(out))
+        assert any("rank_allocation" in p for p in written["plots"]) is plotted
