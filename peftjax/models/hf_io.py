@@ -188,6 +188,11 @@ READ_CHUNK_BYTES = 8 << 20   # rows read at once when a shard keeps only some co
 CHUNK_ON_CPU = False
 
 
+def _chunk_rows(row_bytes: int) -> int:
+    """Rows read at once: as many as fit ``READ_CHUNK_BYTES``, at least one."""
+    return max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+
+
 def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...], dtype: Any,
            sharding: jax.sharding.Sharding | None) -> jax.Array:
     """One tensor read, converted (layout, dtype) and placed, holding at most one shard's
@@ -213,7 +218,7 @@ def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...],
             return jax.device_put(convert(_read(tensors, name)), device)
         # An accelerator: the host holds one chunk of rows at a time; the chunks are joined on
         # the device (which briefly holds the tensor twice, the host never holds it once).
-        step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+        step = _chunk_rows(row_bytes)
         pieces = [jax.device_put(convert(_read(tensors, name, slice(a, min(a + step, stored_shape[0])))), device)
                   for a in range(0, stored_shape[0], step)]
         return jnp.concatenate(pieces, axis=1 if transpose else 0)
@@ -230,7 +235,7 @@ def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...],
         # Columns of a row-major tensor: read whole rows a chunk at a time and keep the
         # columns, so the host never holds more than one chunk beyond the shard itself.
         row_bytes = math.prod(stored_shape[1:]) * np.dtype(tensors[name].dtype).itemsize
-        step = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+        step = _chunk_rows(row_bytes)
         block = None
         for a in range(first, max(last, first + 1), step):
             part = _read(tensors, name, slice(a, min(a + step, last)))[(slice(None),) + rest]
@@ -260,7 +265,7 @@ def accelerator_host_bytes(model: Model, checkpoint_dtype: Any, dtype: Any) -> d
         rows = shape[0] if shape else 1
         row_bytes = total // max(rows, 1)
         chunked = 1 <= len(shape) <= 2 and total > READ_CHUNK_BYTES
-        read = max(1, READ_CHUNK_BYTES // max(row_bytes, 1)) * row_bytes if chunked else total
+        read = _chunk_rows(row_bytes) * row_bytes if chunked else total
         read = min(read, total)
         converts = loaded != stored or transpose
         worst = max(worst, read + (read * loaded.itemsize // stored.itemsize if converts else 0))
@@ -362,14 +367,25 @@ def load_pretrained(folder: str, head: str = "none", num_labels: int | None = No
     return model, params
 
 
+def _host_tensor(value: Any, transpose: bool) -> np.ndarray:
+    """One param whole on the host, in HF's layout: fetched from its device, or gathered when it
+    is sharded over several processes (a collective: every process calls it)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        array = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    else:
+        array = np.asarray(jax.device_get(value))
+    return np.ascontiguousarray(array.T if transpose else array)
+
+
 def tensors_from_params(params: dict, family: Any = None) -> dict[str, np.ndarray]:
     """The HF-named tensors of a param tree (inverse of ``params_from_tensors``); ``family``
     (a ``registry.Family``) names kernels stored untransposed (GPT-2's ``Conv1D``)."""
     out = {}
     for path, value in flatten(params).items():
         name, transpose = hf_name(path, family)
-        array = np.asarray(jax.device_get(value))
-        out[name] = np.ascontiguousarray(array.T if transpose else array)
+        out[name] = _host_tensor(value, transpose)
     return out
 
 
@@ -388,13 +404,7 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
         name, transpose = hf_name(path, model.family)
 
         def produce(value=value, transpose=transpose) -> np.ndarray:
-            if isinstance(value, jax.Array) and not value.is_fully_addressable:
-                from jax.experimental import multihost_utils
-
-                array = np.asarray(multihost_utils.process_allgather(value, tiled=True))
-            else:
-                array = np.asarray(jax.device_get(value))
-            return np.ascontiguousarray(array.T if transpose else array)
+            return _host_tensor(value, transpose)
 
         shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
         entries.append((name, shape, np.dtype(value.dtype), produce))
