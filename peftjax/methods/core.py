@@ -55,6 +55,8 @@ class Sites:
     embeddings: dict[str, dict]   # site -> {hidden}
     blocks: dict[str, dict]       # site -> {kind: 'attention'|'ffn', hidden}
     head_prefixes: tuple[str, ...]
+    # stacked expert params (MoE): site "<module>.<param>" -> {experts, in_features, out_features}
+    grouped: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def discover(cls, model: Model) -> "Sites":
@@ -81,13 +83,13 @@ class Sites:
         # for a 24+24-layer T5).
         jax.eval_shape(run, model.abstract_params())
         groups: dict[str, dict[str, dict]] = {"linear": {}, "attention_kv": {}, "embeddings": {},
-                                              "block_output": {}}
+                                              "block_output": {}, "grouped_linear": {}}
         for call in recorder.calls:
             info = {k: v for k, v in call.items() if k not in ("point", "site")}
             groups[call["point"]].setdefault(call["site"], info)
         return cls(linear=groups["linear"], attention=groups["attention_kv"],
                    embeddings=groups["embeddings"], blocks=groups["block_output"],
-                   head_prefixes=model.head_prefixes)
+                   head_prefixes=model.head_prefixes, grouped=groups["grouped_linear"])
 
     def is_head(self, path: str) -> bool:
         return any(path == h or path.startswith(h + ".") for h in self.head_prefixes)

@@ -66,6 +66,35 @@ def hf_name(path: str, family: Any = None) -> tuple[str, bool]:
     return f"{module}.{_LEAF_TO_HF[leaf]}", transpose
 
 
+def stacked_names(path: str, shape: tuple[int, ...], family: Any = None) -> tuple[tuple[str, ...], ...] | None:
+    """Per expert, the HF tensors a stacked expert param is assembled from (``None`` for an
+    ordinary param): ``Family.stacked_params``."""
+    rule = getattr(family, "stacked_params", None) if family is not None else None
+    return rule(path, tuple(shape)) if rule is not None else None
+
+
+def hf_tensors(path: str, shape: tuple[int, ...], family: Any = None) -> list[tuple[str, tuple[int, ...], Any]]:
+    """The HF tensors one param is saved as: ``(name, stored shape, take)`` with ``take`` mapping
+    the param's host array (flax layout) to that tensor. One tensor for an ordinary param (its
+    kernel transposed to ``nn.Linear``'s (out, in)); for a stacked expert param ``(E, in, out)``,
+    one ``(out / parts, in)`` Linear weight per expert and part (the parts split the output axis
+    equally, in order: Qwen's ``gate_up_proj`` = gate, up)."""
+    shape = tuple(shape)
+    stacked = stacked_names(path, shape, family)
+    if stacked is None:
+        name, transpose = hf_name(path, family)
+        return [(name, shape[::-1] if transpose else shape,
+                 (lambda a: a.T) if transpose else (lambda a: a))]
+    _, d_in, d_out = shape
+    out = []
+    for e, parts in enumerate(stacked):
+        width = d_out // len(parts)
+        for j, name in enumerate(parts):
+            out.append((name, (width, d_in),
+                        lambda a, e=e, j=j, w=width: a[e, :, j * w:(j + 1) * w].T))
+    return out
+
+
 def _candidates(name: str, prefix: str) -> Iterable[str]:
     """Names a tensor may carry: as is, with or without the backbone prefix, legacy LN names."""
     names = [name]
@@ -247,6 +276,40 @@ def _place(tensors: Tensors, name: str, transpose: bool, shape: tuple[int, ...],
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
+def _place_stack(tensors: Tensors, names: tuple[tuple[str, ...], ...], shape: tuple[int, ...],
+                 dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A stacked expert param ``(E, in, out)`` from one checkpoint tensor per expert and part
+    (each ``(out / parts, in)``), holding at most one expert beyond the result on the host (one
+    shard's experts with a sharding: each device reads only the experts of its shard)."""
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    experts, d_in, d_out = shape
+
+    def expert(e: int, out: np.ndarray | None = None) -> np.ndarray:
+        out = tensor_files.empty((d_in, d_out), np_dtype) if out is None else out
+        col = 0
+        for name in names[e]:
+            part = _read(tensors, name)
+            np.copyto(out[:, col:col + part.shape[0]], part.T, casting="unsafe")
+            col += part.shape[0]
+        return out
+
+    if sharding is None:
+        device = jax.devices()[0]
+        if device.platform == "cpu" and not CHUNK_ON_CPU:
+            full = tensor_files.empty(shape, np_dtype)
+            for e in range(experts):
+                expert(e, full[e])
+            return jax.device_put(full, device)
+        return jnp.stack([jax.device_put(expert(e), device) for e in range(experts)])
+
+    def shard(index: tuple) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (3 - len(index))
+        chosen = range(*index[0].indices(experts))
+        return np.ascontiguousarray(np.stack([expert(e)[index[1], index[2]] for e in chosen]))
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 def accelerator_host_bytes(model: Model, checkpoint_dtype: Any, dtype: Any) -> dict[str, int]:
     """The host bytes the loader holds at once when the device is an accelerator (params leave
     the host as they are placed), from abstract shapes: per tensor, the rows read at once
@@ -258,6 +321,12 @@ def accelerator_host_bytes(model: Model, checkpoint_dtype: Any, dtype: Any) -> d
     loaded = np.dtype(jnp.dtype(dtype))
     worst, largest = 0, 0
     for path, spec in flatten(model.abstract_params()).items():
+        if stacked_names(path, spec.shape, model.family) is not None:
+            # one expert at a time: its parts read, then written into the converted block
+            per_expert = math.prod(spec.shape[1:])
+            largest = max(largest, per_expert * spec.shape[0] * stored.itemsize)
+            worst = max(worst, per_expert * (stored.itemsize + loaded.itemsize))
+            continue
         _, transpose = hf_name(path, model.family)
         shape = tuple(spec.shape)[::-1] if transpose else tuple(spec.shape)
         total = math.prod(shape) * stored.itemsize
@@ -311,6 +380,12 @@ def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.floa
     found_at: dict[str, tuple[str, bool]] = {}
     missing, misshaped, fresh = [], [], []
     for path, spec in abstract.items():
+        stacked = stacked_names(path, spec.shape, model.family)
+        if stacked is not None:
+            resolved = _resolve_stack(tensors, stacked, prefix, tuple(spec.shape), missing, misshaped)
+            if resolved is not None:
+                found_at[path] = (resolved, False)
+            continue
         name, transpose = hf_name(path, model.family)
         found = next((c for c in _candidates(name, prefix) if c in tensors), None)
         if found is None and dict(model.family.tied_fallbacks).get(name) in tensors:
@@ -341,7 +416,10 @@ def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.floa
     shardings, transforms = shardings or {}, transforms or {}
     out: dict[str, Any] = {}
     for path, (found, transpose) in found_at.items():
-        value = _place(tensors, found, transpose, tuple(abstract[path].shape), dtype, shardings.get(path))
+        if isinstance(found, tuple):
+            value = _place_stack(tensors, found, tuple(abstract[path].shape), dtype, shardings.get(path))
+        else:
+            value = _place(tensors, found, transpose, tuple(abstract[path].shape), dtype, shardings.get(path))
         out[path] = transforms[path](value) if path in transforms else value
     if fresh:
         rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -350,6 +428,30 @@ def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.floa
             out[path] = jax.device_put(init[path], shardings[path]) if path in shardings else init[path]
         log.info("newly initialised (not in %s): %s", source, ", ".join(fresh))
     return unflatten(out), fresh
+
+
+def _resolve_stack(tensors: Tensors, stacked: tuple[tuple[str, ...], ...], prefix: str,
+                   shape: tuple[int, ...], missing: list, misshaped: list) -> tuple | None:
+    """The checkpoint names of a stacked param's per-expert parts (each ``(out / parts, in)``),
+    or None after adding what is absent or mis-shaped to ``missing`` / ``misshaped``."""
+    _, d_in, d_out = shape
+    resolved, ok = [], True
+    for parts in stacked:
+        row = []
+        for name in parts:
+            found = next((c for c in _candidates(name, prefix) if c in tensors), None)
+            if found is None:
+                missing.append(name)
+                ok = False
+                continue
+            stored = tuple(tensors[found].shape)
+            expected = (d_out // len(parts), d_in)
+            if stored != expected:
+                misshaped.append(f"{found}: checkpoint {stored}, model expects {expected}")
+                ok = False
+            row.append(found)
+        resolved.append(tuple(row))
+    return tuple(resolved) if ok else None
 
 
 def load_pretrained(folder: str, head: str = "none", num_labels: int | None = None, *,
@@ -384,8 +486,9 @@ def tensors_from_params(params: dict, family: Any = None) -> dict[str, np.ndarra
     (a ``registry.Family``) names kernels stored untransposed (GPT-2's ``Conv1D``)."""
     out = {}
     for path, value in flatten(params).items():
-        name, transpose = hf_name(path, family)
-        out[name] = _host_tensor(value, transpose)
+        host = _host_tensor(value, False)
+        for name, _, take in hf_tensors(path, tuple(value.shape), family):
+            out[name] = np.ascontiguousarray(take(host))
     return out
 
 
@@ -401,14 +504,34 @@ def save_pretrained(model: Model, params: dict, folder: str, *,
     """
     entries = []
     for path, value in flatten(params).items():
-        name, transpose = hf_name(path, model.family)
+        tensors = hf_tensors(path, tuple(value.shape), model.family)
+        host = _HostOnce(value, len(tensors))
+        for name, shape, take in tensors:
 
-        def produce(value=value, transpose=transpose) -> np.ndarray:
-            return _host_tensor(value, transpose)
+            def produce(host=host, take=take) -> np.ndarray:
+                return np.ascontiguousarray(take(host.get()))
 
-        shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
-        entries.append((name, shape, np.dtype(value.dtype), produce))
+            entries.append((name, shape, np.dtype(value.dtype), produce))
     _write_checkpoint(model, folder, entries, max_shard_bytes)
+
+
+class _HostOnce:
+    """A param fetched to the host (gathered, when sharded over processes) on its first use and
+    released after its last: a stacked expert param is written as one tensor per expert and
+    part, each a slice of one host copy. Every process uses it in the same (sorted) order, so
+    the gathers line up."""
+
+    def __init__(self, value: Any, uses: int):
+        self.value, self.left, self.array = value, uses, None
+
+    def get(self) -> np.ndarray:
+        if self.array is None:
+            self.array = _host_tensor(self.value, False)
+        array = self.array
+        self.left -= 1
+        if self.left == 0:
+            self.array = None
+        return array
 
 
 def save_random_pretrained(model: Model, folder: str, *, dtype: Any = jnp.bfloat16, std: float = 0.02,
@@ -418,18 +541,19 @@ def save_random_pretrained(model: Model, folder: str, *, dtype: Any = jnp.bfloat
     a laptop-sized host). Returns the bytes written."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     entries = []
-    for i, (path, spec) in enumerate(sorted(flatten(model.abstract_params()).items())):
-        name, transpose = hf_name(path, model.family)
-        shape = tuple(spec.shape)[::-1] if transpose else tuple(spec.shape)
+    i = 0
+    for path, spec in sorted(flatten(model.abstract_params()).items()):
+        for name, shape, _ in hf_tensors(path, tuple(spec.shape), model.family):
 
-        def produce(shape=shape, i=i, ones=path.endswith(".scale")) -> np.ndarray:
-            if ones:
-                return np.ones(shape, np_dtype)
-            values = np.random.default_rng([seed, i]).standard_normal(shape, np.float32)
-            values *= std
-            return values.astype(np_dtype)
+            def produce(shape=shape, i=i, ones=path.endswith(".scale")) -> np.ndarray:
+                if ones:
+                    return np.ones(shape, np_dtype)
+                values = np.random.default_rng([seed, i]).standard_normal(shape, np.float32)
+                values *= std
+                return values.astype(np_dtype)
 
-        entries.append((name, shape, np_dtype, produce))
+            entries.append((name, shape, np_dtype, produce))
+            i += 1
     return _write_checkpoint(model, folder, entries, max_shard_bytes)
 
 

@@ -10,6 +10,10 @@ inside the jitted function, the method's parameters are ordinary traced values.
 The hook points (``design.md``):
 
 * ``linear``        every dense layer (q/k/v/o, FFN in/out, heads): LoRA family, IA3-style scaling.
+* ``grouped_linear`` the stacked expert matrices of a mixture-of-experts layer (``(E, in, out)``,
+                    rows sorted by expert, ``group_sizes`` rows per expert): LoRA on experts
+                    (PEFT's ``target_parameters``). Methods that do not implement it leave the
+                    experts alone, as PEFT's module-level methods do.
 * ``attention_kv``  keys/values and the mask of every attention layer: prefix tuning.
 * ``embeddings``    the input-embedding sequence before positions are added: prompt tuning.
 * ``block_output``  the end of each attention block and FFN block: the block's projected
@@ -50,6 +54,14 @@ class Hooks:
 
     def linear(self, module, x: Array, y: Array, kernel: Array, bias: Array | None) -> Array:
         """``y = x @ kernel + bias`` was computed by ``module``; return the adapted output."""
+        return y
+
+    def grouped_linear(self, module, name: str, x: Array, y: Array, kernel: Array,
+                       group_sizes: Array) -> Array:
+        """``y = ragged_dot(x, kernel, group_sizes)`` was computed by ``module``'s stacked param
+        ``name`` (``kernel``: ``(experts, in, out)``; ``x``'s rows sorted by expert, the first
+        ``group_sizes[0]`` rows expert 0's, ...); return the adapted output. The site of the
+        param is ``site(module) + "." + name`` (PEFT's ``target_parameters`` name)."""
         return y
 
     def attention_kv(self, module, key: Array, value: Array, mask: Array) -> tuple[Array, Array, Array]:
@@ -123,6 +135,12 @@ class Recorder(Hooks):
     def linear(self, module, x, y, kernel, bias):
         self.calls.append(dict(point="linear", site=site(module), in_features=kernel.shape[0],
                                out_features=kernel.shape[1], has_bias=bias is not None))
+        return y
+
+    def grouped_linear(self, module, name, x, y, kernel, group_sizes):
+        self.calls.append(dict(point="grouped_linear", site=f"{site(module)}.{name}",
+                               experts=kernel.shape[0], in_features=kernel.shape[1],
+                               out_features=kernel.shape[2], has_bias=False))
         return y
 
     def attention_kv(self, module, key, value, mask):

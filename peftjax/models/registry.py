@@ -9,8 +9,10 @@ calls ``register_family``; nothing else changes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Mapping
+import threading
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -55,6 +57,13 @@ class Family:
         ``head_prefixes`` see it. Empty (decoders, T5): the head is transformers' alone and only
         ``"cls"`` (meaning that head) is accepted; ``"mean"`` is refused rather than ignored, so
         a run never reports a pooling that did not happen.
+      stacked_params: ``(path, shape) -> per-expert HF tensor names | None``: params stacked over
+        a leading experts axis that checkpoints keep as one tensor per expert (``hf_io`` stacks
+        them on load, concatenating each expert's parts along the output axis, and splits them
+        on save); ``None`` for every ordinary param. Mixture-of-experts families.
+      aux_loss: ``(config, router_logits, attention_mask) -> loss | None``: an auxiliary training
+        loss computed from what the model sowed (``moe.ROUTER_LOGITS``); ``Model.apply`` adds it
+        to the losses being collected (``collect_aux_losses``) in training. MoE families.
     """
 
     name: str
@@ -69,6 +78,26 @@ class Family:
     untransposed_kernels: str = ""
     tied_fallbacks: tuple[tuple[str, str], ...] = ()
     poolings: tuple[str, ...] = ()
+    stacked_params: Callable[[str, tuple[int, ...]], tuple[tuple[str, ...], ...] | None] | None = None
+    aux_loss: Callable[[Any, list, Any], Any] | None = None
+
+
+_AUX = threading.local()
+
+
+@contextlib.contextmanager
+def collect_aux_losses() -> Iterator[list]:
+    """Collects the auxiliary losses (``Family.aux_loss``) of every training-mode model call
+    traced inside the block, e.g. a MoE router's load-balancing loss, into the yielded list; the
+    train step adds their sum to its objective. Calls outside any such block add nothing."""
+    stack = getattr(_AUX, "stack", None)
+    if stack is None:
+        stack = _AUX.stack = []
+    stack.append([])
+    try:
+        yield stack[-1]
+    finally:
+        stack.pop()
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -183,11 +212,38 @@ class Model:
     def apply(self, params: dict, batch: Mapping[str, Any], *, train: bool = False,
               rng: jax.Array | None = None, **kwargs) -> Any:
         rngs = {"dropout": rng} if (train and rng is not None) else None
-        out = self.module.apply({"params": params}, *self._inputs(batch), train=train, rngs=rngs,
-                                **kwargs)
+        collector = (getattr(_AUX, "stack", None) or [None])[-1]
+        if train and collector is not None and self.family.aux_loss is not None \
+                and getattr(self.config, "output_router_logits", False):
+            from peftjax.models import moe
+
+            out, variables = self.module.apply({"params": params}, *self._inputs(batch), train=train,
+                                               rngs=rngs, mutable=[moe.ROUTER_LOGITS], **kwargs)
+            logits = moe.collected_router_logits(variables)
+            loss = self.family.aux_loss(self.config, logits, _rows_mask(batch.get("attention_mask"), logits))
+            if loss is not None:
+                collector.append(loss)
+        else:
+            out = self.module.apply({"params": params}, *self._inputs(batch), train=train, rngs=rngs,
+                                    **kwargs)
         if self.head == "none" and isinstance(out, tuple):
             return out[0]
         return out
+
+
+def _rows_mask(mask: Any, router_logits: list) -> Any:
+    """The attention mask as the router saw the rows: a prompt method's ``n`` virtual tokens
+    come first in each row (always attended), so a ``(B, L)`` mask becomes ``(B, n + L)``."""
+    if mask is None or not router_logits:
+        return mask
+    mask = jnp.asarray(mask)
+    b, l = mask.shape
+    rows = router_logits[0].shape[0]
+    if rows == b * l:
+        return mask
+    if rows % b or rows // b < l:
+        raise ValueError(f"router logits have {rows} rows for a ({b}, {l}) batch")
+    return jnp.concatenate([jnp.ones((b, rows // b - l), mask.dtype), mask], axis=1)
 
 
 def build_model(hf_config: Any, head: str = "none", num_labels: int | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from peftjax.methods.core import Method
+from peftjax.models import registry
 from peftjax.losses import IGNORE, lm_nll, loss_for, sequence_log_likelihood
 
 
@@ -54,11 +55,15 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int 
         rng = jax.random.fold_in(base_rng, state.step)
 
         def objective(trainable):
-            out = method.apply(trainable, frozen, state.method_state, batch, train=True, rng=rng)
+            # Auxiliary losses the model adds in training (a MoE router's load balancing, when
+            # its config enables it) join the objective; the reported loss stays the task's.
+            with registry.collect_aux_losses() as aux:
+                out = method.apply(trainable, frozen, state.method_state, batch, train=True, rng=rng)
             task = loss_fn(out, batch)
-            return task + method.regularizer(trainable, state.method_state), task
+            aux_total = sum(aux) if aux else jnp.zeros((), jnp.float32)
+            return task + method.regularizer(trainable, state.method_state) + aux_total, (task, aux_total)
 
-        (_, task_loss), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        (_, (task_loss, aux_loss)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
         # The method state travels to the optimizer as an extra argument: a method's gradient
         # transform may read it (LoRA-FA's projection of B's gradient by its frozen A).
         updates, opt_state = optax.with_extra_args_support(tx).update(
@@ -66,6 +71,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, seed: int 
         trainable = optax.apply_updates(state.trainable, updates)
         method_state, trainable = method.update_state(state.method_state, trainable, grads, state.step)
         metrics = {"loss": task_loss, "grad_norm": optax.global_norm(grads)}
+        if getattr(method.model.config, "output_router_logits", False):
+            metrics["aux_loss"] = aux_loss
         return TrainState(state.step + 1, trainable, opt_state, method_state, state.rng), metrics
 
     return step_fn

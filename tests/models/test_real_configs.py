@@ -23,6 +23,7 @@ EXPECTED = {
     "Gemma-2-9B": 9_241_705_984,
     "Gemma-3-1B": 999_885_952,
     "Gemma-3-4B": 3_880_263_168,   # the text decoder of gemma-3-4b-pt
+    "Qwen3-30B-A3B": 30_532_122_624,   # 128 experts; 3.3 B active per token
 }
 
 
@@ -47,7 +48,13 @@ def test_abstract_count_equals_transformers_meta_count(name):
     # The weights are the same tensors under the same names.
     from peftjax.models import hf_io
 
-    ours_names = {hf_io.hf_name(p)[0]: tuple(v.shape) for p, v in hf_io.flatten(ours.abstract_params()).items()}
+    # (A stacked expert param is transformers v5's fused module param, (E, out, in) there.)
+    ours_names = {}
+    for p, v in hf_io.flatten(ours.abstract_params()).items():
+        if hf_io.stacked_names(p, v.shape, ours.family) is not None:
+            ours_names[p] = (v.shape[0], v.shape[2], v.shape[1])
+        else:
+            ours_names[hf_io.hf_name(p)[0]] = tuple(v.shape)
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     if config.tie_word_embeddings:
         theirs.pop("lm_head.weight")

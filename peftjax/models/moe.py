@@ -1,0 +1,168 @@
+"""Mixture-of-experts feed-forward blocks: a top-k router and stacked SwiGLU experts.
+
+A sparse MoE layer (Shazeer et al. 2017, "Outrageously large neural networks"; Fedus et al. 2022,
+"Switch Transformers"; Jiang et al. 2024, "Mixtral of experts"; Qwen3 report §2) replaces the
+dense FFN by ``E`` expert FFNs and a linear router. For a token ``x``::
+
+    p = softmax(x W_router)                     (E probabilities, fp32)
+    S = top-k indices of p,  w_e = p_e  (or p_e / Σ_{e'∈S} p_e' when the family renormalises)
+    y = Σ_{e ∈ S} w_e · down_e(act(gate_e(x)) ⊙ up_e(x))
+
+as transformers' ``Qwen3MoeSparseMoeBlock`` computes it (softmax in float32, ``torch.topk``,
+``norm_topk_prob``, weights cast back to the compute dtype, applied after ``down_proj``).
+
+Why stacked params and grouped matmuls: the experts' weights are single ``(E, in, out)`` arrays
+(transformers v5 stores them as ``gate_up_proj`` ``(E, 2I, H)`` and ``down_proj`` ``(E, H, I)``;
+here in the flax kernel layout, ``(E, H, 2I)`` and ``(E, I, H)``). The ``T·k`` (token, expert)
+pairs are sorted by expert and each expert's rows multiplied by its matrix in one
+``jax.lax.ragged_dot`` (a grouped GEMM): no Python loop over experts, no compute for experts a
+token is not routed to, static shapes under jit, and expert-parallel sharding of the stacked
+axis. Each product passes through the ``grouped_linear`` hook, so LoRA can adapt an expert
+matrix with per-expert factors (PEFT's ``target_parameters``); the router is an ordinary
+``Dense`` (``mlp.gate``) and takes every ``linear`` method.
+
+The auxiliary load-balancing loss (Switch Transformers eqs. 4-6, as transformers'
+``load_balancing_loss_func``) is available to training: each sparse layer sows its router logits
+(collection ``ROUTER_LOGITS``) and ``load_balancing_loss`` turns them into
+``E · Σ_e f_e P_e``, ``f_e`` the fraction of top-k assignments and ``P_e`` the mean router
+probability of expert ``e`` over all layers' real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftjax.models import hooks
+from peftjax.models.layers import Dense, activation, normal_init
+
+ROUTER_LOGITS = "router_logits"   # the flax collection the sparse layers sow their logits into
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """``(weights, experts)``, both ``(T, top_k)``: the top-k experts of each token by softmax
+    probability (fp32) and their weights (renormalised to sum to 1 when ``normalize``), cast to
+    the logits' dtype."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(logits.dtype), experts
+
+
+def grouped_linear(module: nn.Module, name: str, x: jax.Array, kernel: jax.Array,
+                   group_sizes: jax.Array) -> jax.Array:
+    """``x``'s rows (sorted by expert) times their expert's ``kernel`` slice, through the hook."""
+    kernel = kernel.astype(x.dtype)
+    y = jax.lax.ragged_dot(x, kernel, group_sizes)
+    return hooks.active().grouped_linear(module, name, x, y, kernel, group_sizes)
+
+
+class StackedExperts(nn.Module):
+    """``E`` SwiGLU experts as two stacked params (Hugging Face's names, flax's layout):
+    ``gate_up_proj`` ``(E, hidden, 2·intermediate)`` (gate columns first, then up) and
+    ``down_proj`` ``(E, intermediate, hidden)``."""
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str = "silu"
+    dtype: Any = jnp.float32
+    initializer_range: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        init = normal_init(self.initializer_range)
+        gate_up = self.param("gate_up_proj", init, (e, h, 2 * i), jnp.float32)
+        down = self.param("down_proj", init, (e, i, h), jnp.float32)
+        x = x.astype(self.dtype)
+        gu = grouped_linear(self, "gate_up_proj", x, gate_up, group_sizes)
+        z = activation(self.hidden_act)(gu[:, :i]) * gu[:, i:]
+        return grouped_linear(self, "down_proj", z, down, group_sizes)
+
+
+def sparse_moe(module: nn.Module, x: jax.Array, *, num_experts: int, top_k: int,
+               intermediate_size: int, normalize: bool, hidden_act: str, dtype: Any,
+               initializer_range: float) -> jax.Array:
+    """The sparse MoE FFN, ``(B, L, H) -> (B, L, H)``, built in ``module``'s compact scope (its
+    children are the router ``gate``, a bias-free Dense to ``E`` logits, and ``experts``).
+
+    Every token is routed, padding included (as transformers does; padded positions never reach
+    a real token's output). Sows the router logits ``(B·L, E)`` into ``ROUTER_LOGITS``.
+    """
+    b, l, h = x.shape
+    flat = x.reshape(b * l, h)
+    logits = Dense(num_experts, use_bias=False, dtype=dtype, kernel_init=normal_init(initializer_range),
+                   name="gate")(flat)
+    module.sow(ROUTER_LOGITS, "logits", logits)
+    weights, experts = route(logits, top_k, normalize)
+    flat_experts = experts.reshape(-1)                         # pair p = token·k + slot
+    order = jnp.argsort(flat_experts, stable=True)             # pairs grouped by expert
+    tokens = order // top_k
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+    y = StackedExperts(num_experts, h, intermediate_size, hidden_act, dtype, initializer_range,
+                       name="experts")(flat[tokens], group_sizes)
+    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+    out = jnp.zeros((b * l, h), y.dtype).at[tokens].add(y)
+    return out.reshape(b, l, h)
+
+
+def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, top_k: int,
+                        attention_mask: jax.Array | None = None) -> jax.Array:
+    """Switch Transformers' auxiliary loss over all sparse layers (transformers'
+    ``load_balancing_loss_func``): ``E · Σ_e f_e · P_e`` with ``f_e`` the share of top-k
+    assignments to expert ``e`` (summing to ``top_k``) and ``P_e`` its mean router probability,
+    both pooled over every layer's real tokens (``attention_mask``, ``(B, L)``, flattened as the
+    logits' rows; None: every row)."""
+    counts = jnp.zeros((num_experts,), jnp.float32)
+    prob_sum = jnp.zeros((num_experts,), jnp.float32)
+    rows = jnp.zeros((), jnp.float32)
+    for logits in router_logits:
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        _, chosen = jax.lax.top_k(probs, top_k)
+        weight = (jnp.ones((logits.shape[0],), jnp.float32) if attention_mask is None
+                  else attention_mask.reshape(-1).astype(jnp.float32))
+        counts = counts + jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32)
+                                  * weight[:, None, None], axis=(0, 1))
+        prob_sum = prob_sum + jnp.sum(probs * weight[:, None], axis=0)
+        rows = rows + jnp.sum(weight)
+    return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
+
+
+def collected_router_logits(variables: dict) -> list[jax.Array]:
+    """The router logits a model call sowed (``mutable=[ROUTER_LOGITS]``), in layer order."""
+    flat = {}
+
+    def walk(tree: Any, path: tuple) -> None:
+        if isinstance(tree, dict):
+            for k, v in tree.items():
+                walk(v, path + (k,))
+        elif isinstance(tree, (tuple, list)):
+            for i, v in enumerate(tree):
+                flat[path + (i,)] = v
+
+    walk(variables.get(ROUTER_LOGITS, {}), ())
+
+    def key(path: tuple) -> tuple:
+        return tuple((0, int(p), "") if isinstance(p, int) or str(p).isdigit() else (1, 0, str(p))
+                     for p in path)
+
+    return [flat[p] for p in sorted(flat, key=key)]
+
+
+def stacked_hf_names(path: str, shape: tuple[int, ...], parts: dict[str, tuple[str, ...]],
+                     experts_infix: str = "experts") -> tuple[tuple[str, ...], ...] | None:
+    """The Hugging Face tensors a stacked expert param is assembled from, per expert (``None``
+    for any other param). Checkpoints on the Hub keep one ``nn.Linear`` per expert
+    (``mlp.experts.3.gate_proj.weight``, ``(I, H)``); transformers v5 fuses them on load, and
+    so does ``hf_io``: ``parts`` maps a stacked param's leaf to the per-expert module names
+    concatenated along its output axis (Qwen: ``gate_up_proj`` = gate_proj, up_proj)."""
+    module, _, leaf = path.rpartition(".")
+    if leaf not in parts or not module.endswith("." + experts_infix) or len(shape) != 3:
+        return None
+    return tuple(tuple(f"{module}.{e}.{part}.weight" for part in parts[leaf]) for e in range(shape[0]))
