@@ -23,12 +23,16 @@ DECODER_SUBSETS = {"gpt2": ("lora", "adapter"), "bloom": ("lora", "prompt_tuning
                    # LoRA on q/v; Mistral's sliding window with prefix keys), the rest under -m slow.
                    "qwen2": ("bitfit",), "qwen3": ("lora",), "mistral": ("prefix_tuning",),
                    # Gemma 2: adapters read each block's output after its post-norm.
-                   "gemma2": ("adapter",), "gemma3": ("ia3",)}
+                   "gemma2": ("adapter",), "gemma3": ("ia3",),
+                   # Qwen3-MoE: LoRA (its default q/v targets) and full fine-tuning (gradients
+                   # through the grouped expert matmuls and the router).
+                   "qwen3_moe": ("lora", "full")}
 TINY = {"bert": ("tiny-bert", "classification", 3), "llama": ("tiny-llama", "causal_lm", None),
         "gpt2": ("tiny-gpt2", "causal_lm", None), "bloom": ("tiny-bloom", "causal_lm", None),
         "t5": ("tiny-t5", "seq2seq_lm", None), "qwen2": ("tiny-qwen2", "causal_lm", None),
         "qwen3": ("tiny-qwen3", "causal_lm", None), "mistral": ("tiny-mistral", "causal_lm", None),
-        "gemma2": ("tiny-gemma2", "causal_lm", None), "gemma3": ("tiny-gemma3", "causal_lm", None)}
+        "gemma2": ("tiny-gemma2", "causal_lm", None), "gemma3": ("tiny-gemma3", "causal_lm", None),
+        "qwen3_moe": ("tiny-qwen3-moe", "causal_lm", None)}
 # The encoder-decoder family runs a representative subset of the contract matrix (time budget):
 # full, LoRA, prompt tuning (encoder input), Houlsby adapters. BitFit has nothing to train on T5
 # (no biases): tests/models/test_t5.py checks it is refused.
@@ -45,7 +49,8 @@ TINY_OVERRIDES = {"llama": {"vocab_size": 256, "initializer_range": 0.2},
                   "qwen3": {"vocab_size": 256, "initializer_range": 0.2},
                   "mistral": {"vocab_size": 256, "initializer_range": 0.2},
                   "gemma2": {"vocab_size": 256, "initializer_range": 0.2},
-                  "gemma3": {"vocab_size": 256, "initializer_range": 0.2}}
+                  "gemma3": {"vocab_size": 256, "initializer_range": 0.2},
+                  "qwen3_moe": {"vocab_size": 256, "initializer_range": 0.2}}
 
 # Small configurations of every registered method for the contract matrix.
 METHOD_CONFIGS: dict[str, dict] = {

@@ -42,16 +42,20 @@ METHOD_CONFIGS_LR = {"linear_probe": 3e-2, "full": 3e-3, "child_tuning_f": 3e-3,
                      ("prompt_tuning", "t5"): 3e-1,
                      # PEFT's Qwen default tunes one RMSNorm per layer (post_attention_layernorm):
                      # 128 scales on the tiny models.
-                     ("ln_tuning", "qwen2"): 5e-2, ("ln_tuning", "qwen3"): 5e-2}
+                     ("ln_tuning", "qwen2"): 5e-2, ("ln_tuning", "qwen3"): 5e-2,
+                     ("ln_tuning", "qwen3_moe"): 5e-2}
 TRAIN_STEPS = 25
 
 
 # Cells a method refuses by design, with the reason its error must give.
 REFUSED = {("linear_probe", f): "has no params of its own"
-           for f in ("llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")}
+           for f in ("llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2", "gemma3",
+                     "qwen3_moe")}
 # Qwen3 (attention_bias false, as released), Mistral and Gemma 2/3 have no bias terms at all.
 REFUSED.update({("bitfit", f): "the model has no bias terms"
-                for f in ("qwen3", "mistral", "gemma2", "gemma3")})
+                for f in ("qwen3", "mistral", "gemma2", "gemma3", "qwen3_moe")})
+# PEFT ships no (IA)³ default targets for qwen3_moe (TRANSFORMERS_MODELS_TO_IA3_*): the user names them.
+REFUSED[("ia3", "qwen3_moe")] = "no default targets for model type 'qwen3_moe'"
 
 
 class Case:
