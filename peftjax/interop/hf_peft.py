@@ -250,7 +250,9 @@ def _export_lora(method, added, initial_added=None) -> tuple[dict, dict, str]:
         _check_added(method, initial_added, ("lora_A", "lora_B"))
     prefix = "base_model.model."
     tensors: dict[str, np.ndarray] = {}
+    grouped = grouped_layout(method)
     expected = {f"{s}.{n}" for s in method.targets for n in ("lora_A", "lora_B", *extra.values())}
+    expected |= {f"{s}.{n}" for s in grouped for n in ("lora_A", "lora_B")}
     if set(added) != expected:
         raise AdapterError(_listing(f"{method.name} added params do not match its targets; missing",
                                     sorted(expected - set(added)))
@@ -264,13 +266,23 @@ def _export_lora(method, added, initial_added=None) -> tuple[dict, dict, str]:
         tensors[f"{prefix}{site}.lora_B.weight"] = b.T.copy()
         for peft_key, ours in extra.items():
             tensors[f"{prefix}{site}.{peft_key}"] = _to_numpy(added[f"{site}.{ours}"])
+    for site, module in grouped.items():
+        # PEFT's ParamWrapper on a stacked (E, out, in) param: lora_A (r·E, in) with row e·r + k,
+        # lora_B (out, r·E) with column k·E + e (``get_delta_weight``'s reshapes).
+        a, b = _to_numpy(added[site + ".lora_A"]), _to_numpy(added[site + ".lora_B"])
+        experts, fan_in, r = a.shape
+        tensors[f"{prefix}{module}.lora_A.weight"] = np.ascontiguousarray(
+            a.transpose(0, 2, 1).reshape(experts * r, fan_in))
+        tensors[f"{prefix}{module}.lora_B.weight"] = np.ascontiguousarray(
+            b.transpose(2, 1, 0).reshape(b.shape[2], r * experts))
     rank, alpha = int(c.rank), float(c.alpha)
     if convert:
         rank, alpha = 2 * rank, alpha * (2 ** 0.5 if c.use_rslora else 2.0)
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha,
         "lora_dropout": float(c.dropout), "use_rslora": bool(c.use_rslora),
-        "target_modules": list(method.targets), "bias": "none",
+        "target_modules": [t for t in method.targets if t not in method.parameter_targets],
+        "bias": "none",
         # PEFT's flag for Conv1D (GPT-2) layers, whose weight is stored (in, out); lora_A/B have
         # the nn.Linear shapes either way. PEFT's own save writes True for such targets.
         "fan_in_fan_out": _conv1d_targets(method.model, method.targets),
@@ -278,8 +290,32 @@ def _export_lora(method, added, initial_added=None) -> tuple[dict, dict, str]:
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
         "use_dora": False, "lora_bias": False,
     }
+    if grouped or method.parameter_targets:
+        config["target_parameters"] = ([f"{t}.weight" for t in method.parameter_targets]
+                                       + list(grouped))
     config.update(method.peft_lora_flags)
     return config, tensors, prefix
+
+
+def grouped_layout(method) -> dict[str, str]:
+    """Stacked expert sites of a LoRA (``target_parameters``) → the module path PEFT stores each
+    one's factors under. PEFT wraps every targeted param of a module in its own ``ParamWrapper``,
+    nested in the order the module registers its params (the first innermost), so with both
+    ``gate_up_proj`` and ``down_proj`` targeted the first is ``experts.base_layer`` and the
+    second ``experts``; our params are created in the registration order of transformers', which
+    is the order the sites are discovered."""
+    sites = list(getattr(method, "grouped_targets", ()) or ())
+    if not sites:
+        return {}
+    order = list(method.sites.grouped)
+    by_module: dict[str, list[str]] = {}
+    for site in sorted(sites, key=order.index):
+        by_module.setdefault(site.rpartition(".")[0], []).append(site)
+    out = {}
+    for module, members in by_module.items():
+        for j, site in enumerate(members):
+            out[site] = module + ".base_layer" * (len(members) - 1 - j)
+    return out
 
 
 def _export_declared(method, added) -> tuple[dict, dict, str]:
@@ -524,7 +560,6 @@ _REFUSED_LORA_FIELDS = {
                                   "implemented; export the adapter with explicit target_modules"),
     "layer_replication": (None, "layer_replication is not implemented"),
     "exclude_modules": (None, "exclude_modules is not implemented; use explicit target_modules"),
-    "target_parameters": (None, "target_parameters (LoRA on raw parameters) is not implemented"),
     "trainable_token_indices": (None, "trainable_token_indices is not implemented"),
     "alora_invocation_tokens": (None, "activated LoRA (alora_invocation_tokens) is not implemented"),
     "use_qalora": (False, "QA-LoRA is not implemented"),
@@ -570,11 +605,18 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
 
     sites = core.Sites.discover(model)
     r = config.get("r", 8)
+    parameters = list(config.get("target_parameters") or [])
+    if parameters and method_name != "lora":
+        raise AdapterError(f"{folder}: target_parameters is plain LoRA's in PEFT (ParamWrapper); "
+                           f"this config describes {method_name}")
     kwargs = dict(rank=int(r), alpha=float(config.get("lora_alpha", 8)),
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   use_rslora=bool(config.get("use_rslora", False)),
-                  targets=_peft_targets_regex(config.get("target_modules"), sites),
+                  targets=(() if parameters and not config.get("target_modules")
+                           else _peft_targets_regex(config.get("target_modules"), sites)),
                   init=our_init)
+    if parameters:
+        kwargs["target_parameters"] = tuple(parameters)
     try:
         method = core.create(method_name, model, kwargs, sites=sites)
     except ValueError as e:
@@ -606,6 +648,24 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
                 misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {shape}")
                 continue
             added[f"{site}.{ours}"] = jax.numpy.asarray(array.T if transpose else array)
+    for site, module in grouped_layout(method).items():
+        info = sites.grouped[site]
+        e, fan_in, fan_out = info["experts"], info["in_features"], info["out_features"]
+        want = {"lora_A": (r * e, fan_in), "lora_B": (fan_out, r * e)}
+        arrays = {}
+        for ours, shape in want.items():
+            key = f"{module}.{ours}.weight"
+            if key not in lora_keys:
+                missing.append(prefix + key)
+                continue
+            array = tensors.pop(lora_keys.pop(key))
+            if tuple(array.shape) != shape:
+                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {shape}")
+                continue
+            arrays[ours] = array
+        if len(arrays) == 2:   # the inverse of _export_lora's layout
+            added[f"{site}.lora_A"] = jax.numpy.asarray(arrays["lora_A"].reshape(e, r, fan_in).transpose(0, 2, 1))
+            added[f"{site}.lora_B"] = jax.numpy.asarray(arrays["lora_B"].reshape(fan_out, r, e).transpose(2, 1, 0))
     unexpected = sorted(prefix + k for k in lora_keys)
     if missing or misshaped or unexpected:
         lines = []

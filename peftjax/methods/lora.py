@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -78,6 +79,9 @@ class LoRAConfig:
     targets: str | tuple[str, ...] = DEFAULT_TARGETS
     use_rslora: bool = False  # s = alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     init: str = "default"     # default (kaiming-uniform A, B=0) | gaussian | pissa (SVD of W0, residual base)
+    # PEFT's target_parameters: params adapted directly, by name suffix ("mlp.experts.gate_up_proj",
+    # a MoE's stacked experts: per-expert A, B; "mlp.gate.weight": a Linear's weight, the router).
+    target_parameters: tuple[str, ...] = ()
 
 
 INITS = ("default", "gaussian", "pissa")
@@ -107,11 +111,21 @@ def site_params(added: core.Flat, targets) -> dict[str, dict[str, jax.Array]]:
 
 
 class LoRAHooks(hooks_lib.Hooks):
-    """Runs the variant's ``forward`` at the targeted linear sites."""
+    """Runs the variant's ``forward`` at the targeted linear sites, and LoRA's per-expert update
+    at the targeted stacked expert params."""
 
     def __init__(self, method: "LoRA", added: core.Flat, context: Any, train: bool):
         self.method, self.train, self.context = method, train, context
         self.params = site_params(added, method.targets)
+        self.grouped = site_params(added, method.grouped_targets)
+
+    def grouped_linear(self, module, name, x, y, kernel, group_sizes):
+        site = f"{hooks_lib.site(module)}.{name}"
+        if site not in self.grouped:
+            return y
+        # y + s · (x A_e) B_e for each row's expert e: two grouped GEMMs of width r.
+        a, b = self.method.factors(self.grouped[site], x.dtype, self.context)
+        return y + jax.lax.ragged_dot(jax.lax.ragged_dot(x, a, group_sizes), b, group_sizes)
 
     def linear(self, module, x, y, kernel, bias):
         site = hooks_lib.site(module)
@@ -169,6 +183,9 @@ class LoRA(core.Method):
     # file saved with a base-rewriting init is read as the variant whose ``inits`` hold it.
     peft_lora_flags: ClassVar[dict[str, Any] | None] = {}
     peft_lora_extra: ClassVar[dict[str, str]] = {}
+    # target_parameters (``validate``): stacked expert sites, and the linear sites named by weight
+    grouped_targets: tuple | list = ()
+    parameter_targets: tuple | list = ()
 
     def validate(self) -> None:
         c = self.config
@@ -176,7 +193,60 @@ class LoRA(core.Method):
         core.check_range(name, "rank", c.rank, "an integer >= 1", isinstance(c.rank, int) and c.rank >= 1)
         core.check_range(name, "dropout", c.dropout, "0 <= dropout < 1", 0 <= c.dropout < 1)
         core.check_range(name, "init", c.init, f"one of {list(self.inits)}", c.init in self.inits)
-        self.targets = self.match_low_rank_targets(c.targets, "rank", c.rank)
+        parameters = getattr(c, "target_parameters", ()) or ()
+        # With target_parameters alone (PEFT: target_modules=[]), no module is targeted.
+        no_modules = parameters and (c.targets in ((), [], "") or c.targets is None)
+        self.targets = [] if no_modules else self.match_low_rank_targets(c.targets, "rank", c.rank)
+        self.grouped_targets, self.parameter_targets = self.match_target_parameters(parameters)
+        for site in self.parameter_targets:   # a Linear's weight by name: LoRA on that layer
+            if site not in self.targets:
+                self.targets.append(site)
+
+    def match_target_parameters(self, patterns) -> tuple[list[str], list[str]]:
+        """PEFT's ``target_parameters``: ``(stacked expert sites, linear sites)`` named by param.
+
+        A name matches a param whose full name equals it or ends with ``.name`` (PEFT's suffix
+        rule): a MoE's stacked experts (``mlp.experts.gate_up_proj``, adapted per expert) or a
+        Linear's ``weight`` (``mlp.gate.weight``, the router: the same update as a module
+        target). As in PEFT's ``ParamWrapper``, only plain LoRA (rsLoRA included) applies, with
+        no dropout and the default or gaussian init.
+        """
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        if not patterns:
+            return [], []
+        c = self.config
+        if type(self).forward is not LoRA.forward or type(self).factors is not LoRA.factors \
+                or self.name not in ("lora",):
+            raise ValueError(f"{self.name}: target_parameters is plain LoRA's (PEFT's ParamWrapper "
+                             "refuses LoRA variants); use method=lora")
+        if c.dropout > 0 or c.init not in ("default", "gaussian"):
+            raise ValueError(f"{self.name}: target_parameters needs dropout=0 and init default or "
+                             f"gaussian (PEFT's ParamWrapper), got dropout={c.dropout}, init={c.init!r}")
+        grouped = {s: v for s, v in self.sites.grouped.items() if not self.sites.is_head(s)}
+        linear = {s + ".weight": s for s in self.sites.backbone_linear}
+        available = list(grouped) + list(linear)
+        chosen_grouped, chosen_linear = [], []
+        for pattern in patterns:
+            rx = re.compile(r"(?:^|\.)" + re.escape(pattern) + "$")
+            hits = [p for p in available if rx.search(p)]
+            if not hits:
+                raise ValueError(f"{self.name}: target_parameters entry {pattern!r} matches no param; "
+                                 "available (stacked experts, then linear weights):\n  "
+                                 + core.summarize_paths(available))
+            for hit in hits:
+                if hit in grouped and hit not in chosen_grouped:
+                    info = grouped[hit]
+                    limit = min(info["in_features"], info["out_features"])
+                    core.check_range(self.name, "rank", c.rank, f"1..{limit} (target {hit} is "
+                                     f"{info['experts']}x{info['in_features']}x{info['out_features']})",
+                                     c.rank <= limit)
+                    chosen_grouped.append(hit)
+                elif hit in linear and linear[hit] not in chosen_linear:
+                    chosen_linear.append(linear[hit])
+        order = {s: i for i, s in enumerate(available)}   # the model's order, not the patterns'
+        return (sorted(chosen_grouped, key=order.__getitem__),
+                sorted(chosen_linear, key=lambda s: order[s + ".weight"]))
 
     # == the variant surface ==================================================================
     @property
@@ -257,7 +327,28 @@ class LoRA(core.Method):
         for i, site in enumerate(self.targets):
             params = self.init_site(jax.random.fold_in(rng, i), site, base[site + ".kernel"])
             added.update({f"{site}.{name}": value for name, value in params.items()})
+        for i, site in enumerate(self.grouped_targets, start=len(self.targets)):
+            params = self.init_grouped_site(jax.random.fold_in(rng, i), base[site])
+            added.update({f"{site}.{name}": value for name, value in params.items()})
         return added
+
+    def init_grouped_site(self, rng: jax.Array, stacked: jax.Array) -> dict[str, jax.Array]:
+        """Per-expert factors of a stacked ``(E, in, out)`` param: A ``(E, in, r)`` drawn as a
+        single Linear's (PEFT's ParamWrapper: one ``(r·E, in)`` lora_A, kaiming-uniform over
+        ``in``), B ``(E, r, out)`` zero."""
+        experts, fan_in, fan_out = stacked.shape
+        r = self.config.rank
+        if self.config.init == "gaussian":
+            a = jax.random.normal(rng, (experts, fan_in, r), stacked.dtype) / r
+        else:
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(rng, (experts, fan_in, r), stacked.dtype, -bound, bound)
+        return {"lora_A": a, "lora_B": jnp.zeros((experts, r, fan_out), stacked.dtype)}
+
+    def grouped_delta(self, params: dict) -> jax.Array:
+        """ΔW_e = s · A_e B_e for every expert, ``(E, in, out)`` float32."""
+        a, b = self.factors(params, jnp.float32)
+        return jnp.einsum("eir,ero->eio", a, b)
 
     @property
     def rewrites_base(self) -> bool:
@@ -278,16 +369,21 @@ class LoRA(core.Method):
         out = dict(base)
         for site, params in site_params(added, self.targets).items():
             out[site + ".kernel"] = self.merge_kernel(site, base[site + ".kernel"], params, state)
+        for site, params in site_params(added, self.grouped_targets).items():
+            out[site] = base[site] + self.grouped_delta(params).astype(base[site].dtype)
         return out
 
     def unmerge(self, merged, added, state):
         out = dict(merged)
         for site, params in site_params(added, self.targets).items():
             out[site + ".kernel"] = self.unmerge_kernel(site, merged[site + ".kernel"], params, state)
+        for site, params in site_params(added, self.grouped_targets).items():
+            out[site] = merged[site] - self.grouped_delta(params).astype(merged[site].dtype)
         return out
 
     def low_rank_factors(self, added, state):
-        if not self.additive or self.rewrites_base:
+        # Per-expert factors are not one (A, B) per layer: adapter sets refuse them.
+        if not self.additive or self.rewrites_base or self.grouped_targets:
             return None
         context = self.forward_context(state, train=False, rng=None)
         return {site: self.factors(params, jnp.float32, context)

@@ -1,0 +1,162 @@
+"""HF PEFT interop on Qwen3-MoE, both directions: LoRA and DoRA on modules, and LoRA on the
+stacked expert params and the router (PEFT's ``target_parameters``, ``lora.ParamWrapper``).
+
+PEFT builds each adapter on transformers' model with random (non-zero) factors and saves it;
+``import_adapter`` reads it (PEFT → peftjax); then every added tensor is moved to values of our
+own, exported with ``export_adapter`` and loaded by ``PeftModel.from_pretrained`` (peftjax →
+PEFT). Logits agree to 1e-4 at the real tokens of a right-padded batch. The tiny checkpoint is
+tests/models/test_qwen3_moe.py's (6 experts, top-2, a dense middle layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from peftjax.interop import export_adapter, import_adapter, peft_params
+from peftjax.models import hf_io
+from tests.models.test_qwen3_moe import hf_model
+
+TOL = 1e-4
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    torch_model = hf_model()
+    folder = str(tmp_path_factory.mktemp("qwen3_moe_peft_ckpt"))
+    torch_model.save_pretrained(folder, safe_serialization=True)
+    model, params = hf_io.load_pretrained(folder, head="causal_lm")
+    rs = np.random.RandomState(1)
+    ids = rs.randint(3, 128, (2, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # right padding: positions agree with transformers' defaults
+    return torch_model, model, hf_io.flatten(params), {"input_ids": ids, "attention_mask": mask}
+
+
+def logits_delta(ours: np.ndarray, peft_model, batch) -> float:
+    with torch.no_grad():
+        theirs = peft_model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits
+    return float(np.abs(ours - theirs.numpy())[batch["attention_mask"].astype(bool)].max())
+
+
+def _round_trip(torch_model, model, params, batch, config, tmp_path, expected_name):
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
+    with torch.no_grad():
+        for k, v in pm.named_parameters():
+            if "lora_magnitude" in k:
+                v.add_(0.05 * torch.randn_like(v))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    theirs_config = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    theirs_tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+
+    method, trainable = import_adapter(str(tmp_path / "peft"), model)
+    assert method.name == expected_name
+    p = peft_params(method, trainable, params)
+    apply = jax.jit(lambda t, f, s, b: method.apply(t, f, s, b))
+    delta = logits_delta(np.asarray(apply(p.trainable, p.frozen, p.state, batch)), pm, batch)
+    print(f"\nqwen3_moe {expected_name} {theirs_config.get('target_parameters')} PEFT→peftjax: max|Δ| {delta:.2e}")
+    assert delta <= TOL
+
+    # What we write for the imported adapter is what PEFT wrote: same keys, shapes, values.
+    export_adapter(method, p.trainable, str(tmp_path / "again"), state=p.state)
+    again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert set(again) == set(theirs_tensors)
+    for k, v in theirs_tensors.items():
+        np.testing.assert_allclose(again[k], v, rtol=0, atol=1e-7, err_msg=k)
+    mine = json.load(open(tmp_path / "again" / "adapter_config.json"))
+    theirs_tp, mine_tp = theirs_config.get("target_parameters") or [], mine.get("target_parameters") or []
+    assert bool(mine_tp) == bool(theirs_tp)
+    assert all(any(t == n or t.endswith("." + n) for n in theirs_tp) for t in mine_tp)
+
+    # peftjax → PEFT with values of our own.
+    rs = np.random.RandomState(7)
+    moved = {k: v + 0.05 * rs.randn(*v.shape).astype(np.float32) for k, v in p.trainable["added"].items()}
+    trained = dict(p.trainable, added=moved)
+    export_adapter(method, trained, str(tmp_path / "ours"), state=p.state)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "ours")).eval()
+    delta = logits_delta(np.asarray(apply(trained, p.frozen, p.state, batch)), loaded, batch)
+    print(f"qwen3_moe {expected_name} peftjax→PEFT: max|Δ| {delta:.2e}")
+    assert delta <= TOL
+    return method, mine
+
+
+@pytest.mark.parametrize("method_name", ["lora", pytest.param("dora", marks=pytest.mark.slow)])
+def test_lora_dora_on_modules_both_ways(moe, method_name, tmp_path):
+    torch_model, model, params, batch = moe
+    # down_proj names the dense layer's Linear and the experts' stacked param; PEFT's ParamWrapper
+    # refuses DoRA (and PEFT refuses up_proj alone: fused into gate_up_proj), so DoRA targets
+    # the attention projections.
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["down_proj"] if method_name == "lora" else [])
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets,
+                             init_lora_weights=False, use_dora=method_name == "dora")
+    method, _ = _round_trip(torch_model, model, params, batch, config, tmp_path, method_name)
+    # PEFT (0.21) moves a target_modules name that is also an expert param ("down_proj") to
+    # target_parameters: it adapts the experts' stacked down_proj and *not* the dense layer's
+    # down_proj Linear. The import follows the file, so both sides adapt the same weights.
+    assert len(method.targets) == 3 * 4
+    assert method.grouped_targets == ([f"model.layers.{i}.mlp.experts.down_proj" for i in (0, 2)]
+                                      if method_name == "lora" else [])
+
+
+def test_lora_on_experts_and_router_both_ways(moe, tmp_path):
+    """Per-expert LoRA on both stacked expert params (nested ParamWrappers: gate_up_proj under
+    ``experts.base_layer``), the router as ``mlp.gate.weight``, and q_proj as a module."""
+    torch_model, model, params, batch = moe
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=6, target_modules=["q_proj"],
+                             target_parameters=EXPERTS + ["mlp.gate.weight"], init_lora_weights=False)
+    method, written = _round_trip(torch_model, model, params, batch, config, tmp_path, "lora")
+    assert method.grouped_targets == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 2)
+                                      for p in ("gate_up_proj", "down_proj")]
+    assert "model.layers.0.mlp.gate" in method.targets
+    assert written["target_modules"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    shapes = {k: v.shape for k, v in load_file(str(tmp_path / "ours" / "adapter_model.safetensors")).items()}
+    assert shapes["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"] == (2 * 6, 64)
+    assert shapes["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"] == (48, 2 * 6)
+    assert shapes["base_model.model.model.layers.0.mlp.experts.lora_A.weight"] == (2 * 6, 24)
+    assert shapes["base_model.model.model.layers.0.mlp.experts.lora_B.weight"] == (64, 2 * 6)
+
+
+def test_lora_on_down_proj_experts_only_both_ways(moe, tmp_path):
+    """One stacked param, no module targets (PEFT: target_modules=[]): no nesting."""
+    torch_model, model, params, batch = moe
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=3, lora_alpha=3, target_modules=[],
+                             target_parameters=["mlp.experts.down_proj"], init_lora_weights=False,
+                             use_rslora=True)
+    method, written = _round_trip(torch_model, model, params, batch, config, tmp_path, "lora")
+    assert method.targets == [] and len(method.grouped_targets) == 2
+    assert written["target_modules"] == [] and written["use_rslora"] is True
+
+
+def test_counts_equal_peft(moe):
+    """Trainable parameters of LoRA on experts equal PEFT's count for the same config."""
+    from peftjax import methods
+
+    torch_model, model, _, _ = moe
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             target_parameters=EXPERTS + ["mlp.gate.weight"])
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), config)
+    theirs = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad)
+    method = methods.create("lora", model, {"rank": 4, "alpha": 8.0,
+                                            "target_parameters": tuple(EXPERTS + ["mlp.gate.weight"])})
+    assert methods.count_params(method)["trainable_params"] == theirs
+
+
+def test_target_parameters_refusals(moe):
+    from peftjax import methods
+
+    _, model, _, _ = moe
+    with pytest.raises(ValueError, match="matches no param; available"):
+        methods.create("lora", model, {"target_parameters": ("mlp.experts.up_proj",)})
+    with pytest.raises(ValueError, match="plain LoRA's"):
+        methods.create("dora", model, {"target_parameters": tuple(EXPERTS)})
+    with pytest.raises(ValueError, match="dropout=0"):
+        methods.create("lora", model, {"dropout": 0.1, "target_parameters": tuple(EXPERTS)})
