@@ -201,6 +201,19 @@ _LLAMA = [
 for _family in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"):
     register_rules(_family, _LLAMA)
 
+# Mixture of experts (Qwen3-MoE): expert parallelism over ``fsdp`` — each FSDP shard holds whole
+# experts (the stacked axis split), so a grouped matmul's experts are local — with the experts'
+# own matrices split Megatron-style over ``tensor`` (gate_up column-parallel, down row-parallel).
+# The router (hidden × experts) is small: replicated. LoRA's per-expert factors follow their
+# experts (their expert axis over fsdp).
+_MOE = [
+    (r"mlp\.experts\.gate_up_proj$", P("fsdp", None, "tensor")),
+    (r"mlp\.experts\.down_proj$", P("fsdp", "tensor")),
+    (r"mlp\.experts\.(gate_up_proj|down_proj)\.lora_(A|B)$", P("fsdp")),
+    (r"mlp\.gate\.kernel$", P()),
+]
+register_rules("qwen3_moe", _MOE + _LLAMA)
+
 register_rules("bert", [
     (r"attention\.self\.(query|key|value)\.kernel$", _COLUMN),
     (r"attention\.self\.(query|key|value)\.bias$", P("tensor")),

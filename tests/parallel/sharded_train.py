@@ -36,6 +36,9 @@ from tests.helpers import METHOD_CONFIGS, fisher_context, learnable_batch
 
 METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
 MESHES = "8,1,1/2,4,1/2,2,2"
+# Named settings beyond METHOD_CONFIGS: (registered method, config).
+CONFIGS = {"lora_experts": ("lora", {"rank": 4, "alpha": 8.0, "targets": (), "target_parameters": (
+    "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")})}
 STEPS = 3
 MIN_ELEMENTS = 64   # small enough that the tiny model's LoRA factors are sharded too
 
@@ -69,7 +72,8 @@ def main(meshes: str = MESHES, methods: str = ",".join(METHODS), model_name: str
     batch = learnable_batch(model, batch=8)
     tc = ml_collections.ConfigDict({**train_defaults(), "learning_rate": 1e-2, "warmup_steps": 0,
                                   "warmup_ratio": 0.0})
-    meths = {n: methods_lib.create(n, model, METHOD_CONFIGS[n]) for n in METHODS}
+    named = {n: CONFIGS.get(n, (n, METHOD_CONFIGS.get(n))) for n in METHODS}
+    meths = {n: methods_lib.create(named[n][0], model, named[n][1]) for n in METHODS}
     pefts = {n: meths[n].setup(jax.random.PRNGKey(1), base, fisher_context(model, batch)) for n in METHODS}
     txs = {n: make_optimizer(tc, STEPS + 1, meths[n])[0] for n in METHODS}
     fns = {n: make_train_step(meths[n], txs[n], seed=0) for n in METHODS}

@@ -83,7 +83,8 @@ def test_fallback_shards_the_largest_divisible_dim_of_big_arrays():
     assert fallback_spec((64, 64), {"data": 8, "fsdp": 1, "tensor": 1}) == P()
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "bloom", "t5", "qwen2", "qwen3", "mistral", "gemma2", "gemma3",
+                                    "qwen3_moe"])
 def test_family_rules_name_every_weight_matrix_and_place_every_param(family):
     model, base = abstract_tiny(family)
     rules = ShardingRules.for_family(family)

@@ -71,6 +71,20 @@ def test_a_llama_derived_family_trains_sharded_as_on_one_device():
     assert specs["model.layers.0.self_attn.q_norm.scale"] == str(P())
 
 
+def test_moe_family_trains_sharded_as_on_one_device():
+    """Qwen3-MoE on the (2,2,2) mesh: experts split over fsdp (expert parallelism) and their
+    matrices over tensor, the router replicated; full fine-tuning, LoRA on q/v and LoRA on the
+    stacked experts and the router (target_parameters), prompt tuning give one device's loss curves."""
+    run = run_script("sharded_train.py", "2,2,2", "lora,lora_experts,full,prompt_tuning", "tiny-qwen3-moe")
+    check_curves(run, "2,2,2")
+    pl = run["placements"]["2,2,2"]
+    assert pl["full"]["base"]["model.layers.0.mlp.experts.gate_up_proj"] == str(P("fsdp", None, "tensor"))
+    assert pl["full"]["base"]["model.layers.0.mlp.experts.down_proj"] == str(P("fsdp", "tensor"))
+    assert pl["full"]["base"]["model.layers.0.mlp.gate.kernel"] == str(P())
+    assert pl["lora_experts"]["added"]["model.layers.0.mlp.experts.gate_up_proj.lora_A"] == str(P("fsdp"))
+    assert pl["lora_experts"]["frozen"]["model.layers.0.mlp.experts.down_proj"] == str(P("fsdp", "tensor"))
+
+
 def test_arrays_really_are_sharded(fast):
     pl = fast["placements"]["2,2,2"]
     # Q is column-parallel (in over fsdp, out over tensor); LoRA A and its Adam moments over fsdp.
