@@ -56,7 +56,11 @@ def run(main) -> None:
                 last = [ln for ln in text.splitlines() if ln.strip()][-1]
                 print(f"error: {last.split(': ', 1)[-1]}", file=sys.stderr)
                 sys.exit(EXIT_BAD_INPUT)
-            return app.parse_flags_with_usage(argv)   # absl's own message for flag errors
+            # absl's own message (an unknown flag names itself). Not app.parse_flags_with_usage:
+            # parsing a second time redefines every --config.* override flag and reports that
+            # ("defined twice") instead of the real error.
+            print(f"error: {text}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
         except (AttributeError, KeyError) as e:
             if show:
                 raise

@@ -209,6 +209,15 @@ def _script(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+def test_unknown_flag_beside_config_overrides_is_named(tmp_path):
+    """An unknown flag is named, not reported as the --config.* overrides being defined twice
+    (which a second parse of the command line used to say)."""
+    out = _script("scripts/train.py", "--config=configs/train.py:model=tiny-bert,method=lora",
+                  "--config.method.rank=4", "--noprogress", f"--workdir={tmp_path}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: Unknown command line flag 'noprogress'"], out.stderr
+
+
 def test_config_typo_is_one_clean_line(tmp_path):
     out = _script("scripts/train.py", "--config=configs/train.py:model=tiny-bert,method=lora",
                   "--config.method.rnak=8", f"--workdir={tmp_path}")
