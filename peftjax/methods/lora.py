@@ -81,7 +81,8 @@ class LoRAConfig:
     init: str = "default"     # default (kaiming-uniform A, B=0) | gaussian | pissa (SVD of W0, residual base)
     # PEFT's target_parameters: params adapted directly, by name suffix ("mlp.experts.gate_up_proj",
     # a MoE's stacked experts: per-expert A, B; "mlp.gate.weight": a Linear's weight, the router).
-    target_parameters: tuple[str, ...] = ()
+    # A sequence, or one comma-separated string (the command line's form); "" = none.
+    target_parameters: str | tuple[str, ...] = ""
 
 
 INITS = ("default", "gaussian", "pissa")
@@ -212,7 +213,7 @@ class LoRA(core.Method):
         no dropout and the default or gaussian init.
         """
         if isinstance(patterns, str):
-            patterns = (patterns,)
+            patterns = tuple(p.strip() for p in patterns.split(",") if p.strip())
         if not patterns:
             return [], []
         c = self.config

@@ -1,5 +1,5 @@
-"""The Flax model zoo: encoder (BERT/RoBERTa/MiniLM), decoder (Llama, Qwen2, Qwen3, Mistral,
-GPT-2, BLOOM) and encoder-decoder (T5/mT5) families.
+"""The Flax model zoo: encoder (BERT/RoBERTa/MiniLM), decoder (Llama, Qwen2, Qwen3, Qwen3-MoE,
+Mistral, Gemma 2/3, GPT-2, BLOOM) and encoder-decoder (T5/mT5) families.
 
 Importing this package imports every module in it, and a family module registers itself
 (``registry.register_family``) when imported: a new family is one file here, listed nowhere.
