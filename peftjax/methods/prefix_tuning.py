@@ -28,7 +28,14 @@ Details, each as the reference implementation (HF PEFT ``PrefixTuningConfig`` /
   sharing one prefix between its self- and cross-attention).
 * **Grouped-query attention.** Prefixes have ``kv_heads`` heads (PEFT sizes its ``token_dim``
   as ``num_key_value_heads · head_dim`` for GQA models); each is shared by its query group.
-* **Padding and the KV cache.** Prefix columns are always attendable, by every query. The hook
+* **Sliding-window layers** (Mistral, Gemma 2/3 local layers, Qwen with windows). PEFT's prefixes
+  are the first p slots of transformers' cache, so a layer with window W stops showing them to a
+  token ``W - p`` slots in (prefix ``j`` is visible to the query in slot ``i`` iff
+  ``j > p + i - W``); ``windowed=True`` (default) does the same, equal to PEFT to 1e-4 (tests).
+  Slots count left padding, as PEFT's cache does, so there a left-padded row's prefixes leave
+  the window earlier than the unpadded row's. ``windowed=False`` keeps them visible to every
+  query, as on full-attention layers.
+* **Padding and the KV cache.** Prefix columns are otherwise always attendable, by every query. The hook
   is called after the KV-cache update, so prefixes are never written into the cache: they are
   prepended afresh at every prefill/decode step, and cached decoding equals recomputation.
 * **No dropout** on the prefixes (PEFT has none; attention dropout still applies to the
@@ -58,6 +65,7 @@ Init as PEFT: ``E`` (or the plain prefixes) ~ N(0, 1) like ``torch.nn.Embedding`
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +83,21 @@ class PrefixTuningConfig:
     num_virtual_tokens: int = 20     # p
     prefix_projection: bool = True   # train through the MLP (Li & Liang §4.3)
     encoder_hidden_size: int = 0     # m; 0 = d (kv_heads · head_dim), PEFT's default
+    # Sliding-window layers: the prefixes sit in the p slots before the first token (PEFT's cache)
+    # and leave a query's window once it is W - p slots past them; False: always visible.
+    windowed: bool = True
 
 
 class PrefixHooks(hooks_lib.Hooks):
-    """Prepends each layer's (p, kv_heads, head_dim) key/value prefixes; prefix columns unmasked."""
+    """Prepends each layer's (p, kv_heads, head_dim) key/value prefixes; prefix columns visible
+    to every query, except on a sliding-window layer (``windows[site] = W``), where prefix ``j``
+    is visible to the query in slot ``i`` iff ``j > p + i - W`` (PEFT's prefixes are the cache's
+    first p slots, so the window reaches them from ``p + i``)."""
 
-    def __init__(self, prefixes: dict[str, tuple[jax.Array, jax.Array]]):
+    def __init__(self, prefixes: dict[str, tuple[jax.Array, jax.Array]],
+                 windows: dict[str, int] | None = None):
         self.prefixes = prefixes
+        self.windows = windows or {}
 
     def attention_kv(self, module, key, value, mask):
         site = hooks_lib.site(module)
@@ -93,6 +109,13 @@ class PrefixHooks(hooks_lib.Hooks):
         pk = jnp.broadcast_to(pk.astype(key.dtype)[None], (b,) + pk.shape)
         pv = jnp.broadcast_to(pv.astype(value.dtype)[None], (b,) + pv.shape)
         visible = jnp.ones(mask.shape[:-1] + (p,), bool)
+        window = self.windows.get(site)
+        if window is not None:
+            # A real query's slot is its last visible key (causal: itself); padded queries'
+            # rows do not matter. Slots are cache slots with a KV cache, so decoding agrees.
+            k = mask.shape[-1]
+            slot = k - 1 - jnp.argmax(mask[..., ::-1].astype(jnp.int32), axis=-1)   # (B, 1, Q)
+            visible = jnp.arange(p) > (p + slot[..., None] - window)
         return (jnp.concatenate([pk, key], axis=1), jnp.concatenate([pv, value], axis=1),
                 jnp.concatenate([visible, mask.astype(bool)], axis=-1))
 
@@ -117,6 +140,7 @@ class PrefixTuning(core.Method):
                          and not isinstance(c.num_virtual_tokens, bool) and c.num_virtual_tokens >= 1)
         core.check_range("prefix_tuning", "prefix_projection", c.prefix_projection, "True or False",
                          isinstance(c.prefix_projection, bool))
+        core.check_range("prefix_tuning", "windowed", c.windowed, "True or False", isinstance(c.windowed, bool))
         core.check_range("prefix_tuning", "encoder_hidden_size", c.encoder_hidden_size,
                          "an integer >= 0 (0 = kv_heads * head_dim)",
                          isinstance(c.encoder_hidden_size, int) and c.encoder_hidden_size >= 0)
@@ -187,7 +211,20 @@ class PrefixTuning(core.Method):
     # -- forward --------------------------------------------------------------------------
     def hooks(self, added, state, *, train, rng):
         plain = self.fold(added)   # the MLP runs once per forward, outside the layers
-        return PrefixHooks({s: (plain[f"{s}.{KEY}"], plain[f"{s}.{VALUE}"]) for s in self.layers})
+        return PrefixHooks({s: (plain[f"{s}.{KEY}"], plain[f"{s}.{VALUE}"]) for s in self.layers},
+                           self.windows() if self.config.windowed else None)
+
+    def windows(self) -> dict[str, int]:
+        """The attention sites of sliding-window layers and their windows (families whose
+        config says ``attention_window(layer)``: Mistral, Qwen2/3, Gemma 2/3)."""
+        window_of = getattr(self.model.config, "attention_window", None)
+        out = {}
+        for site in self.layers if window_of is not None else ():
+            found = re.search(r"(?:^|\.)layers\.(\d+)\.", site)
+            window = window_of(int(found.group(1))) if found else None
+            if window is not None:
+                out[site] = int(window)
+        return out
 
     # -- accounting -----------------------------------------------------------------------
     def count_added(self, abstract_base) -> int:

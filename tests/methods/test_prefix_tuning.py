@@ -268,3 +268,59 @@ def test_matches_hf_peft_prefix_tuning_on_gqa_llama(tmp_path):
         theirs = pm(input_ids=t_ids, attention_mask=t_mask).logits.numpy()
     assert delta(shifted, theirs) <= 1e-4
     assert delta(ours, theirs) > 1e-3   # the numbering does matter (prefix keys are unrotated)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_matches_hf_peft_on_sliding_window_layers(window, tmp_path):
+    """Mistral with a window shorter than prefix + sequence: PEFT's prefixes are the cache's first
+    p slots, so the window stops reaching them W - p tokens in; ours do the same (``windowed``,
+    the default). Right-padded batch, PEFT's own forward (positions from p); cached greedy
+    decoding equals recomputation with the windowed prefixes."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peftjax.models import hf_io
+
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, initializer_range=0.1,
+                                        sliding_window=window)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = transformers.MistralForCausalLM(config).eval()
+    ref.save_pretrained(str(tmp_path), safe_serialization=True)
+    model, params = hf_io.load_pretrained(str(tmp_path), head="causal_lm")
+    p, n = 3, 9
+    m = methods.create("prefix_tuning", model, {"num_virtual_tokens": p, "prefix_projection": False})
+    pp = m.setup(jax.random.PRNGKey(2), hf_io.flatten(params))
+    pm = peft.get_peft_model(ref, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p)).eval()
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(
+            torch.from_numpy(np.asarray(m.prefix_table(pp.trainable["added"]))))
+    ids = np.random.RandomState(1).randint(3, 128, (2, n)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    positions = jnp.broadcast_to(jnp.arange(p, p + n), (2, n))
+    ours = np.asarray(m.apply(pp.trainable, pp.frozen, pp.state, batch, positions=positions))
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+    delta = float(np.abs(ours - theirs)[mask.astype(bool)].max())
+    print(f"prefix tuning vs PEFT, Mistral window {window}: max|Δ| {delta:.2e}")
+    assert delta <= 1e-4
+    always = methods.create("prefix_tuning", model, {"num_virtual_tokens": p, "prefix_projection": False,
+                                                     "windowed": False})
+    other = np.asarray(always.apply(pp.trainable, pp.frozen, pp.state, batch, positions=positions))
+    gap = np.abs(other - ours).max(axis=(0, 2))
+    if window is None:
+        assert gap.max() == 0
+    else:   # the same until token W - p, different after (the prefixes left the window)
+        assert gap[:window - p].max() == 0 and gap[window - p:].min() > 1e-3
+
+    if window is not None:
+        gen = _generator(m, pp.frozen, True)
+        full = _generator(m, pp.frozen, False)
+        left = np.ones_like(ids[:, :7])
+        left[1, :2] = 0
+        np.testing.assert_array_equal(gen(pp.trainable, ids[:, :7], left), full(pp.trainable, ids[:, :7], left))
