@@ -35,9 +35,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from peftjax.models import hooks
-from peftjax.models.layers import Dense, activation, normal_init
+from peftjax.models import hooks, quant
+from peftjax.models.layers import Dense, _zero_cotangent, activation, normal_init
 
 ROUTER_LOGITS = "router_logits"   # the flax collection the sparse layers sow their logits into
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -54,12 +55,42 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
     return weights.astype(logits.dtype), experts
 
 
-def grouped_linear(module: nn.Module, name: str, x: jax.Array, kernel: jax.Array,
+def grouped_linear(module: nn.Module, name: str, x: jax.Array, kernel: Any,
                    group_sizes: jax.Array) -> jax.Array:
-    """``x``'s rows (sorted by expert) times their expert's ``kernel`` slice, through the hook."""
-    kernel = kernel.astype(x.dtype)
-    y = jax.lax.ragged_dot(x, kernel, group_sizes)
+    """``x``'s rows (sorted by expert) times their expert's ``kernel`` slice, through the hook.
+    A quantized frozen stack (``quant.QuantizedTensor``, QLoRA on a MoE) is dequantized in the
+    compute dtype right at its matmul (``quantized_grouped_matmul``); the hook sees floats."""
+    if quant.is_quantized(kernel):
+        y = quantized_grouped_matmul(x, kernel, group_sizes)
+        kernel = quant.dequantize(kernel, x.dtype, trigger=x)   # for a hook that reads it
+    else:
+        kernel = kernel.astype(x.dtype)
+        y = jax.lax.ragged_dot(x, kernel, group_sizes)
     return hooks.active().grouped_linear(module, name, x, y, kernel, group_sizes)
+
+
+@jax.custom_vjp
+def quantized_grouped_matmul(x: jax.Array, q: Any, group_sizes: jax.Array) -> jax.Array:
+    """``ragged_dot(x, dequantize(q))`` whose backward dequantizes again instead of keeping
+    the float expert stack from the forward (``layers.quantized_matmul``'s reasoning: otherwise
+    every layer's dequantized experts would live until the backward)."""
+    return _qgm_fwd(x, q, group_sizes)[0]
+
+
+def _qgm_fwd(x, q, group_sizes):
+    y = jax.lax.ragged_dot(x, quant.dequantize(q, x.dtype, trigger=x), group_sizes)
+    return y, (q, group_sizes)
+
+
+def _qgm_bwd(res, dy):
+    q, group_sizes = res
+    w = quant.dequantize(q, dy.dtype, trigger=dy)
+    dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
+    return (dx, jax.tree.map(_zero_cotangent, q),
+            np.zeros(group_sizes.shape, jax.dtypes.float0))
+
+
+quantized_grouped_matmul.defvjp(_qgm_fwd, _qgm_bwd)
 
 
 class StackedExperts(nn.Module):
@@ -78,8 +109,18 @@ class StackedExperts(nn.Module):
     def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         init = normal_init(self.initializer_range)
-        gate_up = self.param("gate_up_proj", init, (e, h, 2 * i), jnp.float32)
-        down = self.param("down_proj", init, (e, i, h), jnp.float32)
+
+        def stacked(name: str, shape: tuple[int, ...]):
+            if self.has_variable("params", name) and quant.is_quantized(
+                    stored := self.get_variable("params", name)):
+                if tuple(stored.shape) != shape:
+                    raise ValueError(f"quantized {'.'.join(self.path)}.{name} has shape "
+                                     f"{stored.shape}, the layer expects {shape}")
+                return stored
+            return self.param(name, init, shape, jnp.float32)
+
+        gate_up = stacked("gate_up_proj", (e, h, 2 * i))
+        down = stacked("down_proj", (e, i, h))
         x = x.astype(self.dtype)
         gu = grouped_linear(self, "gate_up_proj", x, gate_up, group_sizes)
         z = activation(self.hidden_act)(gu[:, :i]) * gu[:, i:]

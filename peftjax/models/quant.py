@@ -230,32 +230,39 @@ def absmax_of(q: QuantizedTensor) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("kind", "double_quant", "block_size"))
 def quantize(w: jax.Array, kind: str = "nf4", double_quant: bool = True,
              block_size: int = NF4_BLOCK) -> QuantizedTensor:
-    """Quantizes a 2-D kernel ``(in, out)`` (see the module docstring for the math)."""
+    """Quantizes a 2-D kernel ``(in, out)``, or a stack of experts' kernels ``(E, in, out)``
+    (a MoE's stacked params) as E kernels: each expert's own int8 per-output absmaxes, or its
+    own NF4 blocks (each expert's ``in`` padded to whole blocks and the experts' rows laid end
+    to end: ``data`` ``(E·in_p / 2, out)``, ``scale`` ``(E·in_p / 64, out)``, so a block never
+    spans two experts and splitting the rows over devices splits the experts). See the module
+    docstring for the math."""
     if kind not in KINDS:
         raise ValueError(f"quantization kind {kind!r} is invalid; valid: {', '.join(KINDS)}")
-    if w.ndim != 2:
-        raise ValueError(f"only 2-D kernels are quantized, got shape {w.shape}")
-    n_in, n_out = w.shape
+    if w.ndim not in (2, 3):
+        raise ValueError(f"only 2-D kernels and 3-D expert stacks are quantized, got shape {w.shape}")
+    shape = tuple(w.shape)
+    n_in, n_out = shape[-2:]
+    experts = shape[0] if w.ndim == 3 else 1
     dtype = np.dtype(w.dtype).name
     w32 = w.astype(jnp.float32)
     if kind == "int8":
-        absmax = jnp.max(jnp.abs(w32), axis=0)
+        absmax = jnp.max(jnp.abs(w32), axis=-2)                       # (out,) or (E, out)
         ratio = jnp.where(absmax > 0, jnp.float32(127.0) / absmax, jnp.float32(0.0))
-        data = jnp.round(w32 * ratio[None, :]).astype(jnp.int8)
-        return QuantizedTensor(data, absmax, kind="int8", shape=(n_in, n_out), dtype=dtype,
-                               block_size=0)
+        data = jnp.round(w32 * jnp.expand_dims(ratio, -2)).astype(jnp.int8)
+        return QuantizedTensor(data, absmax, kind="int8", shape=shape, dtype=dtype, block_size=0)
     if block_size % 2 or block_size < 2:
         raise ValueError(f"block_size={block_size} is invalid; valid: an even number >= 2")
     nb = -(-n_in // block_size)
-    padded = jnp.pad(w32, ((0, nb * block_size - n_in), (0, 0)))
-    idx, absmax = _blockwise(padded.reshape(nb, block_size, n_out), NF4_CODE)
-    idx = idx.reshape(nb * block_size, n_out)
+    w32 = w32.reshape(experts, n_in, n_out)
+    padded = jnp.pad(w32, ((0, 0), (0, nb * block_size - n_in), (0, 0)))
+    idx, absmax = _blockwise(padded.reshape(experts * nb, block_size, n_out), NF4_CODE)
+    idx = idx.reshape(experts * nb * block_size, n_out)
     data = (idx[0::2] << 4) | idx[1::2]
     if not double_quant:
-        return QuantizedTensor(data, absmax, kind="nf4", shape=(n_in, n_out), dtype=dtype,
+        return QuantizedTensor(data, absmax, kind="nf4", shape=shape, dtype=dtype,
                                block_size=block_size)
     codes, absmax2, offset = double_quantize(absmax)
-    return QuantizedTensor(data, codes, absmax2, offset, kind="nf4", shape=(n_in, n_out),
+    return QuantizedTensor(data, codes, absmax2, offset, kind="nf4", shape=shape,
                            dtype=dtype, block_size=block_size)
 
 
@@ -299,14 +306,17 @@ def dequantize(q: QuantizedTensor, dtype: Any = None, trigger: jax.Array | None 
     # weight, from the forward to the backward: 12 GiB for llama2-7b.)
     data = q.data if trigger is None else after(q.data, trigger)
     if q.kind == "int8":
-        return ((data.astype(jnp.float32) * q.scale[None, :]) * INV_127).astype(dtype)
-    n_in, n_out = q.shape
+        scale = jnp.expand_dims(q.scale, -2)                      # per output (per expert)
+        return ((data.astype(jnp.float32) * scale) * INV_127).astype(dtype)
+    n_in, n_out = q.shape[-2:]
+    experts = q.shape[0] if len(q.shape) == 3 else 1
     # indices < 16 by construction: no bounds mask (``promise_in_bounds``)
     values = jnp.asarray(NF4_CODE).at[unpack_nf4(data).astype(jnp.int32)].get(
         mode="promise_in_bounds")
     nb = q.scale.shape[0]
     w = values.reshape(nb, q.block_size, n_out) * absmax_of(q)[:, None, :]
-    return w.reshape(nb * q.block_size, n_out)[:n_in].astype(dtype)
+    w = w.reshape(experts, nb // experts * q.block_size, n_out)[:, :n_in].astype(dtype)
+    return w.reshape(q.shape)
 
 
 def dequantize_tree(tree: dict) -> dict:
@@ -331,7 +341,18 @@ def component_specs(q: QuantizedTensor, kernel_spec: Any) -> QuantizedTensor:
     divide."""
     from jax.sharding import PartitionSpec as P
 
-    entries = tuple(kernel_spec) + (None,) * (2 - len(tuple(kernel_spec)))
+    entries = tuple(kernel_spec) + (None,) * (len(q.shape) - len(tuple(kernel_spec)))
+    if len(q.shape) == 3:
+        # An expert stack: int8 keeps (E, in, out) and per-expert (E, out) scales; NF4's rows are
+        # the experts' rows end to end, so the experts' split is the rows' split.
+        e, i, o = entries
+        if q.kind == "int8":
+            data, scale = P(e, i, o), P(e, o)
+        else:
+            data = scale = P(e if i is None else (e, i) if e is not None else i, o)
+        return dataclasses.replace(q, data=data, scale=scale,
+                                   scale2=None if q.scale2 is None else P(),
+                                   offset=None if q.offset is None else P())
     scale = P(entries[1]) if q.kind == "int8" else P(*entries)
     return dataclasses.replace(q, data=P(*entries), scale=scale,
                                scale2=None if q.scale2 is None else P(),

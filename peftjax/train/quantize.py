@@ -7,8 +7,9 @@ dequantized in the compute dtype (``layers.Dense``).
 
 What is quantized (``quantizable_paths``): the kernel of every linear layer outside the task head
 that the method does not train (``Method.trains_base``), except the output projection to the
-vocabulary (``lm_head``, kept in float as QLoRA and bitsandbytes keep it). Embeddings, norms,
-biases and the task head stay float.
+vocabulary (``lm_head``, kept in float as QLoRA and bitsandbytes keep it), plus a MoE's stacked
+expert matrices (quantized expert by expert, ``quant.quantize``; they hold most of a MoE's
+weights). Embeddings, norms, biases, a MoE's routers and the task head stay float.
 
 How a method starts (``setup``): the kernels are quantized *first*, and the method is set up on
 the base with those kernels dequantized, so it starts from exactly the model it will train
@@ -91,10 +92,17 @@ def quantizable_paths(method, paths, qcfg: QuantConfig | None = None) -> list[st
     ``keep_float`` (the LM head), in the order of ``paths``."""
     keep = re.compile((qcfg or QuantConfig()).keep_float)
     sites = method.sites.backbone_linear
+    stacks = {s for s in method.sites.grouped if not method.sites.is_head(s)}   # MoE experts
+    # A MoE's router (the Linear beside the experts) stays float, as transformers' router is no
+    # nn.Linear for bitsandbytes to quantize: routing decisions are not worth 4 bits.
+    moe_blocks = {g.rsplit(".experts.", 1)[0] for g in stacks if ".experts." in g}
     out = []
     for path in paths:
         site, _, leaf = path.rpartition(".")
-        if leaf == "kernel" and site in sites and not keep.search(site) and not method.trains_base(path):
+        router = site.rpartition(".")[0] in moe_blocks
+        linear = leaf == "kernel" and site in sites and not keep.search(site) and not router
+        stacked = path in stacks and not keep.search(path)
+        if (linear or stacked) and not method.trains_base(path):
             out.append(path)
     return out
 

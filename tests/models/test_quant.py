@@ -146,7 +146,7 @@ def test_zero_block_and_bad_input():
     np.testing.assert_array_equal(np.asarray(quant.dequantize(quant.quantize(jnp.asarray(w), "int8"))), w)
     with pytest.raises(ValueError, match="valid: nf4, int8"):
         quant.quantize(jnp.asarray(w), "nf3")
-    with pytest.raises(ValueError, match="only 2-D"):
+    with pytest.raises(ValueError, match="only 2-D kernels and 3-D expert stacks"):
         quant.quantize(jnp.zeros((4,)), "nf4")
 
 
@@ -173,3 +173,33 @@ def test_safetensors_entries_round_trip():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="quant_scale is missing"):
         quant.from_tensors("a.kernel", {"a.kernel.quant_data": arrays["a.kernel.quant_data"]}, info)
+
+
+@pytest.mark.parametrize("kind,double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_expert_stacks_quantize_expert_by_expert(kind, double_quant):
+    """A MoE's (E, in, out) stack is E kernels: each expert's int8 absmaxes and NF4 blocks are its
+    own (in=100 is padded per expert, so no block spans two experts). Without double quant the
+    codes equal quantizing each expert alone; double quant shares one second level (and offset)
+    over the stack, so the absmaxes round slightly differently."""
+    from peftjax.models.moe import quantized_grouped_matmul
+
+    w = np.stack([kernel(100, 24, seed=s) for s in range(3)])
+    q = quant.quantize(jnp.asarray(w), kind, double_quant)
+    assert q.shape == (3, 100, 24)
+    back = np.asarray(quant.dequantize(q))
+    alone = np.stack([np.asarray(quant.dequantize(quant.quantize(jnp.asarray(w[e]), kind, double_quant)))
+                      for e in range(3)])
+    if double_quant:
+        assert np.abs(back - alone).max() < 0.02 * np.abs(w).max()
+    else:
+        np.testing.assert_array_equal(back, alone)
+    arrays, info = quant.to_tensors("x.experts.down_proj", q)
+    again = quant.dequantize(quant.from_tensors("x.experts.down_proj", arrays, info))
+    np.testing.assert_array_equal(np.asarray(again), back)
+    # the grouped matmul on the quantized stack, and its input gradient, use the dequantized one
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((7, 100)).astype(np.float32))
+    sizes = jnp.array([3, 0, 4], jnp.int32)
+    f = lambda x: jnp.sum(jnp.sin(quantized_grouped_matmul(x, q, sizes)))
+    g = lambda x: jnp.sum(jnp.sin(jax.lax.ragged_dot(x, jnp.asarray(back), sizes)))
+    np.testing.assert_allclose(jax.jit(f)(x), g(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(g)(x), rtol=1e-5, atol=1e-6)

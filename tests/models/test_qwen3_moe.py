@@ -264,3 +264,27 @@ def test_checkpoint_errors_name_the_expert_tensors(checkpoint):
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="num_experts_per_tok <= num_experts"):
         build_model({**hf_config().to_dict(), "num_experts_per_tok": 7}, head="causal_lm")
+
+
+def test_quantize_on_load_stacks_and_quantizes_each_expert_stack(checkpoint):
+    """QLoRA's quantize-on-load (``model.quant``): each expert stack is assembled from its Hub
+    tensors and quantized as it is placed; the frozen tree equals quantizing after loading, bit
+    for bit."""
+    from peftjax import methods
+    from peftjax.models import quant
+    from peftjax.train import quantize
+
+    folder, _, model, params = checkpoint
+    method = methods.create("lora", model, {"rank": 2})
+    qcfg = quantize.QuantConfig("nf4")
+    transforms = quantize.on_load(method, model, qcfg)
+    assert "model.layers.2.mlp.experts.gate_up_proj" in transforms
+    assert "model.layers.0.mlp.gate.kernel" not in transforms          # routers stay float
+    loaded, _ = hf_io.params_from_tensors(model, hf_io.tensor_index(folder), transforms=transforms)
+    assert quant.is_quantized(hf_io.flatten(loaded)["model.layers.0.mlp.experts.down_proj"])
+    after = quantize.setup(method, jax.random.PRNGKey(0), hf_io.flatten(params), None, qcfg).frozen
+    during = quantize.setup(method, jax.random.PRNGKey(0), hf_io.flatten(loaded), None, qcfg).frozen
+    assert set(after) == set(during)
+    for k in after:
+        for a, b in zip(jax.tree.leaves(after[k]), jax.tree.leaves(during[k])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)

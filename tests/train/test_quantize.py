@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -243,3 +244,49 @@ def test_the_loop_on_a_quantized_checkpoint_and_load_run_give_the_evaluated_mode
                        encoded["test"], run.config.train.eval_batch_size, run.task,
                        run.config.train.get("bucket_multiple", 0))
     assert metrics == pytest.approx(result["metrics"]["test"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_on_a_mixture_of_experts(kind):
+    """Qwen3-MoE: the stacked experts are quantized (expert by expert) with the attention and
+    dense-FFN kernels, the routers stay float; LoRA trains on q/v and, with target_parameters, on
+    the quantized experts themselves; the quantized model computes what its dequantized floats
+    compute (forward and gradients), and the quantized tensors never change; the experts shard
+    over fsdp as their float rule says."""
+    from jax.sharding import PartitionSpec as P
+
+    from peftjax.parallel import mesh as mesh_lib
+    from peftjax.parallel.shard import plan
+
+    model, base = tiny_model("qwen3_moe")
+    batch = learnable_batch(model)
+    for config in (METHOD_CONFIGS["lora"], {**METHOD_CONFIGS["lora"],
+                                            "target_parameters": "mlp.experts.gate_up_proj,mlp.experts.down_proj"}):
+        method = methods.create("lora", model, config)
+        peft = quantize.setup(method, jax.random.PRNGKey(1), base, None, quantize.QuantConfig(kind))
+        frozen = peft.frozen
+        assert quant.is_quantized(frozen["model.layers.0.mlp.experts.gate_up_proj"])
+        assert frozen["model.layers.0.mlp.experts.down_proj"].shape == (4, 16, 32)
+        assert not quant.is_quantized(frozen["model.layers.0.mlp.gate.kernel"])      # router
+        assert quant.is_quantized(frozen["model.layers.1.mlp.down_proj.kernel"])      # dense FFN
+        before = jax.tree.map(np.array, frozen)
+        tx = optax.adam(1e-2)
+        state = init_state(peft.trainable, peft.state, tx)
+        step = jax.jit(make_train_step(method, tx, seed=0))
+        losses = []
+        for _ in range(FAST_STEPS):
+            state, metrics = step(state, frozen, batch)
+            losses.append(float(metrics["loss"]))
+        assert losses[-1] < 0.9 * losses[0], losses
+        for k, v in frozen.items():
+            for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(before[k])):
+                np.testing.assert_array_equal(np.asarray(a), b, err_msg=k)
+        floats = quant.dequantize_tree(frozen)
+        run = lambda fr: jax.jit(lambda t: method.apply(t, fr, state.method_state, batch))
+        np.testing.assert_allclose(run(frozen)(state.trainable), run(floats)(state.trainable), atol=1e-5)
+        loss = lambda fr: jax.jit(jax.grad(lambda t: jnp.sum(jnp.sin(method.apply(t, fr, state.method_state, batch)))))
+        for a, b in zip(jax.tree.leaves(loss(frozen)(state.trainable)), jax.tree.leaves(loss(floats)(state.trainable))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    sh = plan(method, mesh_lib.abstract_mesh("2,2,2"), state, frozen)
+    stack = sh.frozen["model.layers.0.mlp.experts.gate_up_proj"]
+    assert stack.data.spec == (P("fsdp", "tensor") if kind == "nf4" else P("fsdp", None, "tensor"))
