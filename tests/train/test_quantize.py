@@ -246,7 +246,7 @@ def test_the_loop_on_a_quantized_checkpoint_and_load_run_give_the_evaluated_mode
     assert metrics == pytest.approx(result["metrics"]["test"], abs=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_qlora_on_a_mixture_of_experts(kind):
     """Qwen3-MoE: the stacked experts are quantized (expert by expert) with the attention and
     dense-FFN kernels, the routers stay float; LoRA trains on q/v and, with target_parameters, on
