@@ -639,31 +639,17 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
                 "lora_B.weight": ((info["out_features"], r), "lora_B", True)}
         want.update({k: ((info["out_features"],), v, False) for k, v in extra.items()})
         for suffix, (shape, ours, transpose) in want.items():
-            key = f"{module}.{suffix}"
-            if key not in lora_keys:
-                missing.append(prefix + key)
-                continue
-            array = tensors.pop(lora_keys.pop(key))  # consumed: the head import sees the rest
-            if tuple(array.shape) != shape:
-                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {shape}")
-                continue
-            added[f"{site}.{ours}"] = jax.numpy.asarray(array.T if transpose else array)
+            # consumed: the head import sees the rest
+            array = _pop_checked(tensors, lora_keys, f"{module}.{suffix}", shape, prefix, missing, misshaped)
+            if array is not None:
+                added[f"{site}.{ours}"] = jax.numpy.asarray(array.T if transpose else array)
     for site, module in grouped_layout(method).items():
         info = sites.grouped[site]
         e, fan_in, fan_out = info["experts"], info["in_features"], info["out_features"]
         want = {"lora_A": (r * e, fan_in), "lora_B": (fan_out, r * e)}
-        arrays = {}
-        for ours, shape in want.items():
-            key = f"{module}.{ours}.weight"
-            if key not in lora_keys:
-                missing.append(prefix + key)
-                continue
-            array = tensors.pop(lora_keys.pop(key))
-            if tuple(array.shape) != shape:
-                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {shape}")
-                continue
-            arrays[ours] = array
-        if len(arrays) == 2:   # the inverse of _export_lora's layout
+        arrays = {ours: _pop_checked(tensors, lora_keys, f"{module}.{ours}.weight", shape, prefix,
+                                     missing, misshaped) for ours, shape in want.items()}
+        if all(a is not None for a in arrays.values()):   # the inverse of _export_lora's layout
             added[f"{site}.lora_A"] = jax.numpy.asarray(arrays["lora_A"].reshape(e, r, fan_in).transpose(0, 2, 1))
             added[f"{site}.lora_B"] = jax.numpy.asarray(arrays["lora_B"].reshape(fan_out, r, e).transpose(2, 1, 0))
     unexpected = sorted(prefix + k for k in lora_keys)
@@ -678,6 +664,21 @@ def _import_lora(config, tensors, model, folder) -> tuple[core.Method, dict, str
         raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "
                            + "\n  ".join(lines))
     return method, added, prefix
+
+
+def _pop_checked(tensors: dict, index: dict, key: str, shape, prefix: str, missing: list,
+                 misshaped: list):
+    """Pops the file's tensor for ``key`` (``index``: key without the prefix → file key; both
+    are consumed, so what remains is unexpected) and checks its shape (``None``: any); returns
+    None after recording it as missing or mis-shaped."""
+    if key not in index:
+        missing.append(prefix + key)
+        return None
+    array = tensors.pop(index.pop(key))
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {tuple(shape)}")
+        return None
+    return array
 
 
 def _lora_variant(config, init, problems: list[str]) -> tuple[str, str]:
@@ -736,14 +737,8 @@ def _import_declared(cls, config, tensors, model, folder) -> tuple[core.Method, 
     for site, ts in layout.items():
         module = site_to_file.get(site, site)
         for t in ts:
-            key = f"{module}.{t.peft}"
-            if key not in in_file:
-                missing.append(prefix + key)
-                continue
-            array = tensors.pop(in_file.pop(key))
-            if tuple(array.shape) != tuple(t.shape):
-                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, "
-                                 f"model expects {tuple(t.shape)}")
+            array = _pop_checked(tensors, in_file, f"{module}.{t.peft}", t.shape, prefix, missing, misshaped)
+            if array is None:
                 continue
             name = f"{site}.{t.ours}"
             added[name] = jax.numpy.asarray((array.T if t.transpose else array).reshape(ours[name].shape))
@@ -767,16 +762,10 @@ def _take_module_tensors(tensors, model, method, prefix, folder, want) -> tuple[
     for site in method.targets:
         module = site_to_file.get(site, site)
         for suffix, shape in want.items():
-            key = f"{module}.{suffix}"
-            if key not in ours:
-                missing.append(prefix + key)
-                continue
-            array = tensors.pop(ours.pop(key))
-            expected = shape(site) if shape else None
-            if expected is not None and tuple(array.shape) != tuple(expected):
-                misshaped.append(f"{prefix}{key}: adapter {tuple(array.shape)}, model expects {tuple(expected)}")
-                continue
-            found[(site, suffix)] = array
+            array = _pop_checked(tensors, ours, f"{module}.{suffix}", shape(site) if shape else None,
+                                 prefix, missing, misshaped)
+            if array is not None:
+                found[(site, suffix)] = array
     unexpected = sorted(prefix + k for k in ours)
     if unexpected:
         raise AdapterError(f"{folder} does not fit the {model.family.name} model:\n  "

@@ -33,14 +33,18 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 def family(request, tmp_path_factory):
     name = request.param
     torch_model = hf_model(name)
-    folder = str(tmp_path_factory.mktemp(f"{name}_peft_ckpt"))
+    return (name, torch_model) + load_with_batch(torch_model, str(tmp_path_factory.mktemp(f"{name}_peft_ckpt")))
+
+
+def load_with_batch(torch_model, folder: str) -> tuple:
+    """(our model, flat params, a right-padded batch) of ``torch_model`` saved into ``folder``."""
     torch_model.save_pretrained(folder, safe_serialization=True)
     model, params = hf_io.load_pretrained(folder, head="causal_lm")
     rs = np.random.RandomState(1)
     ids = rs.randint(3, 128, (2, 9)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[1, 6:] = 0  # right padding: positions agree with transformers' defaults
-    return name, torch_model, model, hf_io.flatten(params), {"input_ids": ids, "attention_mask": mask}
+    return model, hf_io.flatten(params), {"input_ids": ids, "attention_mask": mask}
 
 
 def logits_delta(ours: np.ndarray, peft_model, batch) -> float:

@@ -21,7 +21,7 @@ import torch
 from safetensors.numpy import load_file
 
 from peftjax.interop import export_adapter, import_adapter, peft_params
-from peftjax.models import hf_io
+from tests.interop.test_hf_peft_decoders import load_with_batch, logits_delta
 from tests.models.test_qwen3_moe import hf_model
 
 TOL = 1e-4
@@ -31,20 +31,7 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     torch_model = hf_model()
-    folder = str(tmp_path_factory.mktemp("qwen3_moe_peft_ckpt"))
-    torch_model.save_pretrained(folder, safe_serialization=True)
-    model, params = hf_io.load_pretrained(folder, head="causal_lm")
-    rs = np.random.RandomState(1)
-    ids = rs.randint(3, 128, (2, 9)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0  # right padding: positions agree with transformers' defaults
-    return torch_model, model, hf_io.flatten(params), {"input_ids": ids, "attention_mask": mask}
-
-
-def logits_delta(ours: np.ndarray, peft_model, batch) -> float:
-    with torch.no_grad():
-        theirs = peft_model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits
-    return float(np.abs(ours - theirs.numpy())[batch["attention_mask"].astype(bool)].max())
+    return (torch_model,) + load_with_batch(torch_model, str(tmp_path_factory.mktemp("qwen3_moe_peft_ckpt")))
 
 
 def _round_trip(torch_model, model, params, batch, config, tmp_path, expected_name):
