@@ -50,4 +50,8 @@ if [ "${QUANT:-0}" = 1 ]; then
   run $BF16 --config.model.quant=int8 --out="$OUT/llama2_7b_lora_int8_bf16.json"
   run $BF16 --out="$OUT/llama2_7b_lora_bf16_base.json"
   run $BF16 --config.train.remat=block --out="$OUT/llama2_7b_lora_bf16_base_remat_block.json"
+  # the MoE (issue 21): experts quantized expert by expert
+  $PY scripts/memory.py --config=configs/train.py:model=Qwen3-30B-A3B,method=lora $COMMON $LORA \
+    --head=causal_lm --methods=lora $BF16 --config.model.quant=nf4 --config.model.double_quant=True \
+    --out="$OUT/qwen3_30b_a3b_qlora_nf4_dq_bf16.json" > /dev/null
 fi
