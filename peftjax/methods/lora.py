@@ -63,6 +63,7 @@ import jax.numpy as jnp
 
 from peftjax.methods import core
 from peftjax.models import hooks as hooks_lib
+from peftjax.models import moe
 
 # PEFT's default target modules per family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
 # the query/value projections (LoRA §7.1) of BERT/RoBERTa (query, value) and Llama (q_proj,
@@ -126,7 +127,7 @@ class LoRAHooks(hooks_lib.Hooks):
             return y
         # y + s · (x A_e) B_e for each row's expert e: two grouped GEMMs of width r.
         a, b = self.method.factors(self.grouped[site], x.dtype, self.context)
-        return y + jax.lax.ragged_dot(jax.lax.ragged_dot(x, a, group_sizes), b, group_sizes)
+        return y + moe.grouped_matmul(moe.grouped_matmul(x, a, group_sizes), b, group_sizes)
 
     def linear(self, module, x, y, kernel, bias):
         site = hooks_lib.site(module)

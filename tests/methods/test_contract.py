@@ -54,8 +54,10 @@ REFUSED = {("linear_probe", f): "has no params of its own"
 # Qwen3 (attention_bias false, as released), Mistral and Gemma 2/3 have no bias terms at all.
 REFUSED.update({("bitfit", f): "the model has no bias terms"
                 for f in ("qwen3", "mistral", "gemma2", "gemma3", "qwen3_moe")})
-# PEFT ships no (IA)³ default targets for qwen3_moe (TRANSFORMERS_MODELS_TO_IA3_*): the user names them.
+# PEFT ships no (IA)³ or LN-tuning default targets for qwen3_moe (TRANSFORMERS_MODELS_TO_IA3_*,
+# *_LNTUNING_*): the user names them.
 REFUSED[("ia3", "qwen3_moe")] = "no default targets for model type 'qwen3_moe'"
+REFUSED[("ln_tuning", "qwen3_moe")] = "no default targets for model type 'qwen3_moe'"
 
 
 class Case:

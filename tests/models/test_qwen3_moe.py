@@ -242,11 +242,38 @@ def test_hook_sites_and_grouped_products(checkpoint):
     assert set(grouped) == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 2)
                             for p in ("gate_up_proj", "down_proj")}
     assert grouped["model.layers.0.mlp.experts.gate_up_proj"]["experts"] == 6
-    x = jnp.asarray(np.random.RandomState(0).randn(9, 4), jnp.float32)
-    w = jnp.asarray(np.random.RandomState(1).randn(3, 4, 5), jnp.float32)
-    sizes = jnp.array([2, 0, 7], jnp.int32)
-    loop = np.concatenate([np.asarray(x[:2] @ w[0]), np.asarray(x[2:] @ w[2])])
-    np.testing.assert_allclose(np.asarray(jax.lax.ragged_dot(x, w, sizes)), loop, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,experts,tile", [(9, 3, None), (64, 6, 8), (300, 16, None), (40, 4, 128)])
+def test_grouped_matmul_forms_equal_a_loop_over_experts(rows, experts, tile):
+    """``ragged_dot`` and the CPU's tiled scan (any tile size, empty experts, a tile larger than
+    every group) equal a loop over experts, and so do their gradients."""
+    rs = np.random.RandomState(rows)
+    x = jnp.asarray(rs.randn(rows, 12), jnp.float32)
+    w = jnp.asarray(rs.randn(experts, 12, 5), jnp.float32)
+    sizes = np.bincount(rs.randint(0, max(1, experts - 1), rows), minlength=experts)   # last one empty
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    loop = np.concatenate([np.asarray(x[a:b] @ w[e]) for e, (a, b) in enumerate(zip(starts, starts[1:]))])
+    gs = jnp.asarray(sizes, jnp.int32)
+    forms = {"ragged_dot": lambda x, w: jax.lax.ragged_dot(x, w, gs),
+             "tiled": lambda x, w: moe.tiled_grouped_matmul(x, w, gs, tile)}
+    grads = {}
+    for name, f in forms.items():
+        np.testing.assert_allclose(np.asarray(jax.jit(f)(x, w)), loop, atol=1e-5, err_msg=name)
+        grads[name] = jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+    for a, b in zip(grads["ragged_dot"], grads["tiled"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_moe_layer_is_the_same_with_either_grouped_matmul(checkpoint, monkeypatch):
+    _, _, model, params = checkpoint
+    ids, mask = padded_batch(128, seed=4)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    out = {}
+    for mode in ("ragged_dot", "tiled"):
+        monkeypatch.setattr(moe, "GROUPED_MATMUL", mode)
+        out[mode] = np.asarray(jax.jit(lambda p: model.apply(p, batch))(params))
+    assert max_delta(out["ragged_dot"], out["tiled"], mask) <= 1e-5
 
 
 def test_checkpoint_errors_name_the_expert_tensors(checkpoint):
