@@ -30,6 +30,7 @@ probability of expert ``e`` over all layers' real tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -88,11 +89,20 @@ def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     ``ceil(R / tile) + E`` tiles, so shapes stay static); each tile is multiplied by its
     expert's matrix, read with a dynamic index inside the scan (no per-tile copy of the
     weights), and the rows are gathered back. ``tile`` defaults to the power of two nearest the
-    mean group size, clipped to 8..128, which bounds the padding by ~one tile per expert."""
-    rows, d_in = x.shape
-    experts, _, d_out = w.shape
+    mean group size, clipped to 8..128, which bounds the padding by ~one tile per expert.
+
+    A custom VJP: autodiff through the scan would keep every tile's weight slice for the
+    backward (for Qwen3-30B-A3B, ~3 GB per expert matmul); here the backward reads ``w`` again,
+    ``dx`` in one scan and ``dw`` (accumulated per expert) in another, which XLA drops when the
+    experts are frozen.
+    """
     if tile is None:
-        tile = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, rows / experts))))))
+        tile = int(min(128, max(8, 2 ** math.ceil(math.log2(max(1.0, x.shape[0] / w.shape[0]))))))
+    return _tiled(x, w, group_sizes, tile)
+
+
+def _tile_layout(group_sizes: jax.Array, rows: int, experts: int, tile: int):
+    """(gather index and validity of each padded slot, each tile's expert, each row's slot)."""
     n_tiles = -(-rows // tile) + experts
     sizes = group_sizes.astype(jnp.int32)
     starts = jnp.cumsum(sizes) - sizes
@@ -103,18 +113,53 @@ def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     local = slot - padded_starts[owner]
     valid = local < sizes[owner]
     source = jnp.where(valid, starts[owner] + local, 0)
-    tiles = jnp.where(valid[:, None], x[source], 0).reshape(n_tiles, tile, d_in)
-    tile_expert = owner.reshape(n_tiles, tile)[:, 0]
-
-    def one(_, inputs):
-        xt, e = inputs
-        return None, xt @ jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
-
-    _, out = jax.lax.scan(one, None, (tiles, tile_expert))
-    out = out.reshape(n_tiles * tile, d_out)
     row = jnp.arange(rows, dtype=jnp.int32)
     expert_of = jnp.clip(jnp.searchsorted(starts + sizes, row, side="right"), 0, experts - 1)
-    return out[padded_starts[expert_of] + row - starts[expert_of]]
+    back = padded_starts[expert_of] + row - starts[expert_of]
+    return n_tiles, source, valid, owner.reshape(n_tiles, tile)[:, 0], back
+
+
+def _to_tiles(a: jax.Array, source, valid, n_tiles: int, tile: int) -> jax.Array:
+    return jnp.where(valid[:, None], a[source], 0).reshape(n_tiles, tile, a.shape[-1])
+
+
+def _tile_products(tiles: jax.Array, w: jax.Array, tile_expert: jax.Array, transpose: bool) -> jax.Array:
+    def one(_, inputs):
+        t, e = inputs
+        we = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+        return None, (t @ we.T if transpose else t @ we)
+
+    return jax.lax.scan(one, None, (tiles, tile_expert))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled(x, w, group_sizes, tile):
+    return _tiled_fwd(x, w, group_sizes, tile)[0]
+
+
+def _tiled_fwd(x, w, group_sizes, tile):
+    n_tiles, source, valid, tile_expert, back = _tile_layout(group_sizes, x.shape[0], w.shape[0], tile)
+    out = _tile_products(_to_tiles(x, source, valid, n_tiles, tile), w, tile_expert, False)
+    return out.reshape(n_tiles * tile, w.shape[2])[back], (x, w, group_sizes)
+
+
+def _tiled_bwd(tile, res, dy):
+    x, w, group_sizes = res
+    n_tiles, source, valid, tile_expert, back = _tile_layout(group_sizes, x.shape[0], w.shape[0], tile)
+    dy_tiles = _to_tiles(dy, source, valid, n_tiles, tile)
+    dx = _tile_products(dy_tiles, w, tile_expert, True).reshape(n_tiles * tile, w.shape[1])[back]
+    x_tiles = _to_tiles(x, source, valid, n_tiles, tile)
+
+    def accumulate(dw, inputs):
+        xt, dyt, e = inputs
+        current = jax.lax.dynamic_index_in_dim(dw, e, 0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(dw, current + xt.T @ dyt, e, 0), None
+
+    dw = jax.lax.scan(accumulate, jnp.zeros_like(w), (x_tiles, dy_tiles, tile_expert))[0]
+    return dx.astype(x.dtype), dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def grouped_linear(module: nn.Module, name: str, x: jax.Array, kernel: Any,
