@@ -1,12 +1,15 @@
 """peftjax's train step against transformers + peft on PyTorch (CPU): same model, method, batch, machine.
 
     python scripts/bench_vs_peft.py --model=all-MiniLM-L6-v2 --methods=lora,dora,full --batch=32 --seq=64
+    python scripts/bench_vs_peft.py --model=bench-llama-small --head=causal_lm --methods=lora,dora,full --batch=8 --seq=128
+    python scripts/bench_vs_peft.py --model=bench-t5-small --head=seq2seq_lm --methods=lora,full --batch=8 --seq=128
 
 For each method, in one process, it times ``--steps`` train steps after compilation and
 ``--warmup`` untimed steps on both sides and prints JSON with both medians and the ratio
 ``peftjax / peft`` (below 1: peftjax is faster), plus the threads each side used.
 
-Both sides run the same step: the model (random classifier head, ``--num_labels`` classes) on the
+Both sides run the same step: the model (random classifier head, ``--num_labels`` classes; or,
+``--head=causal_lm`` / ``seq2seq_lm``, its LM head on the batch's own tokens) on the
 same random ``(batch, seq)`` token batch in training mode (dropout on), cross-entropy, backward,
 and one AdamW update (lr 1e-4, weight decay 1e-4 on every param: optax.adamw's defaults, set on
 torch's AdamW too; no clipping). peftjax's side is scripts/bench.py's step (jitted, state
@@ -40,6 +43,10 @@ from absl import app, flags, logging
 
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the CPUs this process may use)")
 flags.DEFINE_bool("profile", False, "also time forward and forward+backward on both sides")
+flags.DEFINE_enum("head", "classification", ["classification", "causal_lm", "seq2seq_lm"],
+                  "the task both sides train: sequence classification (transformers' "
+                  "ForSequenceClassification), a causal LM over the whole batch (ForCausalLM, "
+                  "decoders) or text-to-text (ForSeq2SeqLM, T5: the batch is also the target)")
 flags.DEFINE_string("peft_attention", "", "transformers' attn_implementation on the PyTorch side "
                     "('' = its default, sdpa on CPU; 'eager' = the unfused composition peftjax "
                     "compiles, as a diagnostic)")
@@ -64,8 +71,13 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
     return measure.time_calls(fn, steps, warmup)
 
 
-def torch_model(model_cfg, num_labels: int, attention: str = ""):
-    """The PyTorch model of a named model config: its checkpoint, or random weights of its config.
+AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
+                "causal_lm": "AutoModelForCausalLM", "seq2seq_lm": "AutoModelForSeq2SeqLM"}
+
+
+def torch_model(model_cfg, num_labels: int, attention: str = "", head: str = "classification"):
+    """The PyTorch model of a named model config: its checkpoint, or random weights of its config,
+    with the ``head``'s transformers class.
 
     ``attention`` picks transformers' attention implementation ("" = its default, which for
     BERT on CPU is "sdpa": PyTorch's fused scaled_dot_product_attention kernel)."""
@@ -75,17 +87,18 @@ def torch_model(model_cfg, num_labels: int, attention: str = ""):
     from peftjax.models import hf_io
 
     torch.manual_seed(0)
+    auto = getattr(transformers, AUTO_CLASSES[head])
+    labels = {"num_labels": num_labels} if head == "classification" else {}
     checkpoint = model_cfg.get("checkpoint") or ""
     if checkpoint:
         folder = hf_io.resolve_checkpoint(checkpoint)
         kwargs = {"attn_implementation": attention} if attention else {}
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, **kwargs)
+        return auto.from_pretrained(folder, **labels, **kwargs)
     hf = dict(model_cfg.hf_config.to_dict())
-    config = transformers.AutoConfig.for_model(hf.pop("model_type"), num_labels=num_labels, **hf)
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **labels, **hf)
     if attention:
         config._attn_implementation = attention
-    return transformers.AutoModelForSequenceClassification.from_config(config)
+    return auto.from_config(config)
 
 
 def peft_wrap(torch_net, method):
@@ -195,15 +208,19 @@ def main(argv):
             # Same shapes, random weights on both sides (speed does not depend on the values):
             # for machines that lack the checkpoint's package.
             model_cfg.checkpoint = None
-    model, params, _ = hf_io.load_from_config(model_cfg, head="classification",
+    head = FLAGS.head
+    model, params, _ = hf_io.load_from_config(model_cfg, head=head,
                                               num_labels=FLAGS.num_labels, dtype=jnp.float32,
                                               with_tokenizer=False)
     base = traverse_util.flatten_dict(params, sep=".")
     rng = np.random.default_rng(0)
     vocab = model_cfg.hf_config.vocab_size
     ids = rng.integers(min(1000, vocab // 2), vocab, size=(FLAGS.batch, FLAGS.seq)).astype(np.int32)
+    # An LM learns the batch itself: every token (causal: shifted inside both losses), or the
+    # input as its own target (text-to-text: the decoder reads it shifted right, as transformers).
+    labels = ids if head != "classification" else rng.integers(0, FLAGS.num_labels, FLAGS.batch)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask": np.ones(FLAGS.batch, bool),
-             "labels": rng.integers(0, FLAGS.num_labels, FLAGS.batch).astype(np.int32)}
+             "labels": labels.astype(np.int32)}
     if "token_type_ids" in model.input_names:
         batch["token_type_ids"] = np.zeros_like(ids)
     overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
@@ -215,7 +232,7 @@ def main(argv):
         cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
         cfg.update(overrides.get(name, {}))
         method = methods.create(name, model, cfg)
-        net = torch_model(model_cfg, FLAGS.num_labels, FLAGS.peft_attention)
+        net = torch_model(model_cfg, FLAGS.num_labels, FLAGS.peft_attention, head)
         theirs = torch_side(peft_wrap(net, method), batch,
                             FLAGS.steps, FLAGS.warmup, FLAGS.profile)
         ours_values = ours["trainable_params"] + ours["head_params"]
@@ -235,7 +252,7 @@ def main(argv):
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
     out = {
-        "model": FLAGS.model, "random_weights": bool(FLAGS.random_weights), "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
+        "model": FLAGS.model, "head": head, "random_weights": bool(FLAGS.random_weights), "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
         "steps": FLAGS.steps, "warmup": FLAGS.warmup,
         "torch_threads": torch.get_num_threads(), "jax_threads": _cpus(),
         "jax_threads_note": "XLA:CPU's intra-op pool spans the CPUs this process may use",

@@ -13,6 +13,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -37,6 +39,28 @@ def test_tiny_bert_lora_both_sides():
     assert len(row["peftjax_step_s_all"]) == len(row["peft_step_s_all"]) == 2
     assert row["peftjax_step_s"] > 0 and row["peft_step_s"] > 0
     assert abs(row["ratio"] - row["peftjax_step_s"] / row["peft_step_s"]) < 1e-12
+
+
+@pytest.mark.parametrize("model,head,expected", [
+    # LoRA r=8 on q_proj, v_proj of 2 layers (hidden 32, 4 heads, 2 kv heads of 8: v is 32 -> 16)
+    ("tiny-llama", "causal_lm", 2 * (8 * (32 + 32) + 8 * (32 + 16))),
+    # LoRA on T5's q, v (self- and cross-attention): the count is checked against peft's by the script
+    ("tiny-t5", "seq2seq_lm", None),
+])
+def test_decoders_and_encoder_decoders_train_the_same_lm_step(model, head, expected):
+    """--head=causal_lm / seq2seq_lm: transformers' ForCausalLM / ForSeq2SeqLM on the PyTorch
+    side, the batch as its own target; both sides train the same values (the script refuses
+    otherwise)."""
+    proc = run(f"--model={model}", f"--head={head}", "--methods=lora", "--batch=2", "--seq=8",
+               "--steps=2", "--warmup=1", "--threads=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["head"] == head
+    (row,) = out["methods"]
+    assert row["trainable_values"] == row["trainable_params"] > 0   # no task head: the LM head is pretrained
+    if expected is not None:
+        assert row["trainable_params"] == expected
+    assert row["peftjax_step_s"] > 0 and row["peft_step_s"] > 0
 
 
 def test_methods_without_a_peft_counterpart_are_refused():
