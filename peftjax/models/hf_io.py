@@ -469,16 +469,14 @@ def load_pretrained(folder: str, head: str = "none", num_labels: int | None = No
     return model, params
 
 
-def _host_tensor(value: Any, transpose: bool) -> np.ndarray:
-    """One param whole on the host, in HF's layout: fetched from its device, or gathered when it
-    is sharded over several processes (a collective: every process calls it)."""
+def host_array(value: Any) -> np.ndarray:
+    """One array whole on the host: fetched from its device, or gathered when it is sharded over
+    several processes (a collective: every process calls it, in the same order)."""
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         from jax.experimental import multihost_utils
 
-        array = np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    else:
-        array = np.asarray(jax.device_get(value))
-    return np.ascontiguousarray(array.T if transpose else array)
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
 
 
 def tensors_from_params(params: dict, family: Any = None) -> dict[str, np.ndarray]:
@@ -486,7 +484,7 @@ def tensors_from_params(params: dict, family: Any = None) -> dict[str, np.ndarra
     (a ``registry.Family``) names kernels stored untransposed (GPT-2's ``Conv1D``)."""
     out = {}
     for path, value in flatten(params).items():
-        host = _host_tensor(value, False)
+        host = host_array(value)
         for name, _, take in hf_tensors(path, tuple(value.shape), family):
             out[name] = np.ascontiguousarray(take(host))
     return out
@@ -526,7 +524,7 @@ class _HostOnce:
 
     def get(self) -> np.ndarray:
         if self.array is None:
-            self.array = _host_tensor(self.value, False)
+            self.array = host_array(self.value)
         array = self.array
         self.left -= 1
         if self.left == 0:

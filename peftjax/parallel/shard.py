@@ -333,10 +333,9 @@ def host_tree(tree):
     adapter that need whole arrays."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
+    from peftjax.models.hf_io import host_array
 
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                        if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
+    return jax.tree.map(host_array, tree)
 
 
 def param_shardings(model, mesh: Mesh, *, rules: ShardingRules | None = None,
