@@ -45,7 +45,7 @@ def test_tiny_bert_lora_both_sides():
     # LoRA r=8 on q_proj, v_proj of 2 layers (hidden 32, 4 heads, 2 kv heads of 8: v is 32 -> 16)
     ("tiny-llama", "causal_lm", 2 * (8 * (32 + 32) + 8 * (32 + 16))),
     # LoRA on T5's q, v (self- and cross-attention): the count is checked against peft's by the script
-    ("tiny-t5", "seq2seq_lm", None),
+    pytest.param("tiny-t5", "seq2seq_lm", None, marks=pytest.mark.slow),
 ])
 def test_decoders_and_encoder_decoders_train_the_same_lm_step(model, head, expected):
     """--head=causal_lm / seq2seq_lm: transformers' ForCausalLM / ForSeq2SeqLM on the PyTorch
