@@ -1,0 +1,29 @@
+#!/bin/bash
+# peftjax's train step and decoding against transformers + peft on the same machine (issue 22).
+# Run on quiet cores (nothing else running: the figures are ratios of two timings taken in one
+# process, but a busy machine still shifts them). Each command writes one JSON into runs/.
+#   bash experiments/speed/run.sh            # all; or: WHAT="minilm llama" bash ...
+set -eu
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=experiments/speed/runs
+WHAT=${WHAT:-"minilm llama gpt2 t5 generate"}
+STEPS=${STEPS:-5}
+for what in $WHAT; do
+  case $what in
+    minilm)   $PY scripts/bench_vs_peft.py --model=all-MiniLM-L6-v2 --methods=lora,dora,full \
+                --batch=32 --seq=64 --steps=$STEPS > $OUT/minilm_classification.json ;;
+    llama)    $PY scripts/bench_vs_peft.py --model=bench-llama-small --head=causal_lm --methods=lora,dora,full \
+                --batch=8 --seq=128 --steps=$STEPS \
+                --method_overrides='{"lora": {"rank": 16, "alpha": 32, "targets": ".*_proj$"}, "dora": {"rank": 16, "alpha": 32, "targets": ".*_proj$"}}' \
+                > $OUT/bench_llama_small_causal_lm.json ;;
+    gpt2)     $PY scripts/bench_vs_peft.py --model=gpt2 --random_weights --head=causal_lm --methods=lora,full \
+                --batch=8 --seq=128 --steps=$STEPS > $OUT/gpt2_causal_lm.json ;;
+    t5)       $PY scripts/bench_vs_peft.py --model=bench-t5-small --head=seq2seq_lm --methods=lora,full \
+                --batch=8 --seq=128 --steps=$STEPS > $OUT/bench_t5_small_seq2seq_lm.json ;;
+    generate) $PY scripts/bench_generate.py --model=bench-llama-small --batch=8 --prompt=64 --new=128 \
+                > $OUT/bench_llama_small_generate.json ;;
+    *) echo "unknown: $what" >&2; exit 2 ;;
+  esac
+  echo "done $what"
+done
