@@ -16,6 +16,9 @@ Forward (PEFT's ``DoraLinearLayer``), never materialising W'. With n = ||W0 + s�
 
     y' = (m / n) · (x W0 + s·x A B) + bias            (no dropout, or evaluation)
 
+computed in float32 as LoRA's single GEMM ``x (W0 + s·A B)`` (``lora.low_rank_linear``), whose
+``W0 + s·A B`` is the matrix the norm is taken of.
+
 With dropout p > 0 in training PEFT adds to the *un-dropped* base output
 ``(m/n - 1) · (x̃ W0) + (m/n) · s · x̃ A B`` with x̃ = dropout(x): the base path keeps the clean
 input, the re-scaled part sees the dropped one (one extra x̃ W0 matmul, as in PEFT).
@@ -83,6 +86,11 @@ class DoRA(lora.LoRA):
         if call.train and self.config.dropout > 0:
             xd = core.input_dropout(call.module, x, self.config.dropout, call.train)
             return y + (scale - 1) * (xd @ kernel.astype(x.dtype)) + scale * ((xd @ a) @ b)
+        if self.merged_forward(x, kernel, call.train):
+            # x W0 + x A B as LoRA's one GEMM x (W0 + A B) (``lora.low_rank_linear``; its VJP keeps
+            # the factored gradients); the norm above reads the same W0 + A B.
+            out = scale * lora.low_rank_linear(x, kernel, a, b)
+            return out if bias is None else out + bias.astype(out.dtype)
         base_out = y if bias is None else y - bias.astype(y.dtype)
         out = scale * (base_out + (x @ a) @ b)
         return out if bias is None else out + bias.astype(y.dtype)
