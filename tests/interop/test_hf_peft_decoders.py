@@ -47,6 +47,19 @@ def load_with_batch(torch_model, folder: str) -> tuple:
     return model, hf_io.flatten(params), {"input_ids": ids, "attention_mask": mask}
 
 
+def saved_peft_model(torch_model, config, folder: str):
+    """PEFT's adapter on a copy of ``torch_model`` (random factors: ``init_lora_weights=False``;
+    DoRA magnitudes moved off ||W0||), saved into ``folder``; returns the PEFT model."""
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
+    with torch.no_grad():
+        for k, v in pm.named_parameters():
+            if "lora_magnitude" in k:
+                v.add_(0.05 * torch.randn_like(v))
+    pm.save_pretrained(folder)
+    return pm
+
+
 def logits_delta(ours: np.ndarray, peft_model, batch) -> float:
     with torch.no_grad():
         theirs = peft_model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}).logits
@@ -64,15 +77,9 @@ def _cells():
 @pytest.mark.parametrize("family,method_name", list(_cells()), indirect=["family"])
 def test_lora_dora_both_ways(family, method_name, tmp_path):
     name, torch_model, model, params, batch = family
-    torch.manual_seed(3)
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS,
                              init_lora_weights=False, use_dora=method_name == "dora")
-    pm = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
-    with torch.no_grad():
-        for k, v in pm.named_parameters():
-            if "lora_magnitude" in k:
-                v.add_(0.05 * torch.randn_like(v))
-    pm.save_pretrained(str(tmp_path / "peft"))
+    pm = saved_peft_model(torch_model, config, str(tmp_path / "peft"))
 
     method, trainable = import_adapter(str(tmp_path / "peft"), model)
     assert method.name == method_name

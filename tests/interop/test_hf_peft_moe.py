@@ -21,7 +21,7 @@ import torch
 from safetensors.numpy import load_file
 
 from peftjax.interop import export_adapter, import_adapter, peft_params
-from tests.interop.test_hf_peft_decoders import load_with_batch, logits_delta
+from tests.interop.test_hf_peft_decoders import load_with_batch, logits_delta, saved_peft_model
 from tests.models.test_qwen3_moe import hf_model
 
 TOL = 1e-4
@@ -35,13 +35,7 @@ def moe(tmp_path_factory):
 
 
 def _round_trip(torch_model, model, params, batch, config, tmp_path, expected_name):
-    torch.manual_seed(3)
-    pm = peft.get_peft_model(copy.deepcopy(torch_model), config).eval()
-    with torch.no_grad():
-        for k, v in pm.named_parameters():
-            if "lora_magnitude" in k:
-                v.add_(0.05 * torch.randn_like(v))
-    pm.save_pretrained(str(tmp_path / "peft"))
+    pm = saved_peft_model(torch_model, config, str(tmp_path / "peft"))
     theirs_config = json.load(open(tmp_path / "peft" / "adapter_config.json"))
     theirs_tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
 
