@@ -263,12 +263,17 @@ class LoRA(core.Method):
             return dict(zip(("lora_A", "lora_B"), self.pissa_pair(kernel)))
         fan_in, fan_out = kernel.shape
         r = self.config.rank
+        return {"lora_A": self.draw_a(rng, (fan_in, r), kernel.dtype),
+                "lora_B": jnp.zeros((r, fan_out), kernel.dtype)}
+
+    def draw_a(self, rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+        """A at init, ``shape`` ``(..., in, r)``: N(0, 1/r²) (gaussian) or kaiming-uniform over
+        ``in`` (a=√5: gain·√(3/fan_in) = 1/√fan_in), PEFT's draws."""
+        r, fan_in = shape[-1], shape[-2]
         if self.config.init == "gaussian":
-            a = jax.random.normal(rng, (fan_in, r), kernel.dtype) / r
-        else:
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5): gain·√(3/fan_in) = 1/√fan_in
-            a = jax.random.uniform(rng, (fan_in, r), kernel.dtype, -bound, bound)
-        return {"lora_A": a, "lora_B": jnp.zeros((r, fan_out), kernel.dtype)}
+            return jax.random.normal(rng, shape, dtype) / r
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(rng, shape, dtype, -bound, bound)
 
     def pissa_pair(self, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
         """PiSSA's principal-component init of (A, B) from a flax (in, out) kernel."""
@@ -340,12 +345,8 @@ class LoRA(core.Method):
         ``in``), B ``(E, r, out)`` zero."""
         experts, fan_in, fan_out = stacked.shape
         r = self.config.rank
-        if self.config.init == "gaussian":
-            a = jax.random.normal(rng, (experts, fan_in, r), stacked.dtype) / r
-        else:
-            bound = 1.0 / math.sqrt(fan_in)
-            a = jax.random.uniform(rng, (experts, fan_in, r), stacked.dtype, -bound, bound)
-        return {"lora_A": a, "lora_B": jnp.zeros((experts, r, fan_out), stacked.dtype)}
+        return {"lora_A": self.draw_a(rng, (experts, fan_in, r), stacked.dtype),
+                "lora_B": jnp.zeros((experts, r, fan_out), stacked.dtype)}
 
     def grouped_delta(self, params: dict) -> jax.Array:
         """ΔW_e = s · A_e B_e for every expert, ``(E, in, out)`` float32."""

@@ -95,6 +95,11 @@ def hf_tensors(path: str, shape: tuple[int, ...], family: Any = None) -> list[tu
     return out
 
 
+def _find(tensors: Any, name: str, prefix: str) -> str | None:
+    """The name ``name``'s tensor carries in ``tensors`` (``_candidates``), or None."""
+    return next((c for c in _candidates(name, prefix) if c in tensors), None)
+
+
 def _candidates(name: str, prefix: str) -> Iterable[str]:
     """Names a tensor may carry: as is, with or without the backbone prefix, legacy LN names."""
     names = [name]
@@ -387,7 +392,7 @@ def params_from_tensors(model: Model, tensors: Tensors, *, dtype: Any = jnp.floa
                 found_at[path] = (resolved, False)
             continue
         name, transpose = hf_name(path, model.family)
-        found = next((c for c in _candidates(name, prefix) if c in tensors), None)
+        found = _find(tensors, name, prefix)
         if found is None and dict(model.family.tied_fallbacks).get(name) in tensors:
             found = dict(model.family.tied_fallbacks)[name]  # saved tied: transformers ties it
             log.info("%s: %s absent, tied to %s", source, name, found)
@@ -439,7 +444,7 @@ def _resolve_stack(tensors: Tensors, stacked: tuple[tuple[str, ...], ...], prefi
     for parts in stacked:
         row = []
         for name in parts:
-            found = next((c for c in _candidates(name, prefix) if c in tensors), None)
+            found = _find(tensors, name, prefix)
             if found is None:
                 missing.append(name)
                 ok = False

@@ -283,24 +283,9 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
 
 
 def collected_router_logits(variables: dict) -> list[jax.Array]:
-    """The router logits a model call sowed (``mutable=[ROUTER_LOGITS]``), in layer order."""
-    flat = {}
-
-    def walk(tree: Any, path: tuple) -> None:
-        if isinstance(tree, dict):
-            for k, v in tree.items():
-                walk(v, path + (k,))
-        elif isinstance(tree, (tuple, list)):
-            for i, v in enumerate(tree):
-                flat[path + (i,)] = v
-
-    walk(variables.get(ROUTER_LOGITS, {}), ())
-
-    def key(path: tuple) -> tuple:
-        return tuple((0, int(p), "") if isinstance(p, int) or str(p).isdigit() else (1, 0, str(p))
-                     for p in path)
-
-    return [flat[p] for p in sorted(flat, key=key)]
+    """The router logits a model call sowed (``mutable=[ROUTER_LOGITS]``), one per sparse layer,
+    in no particular order: ``load_balancing_loss`` pools over layers, so order does not matter."""
+    return jax.tree.leaves(variables.get(ROUTER_LOGITS, {}))
 
 
 def stacked_hf_names(path: str, shape: tuple[int, ...], parts: dict[str, tuple[str, ...]],
