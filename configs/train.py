@@ -65,6 +65,9 @@ def train_defaults() -> dict:
         b1=0.9, b2=0.999, eps=1e-8,
         dtype="float32",         # compute dtype: float32 | bfloat16 (params stay fp32)
         remat="none",            # rematerialise each block in the backward pass: none | block | block_dots
+        # Run the layer stack as one lax.scan (compiled once per layer; Llama-architecture
+        # families; peftjax/models/layer_scan.py). Off by default: on XLA:CPU it compiles slower.
+        scan_layers=False,
         eval_every=200,
         # The validation metric that picks the best step (and a sweep's setting): "" is the
         # task's primary metric; e.g. macro_f1 for an imbalanced task. One of the task's metrics.

@@ -4,6 +4,7 @@
 
 prints a JSON list, one object per method: ``method``, ``train_step_s`` (median of ``--steps``
 timed steps after compilation and warm-up), ``train_step_s_all`` (every timed step),
+``compile_s`` (tracing + XLA compilation of the step; ``--scan_layers`` compiles one layer body),
 ``peak_memory_bytes`` (XLA memory analysis of the compiled step: arguments + outputs +
 temporaries − donated), the exact byte sizes of the optimizer state, trainable tree, method state
 and frozen params, ``trainable_params``, ``flops`` (XLA cost analysis) and the backend. With
@@ -16,6 +17,7 @@ the same random batch, AdamW, fp32 unless --dtype=bfloat16.
 
 import json
 import os
+import time
 
 import _bootstrap
 from absl import app, flags, logging
@@ -29,6 +31,8 @@ flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_integer("num_labels", 3, "classification labels (encoders)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("remat", False, "rematerialise layers in the backward pass")
+flags.DEFINE_bool("scan_layers", False, "run the layer stack as one lax.scan (compiled once per "
+                  "layer; the families offering it: peftjax/models/layer_scan.py)")
 flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over config defaults")
 flags.DEFINE_bool("random_weights", False, "random init instead of the model's checkpoint (same "
                   "shapes and speed; for machines without the offline weights)")
@@ -63,7 +67,9 @@ def bench_method(label, model, base, batch, overrides, steps, warmup):
         tx = optax.chain(transform, tx)
     state = init_state(peft.trainable, peft.state, tx)
     step = jax.jit(make_train_step(method, tx, seed=0), donate_argnums=(0,))
+    t0 = time.perf_counter()
     compiled = step.lower(state, peft.frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
     memory = measure.memory_analysis(compiled)
     holder = {"state": state}
 
@@ -78,6 +84,8 @@ def bench_method(label, model, base, batch, overrides, steps, warmup):
         extra = bench_inference(method, model, base, peft, holder["state"], batch, steps, warmup)
     nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
     return {**extra, "method": label, "train_step_s": measure.median(times),
+            # Tracing, lowering and XLA compilation of the train step (no persistent cache).
+            "compile_s": round(compile_s, 3),
             # Exact sizes of what the step carries between calls: the optimizer state (Adam's
             # two moments + a count) and gradients exist only for the trainable tree.
             "optimizer_state_bytes": nbytes(holder["state"].opt_state),
@@ -139,7 +147,8 @@ def main(argv):
         head = "seq2seq_lm" if "seq2seq_lm" in heads else "causal_lm"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     model, params, _ = hf_io.load_from_config(model_cfg, head=head, num_labels=FLAGS.num_labels,
-                                              dtype=dtype, remat=FLAGS.remat, with_tokenizer=False)
+                                              dtype=dtype, remat=FLAGS.remat, with_tokenizer=False,
+                                              scan_layers=FLAGS.scan_layers)
     base = traverse_util.flatten_dict(params, sep=".")
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(FLAGS.batch, FLAGS.seq)).astype(np.int32)
@@ -153,7 +162,7 @@ def main(argv):
     for name in FLAGS.methods:
         r = bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
         r.update(model=FLAGS.model, batch=FLAGS.batch, seq=FLAGS.seq, dtype=FLAGS.dtype,
-                 remat=FLAGS.remat, backend=jax.default_backend(),
+                 remat=FLAGS.remat, scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
         results.append(r)
     full = next((r for r in results if r["method"] == "full"), None)

@@ -211,7 +211,7 @@ def main(argv):
     head = FLAGS.head
     model, params, _ = hf_io.load_from_config(model_cfg, head=head,
                                               num_labels=FLAGS.num_labels, dtype=jnp.float32,
-                                              with_tokenizer=False)
+                                              with_tokenizer=False, scan_layers=FLAGS.scan_layers)
     base = traverse_util.flatten_dict(params, sep=".")
     rng = np.random.default_rng(0)
     vocab = model_cfg.hf_config.vocab_size
@@ -243,7 +243,8 @@ def main(argv):
                "ratio": ours["train_step_s"] / theirs["step_s"],
                "trainable_values": ours_values, "trainable_params": ours["trainable_params"],
                "peftjax_step_s_all": ours["train_step_s_all"], "peft_step_s_all": theirs["step_s_all"],
-               "flops": ours.get("flops")}
+               "flops": ours.get("flops"), "peftjax_compile_s": ours["compile_s"],
+               "peak_memory_bytes": ours.get("peak_memory_bytes")}
         if FLAGS.profile:
             prof = jax_profile(method, base, batch, FLAGS.steps, FLAGS.warmup)
             row["peftjax_profile"] = {**prof, "step_s": ours["train_step_s"]}
@@ -253,7 +254,7 @@ def main(argv):
         rows.append(row)
     out = {
         "model": FLAGS.model, "head": head, "random_weights": bool(FLAGS.random_weights), "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
-        "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+        "steps": FLAGS.steps, "warmup": FLAGS.warmup, "scan_layers": FLAGS.scan_layers,
         "torch_threads": torch.get_num_threads(), "jax_threads": _cpus(),
         "jax_threads_note": "XLA:CPU's intra-op pool spans the CPUs this process may use",
         "cpus": _cpus(), "cpu_count": os.cpu_count(), "platform": platform.platform(),

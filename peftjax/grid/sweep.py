@@ -121,7 +121,7 @@ def _strip_display(x: Any) -> Any:
 # Fields added after grids had run, left out of the id while they hold the value that computes
 # what configs without them computed (a float base: peftjax/train/quantize.py), so the cells of
 # an existing sweep keep their ids.
-NEUTRAL_DEFAULTS = {"model": {"quant": "none", "double_quant": True}, "train": {"select_metric": ""}}
+NEUTRAL_DEFAULTS = {"model": {"quant": "none", "double_quant": True}, "train": {"select_metric": "", "scan_layers": False}}
 
 
 def _strip_neutral(config: Any) -> Any:

@@ -143,6 +143,7 @@ class Gemma2ForSequenceClassification(llama.LlamaForSequenceClassification):
 
 FAMILY = registry.register_family(registry.Family(
     name="gemma2",
+    options=("scan_layers",),
     model_types=("gemma2",),
     config_from_hf=Gemma2Config.from_hf,
     build=llama.make_build(Gemma2Model, Gemma2ForCausalLM, Gemma2ForSequenceClassification),

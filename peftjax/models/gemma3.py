@@ -102,6 +102,7 @@ class Gemma3ForSequenceClassification(llama.LlamaForSequenceClassification):
 
 FAMILY = registry.register_family(registry.Family(
     name="gemma3",
+    options=("scan_layers",),
     model_types=("gemma3_text",),
     config_from_hf=Gemma3Config.from_hf,
     build=llama.make_build(Gemma3Model, Gemma3ForCausalLM, Gemma3ForSequenceClassification),

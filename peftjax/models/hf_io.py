@@ -623,7 +623,8 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
                      dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                      rng: jax.Array | None = None, remat: bool = False,
                      with_weights: bool = True, with_tokenizer: bool = True,
-                     transforms: Any = None, shardings: Any = None) -> tuple[Model, dict | None, Any]:
+                     transforms: Any = None, shardings: Any = None,
+                     scan_layers: bool = False) -> tuple[Model, dict | None, Any]:
     """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
 
     ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
@@ -635,6 +636,7 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     ``transforms``: a function of the built model returning ``params_from_tensors``'s
     ``transforms`` (what to do to each tensor as it is loaded: quantize on load); ``shardings``
     likewise its ``shardings`` (each tensor placed straight into its place on a mesh).
+    ``scan_layers``: the layer stack runs as one ``lax.scan`` (``layer_scan.py``).
     """
     get = (lambda k, d=None: model_cfg.get(k, d)) if hasattr(model_cfg, "get") else \
         (lambda k, d=None: getattr(model_cfg, k, d))
@@ -644,7 +646,7 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
         folder = resolve_checkpoint(checkpoint)
         hf = read_config(folder)
     model = build_model(hf, head=head, num_labels=num_labels, dtype=dtype, remat=remat,
-                        pooling=get("pooling") or "cls")
+                        pooling=get("pooling") or "cls", scan_layers=scan_layers)
     params = None
     if with_weights:
         rng = jax.random.PRNGKey(0) if rng is None else rng

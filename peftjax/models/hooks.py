@@ -52,6 +52,10 @@ Array = jax.Array
 class Hooks:
     """No-op hooks. PEFT methods override the points they need."""
 
+    # True for hooks that must see every layer's modules traced one by one (the Recorder
+    # discovering sites): a scanned layer stack (layer_scan.py) then runs unrolled.
+    traces_every_layer = False
+
     def linear(self, module, x: Array, y: Array, kernel: Array, bias: Array | None) -> Array:
         """``y = x @ kernel + bias`` was computed by ``module``; return the adapted output."""
         return y
@@ -117,8 +121,27 @@ def use(hooks: Hooks | None) -> Iterator[Hooks]:
 
 
 def site(module) -> str:
-    """The dotted module path of a flax module, in Hugging Face naming."""
-    return ".".join(module.path)
+    """The dotted module path of a flax module, in Hugging Face naming.
+
+    Inside ``site_prefix(p)`` (a scanned layer stack runs a detached copy of layer 0, whose own
+    path starts at the layer) the path is read below ``p``.
+    """
+    prefix = getattr(_state, "prefix", None)
+    path = ".".join(module.path)
+    return path if not prefix else (prefix[-1] + "." + path if path else prefix[-1])
+
+
+@contextlib.contextmanager
+def site_prefix(prefix: str) -> Iterator[str]:
+    """Sites of the modules traced inside the block are read as ``prefix.<module path>``."""
+    stack = getattr(_state, "prefix", None)
+    if stack is None:
+        stack = _state.prefix = []
+    stack.append(prefix)
+    try:
+        yield prefix
+    finally:
+        stack.pop()
 
 
 class Recorder(Hooks):
@@ -128,6 +151,8 @@ class Recorder(Hooks):
     knowing the model, which linear layers exist, their in/out features, and where the
     attention and FFN blocks are.
     """
+
+    traces_every_layer = True
 
     def __init__(self) -> None:
         self.calls: list[dict] = []

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.models import hooks, registry
+from peftjax.models import hooks, layer_scan, registry
 from peftjax.models.generation import KVCache
 from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
                                    last_token_score, normal_init, remat_block)
@@ -420,13 +420,22 @@ class LlamaLayerStack(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
+    scan: bool = False  # one lax.scan over the layers (layer_scan.py) outside KV-cache decoding
     layer_cls = LlamaDecoderLayer
+    # Why a stack may refuse the scan (None: it can). Layers that differ in structure (MoE
+    # next to dense layers) or sow values cannot share one scanned body.
+    scan_refusal: str | None = None
 
     @nn.compact
     def __call__(self, h, masks, ropes, caches, cache_index, train: bool):
         """``masks``: the attention mask per window (``config.attention_window``); ``ropes``:
         ``(cos, sin)`` per RoPE config (``config.rope_for_layer``)."""
         c = self.config
+        if self.scan and self.scan_refusal:
+            raise ValueError(f"scan_layers: {self.scan_refusal}")
+        if self.scan and caches is None and not self.is_initializing() \
+                and not hooks.active().traces_every_layer:
+            return self.scanned(h, masks, ropes, train), None
         layer_cls = remat_block(self.layer_cls, self.remat, static_argnums=(7,))
         new_caches = []
         for i in range(c.num_hidden_layers):
@@ -436,6 +445,27 @@ class LlamaLayerStack(nn.Module):
                 h, masks[c.attention_window(i)], cos, sin, layer_cache, cache_index, train)
             new_caches.append(new_cache)
         return h, (None if caches is None else new_caches)
+
+    def scanned(self, h, masks, ropes, train: bool):
+        """The layers as one ``lax.scan`` (``layer_scan.scan_stack``); layer ``i``'s window mask
+        and RoPE tables are picked from the distinct ones by index (Gemma's alternating layers)."""
+        c = self.config
+        n = c.num_hidden_layers
+        windows = [c.attention_window(i) for i in range(n)]
+        rope_cfgs = [c.rope_for_layer(i) for i in range(n)]
+        mask_keys, rope_keys = list(dict.fromkeys(windows)), list(dict.fromkeys(rope_cfgs))
+        mask_stack = jnp.stack([masks[w] for w in mask_keys])
+        cos_stack = jnp.stack([ropes[r][0] for r in rope_keys])
+        sin_stack = jnp.stack([ropes[r][1] for r in rope_keys])
+        mask_idx = jnp.asarray([mask_keys.index(w) for w in windows], jnp.int32)
+        rope_idx = jnp.asarray([rope_keys.index(r) for r in rope_cfgs], jnp.int32)
+
+        def per_layer(i):
+            r = rope_idx[i]
+            return mask_stack[mask_idx[i]], cos_stack[r], sin_stack[r], None, None, train
+
+        return layer_scan.scan_stack(self, lambda: self.layer_cls(c, self.dtype, parent=None), h,
+                                     per_layer, n, self.remat, train)
 
 
 class LlamaModel(nn.Module):
@@ -454,6 +484,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
     stack_cls = LlamaLayerStack
     norm_cls = RMSNorm
 
@@ -461,7 +492,7 @@ class LlamaModel(nn.Module):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype,
                                   embedding_init=normal_init(c.initializer_range))
-        self.layers = self.stack_cls(c, self.dtype, self.remat)
+        self.layers = self.stack_cls(c, self.dtype, self.remat, self.scan)
         self.norm = self.norm_cls(c.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -537,11 +568,12 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
     model_cls = LlamaModel
 
     def setup(self) -> None:
         c = self.config
-        self.model = self.model_cls(c, self.dtype, self.remat)
+        self.model = self.model_cls(c, self.dtype, self.remat, self.scan)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=normal_init(c.initializer_range))
@@ -570,13 +602,14 @@ class LlamaForSequenceClassification(nn.Module):
     num_labels: int
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
     model_cls = LlamaModel
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h, _, _ = self.model_cls(self.config, self.dtype, self.remat, name="model")(
+        h, _, _ = self.model_cls(self.config, self.dtype, self.remat, self.scan, name="model")(
             input_ids, attention_mask, train, positions)
         return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
                                 self.config.initializer_range)
@@ -586,12 +619,13 @@ def make_build(model_cls: type[nn.Module] = LlamaModel,
                causal_lm_cls: type[nn.Module] = LlamaForCausalLM,
                classifier_cls: type[nn.Module] = LlamaForSequenceClassification):
     """The registry's ``build`` for a Llama-architecture family's three module classes."""
-    def build(config: LlamaConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
+    def build(config: LlamaConfig, head: str, num_labels: int, dtype, remat: bool,
+              scan_layers: bool = False) -> nn.Module:
         if head == "none":
-            return model_cls(config, dtype, remat)
+            return model_cls(config, dtype, remat, scan_layers)
         if head == "causal_lm":
-            return causal_lm_cls(config, dtype, remat)
-        return classifier_cls(config, num_labels, dtype, remat)
+            return causal_lm_cls(config, dtype, remat, scan_layers)
+        return classifier_cls(config, num_labels, dtype, remat, scan_layers)
 
     return build
 
@@ -609,6 +643,7 @@ HEADS = ("none", "causal_lm", "classification", "regression")
 
 FAMILY = registry.register_family(registry.Family(
     name="llama",
+    options=("scan_layers",),
     model_types=("llama",),
     config_from_hf=LlamaConfig.from_hf,
     build=make_build(),

@@ -47,6 +47,7 @@ class MistralConfig(llama.LlamaConfig):
 
 FAMILY = registry.register_family(registry.Family(
     name="mistral",
+    options=("scan_layers",),
     model_types=("mistral",),
     config_from_hf=MistralConfig.from_hf,
     build=llama.make_build(),

@@ -123,6 +123,7 @@ class Qwen2ForSequenceClassification(llama.LlamaForSequenceClassification):
 
 FAMILY = registry.register_family(registry.Family(
     name="qwen2",
+    options=("scan_layers",),
     model_types=("qwen2",),
     config_from_hf=Qwen2Config.from_hf,
     build=llama.make_build(Qwen2Model, Qwen2ForCausalLM, Qwen2ForSequenceClassification),

@@ -82,6 +82,7 @@ class Qwen3ForSequenceClassification(llama.LlamaForSequenceClassification):
 
 FAMILY = registry.register_family(registry.Family(
     name="qwen3",
+    options=("scan_layers",),
     model_types=("qwen3",),
     config_from_hf=Qwen3Config.from_hf,
     build=llama.make_build(Qwen3Model, Qwen3ForCausalLM, Qwen3ForSequenceClassification),

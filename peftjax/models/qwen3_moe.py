@@ -101,6 +101,8 @@ class Qwen3MoeDecoderLayer(qwen3.Qwen3DecoderLayer):
 
 class Qwen3MoeLayerStack(llama.LlamaLayerStack):
     layer_cls = Qwen3MoeDecoderLayer
+    scan_refusal = ("the qwen3_moe family's layers differ (sparse or dense by index) and sow "
+                    "their router logits, which one scanned body cannot express; run it unrolled")
 
 
 class Qwen3MoeModel(llama.LlamaModel):

@@ -38,7 +38,9 @@ class Family:
       name: family name (``"bert"``, ``"llama"``).
       model_types: the transformers ``model_type`` values it serves.
       config_from_hf: transformers config → frozen family config dataclass.
-      build: ``(config, head, num_labels, dtype, remat) -> nn.Module``.
+      build: ``(config, head, num_labels, dtype, remat) -> nn.Module``; a family that offers
+        ``scan_layers`` (the Llama-architecture ones, ``layer_scan.py``) takes
+        ``scan_layers=True`` too, and lists it in ``options``.
       heads: heads this family supports (subset of ``HEADS``).
       head_prefixes: ``(config, head) -> tuple`` of dotted param prefixes forming the task head.
       backbone_prefix: ``(config, head) -> str``: prefix of the backbone params in the flax tree
@@ -61,6 +63,7 @@ class Family:
         a leading experts axis that checkpoints keep as one tensor per expert (``hf_io`` stacks
         them on load, concatenating each expert's parts along the output axis, and splits them
         on save); ``None`` for every ordinary param. Mixture-of-experts families.
+      options: optional build switches ``build`` takes as keywords (``"scan_layers"``).
       aux_loss: ``(config, router_logits, attention_mask) -> loss | None``: an auxiliary training
         loss computed from what the model sowed (``moe.ROUTER_LOGITS``); ``Model.apply`` adds it
         to the losses being collected (``collect_aux_losses``) in training. MoE families.
@@ -80,6 +83,7 @@ class Family:
     poolings: tuple[str, ...] = ()
     stacked_params: Callable[[str, tuple[int, ...]], tuple[tuple[str, ...], ...] | None] | None = None
     aux_loss: Callable[[Any, list, Any], Any] | None = None
+    options: tuple[str, ...] = ()
 
 
 _AUX = threading.local()
@@ -247,11 +251,14 @@ def _rows_mask(mask: Any, router_logits: list) -> Any:
 
 
 def build_model(hf_config: Any, head: str = "none", num_labels: int | None = None,
-                dtype: Any = jnp.float32, remat: bool = False, pooling: str = "cls") -> Model:
+                dtype: Any = jnp.float32, remat: bool = False, pooling: str = "cls",
+                scan_layers: bool = False) -> Model:
     """Builds a ``Model`` from a transformers config (object or ``config.json`` dict).
 
     ``pooling`` (``POOLINGS``) is what a classification/regression head reads; see
-    ``Family.poolings`` for the families that offer ``"mean"``.
+    ``Family.poolings`` for the families that offer ``"mean"``. ``scan_layers``: run the layer
+    stack as one ``lax.scan`` (compiled once per layer; ``layer_scan.py``), for the families
+    that offer it.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
@@ -277,7 +284,14 @@ def build_model(hf_config: Any, head: str = "none", num_labels: int | None = Non
     config = family.config_from_hf(hf)
     if family.poolings:
         config = dataclasses.replace(config, pooling=pooling)
-    module = family.build(config, head, num_labels, dtype, remat)
+    if scan_layers:
+        if "scan_layers" not in family.options:
+            raise ValueError(f"the {family.name} family has no scan_layers option; families with "
+                             "it: " + ", ".join(sorted(f.name for f in _FAMILIES.values()
+                                                        if "scan_layers" in f.options)))
+        module = family.build(config, head, num_labels, dtype, remat, scan_layers=True)
+    else:
+        module = family.build(config, head, num_labels, dtype, remat)
     return Model(family=family, config=config, head=head, num_labels=num_labels, module=module,
                  hf_config=hf, dtype=dtype)
 

@@ -125,7 +125,8 @@ def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True
         num_labels=task.num_labels if head == "classification" else None,
         dtype=DTYPES[config.train.dtype], rng=jax.random.PRNGKey(config.seed),
         remat=remat_setting(config.train.remat), with_weights=with_weights,
-        with_tokenizer=with_tokenizer, transforms=quantize_on_load, shardings=_mesh_shardings(config))
+        with_tokenizer=with_tokenizer, transforms=quantize_on_load, shardings=_mesh_shardings(config),
+        scan_layers=bool(config.train.get("scan_layers", False)))
     method = made.get("method") or methods_lib.create(config.method.name, model, method_cfg)
     return task, model, tokenizer, method, (_flat(params) if params is not None else None)
 
@@ -253,6 +254,8 @@ def validate_config(config: Any) -> None:
     resume = tc.get("resume", "auto")
     _check(resume in RESUME_MODES, "train.resume", resume, " | ".join(RESUME_MODES))
     remat_name(tc.remat)
+    scan = tc.get("scan_layers", False)
+    _check(isinstance(scan, bool), "train.scan_layers", scan, "true | false")
     from peftjax.train.quantize import config_of
 
     config_of(config)  # model.quant / model.double_quant

@@ -193,3 +193,26 @@ def test_select_metric_chooses_the_best_step_and_is_validated(data_dir, tmp_path
     config.train.select_metric = "f1"
     with pytest.raises(ValueError, match=r"train.select_metric.*accuracy \| macro_f1"):
         validate_config(config)
+
+
+def test_scan_layers_trains_as_the_unrolled_stack(data_dir, tmp_path):
+    """train.scan_layers=True (one lax.scan over a decoder's layers) reaches the training loop:
+    the same losses and validation scores as the unrolled stack; a non-bool value is refused;
+    a sweep cell without the field keeps its id (False is the neutral default)."""
+    from peftjax.grid import sweep
+
+    runs = {}
+    for scan in (False, True):
+        config = tiny_config(data_dir, model="tiny-llama", steps=3, eval_every=3, scan_layers=scan)
+        result = train_and_evaluate(config, str(tmp_path / str(scan)))
+        losses = [r["loss"] for r in map(json.loads, open(tmp_path / str(scan) / "metrics.jsonl"))
+                  if r.get("split") == "train"]
+        runs[scan] = (losses, result["metrics"]["validation"])
+    assert len(runs[True][0]) == 3
+    np.testing.assert_allclose(runs[True][0], runs[False][0], atol=1e-5)
+    assert runs[True][1]["accuracy"] == runs[False][1]["accuracy"]
+    with pytest.raises(TypeError, match="scan_layers"):   # ml_collections keeps it a bool
+        config.train.scan_layers = "yes"
+    plain = get_config("model=tiny-llama,method=lora").to_dict()
+    without = {**plain, "train": {k: v for k, v in plain["train"].items() if k != "scan_layers"}}
+    assert sweep.cell_id(plain) == sweep.cell_id(without)
