@@ -41,22 +41,29 @@ flags.DEFINE_bool("inference", False, "also time inference: the adapted model, i
 FLAGS = flags.FLAGS
 
 
+def method_config(label: str, overrides: dict, rows: int) -> dict:
+    """The config of method ``label`` (``name`` or ``name@variant``): its configs/methods defaults
+    and the label's overrides; a data-driven init's example count capped at the bench batch."""
+    from configs.train import _load
+
+    cfg = {k: v for k, v in _load("methods", label.split("@")[0]).get_config().to_dict().items()
+           if k != "name"}
+    cfg.update(overrides.get(label, {}))
+    if "num_examples" in cfg:  # Fisher masks, LoRA-GA (timing only): the bench batch is the training set
+        cfg["num_examples"] = min(cfg["num_examples"], rows)
+    return cfg
+
+
 def bench_method(label, model, base, batch, overrides, steps, warmup):
     import jax
     import optax
 
-    from configs.train import _load
     from peftjax import methods
     from peftjax.train import init_state, make_train_step
     from peftjax.train import measure
 
     name = label.split("@")[0]   # "fishmask@dense": a named variant of a method
-    cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
-    cfg.update(overrides.get(label, {}))
-    rows = len(batch["input_ids"])
-    if "num_examples" in cfg:  # Fisher masks (timing only): the bench batch is the training set
-        cfg["num_examples"] = min(cfg["num_examples"], rows)
-    method = methods.create(name, model, cfg)
+    method = methods.create(name, model, method_config(label, overrides, len(batch["input_ids"])))
     from peftjax.train.compose import init_context
 
     ctx = init_context(model, None, {k: v for k, v in batch.items() if k != "mask"})
@@ -90,6 +97,9 @@ def bench_method(label, model, base, batch, overrides, steps, warmup):
             # two moments + a count) and gradients exist only for the trainable tree.
             "optimizer_state_bytes": nbytes(holder["state"].opt_state),
             "trainable_bytes": nbytes(holder["state"].trainable),
+            # Every value the step updates (method, base selection and head): prefix tuning's
+            # reparameterisation MLP included, which trainable_params (the folded count) is not.
+            "updated_values": int(sum(x.size for x in jax.tree.leaves(holder["state"].trainable))),
             "method_state_bytes": nbytes(holder["state"].method_state),
             "frozen_bytes": nbytes(peft.frozen),
             "train_step_s_all": [round(t, 4) for t in times],

@@ -13,12 +13,16 @@ Both sides run the same step: the model (random classifier head, ``--num_labels`
 same random ``(batch, seq)`` token batch in training mode (dropout on), cross-entropy, backward,
 and one AdamW update (lr 1e-4, weight decay 1e-4 on every param: optax.adamw's defaults, set on
 torch's AdamW too; no clipping). peftjax's side is scripts/bench.py's step (jitted, state
-donated). The PyTorch side loads the same checkpoint with ``AutoModelForSequenceClassification``
+donated). The PyTorch side loads the same checkpoint with transformers' auto class for the head
 (or builds the same config with random weights when the model ships none, e.g. tiny-bert) and
-wraps it with peft's ``LoraConfig`` built from our method config: the exact modules our method
-adapts (``target_modules``), rank, alpha, dropout, rsLoRA, ``use_dora`` for dora, the task head as
-``modules_to_save``; ``full`` trains every parameter without peft. The trainable counts of both
-sides are reported and must agree.
+adapts it as the training-parity runs do (``peftjax.interop.train_parity.peft_side``): our
+method's initial tensors exported as a PEFT adapter and loaded trainable, or copied by name into
+PEFT's own model (prompt and prefix tuning, PiSSA/OLoRA/LoRA-GA, LN tuning), with the task head
+as ``modules_to_save``; ``bitfit`` and ``full`` are plain transformers with only the trained
+tensors requiring grad. ``--methods`` takes the parity names (``SUPPORTED``: every method PEFT
+also has, LoRA+ and LoRA-FA aside, which are PEFT optimizers over the LoRA step). AdaLoRA's
+PyTorch step includes ``update_and_allocate``, as ours includes its ``update_state``. The
+trainable counts of both sides are reported and must agree.
 
 Attention: transformers' default for BERT on CPU is "sdpa", PyTorch's fused
 scaled_dot_product_attention kernel (scores, softmax, dropout and the value product in one
@@ -52,7 +56,11 @@ flags.DEFINE_string("peft_attention", "", "transformers' attn_implementation on 
                     "compiles, as a diagnostic)")
 FLAGS = flags.FLAGS
 
-SUPPORTED = ("full", "lora", "dora")
+# Every method PEFT also has, by its parity name (peftjax/interop/train_parity.py builds the
+# PEFT side from our method's tensors, as the training-parity runs do), except the two that are
+# PEFT optimizers rather than models (LoRA+, LoRA-FA: the same LoRA step with other rates).
+SUPPORTED = ("lora", "rslora", "dora", "pissa", "olora", "lora_ga", "adalora", "vera", "hira", "ia3",
+             "prompt_tuning", "prefix_tuning", "ln_tuning", "bitfit", "full")
 WEIGHT_DECAY = 1e-4   # optax.adamw's default; torch's AdamW default (1e-2) is overridden to match
 LEARNING_RATE = 1e-4
 
@@ -101,24 +109,28 @@ def torch_model(model_cfg, num_labels: int, attention: str = "", head: str = "cl
     return auto.from_config(config)
 
 
-def peft_wrap(torch_net, method):
-    """``torch_net`` adapted by peft as ``method`` (a peftjax lora/dora Method) is configured."""
-    import peft
+def peft_side(name: str, method, peft, torch_net):
+    """``torch_net`` adapted by peft as parity method ``name`` is, starting from our ``peft``
+    tensors (``train_parity.peft_side``: an exported adapter folder loaded trainable, or the
+    tensors copied by name); plain transformers for BitFit and full fine-tuning."""
+    import tempfile
 
-    from peftjax.interop.hf_peft import modules_to_save
+    from peftjax.interop import train_parity
 
-    if method.name == "full":
-        return torch_net
-    c = method.config
-    config = peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                             target_modules=list(method.targets), use_rslora=c.use_rslora,
-                             use_dora=method.name == "dora", bias="none",
-                             modules_to_save=modules_to_save(method.model) or None)
-    return peft.get_peft_model(torch_net, config)
+    s = train_parity.spec(name, 100)
+    with tempfile.TemporaryDirectory() as workdir:
+        net, _ = train_parity.peft_side(s, method, method.model, peft, torch_net, workdir,
+                                        check_init=False)
+    return net
 
 
-def torch_side(net, batch, steps: int, warmup: int, profile: bool) -> dict:
-    """Median seconds of ``net``'s train step (and optionally forward / forward+backward)."""
+def torch_side(net, batch, steps: int, warmup: int, profile: bool, after_step=None,
+               forward=None) -> dict:
+    """Median seconds of ``net``'s train step (and optionally forward / forward+backward).
+
+    ``after_step(i)``: what the method does after each optimizer step (AdaLoRA's
+    ``update_and_allocate``), part of the step's time as ``update_state`` is on our side.
+    ``forward(net, inputs, labels)``: the model call when not ``net(**inputs, labels=labels)``."""
     import torch
 
     inputs = {k: torch.from_numpy(batch[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")
@@ -128,11 +140,17 @@ def torch_side(net, batch, steps: int, warmup: int, profile: bool) -> dict:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
+    count = [0]
+    call = forward or (lambda n, i, l: n(**i, labels=l))
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = net(**inputs, labels=labels).loss
+        loss = call(net, inputs, labels).loss
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(count[0])
+        count[0] += 1
 
     times = _timed(step, steps, warmup)
     out = {"step_s": _median(times), "step_s_all": [round(t, 4) for t in times],
@@ -140,11 +158,11 @@ def torch_side(net, batch, steps: int, warmup: int, profile: bool) -> dict:
     if profile:
         def forward():
             with torch.no_grad():
-                net(**inputs, labels=labels)
+                call(net, inputs, labels)
 
         def forward_backward():
             net.zero_grad(set_to_none=True)
-            net(**inputs, labels=labels).loss.backward()
+            call(net, inputs, labels).loss.backward()
 
         out["forward_s"] = _median(_timed(forward, steps, warmup))
         out["forward_backward_s"] = _median(_timed(forward_backward, steps, warmup))
@@ -192,8 +210,9 @@ def main(argv):
     from flax import traverse_util
 
     from configs import models
-    from configs.train import _load
     from peftjax import methods, runtime
+    from peftjax.interop import train_parity
+    from peftjax.train.compose import init_context
     from peftjax.models import hf_io
 
     torch.set_num_threads(threads)
@@ -228,14 +247,28 @@ def main(argv):
     rows = []
     for name in FLAGS.methods:
         t0 = time.perf_counter()
-        ours = bench.bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
-        cfg = {k: v for k, v in _load("methods", name).get_config().to_dict().items() if k != "name"}
-        cfg.update(overrides.get(name, {}))
-        method = methods.create(name, model, cfg)
-        net = torch_model(model_cfg, FLAGS.num_labels, FLAGS.peft_attention, head)
-        theirs = torch_side(peft_wrap(net, method), batch,
-                            FLAGS.steps, FLAGS.warmup, FLAGS.profile)
-        ours_values = ours["trainable_params"] + ours["head_params"]
+        s = train_parity.spec(name, 100)
+        # The parity spec's settings (rsLoRA, PiSSA's init, ...) as a named variant of the method.
+        label = s.method if name == s.method else f"{s.method}@{name}"
+        variant = {**s.config, **overrides.get(name, {})}
+        ours = bench.bench_method(label, model, base, batch, {label: variant}, FLAGS.steps, FLAGS.warmup)
+        ours["method"] = name
+        method = methods.create(s.method, model, bench.method_config(label, {label: variant}, FLAGS.batch))
+        peft = method.setup(jax.random.PRNGKey(1), base, init_context(model, None, {
+            k: v for k, v in batch.items() if k != "mask"}))
+        net = peft_side(name, method, peft, torch_model(model_cfg, FLAGS.num_labels,
+                                                        FLAGS.peft_attention, head))
+        after = None
+        if s.method == "adalora":   # PEFT's rank allocation after each step (ours: update_state)
+            after = net.base_model.update_and_allocate
+        forward = None
+        if name == "prefix_tuning" and head == "classification":
+            # PEFT 0.21's classification prefix forward fails its signature check on
+            # transformers 5 (BERT's forward renamed past_key_values); its steps written out,
+            # with PEFT's own position numbering (train_parity.peft_prefix_forward).
+            forward = lambda n, i, l: train_parity.peft_prefix_forward(n, i, l, shift_positions=True)
+        theirs = torch_side(net, batch, FLAGS.steps, FLAGS.warmup, FLAGS.profile, after, forward)
+        ours_values = ours["updated_values"]
         if ours_values != theirs["trainable_values"]:
             raise RuntimeError(f"{name}: peftjax trains {ours_values} values, peft "
                                f"{theirs['trainable_values']}: the two sides are not the same method")

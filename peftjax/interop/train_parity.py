@@ -418,9 +418,9 @@ def frozen_max_abs_diff(method: core.Method, model: Model, frozen: dict, net) ->
 
 
 def _peft_task_kwargs(model: Model) -> dict:
-    from peftjax.interop.hf_peft import modules_to_save
+    from peftjax.interop.hf_peft import modules_to_save, task_type
 
-    return {"task_type": "SEQ_CLS", "modules_to_save": modules_to_save(model) or None}
+    return {"task_type": task_type(model), "modules_to_save": modules_to_save(model) or None}
 
 
 def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams, template,

@@ -64,6 +64,23 @@ def test_decoders_and_encoder_decoders_train_the_same_lm_step(model, head, expec
 
 
 def test_methods_without_a_peft_counterpart_are_refused():
-    proc = run("--model=tiny-bert", "--methods=lora,bitfit")
+    proc = run("--model=tiny-bert", "--methods=lora,fishmask")
     assert proc.returncode != 0
-    assert "bitfit" in proc.stderr and "full, lora, dora" in proc.stderr
+    assert "fishmask" in proc.stderr and "lora, rslora, dora" in proc.stderr
+
+
+@pytest.mark.parametrize("methods", [
+    # The PEFT sides built other than from a LoraConfig: AdaLoRA (its update_and_allocate in the
+    # step), prefix tuning (the written-out classification forward; the MLP's values counted).
+    "adalora,prefix_tuning",
+    pytest.param("rslora,dora,pissa,olora,lora_ga,vera,hira,ia3,prompt_tuning,ln_tuning,bitfit,full",
+                 marks=pytest.mark.slow)])
+def test_every_method_peft_has_runs_both_sides(methods):
+    proc = run("--model=tiny-bert", f"--methods={methods}", "--batch=2", "--seq=8", "--steps=1",
+               "--warmup=0", "--threads=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)["methods"]
+    assert [r["method"] for r in rows] == methods.split(",")
+    for r in rows:   # the script refuses unequal counts; each side trained something
+        assert r["trainable_values"] > 0 and r["peftjax_step_s"] > 0 and r["peft_step_s"] > 0
+        assert r["peftjax_compile_s"] > 0
