@@ -16,28 +16,41 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load() -> tuple[list[dict], list[dict]]:
-    steps, decoding = [], []
+def load() -> tuple[list[dict], list[dict], list[dict]]:
+    steps, decoding, scans = [], [], []
     for path in sorted(glob.glob(os.path.join(HERE, "runs", "*.json"))):
         with open(path) as f:
             data = json.load(f)
         name = os.path.basename(path)
-        if "settings" in data:
+        if isinstance(data, list):   # scripts/bench.py rows (the layer-scan runs)
+            scans += [{"file": name, **row} for row in data]
+        elif "settings" in data:
             for row in data["settings"]:
                 decoding.append({"file": name, "model": data["model"], **row})
         else:
             for row in data["methods"]:
                 steps.append({"file": name, "model": data["model"], "head": data.get("head", "classification"),
                               "batch": data["batch"], "seq": data["seq"], "loadavg": data.get("loadavg"), **row})
-    return steps, decoding
+    return steps, decoding, scans
 
 
-def tables(steps: list[dict], decoding: list[dict]) -> str:
-    lines = ["| model | task | batch × seq | method | peftjax s/step | peft s/step | ratio |",
-             "|---|---|---|---|---:|---:|---:|"]
+def _mib(value) -> str:
+    return f"{value / 2**20:,.0f}" if value else "–"
+
+
+def tables(steps: list[dict], decoding: list[dict], scans: list[dict] = ()) -> str:
+    lines = ["| model | task | batch × seq | method | peftjax s/step | peft s/step | ratio | compile s | XLA peak MiB |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in steps:
+        compile_s = r.get("peftjax_compile_s")
         lines.append(f"| {r['model']} | {r['head']} | {r['batch']} × {r['seq']} | {r['method']} | "
-                     f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} |")
+                     f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | "
+                     f"{'–' if compile_s is None else f'{compile_s:.1f}'} | {_mib(r.get('peak_memory_bytes'))} |")
+    if scans:
+        lines += ["", "| model | method | layers | compile s | s/step | XLA peak MiB |", "|---|---|---|---:|---:|---:|"]
+        for r in sorted(scans, key=lambda r: (r["model"], r["method"], r.get("scan_layers", False))):
+            lines.append(f"| {r['model']} | {r['method']} | {'scanned' if r.get('scan_layers') else 'unrolled'} | "
+                         f"{r['compile_s']:.2f} | {r['train_step_s']:.3f} | {_mib(r.get('peak_memory_bytes'))} |")
     by_model: dict = {}
     for r in steps:
         by_model.setdefault((r["model"], r["head"]), {})[r["method"]] = r["peftjax_step_s"]
@@ -65,12 +78,12 @@ def plot(steps: list[dict], path: str) -> None:
              "gpt2": "GPT-2"}
     labels = [f"{short.get(r['model'], r['model'])} {r['method']}" for r in steps]
     ratios = [r["ratio"] for r in steps]
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(steps)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(steps)), 4.5))
     ax.bar(range(len(steps)), ratios, color=["tab:green" if x <= 0.9 else "tab:orange" if x <= 1 else "tab:red"
                                              for x in ratios])
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(0.9, color="gray", lw=0.8, ls="--")
-    ax.set_xticks(range(len(steps)), labels, fontsize=8, rotation=35, ha="right")
+    ax.set_xticks(range(len(steps)), labels, fontsize=7, rotation=60, ha="right")
     ax.set_ylabel("peftjax / peft step time")
     ax.set_title("Train step vs transformers + peft, 2 CPU cores (below 1: peftjax faster; dashed: 0.9)",
                  fontsize=9)
@@ -79,8 +92,8 @@ def plot(steps: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    steps, decoding = load()
-    print(tables(steps, decoding))
+    steps, decoding, scans = load()
+    print(tables(steps, decoding, scans))
     if steps:
         plot(steps, os.path.join(HERE, "ratios.png"))
 

@@ -7,22 +7,33 @@ set -eu
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=experiments/speed/runs
-WHAT=${WHAT:-"minilm llama gpt2 t5 generate"}
+WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan"}
 STEPS=${STEPS:-5}
+# Every method PEFT also has (bench_vs_peft.py's parity names). Left out where the PEFT side is not
+# the same model: BitFit on T5 (no bias terms), OLoRA on GPT-2 (PEFT's OLoRA init ignores Conv1D's
+# (in, out) layout and gives lora_A the shape (r, out)).
+ALL=lora,rslora,dora,pissa,olora,lora_ga,adalora,vera,hira,ia3,prompt_tuning,prefix_tuning,ln_tuning,bitfit,full
+R16='"rank": 16, "alpha": 32, "targets": ".*_proj$"'
 for what in $WHAT; do
   case $what in
-    minilm)   $PY scripts/bench_vs_peft.py --model=all-MiniLM-L6-v2 --methods=lora,dora,full \
+    minilm)   $PY scripts/bench_vs_peft.py --model=all-MiniLM-L6-v2 --methods=$ALL \
                 --batch=32 --seq=64 --steps=$STEPS > $OUT/minilm_classification.json ;;
-    llama)    $PY scripts/bench_vs_peft.py --model=bench-llama-small --head=causal_lm --methods=lora,dora,full \
+    llama)    $PY scripts/bench_vs_peft.py --model=bench-llama-small --head=causal_lm --methods=$ALL \
                 --batch=8 --seq=128 --steps=$STEPS \
-                --method_overrides='{"lora": {"rank": 16, "alpha": 32, "targets": ".*_proj$"}, "dora": {"rank": 16, "alpha": 32, "targets": ".*_proj$"}}' \
+                --method_overrides="{\"lora\": {$R16}, \"dora\": {$R16}}" \
                 > $OUT/bench_llama_small_causal_lm.json ;;
-    gpt2)     $PY scripts/bench_vs_peft.py --model=gpt2 --random_weights --head=causal_lm --methods=lora,full \
-                --batch=8 --seq=128 --steps=$STEPS > $OUT/gpt2_causal_lm.json ;;
-    t5)       $PY scripts/bench_vs_peft.py --model=bench-t5-small --head=seq2seq_lm --methods=lora,full \
+    gpt2)     $PY scripts/bench_vs_peft.py --model=gpt2 --random_weights --head=causal_lm \
+                --methods=${ALL/olora,/} --batch=8 --seq=128 --steps=$STEPS > $OUT/gpt2_causal_lm.json ;;
+    t5)       $PY scripts/bench_vs_peft.py --model=bench-t5-small --head=seq2seq_lm --methods=${ALL/bitfit,/} \
                 --batch=8 --seq=128 --steps=$STEPS > $OUT/bench_t5_small_seq2seq_lm.json ;;
     generate) $PY scripts/bench_generate.py --model=bench-llama-small --batch=8 --prompt=64 --new=128 \
                 > $OUT/bench_llama_small_generate.json ;;
+    # The layer-scan option: compile and step time of the small Llama's LoRA and full steps,
+    # unrolled and scanned (same process per setting; no PyTorch side).
+    scan)     for scan in false true; do
+                $PY scripts/bench.py --model=bench-llama-small --methods=lora,full --batch=8 --seq=128 \
+                  --steps=$STEPS --scan_layers=$scan > $OUT/scan_llama_small_$scan.json
+              done ;;
     *) echo "unknown: $what" >&2; exit 2 ;;
   esac
   echo "done $what"

@@ -458,9 +458,13 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
     net = copy.deepcopy(template)
     if s.method == "prompt_tuning":
         init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}.get(method.config.init)
+        # An encoder-decoder: PEFT sizes the prompt table for two submodules (2p rows) but its
+        # prompt-tuning forward prepends only the first p, to the encoder input, as ours does;
+        # one submodule is the same computation without the p rows that never train.
+        extra = {"num_transformer_submodules": 1} if model.head == "seq2seq_lm" else {}
         config = peft_lib.PromptTuningConfig(num_virtual_tokens=method.config.num_virtual_tokens,
                                              token_dim=method.hidden, prompt_tuning_init=init or "RANDOM",
-                                             **_peft_task_kwargs(model))
+                                             **extra, **_peft_task_kwargs(model))
         pm = peft_lib.get_peft_model(net, config)
         if check_init and init:
             facts["init_vs_peft"] = init_distributions(method, model, peft, pm)
@@ -482,7 +486,7 @@ def peft_side(s: Spec, method: core.Method, model: Model, peft: core.PeftParams,
                                      target_modules=list(method.targets), use_rslora=c.use_rslora,
                                      init_lora_weights=init, **_peft_task_kwargs(model))
         pm = peft_lib.get_peft_model(net, config)
-        if init is not True:
+        if init is not True and check_init:
             facts[f"{s.name}_init_vs_peft"] = pissa_compare(method, model, peft, pm)
         _copy_frozen(method, model, peft.frozen, pm, only=[t + ".kernel" for t in method.targets])
     elif s.method == "ln_tuning":
