@@ -151,7 +151,11 @@ def current_rows(rows: Sequence[dict], definition: Mapping[str, Any] | None) -> 
     from peftjax.grid import sweep
 
     ids = {c.id for c in sweep.expand(definition)}
-    kept = [r for r in rows if r["cell"] in ids or str(r["cell"]).startswith("baseline:")]
+    # A row is matched by its recorded id or by the id its recorded config hashes to now (a
+    # store written before a neutral field existed; runner.rekey re-keys a live workdir).
+    kept = [r for r in rows if r["cell"] in ids or str(r["cell"]).startswith("baseline:")
+            or (isinstance(r.get("config"), dict) and r.get("method") != "dylora"
+                and sweep.cell_id(r["config"]) in ids)]
     return kept, len(rows) - len(kept)
 
 

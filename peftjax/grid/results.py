@@ -56,3 +56,10 @@ class ResultsStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replaces the store's lines with ``rows`` in one atomic step (a kill leaves the old
+        store or the new one, never a mix)."""
+        from peftjax.files import write_text_atomic
+
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -25,8 +25,10 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from peftjax.files import write_json_atomic
 from peftjax.grid.results import ResultsStore
-from peftjax.grid.sweep import Cell
+from peftjax.grid.sweep import Cell, cell_id
 
 CellFn = Callable[[Cell, str], dict]
 DEFAULT_CELL_FN = "peftjax.grid.runner:train_cell"
@@ -182,6 +184,55 @@ def adopt(cells: Sequence[Cell], workdir: str, other: str) -> list[Cell]:
     return adopted
 
 
+def rekey(workdir: str) -> dict[str, str]:
+    """Recomputes the id of every cell folder and results row of ``workdir`` from its recorded
+    config; returns ``{old id: new id}`` of those that changed (renamed folders, rewritten rows).
+
+    Why: a cell's id hashes its resolved config, leaving out fields at a neutral value
+    (``sweep.NEUTRAL_DEFAULTS``). A field added to the configs after a store was written, and
+    recorded in its configs before its bundle was declared neutral, changes those cells' ids:
+    finished cells would rerun and killed ones restart from step 0. Recorded configs are
+    re-hashed here at the start of every run, so a store always uses the current ids. A folder
+    whose new id is taken already is left alone and named in the log.
+    """
+    changed: dict[str, str] = {}
+    ranks: dict[str, tuple] = {}
+    cells = os.path.join(workdir, "cells")
+    for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
+        path = os.path.join(cells, name, "cell.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            cell = Cell.from_dict(json.load(f))
+        new = cell_id(cell.config, cell.rank_sweep)
+        ranks[name] = ranks[new] = cell.rank_sweep
+        if new == name:
+            continue
+        target = os.path.join(cells, new)
+        if os.path.exists(target):
+            logging.warning("rekey: %s would become %s, which exists; left as it is", name, new)
+            continue
+        os.rename(os.path.join(cells, name), target)
+        write_json_atomic(os.path.join(target, "cell.json"),
+                          dataclasses.replace(cell, id=new).to_dict(), indent=1, sort_keys=True)
+        changed[name] = new
+    store = ResultsStore(os.path.join(workdir, "results.jsonl"))
+    rows, dirty = store.read(), False
+    for row in rows:
+        old = row.get("cell")
+        if not isinstance(row.get("config"), dict) or str(old).startswith("baseline:"):
+            continue
+        if old not in ranks and row.get("method") == "dylora":
+            continue   # its rank sweep (part of the id) is recorded in its folder only
+        new = cell_id(row["config"], ranks.get(old, ()))
+        if new != old:
+            row["cell"], dirty = new, True
+            changed.setdefault(old, new)
+    if dirty:
+        store.rewrite(rows)
+    return changed
+
+
 # --------------------------------------------------------------------------------------------
 # Workers.
 
@@ -262,6 +313,11 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
         use_compilation_cache(workdir)
     from peftjax.grid.stamp import stamp
 
+    moved = rekey(workdir)
+    if moved:
+        logging.warning("rekey: %d cell id(s) of %s recomputed from their recorded configs "
+                        "(sweep.NEUTRAL_DEFAULTS): %s", len(moved), workdir,
+                        ", ".join(f"{a} -> {b}" for a, b in list(moved.items())[:10]))
     ResultsStore(os.path.join(workdir, "stamps.jsonl")).append(stamp())
     if definition is not None:
         write_json_atomic(os.path.join(workdir, "sweep.json"),

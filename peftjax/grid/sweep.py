@@ -119,16 +119,25 @@ def _strip_display(x: Any) -> Any:
 
 
 # Fields added after grids had run, left out of the id while they hold the value that computes
-# what configs without them computed (a float base: peftjax/train/quantize.py), so the cells of
-# an existing sweep keep their ids.
-NEUTRAL_DEFAULTS = {"model": {"quant": "none", "double_quant": True}, "train": {"select_metric": "", "scan_layers": False}}
+# what configs without them computed, so the cells of an existing sweep keep their ids. Each
+# entry is one bundle of fields added together, stripped when all of them are neutral (a
+# quantized base's double_quant means something only beside its quant): (section, {field: value}).
+# A bundle per addition, never a field added to an existing one, or the cells where that
+# bundle is not neutral (polarity's select_metric) change ids. Stores written before a bundle
+# existed are re-keyed by ``runner.rekey`` (the ids of their rows and cell folders recomputed).
+NEUTRAL_DEFAULTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("model", {"quant": "none", "double_quant": True}),   # quantized bases (issue 20)
+    ("train", {"select_metric": ""}),                      # the selection metric (issue 18)
+    ("train", {"scan_layers": False}),                     # the layer scan (issue 22)
+    ("method", {"target_parameters": ""}),                 # LoRA on expert params (issue 21)
+)
 
 
 def _strip_neutral(config: Any) -> Any:
     if not isinstance(config, dict):
         return config
     out = dict(config)
-    for group, defaults in NEUTRAL_DEFAULTS.items():
+    for group, defaults in NEUTRAL_DEFAULTS:
         sub = out.get(group)
         if isinstance(sub, dict) and all(sub.get(k, v) == v for k, v in defaults.items()):
             out[group] = {k: v for k, v in sub.items() if k not in defaults}

@@ -316,7 +316,7 @@ def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> 
     # A field added since the workdir started (quantization) at its neutral default is no change.
     from peftjax.grid.sweep import NEUTRAL_DEFAULTS
 
-    for group, defaults in NEUTRAL_DEFAULTS.items():
+    for group, defaults in NEUTRAL_DEFAULTS:
         for k, v in defaults.items():
             key = f"{group}.{k}"
             if key not in recorded and mine.get(key) == v:

@@ -178,6 +178,10 @@ def test_rows_of_cells_outside_the_current_definition_are_left_out():
     kept, dropped = current_rows(rows, d)
     assert [r["cell"] for r in kept] == [cell.id, "baseline:m/t/majority"] and dropped == 1
     assert current_rows(rows, None) == (rows, 0)
+    # A row recorded under an older id whose config hashes to a current cell (a store written
+    # before a neutral field existed, e.g. a committed copy) is the same cell.
+    stale = {"cell": "fedcba987654", "config": cell.config, "method": "full"}
+    assert current_rows([stale], d) == ([stale], 0)
 
 
 def test_adalora_allocation_is_plotted_only_once_its_budget_reached_the_target(tmp_path):

@@ -210,3 +210,45 @@ def test_adopt_copies_the_same_cells_of_another_sweep_under_this_sweeps_labels(t
     assert runner.status(cells, str(tmp_path / "grid")) == {c.id: "ok" if c.hp["train.learning_rate"] == 2e-3
                                                             else "pending" for c in cells}
     assert runner.adopt(cells, str(tmp_path / "grid"), str(tmp_path / "long")) == []   # once
+
+
+def test_a_store_written_before_a_neutral_field_is_rekeyed_and_resumes(tmp_path, monkeypatch):
+    """A field added to the configs later (LoRA's target_parameters, train.scan_layers) and
+    recorded before its bundle was declared neutral hashed into the ids of the cells that ran:
+    the next run re-keys their folders and rows from the recorded configs, so finished cells
+    stay finished and a killed one resumes in its own folder."""
+    definition_ = {"name": "fake", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+                   "base": {"train": {"steps": 3}},
+                   "variants": {"a": {"method": "lora", "grid": {"train": {"learning_rate": [1e-3, 2e-3]}}}}}
+    current = sweep.expand(definition_)
+    # The ids the older code gave them: no bundle for target_parameters.
+    monkeypatch.setattr(sweep, "NEUTRAL_DEFAULTS",
+                        tuple(b for b in sweep.NEUTRAL_DEFAULTS if "target_parameters" not in b[1]))
+    old = sweep.expand(definition_)
+    assert {c.id for c in old}.isdisjoint({c.id for c in current})
+    runner.run(old[:1], str(tmp_path), cell_fn=FAKE, progress=False)          # finished
+    os.makedirs(tmp_path / "cells" / old[1].id)                              # started, killed
+    with open(tmp_path / "cells" / old[1].id / "cell.json", "w") as f:
+        json.dump(old[1].to_dict(), f)
+    (tmp_path / "cells" / old[1].id / "marker").write_text("checkpoint")
+    monkeypatch.undo()
+    assert runner.status(current, str(tmp_path)) == {c.id: "pending" for c in current}
+    moved = runner.rekey(str(tmp_path))
+    assert moved == {o.id: c.id for o, c in zip(old, current)}
+    assert runner.status(current, str(tmp_path)) == {current[0].id: "ok", current[1].id: "pending"}
+    assert (tmp_path / "cells" / current[1].id / "marker").read_text() == "checkpoint"
+    with open(tmp_path / "cells" / current[0].id / "cell.json") as f:
+        assert sweep.Cell.from_dict(json.load(f)) == current[0]
+    counts = runner.run(current, str(tmp_path), cell_fn=FAKE, progress=False)   # rekeys nothing more
+    assert (counts["skipped_ok"], counts["ok"]) == (1, 1) and runner.rekey(str(tmp_path)) == {}
+
+
+def test_neutral_bundles_are_stripped_one_by_one():
+    # train.select_metric is set (not neutral) on an imbalanced task: the later scan_layers field,
+    # at its neutral False, must still leave the id as it was before the field existed.
+    base = {"model": {"name": "m"}, "method": {"name": "lora", "rank": 8},
+            "train": {"select_metric": "macro_f1", "steps": 3}}
+    with_fields = {**base, "method": {**base["method"], "target_parameters": ""},
+                   "train": {**base["train"], "scan_layers": False}}
+    assert sweep.cell_id(with_fields) == sweep.cell_id(base)
+    assert sweep.cell_id({**with_fields, "train": {**with_fields["train"], "scan_layers": True}}) != sweep.cell_id(base)
