@@ -121,12 +121,20 @@ def section(found: Sequence[Check], plot_dir: str | None = None, tolerance: floa
 
 
 def read(workdir: str) -> list[dict]:
-    """Finished rows of a sweep folder's results store."""
-    from peftjax.grid.report import finished_rows
+    """Finished rows of a sweep folder's results store that belong to its current definition
+    (``sweep.json``): an earlier check at another budget left rows in the same store, and
+    mixing them in would compare the wrong long run."""
+    import json
+
+    from peftjax.grid.report import current_rows, finished_rows
     from peftjax.grid.results import ResultsStore
 
     path = os.path.join(workdir, "results.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run the convergence sweep first "
                                 "(experiments/<name>/convergence.py's docstring has the command)")
-    return finished_rows(ResultsStore(path).read())
+    definition = {}
+    if os.path.exists(os.path.join(workdir, "sweep.json")):
+        with open(os.path.join(workdir, "sweep.json")) as f:
+            definition = json.load(f).get("definition", {})
+    return current_rows(finished_rows(ResultsStore(path).read()), definition)[0]

@@ -55,3 +55,19 @@ def test_report_gains_a_convergence_section_and_plot(tmp_path):
     assert "## Convergence of the budget" in md and "`python scripts/sweep.py --config=c.py`" in md
     assert "| m | tweet_sentiment | full | learning_rate=0.0001 | 400 | 80.00 | 1600 | 80.10 | +0.10 | yes |" in md
     assert any(p.endswith("convergence_tweet_sentiment.png") for p in written["plots"])
+
+
+def test_rows_of_an_earlier_check_in_the_same_folder_are_not_read(tmp_path):
+    """A check rerun at a new budget in the same folder keeps the old long runs in its store;
+    only the cells of its current definition (sweep.json) are compared."""
+    from peftjax.grid import sweep
+
+    d = {"name": "long", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+         "base": {"train": {"steps": 1600}}, "variants": {"full": {"method": "full"}}}
+    (cell,) = sweep.expand(d)
+    store = ResultsStore(str(tmp_path / "results.jsonl"))
+    store.append({**run_row("full", 1e-4, 0, 0.80, 400, [0.7, 0.8], hp={}), "config": {"train": {"steps": 400}}})
+    store.append({**run_row("full", 1e-4, 0, 0.81, 1600, [0.8, 0.81], hp={}), "cell": cell.id,
+                  "config": cell.config})
+    (tmp_path / "sweep.json").write_text(json.dumps({"definition": d}))
+    assert [r["steps"] for r in convergence.read(str(tmp_path))] == [1600]
