@@ -31,6 +31,8 @@ flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_integer("num_labels", 3, "classification labels (encoders)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("remat", False, "rematerialise layers in the backward pass")
+flags.DEFINE_integer("num_layers", 0, "build the model with this many layers (random weights; 0: "
+                     "the model's own), e.g. to see how compile time grows with depth")
 flags.DEFINE_bool("scan_layers", False, "run the layer stack as one lax.scan (compiled once per "
                   "layer; the families offering it: peftjax/models/layer_scan.py)")
 flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over config defaults")
@@ -145,10 +147,14 @@ def main(argv):
     from peftjax.models import hf_io
 
     model_cfg = models.get(FLAGS.model)
-    if FLAGS.random_weights and model_cfg.get("checkpoint"):
+    if (FLAGS.random_weights or FLAGS.num_layers) and model_cfg.get("checkpoint"):
         model_cfg = model_cfg.copy_and_resolve_references()
         with model_cfg.unlocked():
             model_cfg.checkpoint = None
+    if FLAGS.num_layers:
+        model_cfg = model_cfg.copy_and_resolve_references()
+        with model_cfg.unlocked():
+            model_cfg.hf_config.num_hidden_layers = FLAGS.num_layers
     head = "classification"
     from peftjax.models.registry import family_for
 
@@ -172,7 +178,8 @@ def main(argv):
     for name in FLAGS.methods:
         r = bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
         r.update(model=FLAGS.model, batch=FLAGS.batch, seq=FLAGS.seq, dtype=FLAGS.dtype,
-                 remat=FLAGS.remat, scan_layers=FLAGS.scan_layers, backend=jax.default_backend(),
+                 remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
+                 num_layers=getattr(model.config, "num_hidden_layers", None), backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
         results.append(r)
     full = next((r for r in results if r["method"] == "full"), None)

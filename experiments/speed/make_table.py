@@ -47,9 +47,12 @@ def tables(steps: list[dict], decoding: list[dict], scans: list[dict] = ()) -> s
                      f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | "
                      f"{'–' if compile_s is None else f'{compile_s:.1f}'} | {_mib(r.get('peak_memory_bytes'))} |")
     if scans:
-        lines += ["", "| model | method | layers | compile s | s/step | XLA peak MiB |", "|---|---|---|---:|---:|---:|"]
-        for r in sorted(scans, key=lambda r: (r["model"], r["method"], r.get("scan_layers", False))):
-            lines.append(f"| {r['model']} | {r['method']} | {'scanned' if r.get('scan_layers') else 'unrolled'} | "
+        lines += ["", "| model | layers | method | stack | compile s | s/step | XLA peak MiB |",
+                  "|---|---:|---|---|---:|---:|---:|"]
+        for r in sorted(scans, key=lambda r: (r["model"], r.get("num_layers", 0), r["method"],
+                                              r.get("scan_layers", False))):
+            lines.append(f"| {r['model']} | {r.get('num_layers', '')} | {r['method']} | "
+                         f"{'scanned' if r.get('scan_layers') else 'unrolled'} | "
                          f"{r['compile_s']:.2f} | {r['train_step_s']:.3f} | {_mib(r.get('peak_memory_bytes'))} |")
     by_model: dict = {}
     for r in steps:

@@ -30,10 +30,10 @@ for what in $WHAT; do
                 > $OUT/bench_llama_small_generate.json ;;
     # The layer-scan option: compile and step time of the small Llama's LoRA and full steps,
     # unrolled and scanned (same process per setting; no PyTorch side).
-    scan)     for scan in false true; do
-                $PY scripts/bench.py --model=bench-llama-small --methods=lora,full --batch=8 --seq=128 \
-                  --steps=$STEPS --scan_layers=$scan > $OUT/scan_llama_small_$scan.json
-              done ;;
+    scan)     for layers in 8 32; do for scan in false true; do
+                $PY scripts/bench.py --model=bench-llama-small --num_layers=$layers --methods=lora,full \
+                  --batch=8 --seq=128 --steps=$STEPS --scan_layers=$scan > $OUT/scan_llama_small_${layers}_$scan.json
+              done; done ;;
     *) echo "unknown: $what" >&2; exit 2 ;;
   esac
   echo "done $what"
