@@ -66,7 +66,8 @@ def train_defaults() -> dict:
         dtype="float32",         # compute dtype: float32 | bfloat16 (params stay fp32)
         remat="none",            # rematerialise each block in the backward pass: none | block | block_dots
         # Run the layer stack as one lax.scan (compiled once per layer; Llama-architecture
-        # families; peftjax/models/layer_scan.py). Off by default: on XLA:CPU it compiles slower.
+        # families; peftjax/models/layer_scan.py). Off by default: on XLA:CPU it compiles and
+        # steps slower (small Llama LoRA: compile 3.50 vs 1.80 s, step 0.385 vs 0.330 s).
         scan_layers=False,
         eval_every=200,
         # The validation metric that picks the best step (and a sweep's setting): "" is the

@@ -244,6 +244,13 @@ def main(argv):
         batch["token_type_ids"] = np.zeros_like(ids)
     overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
 
+    # Every method is built before any is timed: a refusal (BitFit on a model without biases)
+    # fails in seconds, not after the methods before it have run.
+    for name in FLAGS.methods:
+        s = train_parity.spec(name, 100)
+        label = s.method if name == s.method else f"{s.method}@{name}"
+        methods.create(s.method, model, bench.method_config(
+            label, {label: {**s.config, **overrides.get(name, {})}}, FLAGS.batch))
     rows = []
     for name in FLAGS.methods:
         t0 = time.perf_counter()

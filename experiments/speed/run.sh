@@ -9,8 +9,9 @@ PY=${PY:-.venv/bin/python}
 OUT=experiments/speed/runs
 WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan"}
 STEPS=${STEPS:-5}
-# Every method PEFT also has (bench_vs_peft.py's parity names). Left out where the PEFT side is not
-# the same model: BitFit on T5 (no bias terms), OLoRA on GPT-2 (PEFT's OLoRA init ignores Conv1D's
+# Every method PEFT also has (bench_vs_peft.py's parity names). Left out where the method has nothing
+# to train or the PEFT side is not the same model: BitFit on T5 and on the small Llama (no bias
+# terms), OLoRA on GPT-2 (PEFT's OLoRA init ignores Conv1D's
 # (in, out) layout and gives lora_A the shape (r, out)).
 ALL=lora,rslora,dora,pissa,olora,lora_ga,adalora,vera,hira,ia3,prompt_tuning,prefix_tuning,ln_tuning,bitfit,full
 R16='"rank": 16, "alpha": 32, "targets": ".*_proj$"'
@@ -18,7 +19,7 @@ for what in $WHAT; do
   case $what in
     minilm)   $PY scripts/bench_vs_peft.py --model=all-MiniLM-L6-v2 --methods=$ALL \
                 --batch=32 --seq=64 --steps=$STEPS > $OUT/minilm_classification.json ;;
-    llama)    $PY scripts/bench_vs_peft.py --model=bench-llama-small --head=causal_lm --methods=$ALL \
+    llama)    $PY scripts/bench_vs_peft.py --model=bench-llama-small --head=causal_lm --methods=${ALL/bitfit,/} \
                 --batch=8 --seq=128 --steps=$STEPS \
                 --method_overrides="{\"lora\": {$R16}, \"dora\": {$R16}}" \
                 > $OUT/bench_llama_small_causal_lm.json ;;

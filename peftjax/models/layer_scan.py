@@ -23,14 +23,18 @@ of the layer weights; on a frozen base, a transient second copy of them), and dr
 differ from the unrolled stack's (layer ``i`` uses ``fold_in(key, i)``; same distribution, other
 masks). The KV-cache path (decoding) stays unrolled: each layer's cache is its own buffer.
 
-Measured on XLA:CPU (experiments/speed, ``scripts/bench.py --scan_layers``), the scan does not
-pay: tracing and lowering get faster (0.30 → 0.24 s at 8 layers, 1.18 → 0.44 s at 32), but XLA
-compiles the loop more slowly than the unrolled layers (the small Llama's LoRA step 1.42 → 3.28 s
-at 8 layers, 2.92 → 6.31 s at 32). A toy stack of MLP layers shows why: with the params passed
-already stacked, a scan costs ~0.2 s more to compile than 8 unrolled layers and about the same as
-32 (XLA:CPU compiles identical unrolled layers cheaply), and stacking inside the step adds
-0.3–0.9 s more. So ``scan_layers`` is off by default; it is there for accelerators, whose
-compilers are where MaxText and levanter report the gain (not measured here: no device).
+Measured on XLA:CPU (quiet cores; experiments/speed, ``scripts/bench.py --scan_layers
+--num_layers=N``), the scan does not pay. The small Llama's LoRA train step compiles in 3.50 s
+scanned against 1.80 s unrolled at 8 layers and 6.36 s against 3.97 s at 32 (full fine-tuning:
+4.59 / 2.64 s and 8.35 / 5.59 s); XLA:CPU compiles identical unrolled layers cheaply (+0.09 s a
+layer here), while the loop, the per-step stacking of the params and its transpose add more than
+they save. Steps are slower too (LoRA 0.385 / 0.330 s at 8 layers; the stacked copy and the
+loop's dynamic slices) and XLA's peak is higher (740 / 549 MiB: the stacked copy of the weights).
+So ``scan_layers`` is off by default; it is there for accelerators, whose compilers are where
+MaxText and levanter report the gain (not measured here: no device). Those keep the layers'
+params stacked in the param tree itself; here the stack is built in every step, so on a large
+model the transient copy of the layer weights it needs would have to go first (a stacked
+layout for the frozen base, not built).
 """
 
 from __future__ import annotations
