@@ -423,8 +423,9 @@ class LlamaLayerStack(nn.Module):
     scan: bool = False  # one lax.scan over the layers (layer_scan.py) outside KV-cache decoding
     layer_cls = LlamaDecoderLayer
     # Why a stack may refuse the scan (None: it can). Layers that differ in structure (MoE
-    # next to dense layers) or sow values cannot share one scanned body.
-    scan_refusal: str | None = None
+    # next to dense layers) or sow values cannot share one scanned body. A class attribute
+    # like layer_cls (not a dataclass field).
+    scan_refusal = None
 
     @nn.compact
     def __call__(self, h, masks, ropes, caches, cache_index, train: bool):
