@@ -109,15 +109,14 @@ def torch_model(model_cfg, num_labels: int, attention: str = "", head: str = "cl
     return auto.from_config(config)
 
 
-def peft_side(name: str, method, peft, torch_net):
-    """``torch_net`` adapted by peft as parity method ``name`` is, starting from our ``peft``
+def peft_side(s, method, peft, torch_net):
+    """``torch_net`` adapted by peft as parity spec ``s`` says, starting from our ``peft``
     tensors (``train_parity.peft_side``: an exported adapter folder loaded trainable, or the
     tensors copied by name); plain transformers for BitFit and full fine-tuning."""
     import tempfile
 
     from peftjax.interop import train_parity
 
-    s = train_parity.spec(name, 100)
     with tempfile.TemporaryDirectory() as workdir:
         net, _ = train_parity.peft_side(s, method, method.model, peft, torch_net, workdir,
                                         check_init=False)
@@ -245,26 +244,25 @@ def main(argv):
     overrides = json.loads(FLAGS.method_overrides) if FLAGS.method_overrides else {}
 
     # Every method is built before any is timed: a refusal (BitFit on a model without biases)
-    # fails in seconds, not after the methods before it have run.
+    # fails in seconds, not after the methods before it have run. The parity spec's settings
+    # (rsLoRA, PiSSA's init, ...) are a named variant ("lora@rslora") of the method.
+    built = {}
     for name in FLAGS.methods:
         s = train_parity.spec(name, 100)
         label = s.method if name == s.method else f"{s.method}@{name}"
-        methods.create(s.method, model, bench.method_config(
-            label, {label: {**s.config, **overrides.get(name, {})}}, FLAGS.batch))
+        variant = {label: {**s.config, **overrides.get(name, {})}}
+        built[name] = (s, label, variant, methods.create(
+            s.method, model, bench.method_config(label, variant, FLAGS.batch)))
     rows = []
     for name in FLAGS.methods:
         t0 = time.perf_counter()
-        s = train_parity.spec(name, 100)
-        # The parity spec's settings (rsLoRA, PiSSA's init, ...) as a named variant of the method.
-        label = s.method if name == s.method else f"{s.method}@{name}"
-        variant = {**s.config, **overrides.get(name, {})}
-        ours = bench.bench_method(label, model, base, batch, {label: variant}, FLAGS.steps, FLAGS.warmup)
+        s, label, variant, method = built[name]
+        ours = bench.bench_method(label, model, base, batch, variant, FLAGS.steps, FLAGS.warmup)
         ours["method"] = name
-        method = methods.create(s.method, model, bench.method_config(label, {label: variant}, FLAGS.batch))
         peft = method.setup(jax.random.PRNGKey(1), base, init_context(model, None, {
             k: v for k, v in batch.items() if k != "mask"}))
-        net = peft_side(name, method, peft, torch_model(model_cfg, FLAGS.num_labels,
-                                                        FLAGS.peft_attention, head))
+        net = peft_side(s, method, peft, torch_model(model_cfg, FLAGS.num_labels,
+                                                     FLAGS.peft_attention, head))
         after = None
         if s.method == "adalora":   # PEFT's rank allocation after each step (ours: update_state)
             after = net.base_model.update_and_allocate

@@ -124,17 +124,11 @@ def read(workdir: str) -> list[dict]:
     """Finished rows of a sweep folder's results store that belong to its current definition
     (``sweep.json``): an earlier check at another budget left rows in the same store, and
     mixing them in would compare the wrong long run."""
-    import json
-
-    from peftjax.grid.report import current_rows, finished_rows
+    from peftjax.grid.report import current_rows, finished_rows, read_definition
     from peftjax.grid.results import ResultsStore
 
     path = os.path.join(workdir, "results.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run the convergence sweep first "
                                 "(experiments/<name>/convergence.py's docstring has the command)")
-    definition = {}
-    if os.path.exists(os.path.join(workdir, "sweep.json")):
-        with open(os.path.join(workdir, "sweep.json")) as f:
-            definition = json.load(f).get("definition", {})
-    return current_rows(finished_rows(ResultsStore(path).read()), definition)[0]
+    return current_rows(finished_rows(ResultsStore(path).read()), read_definition(workdir))[0]

@@ -140,6 +140,15 @@ def finished_rows(rows: Sequence[dict]) -> list[dict]:
     return [r for r in latest.values() if r.get("status", "ok") == "ok"]
 
 
+def read_definition(workdir: str) -> dict:
+    """The sweep definition a folder last ran (its ``sweep.json``); ``{}`` when it has none."""
+    path = os.path.join(workdir, "sweep.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("definition", {})
+
+
 def current_rows(rows: Sequence[dict], definition: Mapping[str, Any] | None) -> tuple[list[dict], int]:
     """``(rows of the definition's cells and baselines, how many others were dropped)``.
 
@@ -154,8 +163,7 @@ def current_rows(rows: Sequence[dict], definition: Mapping[str, Any] | None) -> 
     # A row is matched by its recorded id or by the id its recorded config hashes to now (a
     # store written before a neutral field existed; runner.rekey re-keys a live workdir).
     kept = [r for r in rows if r["cell"] in ids or str(r["cell"]).startswith("baseline:")
-            or (isinstance(r.get("config"), dict) and r.get("method") != "dylora"
-                and sweep.cell_id(r["config"]) in ids)]
+            or sweep.recorded_id(r) in ids]
     return kept, len(rows) - len(kept)
 
 
@@ -315,11 +323,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
         latest[r["cell"]] = r
     rows = finished_rows(all_rows)
     failed = [r for r in latest.values() if r.get("status") == "failed"]
-    sweep_path = os.path.join(workdir, "sweep.json")
-    definition = {}
-    if os.path.exists(sweep_path):
-        with open(sweep_path) as f:
-            definition = json.load(f).get("definition", {})
+    definition = read_definition(workdir)
     variant_order = ((definition.get("report") or {}).get("order")
                      or list((definition.get("variants") or {}).keys()))
     rows, stale = current_rows(rows, definition)

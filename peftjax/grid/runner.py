@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from peftjax.files import write_json_atomic
 from peftjax.grid.results import ResultsStore
-from peftjax.grid.sweep import Cell, cell_id
+from peftjax.grid.sweep import Cell, cell_id, recorded_id
 
 CellFn = Callable[[Cell, str], dict]
 DEFAULT_CELL_FN = "peftjax.grid.runner:train_cell"
@@ -220,12 +220,8 @@ def rekey(workdir: str) -> dict[str, str]:
     rows, dirty = store.read(), False
     for row in rows:
         old = row.get("cell")
-        if not isinstance(row.get("config"), dict) or str(old).startswith("baseline:"):
-            continue
-        if old not in ranks and row.get("method") == "dylora":
-            continue   # its rank sweep (part of the id) is recorded in its folder only
-        new = cell_id(row["config"], ranks.get(old, ()))
-        if new != old:
+        new = recorded_id(row, ranks.get(old))
+        if new is not None and new != old:
             row["cell"], dirty = new, True
             changed.setdefault(old, new)
     if dirty:

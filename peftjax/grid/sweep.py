@@ -156,6 +156,17 @@ def cell_id(config: Mapping[str, Any], rank_sweep: Iterable[int] = ()) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def recorded_id(row: Mapping[str, Any], rank_sweep: Iterable[int] | None = None) -> str | None:
+    """The id a results row's recorded config hashes to now, or None when it cannot be told: a
+    baseline row, a row without a config, or a DyLoRA row whose rank sweep (part of the id,
+    kept in its cell folder) is not given."""
+    if str(row.get("cell")).startswith("baseline:") or not isinstance(row.get("config"), dict):
+        return None
+    if rank_sweep is None and row.get("method") == "dylora":
+        return None
+    return cell_id(row["config"], rank_sweep or ())
+
+
 def flatten(tree: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
     """{"train": {"learning_rate": 1e-3}} → {"train.learning_rate": 1e-3} (lists are leaves)."""
     out: dict[str, Any] = {}
