@@ -154,16 +154,25 @@ def current_rows(rows: Sequence[dict], definition: Mapping[str, Any] | None) -> 
 
     Why: a results store keeps every cell that ever finished; after a definition changes (a
     setting, a task's selection metric) its old cells no longer belong to the comparison, and
-    mixing them into a selection would average two protocols. Without a definition, all rows."""
+    mixing them into a selection would average two protocols. A kept row carries the variant
+    name the definition gives its cell now: a cell's id is its resolved config, not its name, so
+    a variant renamed in the definition (tweet_methods' lora → lora_qv) keeps its finished cells
+    and the report files them under the new name. Without a definition, all rows as they are."""
     if not definition or not definition.get("variants"):
         return list(rows), 0
     from peftjax.grid import sweep
 
-    ids = {c.id for c in sweep.expand(definition)}
-    # A row is matched by its recorded id or by the id its recorded config hashes to now (a
-    # store written before a neutral field existed; runner.rekey re-keys a live workdir).
-    kept = [r for r in rows if r["cell"] in ids or str(r["cell"]).startswith("baseline:")
-            or sweep.recorded_id(r) in ids]
+    names = {c.id: c.variant for c in sweep.expand(definition)}
+    kept = []
+    for r in rows:
+        if str(r["cell"]).startswith("baseline:"):
+            kept.append(r)
+            continue
+        # Matched by its recorded id or by the id its recorded config hashes to now (a store
+        # written before a neutral field existed; runner.rekey re-keys a live workdir).
+        cid = r["cell"] if r["cell"] in names else sweep.recorded_id(r)
+        if cid in names:
+            kept.append(r if r.get("variant") == names[cid] else {**r, "variant": names[cid]})
     return kept, len(rows) - len(kept)
 
 

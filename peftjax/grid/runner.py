@@ -151,11 +151,13 @@ def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
 
 
 def latest_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
-    """The last row of each cell (a retried cell's new line supersedes its failure)."""
+    """The last row of each cell (a retried cell's new line supersedes its failure), keyed by the
+    id its recorded config hashes to now (``recorded_id``): a store not yet re-keyed by ``rekey``
+    (a dry run, a committed copy) still counts its finished cells."""
     out: dict[str, dict] = {}
     for r in rows:
         if "cell" in r:
-            out[r["cell"]] = dict(r)
+            out[recorded_id(r) or r["cell"]] = dict(r)
     return out
 
 
@@ -174,11 +176,11 @@ def adopt(cells: Sequence[Cell], workdir: str, other: str) -> list[Cell]:
     pending = {c.id: c for c in cells if status([c], workdir)[c.id] != "ok"}
     store = ResultsStore(os.path.join(workdir, "results.jsonl"))
     adopted = []
-    for row in latest_rows(ResultsStore(os.path.join(other, "results.jsonl")).read()).values():
-        cell = pending.get(row.get("cell"))
+    for cid, row in latest_rows(ResultsStore(os.path.join(other, "results.jsonl")).read()).items():
+        cell = pending.get(cid)
         if cell is None or row.get("status") != "ok" or row.get("config") != json.loads(json.dumps(cell.config)):
             continue
-        store.append({**row, "label": cell.label, "variant": cell.variant, "hp": cell.hp,
+        store.append({**row, "cell": cell.id, "label": cell.label, "variant": cell.variant, "hp": cell.hp,
                       "adopted_from": os.path.abspath(other)})
         adopted.append(cell)
     return adopted

@@ -351,7 +351,7 @@ def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigD
     cells = expand(definition)
     d = _plain(definition)
     sel_seeds = set(d.get("selection_seeds") or d["seeds"])
-    done = {r["cell"]: r for r in report.finished_rows(results)}
+    done = {recorded_id(r) or r["cell"]: r for r in report.finished_rows(results)}
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.model, c.task, c.variant), []).append(c)

@@ -180,8 +180,13 @@ def test_rows_of_cells_outside_the_current_definition_are_left_out():
     assert current_rows(rows, None) == (rows, 0)
     # A row recorded under an older id whose config hashes to a current cell (a store written
     # before a neutral field existed, e.g. a committed copy) is the same cell.
-    stale = {"cell": "fedcba987654", "config": cell.config, "method": "full"}
+    stale = {"cell": "fedcba987654", "config": cell.config, "method": "full", "variant": "full"}
     assert current_rows([stale], d) == ([stale], 0)
+    # A variant renamed in the definition keeps its cells (the id is the config, not the name);
+    # its rows are reported under the new name.
+    renamed = {**d, "variants": {"full_ft": {"method": "full"}}}
+    (kept,), _ = current_rows([{**stale, "cell": cell.id}], renamed)
+    assert kept["variant"] == "full_ft" and kept["cell"] == cell.id
 
 
 def test_adalora_allocation_is_plotted_only_once_its_budget_reached_the_target(tmp_path):

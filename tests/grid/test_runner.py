@@ -232,7 +232,9 @@ def test_a_store_written_before_a_neutral_field_is_rekeyed_and_resumes(tmp_path,
         json.dump(old[1].to_dict(), f)
     (tmp_path / "cells" / old[1].id / "marker").write_text("checkpoint")
     monkeypatch.undo()
-    assert runner.status(current, str(tmp_path)) == {c.id: "pending" for c in current}
+    # Before the re-keying, status (a dry run) already counts the finished cell by the id its
+    # recorded config hashes to now.
+    assert runner.status(current, str(tmp_path)) == {current[0].id: "ok", current[1].id: "pending"}
     moved = runner.rekey(str(tmp_path))
     assert moved == {o.id: c.id for o, c in zip(old, current)}
     assert runner.status(current, str(tmp_path)) == {current[0].id: "ok", current[1].id: "pending"}

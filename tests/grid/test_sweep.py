@@ -118,17 +118,21 @@ def test_committed_definitions_expand():
                 "fishmask", "lora_plus", "lora_fa", "olora", "lora_ga", "hira", "ia3", "ln_tuning"}
     assert {c.method for c in cells} == expected
     by_task = {t: {c.variant for c in cells if c.task == t} for t in ("tweet_sentiment", "tweet_polarity")}
-    assert len(by_task["tweet_sentiment"]) == 26 and by_task["tweet_polarity"] == {
-        "full", "linear_probe", "lora", "adapter_houlsby", "bitfit", "prompt_tuning"}
-    # 3 learning rates x 3 seeds before selection; AdaLoRA's grid (sentiment) and LoRA's (both
-    # tasks) were extended by one value each; LoRA on NF4 and int8 bases (issue 20) at LoRA's
-    # chosen rate run their 3 seeds directly
-    assert len(cells) == ((24 + 6) * 3 + 3) * 3 + 2 * 3
+    assert len(by_task["tweet_sentiment"]) == 27 and by_task["tweet_polarity"] == {
+        "full", "linear_probe", "lora", "lora_qv", "adapter_houlsby", "bitfit", "prompt_tuning"}
+    # 3 learning rates x 3 seeds before selection; AdaLoRA's grid (sentiment) and query/value
+    # LoRA's (both tasks) were extended by one value each; LoRA on NF4 and int8 bases (issue 20)
+    # at LoRA's chosen rate run their 3 seeds directly
+    assert len(cells) == ((25 + 7) * 3 + 3) * 3 + 2 * 3
     run, deferred = sweep.expand_with_selection(tweets)
-    assert len(run) == (24 + 6) * 3 + 3 + 2 * 3 and {c.seed for c in run} == {0, 1, 2}
-    assert len({(c.variant, c.task, c.seed) for c in deferred}) == (24 + 6) * 2
+    assert len(run) == (25 + 7) * 3 + 3 + 2 * 3 and {c.seed for c in run} == {0, 1, 2}
+    assert len({(c.variant, c.task, c.seed) for c in deferred}) == (25 + 7) * 2
     by = {c.variant: c.config for c in cells}
     assert by["rslora"]["method"]["use_rslora"] and by["pissa"]["method"]["init"] == "pissa"
+    # The low-rank family adapts every linear layer; lora_qv keeps the paper's query/value.
+    all_linear = {v for v, c in by.items() if c["method"].get("targets") == by["lora"]["method"]["targets"]}
+    assert {"rslora", "dora", "pissa", "adalora", "dylora", "vera", "lora_plus", "lora_fa", "olora",
+            "lora_ga", "hira", "lora_nf4", "lora_int8"} <= all_linear and "lora_qv" not in all_linear
     assert by["adapter_pfeiffer"]["method"]["placement"] == "pfeiffer"
     assert by["adapter_houlsby"]["method"]["train_layernorm"] is True
     assert by["full"]["train"]["test_limit"] == 0 and by["full"]["train"]["eval_limit"] == 0   # whole splits
