@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from peftjax.models import hooks, registry
+from peftjax.models import hooks, layer_scan, registry
 from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, activation,
                                    attention_weights_and_output, normal_init, remat_block)
 
@@ -191,9 +191,16 @@ class BertLayerStack(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
+    scan: bool = False  # one lax.scan over the layers (layer_scan.py)
 
     @nn.compact
     def __call__(self, h, mask, train: bool):
+        if self.scan and not self.is_initializing() and not hooks.active().traces_every_layer:
+            # Every BERT layer reads the same padding mask: nothing is picked per layer.
+            return layer_scan.scan_stack(
+                self, lambda: BertLayer(self.config, self.dtype, parent=None), h,
+                lambda i: (mask, train), self.config.num_hidden_layers, self.remat, train,
+                returns_state=False)
         layer_cls = remat_block(BertLayer, self.remat, static_argnums=(3,))
         for i in range(self.config.num_hidden_layers):
             h = layer_cls(self.config, self.dtype, name=str(i))(h, mask, train)
@@ -204,10 +211,11 @@ class BertEncoder(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, h, mask, train: bool):
-        return BertLayerStack(self.config, self.dtype, self.remat, name="layer")(h, mask, train)
+        return BertLayerStack(self.config, self.dtype, self.remat, self.scan, name="layer")(h, mask, train)
 
 
 class BertModel(nn.Module):
@@ -220,6 +228,7 @@ class BertModel(nn.Module):
     dtype: Any = jnp.float32
     add_pooling_layer: bool = True
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False):
@@ -230,7 +239,7 @@ class BertModel(nn.Module):
             input_ids, attention_mask, token_type_ids, train)
         mask = attention_mask.astype(bool)[:, None, None, :]
         mask = jnp.broadcast_to(mask, (h.shape[0], 1, h.shape[1], h.shape[1]))
-        h = BertEncoder(c, self.dtype, self.remat, name="encoder")(h, mask, train)
+        h = BertEncoder(c, self.dtype, self.remat, self.scan, name="encoder")(h, mask, train)
         pooled = None
         if self.add_pooling_layer:
             pooled = BertPooler(c, self.dtype, name="pooler")(h)
@@ -285,6 +294,7 @@ class BertForSequenceClassification(nn.Module):
     num_labels: int
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train: bool = False):
@@ -294,7 +304,7 @@ class BertForSequenceClassification(nn.Module):
         roberta = c.model_type == "roberta"
         mean = c.pooling == "mean"
         h, pooled, mask = BertModel(c, self.dtype, add_pooling_layer=not (roberta or mean),
-                                    remat=self.remat, name=c.model_type)(
+                                    remat=self.remat, scan=self.scan, name=c.model_type)(
             input_ids, attention_mask, token_type_ids, train)
         if mean:  # the effective mask: prompt tuning's virtual tokens count as real tokens
             pooled = masked_mean(h, mask)
@@ -307,10 +317,11 @@ class BertForSequenceClassification(nn.Module):
                      name="classifier")(pooled)
 
 
-def _build(config: BertConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
+def _build(config: BertConfig, head: str, num_labels: int, dtype, remat: bool,
+           scan_layers: bool = False) -> nn.Module:
     if head == "none":
-        return BertModel(config, dtype, add_pooling_layer=True, remat=remat)
-    return BertForSequenceClassification(config, num_labels, dtype, remat)
+        return BertModel(config, dtype, add_pooling_layer=True, remat=remat, scan=scan_layers)
+    return BertForSequenceClassification(config, num_labels, dtype, remat, scan_layers)
 
 
 def _head_prefixes(config: BertConfig, head: str) -> tuple[str, ...]:
@@ -327,6 +338,7 @@ def _backbone_prefix(config: BertConfig, head: str) -> str:
 
 FAMILY = registry.register_family(registry.Family(
     name="bert",
+    options=("scan_layers",),
     model_types=("bert", "roberta"),
     config_from_hf=BertConfig.from_hf,
     build=_build,

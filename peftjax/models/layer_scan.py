@@ -120,13 +120,14 @@ def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, C
 
 def scan_stack(stack: nn.Module, make_layer: Callable[[], nn.Module],
                h: jax.Array, per_layer_args: Callable[[jax.Array], tuple], num_layers: int,
-               remat: bool | str, train: bool) -> jax.Array:
+               remat: bool | str, train: bool, returns_state: bool = True) -> jax.Array:
     """``h`` through the stack's ``num_layers`` layers as one scan (see the module doc).
 
     ``stack`` is the bound module holding the layers as children ``"0" … "N-1"`` (their params
     exist: the stack is not initialising); ``make_layer()`` builds an unbound layer module;
     ``per_layer_args(i)`` (``i`` traced) gives the layer call's arguments after ``h`` (mask, RoPE,
-    ...: select per-layer variants with ``i``). The layer returns ``(h, anything)``.
+    ...: select per-layer variants with ``i``). The layer returns ``(h, anything)``, or ``h``
+    alone when ``returns_state`` is False (an encoder layer without a KV cache).
     """
     params = stack.variables["params"]
     names = [str(i) for i in range(num_layers)]
@@ -152,8 +153,8 @@ def scan_stack(stack: nn.Module, make_layer: Callable[[], nn.Module],
         layer_params, layer_hooks, i = xs
         rngs = None if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, i)}
         with hooks_lib.use(rebuild(layer_hooks)), hooks_lib.site_prefix(template):
-            out, _ = layer.apply({"params": layer_params}, carry, *per_layer_args(i), rngs=rngs)
-        return out, None
+            out = layer.apply({"params": layer_params}, carry, *per_layer_args(i), rngs=rngs)
+        return (out[0] if returns_state else out), None
 
     policy_name = remat_name(remat)
     if policy_name != "none":

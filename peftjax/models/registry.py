@@ -287,8 +287,8 @@ def build_model(hf_config: Any, head: str = "none", num_labels: int | None = Non
     if scan_layers:
         if "scan_layers" not in family.options:
             raise ValueError(f"the {family.name} family has no scan_layers option; families with "
-                             "it: " + ", ".join(sorted(f.name for f in _FAMILIES.values()
-                                                        if "scan_layers" in f.options)))
+                             "it: " + ", ".join(sorted({f.name for f in _FAMILIES.values()
+                                                         if "scan_layers" in f.options})))
         module = family.build(config, head, num_labels, dtype, remat, scan_layers=True)
     else:
         module = family.build(config, head, num_labels, dtype, remat)

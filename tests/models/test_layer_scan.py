@@ -2,8 +2,8 @@
 
 Every method, with its trainable params perturbed away from their init (so a method whose hooks
 read the wrong layer's params inside the scan body would show), gives the same loss and
-gradients on a 3-layer tiny Llama scanned and unrolled; each Llama-architecture family (Gemma's
-alternating windows and RoPE bases picked per layer) likewise; a method whose layers differ is
+gradients on a 3-layer tiny Llama and on a tiny BERT scanned and unrolled; each
+Llama-architecture family (Gemma's alternating windows and RoPE bases picked per layer) likewise; a method whose layers differ is
 refused with the layer named; site discovery, decoding, dropout and rematerialisation work.
 """
 
@@ -22,7 +22,7 @@ from peftjax.methods.core import Sites
 from peftjax.models import build_model, generation
 from tests.helpers import METHOD_CONFIGS, TINY, TINY_OVERRIDES, fisher_context, learnable_batch
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "bert")
 # In `make test` (its time budget): LoRA (the linear hook, its merged single-GEMM forward) and
 # prefix tuning (the attention hook) on Llama; Gemma 2's adapters and Gemma 3's LoRA (per-layer
 # masks and RoPE tables). Every other method and family under -m slow.
@@ -73,11 +73,14 @@ def _assert_same(a, b, atol: float = 1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
 @pytest.mark.parametrize("method_name", [
     m if m in FAST else pytest.param(m, marks=pytest.mark.slow)
     for m in sorted(METHOD_CONFIGS) if m != "linear_probe"])
-def test_every_method_scanned_equals_unrolled(method_name):
-    unrolled, scanned, params = _pair("llama", layers=3)
+def test_every_method_scanned_equals_unrolled(method_name, family):
+    # BERT: an encoder (post-LayerNorm blocks, one padding mask for every layer, prompt tuning's
+    # longer sequence) under a classification head.
+    unrolled, scanned, params = _pair(family, layers=3)
     batch = learnable_batch(unrolled)
     _assert_same(_loss_and_grads(unrolled, method_name, params, batch),
                  _loss_and_grads(scanned, method_name, params, batch))
@@ -105,8 +108,8 @@ def test_a_method_adapting_layers_differently_is_refused_with_the_layer():
 
 
 def test_families_without_the_option_refuse_it():
-    hf = model_configs.get("tiny-bert").hf_config.to_dict()
-    with pytest.raises(ValueError, match="bert family has no scan_layers option; families with it: gemma2, gemma3, llama"):
+    hf = model_configs.get("tiny-gpt2").hf_config.to_dict()
+    with pytest.raises(ValueError, match="gpt2 family has no scan_layers option; families with it: bert, gemma2, gemma3, llama, mistral"):
         build_model(hf, head="classification", num_labels=3, scan_layers=True)
     hf = {**model_configs.get("tiny-qwen3-moe").hf_config.to_dict()}
     with pytest.raises(ValueError, match="qwen3_moe family has no scan_layers option"):
@@ -154,3 +157,13 @@ def test_dropout_and_remat_in_a_scanned_stack():
     np.testing.assert_allclose(float(t3), float(t1), atol=1e-6)
     for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g3)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_bert_dropout_in_a_scanned_stack():
+    # BERT's hidden and attention dropout inside the body: per-layer keys, deterministic for a key.
+    _, scanned, params = _pair("bert", layers=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    batch = learnable_batch(scanned)
+    eval_loss, _, _ = _loss_and_grads(scanned, "lora", params, batch)
+    t1, _, _ = _loss_and_grads(scanned, "lora", params, batch, train=True)
+    t2, _, _ = _loss_and_grads(scanned, "lora", params, batch, train=True)
+    assert np.isfinite(float(t1)) and float(t1) != float(eval_loss) and float(t1) == float(t2)
