@@ -159,6 +159,7 @@ def test_dropout_and_remat_in_a_scanned_stack():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bert_dropout_in_a_scanned_stack():
     # BERT's hidden and attention dropout inside the body: per-layer keys, deterministic for a key.
     _, scanned, params = _pair("bert", layers=3, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
