@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.models import hooks, registry
+from peftjax.models import hooks, layer_scan, registry
 from peftjax.models.generation import KVCache
 from peftjax.models.gpt2 import causal_mask_and_cache, default_positions, finish_cache, write_cache
 from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, attention_weights_and_output,
@@ -234,9 +234,16 @@ class BloomStack(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False  # one lax.scan over the blocks (layer_scan.py) outside KV-cache decoding
 
     @nn.compact
     def __call__(self, h, mask, caches, cache_index, train: bool):
+        if self.scan and caches is None and not self.is_initializing() \
+                and not hooks.active().traces_every_layer:
+            # Every block reads the same mask and ALiBi slopes: nothing is picked per layer.
+            return layer_scan.scan_stack(self, lambda: BloomBlock(self.config, self.dtype, parent=None),
+                                         h, lambda i: (mask, None, cache_index, train),
+                                         self.config.n_layer, self.remat, train), None
         block_cls = remat_block(BloomBlock, self.remat, static_argnums=(5,))
         new_caches = []
         for i in range(self.config.n_layer):
@@ -253,13 +260,14 @@ class BloomModel(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     def setup(self) -> None:
         c = self.config
         self.word_embeddings = Embed(c.vocab_size, c.hidden_size, self.dtype,
                                      embedding_init=normal_init(c.initializer_range))
         self.word_embeddings_layernorm = LayerNorm(c.layer_norm_epsilon, self.dtype)
-        self.h = BloomStack(c, self.dtype, self.remat)
+        self.h = BloomStack(c, self.dtype, self.remat, self.scan)
         self.ln_f = LayerNorm(c.layer_norm_epsilon, self.dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:
@@ -300,10 +308,11 @@ class BloomForCausalLM(nn.Module):
     config: BloomConfig
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     def setup(self) -> None:
         c = self.config
-        self.transformer = BloomModel(c, self.dtype, self.remat)
+        self.transformer = BloomModel(c, self.dtype, self.remat, self.scan)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=normal_init(c.initializer_range))
@@ -328,23 +337,25 @@ class BloomForSequenceClassification(nn.Module):
     num_labels: int
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h, _, _ = BloomModel(self.config, self.dtype, self.remat, name="transformer")(
+        h, _, _ = BloomModel(self.config, self.dtype, self.remat, self.scan, name="transformer")(
             input_ids, attention_mask, train, positions)
         return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
                                 self.config.initializer_range)
 
 
-def _build(config: BloomConfig, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
+def _build(config: BloomConfig, head: str, num_labels: int, dtype, remat: bool,
+           scan_layers: bool = False) -> nn.Module:
     if head == "none":
-        return BloomModel(config, dtype, remat)
+        return BloomModel(config, dtype, remat, scan_layers)
     if head == "causal_lm":
-        return BloomForCausalLM(config, dtype, remat)
-    return BloomForSequenceClassification(config, num_labels, dtype, remat)
+        return BloomForCausalLM(config, dtype, remat, scan_layers)
+    return BloomForSequenceClassification(config, num_labels, dtype, remat, scan_layers)
 
 
 def _head_prefixes(config: BloomConfig, head: str) -> tuple[str, ...]:
@@ -357,6 +368,7 @@ def _backbone_prefix(config: BloomConfig, head: str) -> str:
 
 FAMILY = registry.register_family(registry.Family(
     name="bloom",
+    options=("scan_layers",),
     model_types=("bloom",),
     config_from_hf=BloomConfig.from_hf,
     build=_build,

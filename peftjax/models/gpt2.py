@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from peftjax.models import hooks, registry
+from peftjax.models import hooks, layer_scan, registry
 from peftjax.models.generation import KVCache
 from peftjax.models.layers import (Dense, Dropout, Embed, LayerNorm, activation,
                                    attention_weights_and_output, last_token_score, normal_init,
@@ -269,9 +269,21 @@ class GPT2Stack(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False  # one lax.scan over the blocks (layer_scan.py) outside KV-cache decoding
 
     @nn.compact
     def __call__(self, h, mask, caches, cache_index, train: bool):
+        c = self.config
+        if self.scan and c.scale_attn_by_inverse_layer_idx:
+            raise ValueError("scan_layers: this GPT-2 config scales each layer's attention by "
+                             "1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx), so its blocks "
+                             "differ and cannot share one scanned body; set scan_layers=False")
+        if self.scan and caches is None and not self.is_initializing() \
+                and not hooks.active().traces_every_layer:
+            # The block's layer_idx only feeds that scaling: block 0's body serves every layer.
+            return layer_scan.scan_stack(self, lambda: GPT2Block(c, 0, self.dtype, parent=None), h,
+                                         lambda i: (mask, None, cache_index, train), c.n_layer,
+                                         self.remat, train), None
         block_cls = remat_block(GPT2Block, self.remat, static_argnums=(5,))
         new_caches = []
         for i in range(self.config.n_layer):
@@ -291,6 +303,7 @@ class GPT2Model(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     def setup(self) -> None:
         c = self.config
@@ -298,7 +311,7 @@ class GPT2Model(nn.Module):
         self.wte = Embed(c.vocab_size, c.n_embd, self.dtype, embedding_init=init)
         self.wpe = Embed(c.n_positions, c.n_embd, self.dtype, embedding_init=init)
         self.drop = Dropout(c.embd_pdrop)
-        self.h = GPT2Stack(c, self.dtype, self.remat)
+        self.h = GPT2Stack(c, self.dtype, self.remat, self.scan)
         self.ln_f = LayerNorm(c.layer_norm_epsilon, self.dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:
@@ -351,10 +364,11 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     def setup(self) -> None:
         c = self.config
-        self.transformer = GPT2Model(c, self.dtype, self.remat)
+        self.transformer = GPT2Model(c, self.dtype, self.remat, self.scan)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=normal_init(c.initializer_range))
@@ -381,23 +395,25 @@ class GPT2ForSequenceClassification(nn.Module):
     num_labels: int
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, train: bool = False, positions=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h, _, _ = GPT2Model(self.config, self.dtype, self.remat, name="transformer")(
+        h, _, _ = GPT2Model(self.config, self.dtype, self.remat, self.scan, name="transformer")(
             input_ids, attention_mask, train, positions)
         return last_token_score(h, input_ids, attention_mask, self.num_labels, self.dtype,
                                 self.config.initializer_range)
 
 
-def _build(config: GPT2Config, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
+def _build(config: GPT2Config, head: str, num_labels: int, dtype, remat: bool,
+           scan_layers: bool = False) -> nn.Module:
     if head == "none":
-        return GPT2Model(config, dtype, remat)
+        return GPT2Model(config, dtype, remat, scan_layers)
     if head == "causal_lm":
-        return GPT2LMHeadModel(config, dtype, remat)
-    return GPT2ForSequenceClassification(config, num_labels, dtype, remat)
+        return GPT2LMHeadModel(config, dtype, remat, scan_layers)
+    return GPT2ForSequenceClassification(config, num_labels, dtype, remat, scan_layers)
 
 
 def _head_prefixes(config: GPT2Config, head: str) -> tuple[str, ...]:
@@ -411,6 +427,7 @@ def _backbone_prefix(config: GPT2Config, head: str) -> str:
 
 FAMILY = registry.register_family(registry.Family(
     name="gpt2",
+    options=("scan_layers",),
     model_types=("gpt2",),
     config_from_hf=GPT2Config.from_hf,
     build=_build,

@@ -22,12 +22,12 @@ from peftjax.methods.core import Sites
 from peftjax.models import build_model, generation
 from tests.helpers import METHOD_CONFIGS, TINY, TINY_OVERRIDES, fisher_context, learnable_batch
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "bert")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "bert", "gpt2", "bloom")
 # In `make test` (its time budget): LoRA (the linear hook, its merged single-GEMM forward) and
 # prefix tuning (the attention hook) on Llama; Gemma 2's adapters and Gemma 3's LoRA (per-layer
 # masks and RoPE tables). Every other method and family under -m slow.
 FAST = ("lora", "prefix_tuning")
-FAST_FAMILIES = (("gemma2", "adapter"), ("gemma3", "lora"))
+FAST_FAMILIES = (("gemma2", "adapter"), ("gemma3", "lora"), ("gpt2", "lora"), ("bloom", "adapter"))
 
 
 def _pair(family: str, layers: int | None = None, **overrides):
@@ -73,13 +73,12 @@ def _assert_same(a, b, atol: float = 1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-@pytest.mark.parametrize("method_name", [
-    m if m in FAST else pytest.param(m, marks=pytest.mark.slow)
-    for m in sorted(METHOD_CONFIGS) if m != "linear_probe"])
-def test_every_method_scanned_equals_unrolled(method_name, family):
+@pytest.mark.parametrize("family,method_name", [
+    (f, m) if (m in FAST and f != "gpt2") else pytest.param(f, m, marks=pytest.mark.slow)
+    for f in ("llama", "bert", "gpt2") for m in sorted(METHOD_CONFIGS) if m != "linear_probe"])
+def test_every_method_scanned_equals_unrolled(family, method_name):
     # BERT: an encoder (post-LayerNorm blocks, one padding mask for every layer, prompt tuning's
-    # longer sequence) under a classification head.
+    # longer sequence) under a classification head; GPT-2: fused c_attn, Conv1D layouts.
     unrolled, scanned, params = _pair(family, layers=3)
     batch = learnable_batch(unrolled)
     _assert_same(_loss_and_grads(unrolled, method_name, params, batch),
@@ -108,12 +107,21 @@ def test_a_method_adapting_layers_differently_is_refused_with_the_layer():
 
 
 def test_families_without_the_option_refuse_it():
-    hf = model_configs.get("tiny-gpt2").hf_config.to_dict()
-    with pytest.raises(ValueError, match="gpt2 family has no scan_layers option; families with it: bert, gemma2, gemma3, llama, mistral"):
-        build_model(hf, head="classification", num_labels=3, scan_layers=True)
+    hf = model_configs.get("tiny-t5").hf_config.to_dict()
+    with pytest.raises(ValueError, match="t5 family has no scan_layers option; families with it: bert, bloom, gemma2, gemma3, gpt2, llama"):
+        build_model(hf, head="seq2seq_lm", scan_layers=True)
     hf = {**model_configs.get("tiny-qwen3-moe").hf_config.to_dict()}
     with pytest.raises(ValueError, match="qwen3_moe family has no scan_layers option"):
         build_model(hf, head="causal_lm", scan_layers=True)
+
+
+def test_gpt2_blocks_scaled_per_layer_are_refused():
+    # scale_attn_by_inverse_layer_idx divides layer i's attention scores by i + 1: the blocks
+    # differ, so one scanned body cannot serve them.
+    unrolled, scanned, params = _pair("gpt2", scale_attn_by_inverse_layer_idx=True)
+    batch = learnable_batch(scanned)
+    with pytest.raises(ValueError, match="scan_layers: .*scale_attn_by_inverse_layer_idx"):
+        _loss_and_grads(scanned, "lora", params, batch)
 
 
 def test_sites_and_counts_are_the_same():
