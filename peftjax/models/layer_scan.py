@@ -120,17 +120,19 @@ def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, C
 
 def scan_stack(stack: nn.Module, make_layer: Callable[[], nn.Module],
                h: jax.Array, per_layer_args: Callable[[jax.Array], tuple], num_layers: int,
-               remat: bool | str, train: bool, returns_state: bool = True) -> jax.Array:
+               remat: bool | str, train: bool, returns_state: bool = True, start: int = 0) -> jax.Array:
     """``h`` through the stack's ``num_layers`` layers as one scan (see the module doc).
 
     ``stack`` is the bound module holding the layers as children ``"0" … "N-1"`` (their params
     exist: the stack is not initialising); ``make_layer()`` builds an unbound layer module;
     ``per_layer_args(i)`` (``i`` traced) gives the layer call's arguments after ``h`` (mask, RoPE,
     ...: select per-layer variants with ``i``). The layer returns ``(h, anything)``, or ``h``
-    alone when ``returns_state`` is False (an encoder layer without a KV cache).
+    alone when ``returns_state`` is False (an encoder layer without a KV cache). ``start``: the
+    layers before it ran already (T5's block 0, which alone holds the relative position bias
+    table); layers ``start … N-1`` are scanned.
     """
     params = stack.variables["params"]
-    names = [str(i) for i in range(num_layers)]
+    names = [str(i) for i in range(start, num_layers)]
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"scan_layers: the stack has no params for layers {missing}")
@@ -159,5 +161,5 @@ def scan_stack(stack: nn.Module, make_layer: Callable[[], nn.Module],
     policy_name = remat_name(remat)
     if policy_name != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
-    out, _ = jax.lax.scan(body, h, (stacked_params, hook_xs, jnp.arange(num_layers, dtype=jnp.int32)))
+    out, _ = jax.lax.scan(body, h, (stacked_params, hook_xs, jnp.arange(start, num_layers, dtype=jnp.int32)))
     return out

@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from peftjax.models import hooks, registry
+from peftjax.models import hooks, layer_scan, registry
 from peftjax.models.generation import _eos_ids, decode_loop
 from peftjax.models.layers import (Dense, Dropout, Embed, RMSNorm, activation, attention_weights_and_output,
                                    remat_block)
@@ -394,12 +394,24 @@ class T5BlockList(nn.Module):
     is_decoder: bool
     dtype: Any = jnp.float32
     remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
+    scan: bool = False  # blocks 1 … N-1 as one lax.scan (layer_scan.py) outside KV-cache decoding
 
     @nn.compact
     def __call__(self, h, mask, buckets, enc_h, enc_mask, caches, cache_index, train: bool):
         c = self.config
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
         block_cls = remat_block(T5Block, self.remat, static_argnums=(9,))
+        if self.scan and caches is None and n > 2 and not self.is_initializing() \
+                and not hooks.active().traces_every_layer:
+            # Block 0 alone holds the relative attention bias table and computes the position
+            # bias every later block adds: it runs first, the identical blocks 1 … N-1 are scanned.
+            h, position_bias, _ = block_cls(c, self.is_decoder, True, self.dtype, name="0")(
+                h, mask, None, buckets, enc_h, enc_mask, None, cache_index, train)
+            h = layer_scan.scan_stack(
+                self, lambda: T5Block(c, self.is_decoder, False, self.dtype, parent=None), h,
+                lambda i: (mask, position_bias, buckets, enc_h, enc_mask, None, cache_index, train),
+                n, self.remat, train, start=1)
+            return h, None
         position_bias = None
         new_caches = []
         for i in range(n):
@@ -456,6 +468,7 @@ class T5Stack(nn.Module):
     is_decoder: bool
     dtype: Any = jnp.float32
     remat: bool | str = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, embeds, attention_mask, enc_h=None, enc_mask=None, train: bool = False,
@@ -496,7 +509,7 @@ class T5Stack(nn.Module):
         cross_mask = None
         if self.is_decoder:
             cross_mask = jnp.broadcast_to(enc_mask.astype(bool)[:, None, None, :], (b, 1, l, enc_mask.shape[1]))
-        h, new_caches = T5BlockList(c, self.is_decoder, self.dtype, self.remat, name="block")(
+        h, new_caches = T5BlockList(c, self.is_decoder, self.dtype, self.remat, self.scan, name="block")(
             h, mask, buckets, enc_h, cross_mask, caches, index, train)
         h = RMSNorm(c.layer_norm_epsilon, self.dtype, name="final_layer_norm")(h)
         h = Dropout(c.dropout_rate)(h, deterministic=not train)
@@ -533,13 +546,14 @@ class T5ForConditionalGeneration(nn.Module):
     dtype: Any = jnp.float32
     remat: bool | str = False
     lm: bool = True
+    scan: bool = False
 
     def setup(self) -> None:
         c = self.config
         self.shared = Embed(c.vocab_size, c.d_model, self.dtype,
                             embedding_init=_normal(c.initializer_factor * 1.0))
-        self.encoder = T5Stack(c, False, self.dtype, self.remat)
-        self.decoder = T5Stack(c, True, self.dtype, self.remat)
+        self.encoder = T5Stack(c, False, self.dtype, self.remat, self.scan)
+        self.decoder = T5Stack(c, True, self.dtype, self.remat, self.scan)
         if self.lm and not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                                  kernel_init=_normal(c.initializer_factor * 1.0))
@@ -672,12 +686,14 @@ def generate(model: Any, params: dict, input_ids: jax.Array, attention_mask: jax
 # -------------------------------------------------------------------------------- registration
 
 
-def _build(config: T5Config, head: str, num_labels: int, dtype, remat: bool) -> nn.Module:
-    return T5ForConditionalGeneration(config, dtype, remat, lm=head == "seq2seq_lm")
+def _build(config: T5Config, head: str, num_labels: int, dtype, remat: bool,
+           scan_layers: bool = False) -> nn.Module:
+    return T5ForConditionalGeneration(config, dtype, remat, lm=head == "seq2seq_lm", scan=scan_layers)
 
 
 FAMILY = registry.register_family(registry.Family(
     name="t5",
+    options=("scan_layers",),
     model_types=("t5", "mt5"),
     config_from_hf=T5Config.from_hf,
     build=_build,

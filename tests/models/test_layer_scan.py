@@ -107,12 +107,22 @@ def test_a_method_adapting_layers_differently_is_refused_with_the_layer():
 
 
 def test_families_without_the_option_refuse_it():
-    hf = model_configs.get("tiny-t5").hf_config.to_dict()
-    with pytest.raises(ValueError, match="t5 family has no scan_layers option; families with it: bert, bloom, gemma2, gemma3, gpt2, llama"):
-        build_model(hf, head="seq2seq_lm", scan_layers=True)
     hf = {**model_configs.get("tiny-qwen3-moe").hf_config.to_dict()}
-    with pytest.raises(ValueError, match="qwen3_moe family has no scan_layers option"):
+    with pytest.raises(ValueError, match="qwen3_moe family has no scan_layers option; families with "
+                                         "it: bert, bloom, gemma2, gemma3, gpt2, llama, mistral, qwen2, qwen3, t5$"):
         build_model(hf, head="causal_lm", scan_layers=True)
+
+
+@pytest.mark.parametrize("method_name", [
+    m if m == "lora" else pytest.param(m, marks=pytest.mark.slow)
+    for m in ("lora", "adapter", "prompt_tuning", "prefix_tuning", "ia3", "full")])
+def test_t5_scanned_equals_unrolled(method_name):
+    # Encoder and decoder: block 0 (the relative position bias table) runs first, blocks 1 … N-1
+    # are scanned with the bias it computed; the decoder's blocks cross-attend to the encoder.
+    unrolled, scanned, params = _pair("t5", num_layers=3, num_decoder_layers=3)
+    batch = learnable_batch(unrolled)
+    _assert_same(_loss_and_grads(unrolled, method_name, params, batch),
+                 _loss_and_grads(scanned, method_name, params, batch))
 
 
 def test_gpt2_blocks_scaled_per_layer_are_refused():
