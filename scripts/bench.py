@@ -154,7 +154,9 @@ def main(argv):
     if FLAGS.num_layers:
         model_cfg = model_cfg.copy_and_resolve_references()
         with model_cfg.unlocked():
-            model_cfg.hf_config.num_hidden_layers = FLAGS.num_layers
+            model_cfg.hf_config.num_hidden_layers = FLAGS.num_layers  # GPT-2/BLOOM: n_layer, T5: num_layers
+            if "num_decoder_layers" in model_cfg.hf_config:  # T5's decoder stack, as deep
+                model_cfg.hf_config.num_decoder_layers = FLAGS.num_layers
     head = "classification"
     from peftjax.models.registry import family_for
 
@@ -179,7 +181,8 @@ def main(argv):
         r = bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
         r.update(model=FLAGS.model, batch=FLAGS.batch, seq=FLAGS.seq, dtype=FLAGS.dtype,
                  remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
-                 num_layers=getattr(model.config, "num_hidden_layers", None), backend=jax.default_backend(),
+                 num_layers=next((getattr(model.config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                                  if hasattr(model.config, k)), None), backend=jax.default_backend(),
                  device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
         results.append(r)
     full = next((r for r in results if r["method"] == "full"), None)

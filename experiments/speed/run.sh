@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=experiments/speed/runs
-WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan scan_minilm scan_gpt2"}
+WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan scan_minilm scan_gpt2 scan_t5"}
 STEPS=${STEPS:-5}
 # Every method PEFT also has (bench_vs_peft.py's parity names). Left out where the method has nothing
 # to train or the PEFT side is not the same model: BitFit on T5 and on the small Llama (no bias
@@ -45,6 +45,12 @@ for what in $WHAT; do
                 $PY scripts/bench.py --model=gpt2 --random_weights --num_layers=$layers \
                   --methods=lora,full --batch=8 --seq=128 --steps=$STEPS --scan_layers=$scan \
                   > $OUT/scan_gpt2_${layers}_$scan.json
+              done; done ;;
+    # T5-small's 6 + 6 blocks and 24 + 24 (text-to-text).
+    scan_t5) for layers in 6 24; do for scan in false true; do
+                $PY scripts/bench.py --model=bench-t5-small --num_layers=$layers \
+                  --methods=lora,full --batch=8 --seq=128 --steps=$STEPS --scan_layers=$scan \
+                  > $OUT/scan_t5_small_${layers}_$scan.json
               done; done ;;
     *) echo "unknown: $what" >&2; exit 2 ;;
   esac
