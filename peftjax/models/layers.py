@@ -136,6 +136,23 @@ class Embed(nn.Module):
         return jnp.dot(h.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 
+def computed_once(x: jax.Array, finite: jax.Array) -> jax.Array:
+    """``x`` unchanged, as a value XLA computes once and stores rather than recomputes in each
+    consumer.
+
+    Written ``x / (1 + 0·finite)`` with ``finite`` a finite array of ``x``'s shape: the divisor is
+    exactly 1, so the result is bitwise ``x``. Why a divide: XLA's fusion (the CPU cost model
+    above all) duplicates a producer into each of its consumer fusions when the producer is
+    cheap (add, multiply, select, ...) and all consumers can fuse it; a floating-point divide
+    counts as expensive and is never duplicated, so the value is written out once and a chain of
+    cheap ops stops there. The divisor must be full-size and not a constant: XLA's algebraic
+    simplifier folds a divide by a constant or by a broadcast into a multiply (and ``0·y`` is not
+    folded for floats). ``jax.lax.optimization_barrier`` does not do this on CPU: the CPU pipeline
+    drops barriers before fusion.
+    """
+    return x / (1.0 + 0.0 * finite.astype(x.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
     """LayerNorm over the last axis in fp32: ``(x - mean) / sqrt(var + eps) * scale + bias``.
@@ -144,6 +161,17 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
     ``dx = (g - mean(g) - x̂ · mean(g · x̂)) / σ`` with ``g = dy · scale``. Autodiff of the forward
     produces a longer elementwise chain that XLA's CPU fusion duplicates into several consumers
     and recomputes; the closed form is fewer ops and fuses cleanly.
+
+    ``dx`` leaves the backward through ``computed_once``. In a post-LN stack (BERT/RoBERTa)
+    whose LayerNorm params are frozen (every method but full fine-tuning and the ones that train
+    norms), the gradient flowing down the residual stream is elementwise from the head to the
+    embeddings: LN backward, residual add, dropout backward (a select between ``dx`` and the
+    next dense layer's ``dy Wᵀ``), with the GEMM outputs added in. XLA:CPU duplicates cheap
+    elementwise producers into every consumer fusion, so without a materialised ``dx`` each
+    layer's fusions recomputed the whole chain from the top layer down: quadratic in depth
+    (unrolled MiniLM LoRA, 24 layers: 23.7 s compile, 2.84 s step against 1.29 s scanned). Full
+    fine-tuning never showed it: its ``dscale``/``dbias`` reductions consume the gradient and
+    force it into memory once per layer.
     """
     return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
@@ -167,6 +195,7 @@ def _layer_norm_bwd(epsilon, res, dy):
     reduce_axes = tuple(range(dy.ndim - 1))
     dscale = jnp.sum(dy32 * xhat, axis=reduce_axes).astype(scale.dtype)
     dbias = jnp.sum(dy32, axis=reduce_axes).astype(bias.dtype)
+    dx = computed_once(dx, xhat)
     return dx.astype(dy.dtype), dscale, dbias  # y, hence dy, has x's dtype
 
 
