@@ -24,10 +24,10 @@ from tests.helpers import METHOD_CONFIGS, TINY, TINY_OVERRIDES, fisher_context, 
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "bert", "gpt2", "bloom")
 # In `make test` (its time budget): LoRA (the linear hook, its merged single-GEMM forward) and
-# prefix tuning (the attention hook) on Llama; Gemma 2's adapters and Gemma 3's LoRA (per-layer
-# masks and RoPE tables). Every other method and family under -m slow.
+# prefix tuning (the attention hook) on Llama, LoRA on BERT, GPT-2 and T5; Gemma 2's adapters
+# and Gemma 3's LoRA (per-layer masks and RoPE tables). Every other method and family under -m slow.
 FAST = ("lora", "prefix_tuning")
-FAST_FAMILIES = (("gemma2", "adapter"), ("gemma3", "lora"), ("gpt2", "lora"), ("bloom", "adapter"))
+FAST_FAMILIES = (("gemma2", "adapter"), ("gemma3", "lora"), ("gpt2", "lora"))
 
 
 def _pair(family: str, layers: int | None = None, **overrides):
@@ -74,7 +74,7 @@ def _assert_same(a, b, atol: float = 1e-5):
 
 
 @pytest.mark.parametrize("family,method_name", [
-    (f, m) if (m in FAST and f != "gpt2") else pytest.param(f, m, marks=pytest.mark.slow)
+    (f, m) if (m in FAST and f == "llama") or (f, m) == ("bert", "lora") else pytest.param(f, m, marks=pytest.mark.slow)
     for f in ("llama", "bert", "gpt2") for m in sorted(METHOD_CONFIGS) if m != "linear_probe"])
 def test_every_method_scanned_equals_unrolled(family, method_name):
     # BERT: an encoder (post-LayerNorm blocks, one padding mask for every layer, prompt tuning's
