@@ -119,6 +119,15 @@ class Selection:
     hp: dict
     rows: list
     candidates: dict
+    grid_size: int = 0   # grid values the definition gives this variant (0: not known)
+
+    @property
+    def incomplete(self) -> str:
+        """A note when the choice was made before every grid value finished (an interim report:
+        a pending value may still win), else ``""``."""
+        done = len(self.candidates)
+        return (f"selection incomplete: {done} of {self.grid_size} grid values finished"
+                if self.grid_size > done else "")
 
     def stat(self, path: str) -> tuple[float, float]:
         return _mean_std([_get(r, path) for r in self.rows])
@@ -209,6 +218,19 @@ def select(rows: Sequence[dict], fixed: dict | None = None,
         out.append(Selection(model, task, variant, chosen[0].get("method", variant), metric, higher,
                              json.loads(best), chosen, cands))
     return out
+
+
+def grid_sizes(definition: Mapping[str, Any], sels: Sequence[Selection]) -> list[int]:
+    """How many grid values the definition gives each selection's (model, task, variant); 0
+    without a definition."""
+    if not definition or not definition.get("variants"):
+        return [0] * len(sels)
+    from peftjax.grid import sweep
+
+    values: dict[tuple, set] = {}
+    for c in sweep.expand(definition):
+        values.setdefault((c.model, c.task, c.variant), set()).add(_hp_key(c.hp))
+    return [len(values.get((s.model, s.task, s.variant), ())) for s in sels]
 
 
 def _scale(metric: str) -> float:
@@ -344,6 +366,8 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     written: dict[str, Any] = {"plots": []}
 
     sels = select(rows, selection_seeds=definition.get("selection_seeds"))
+    for s, size in zip(sels, grid_sizes(definition, sels)):
+        s.grid_size = size
     tasks = _order_names(sorted({s.task for s in sels}), definition.get("tasks") or [])
     md = [f"# {name}", ""]
     if command:
@@ -526,7 +550,7 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
     for v, tier in zip(order, tiers):
         preds = data[v][0]
         top = np.bincount(preds.ravel(), minlength=classes).max() / preds.size
-        notes = _edge_choices(by_variant[v])
+        notes = _edge_choices(by_variant[v]) + [n for n in [by_variant[v].incomplete] if n]
         if top > 0.99:
             notes.append(f"predicts one class for {100 * top:.1f}% of examples")
         diffs = [dfmt(ivs[v]["diff"][r]) if r in ivs[v]["diff"] else "—" for r in refs]

@@ -198,3 +198,21 @@ def test_adalora_allocation_is_plotted_only_once_its_budget_reached_the_target(t
                          rank_budget={"init": 8, "target": 3, "final": final}))
         written = write_report(str(out))
         assert any("rank_allocation" in p for p in written["plots"]) is plotted
+
+
+def test_a_choice_made_before_its_grid_finished_is_flagged():
+    """An interim report (a sweep still running) chooses among the grid values finished so far;
+    a pending value may still win, so the row says so."""
+    from peftjax.grid.report import Selection, _hp_key, grid_sizes
+
+    d = {"name": "t", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+         "base": {"train": {"steps": 4}},
+         "variants": {"a": {"method": "lora", "grid": {"train": {"learning_rate": [1e-3, 2e-3, 3e-3]}}}}}
+    keys = [_hp_key({"train.learning_rate": lr}) for lr in (1e-3, 2e-3, 3e-3)]
+    sel = Selection("tiny-bert", "tweet_sentiment", "a", "lora", "accuracy", True,
+                    {"train.learning_rate": 1e-3}, [], {keys[0]: (0.7, [0])})
+    (sel.grid_size,) = grid_sizes(d, [sel])
+    assert sel.incomplete == "selection incomplete: 1 of 3 grid values finished"
+    sel.candidates = {k: (0.7, [0]) for k in keys}
+    assert sel.incomplete == ""
+    assert grid_sizes({}, [sel]) == [0]
