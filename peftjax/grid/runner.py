@@ -323,6 +323,9 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     store = ResultsStore(os.path.join(workdir, "results.jsonl"))
     state = status(cells, workdir)
     todo = [c for c in cells if state[c.id] == "pending" or (retry_failed and state[c.id] == "failed")]
+    if not progress:  # no bars at all: the cells' training bars go too (a display-only key)
+        todo = [dataclasses.replace(c, config={**c.config, "train": {**c.config.get("train", {}), "progress": False}})
+                for c in todo]
     for c in todo:
         if state[c.id] == "failed":  # start a retried cell afresh
             shutil.rmtree(os.path.join(workdir, "cells", c.id), ignore_errors=True)

@@ -278,6 +278,11 @@ RESUME_SAFE_FIELDS = ("train.eval_limit", "train.test_limit", "train.eval_batch_
                       "train.progress", "train.resume", "data_dir", "distributed.*", "model.name")
 
 
+# Fields that change only what the terminal shows: a resume takes their new value silently (a
+# sweep restarted with --noprogress resumes its killed cell, which ran with bars).
+DISPLAY_ONLY_FIELDS = ("train.progress",)
+
+
 def _flat_config(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
@@ -321,7 +326,8 @@ def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> 
             key = f"{group}.{k}"
             if key not in recorded and mine.get(key) == v:
                 recorded[key] = v
-    differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k, "<absent>") != recorded.get(k, "<absent>"))
+    differ = sorted(k for k in set(mine) | set(recorded)
+                    if k not in DISPLAY_ONLY_FIELDS and mine.get(k, "<absent>") != recorded.get(k, "<absent>"))
     if not differ:
         return
     rows = "\n  ".join(f"{k}: {recorded.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}" for k in differ)

@@ -63,6 +63,10 @@ def test_zero_steps_is_refused(data_dir, tmp_path):
 def test_resuming_under_another_config_is_refused_with_the_fields(data_dir, tmp_path):
     config = tiny_config(data_dir)
     train_and_evaluate(config, str(tmp_path), stop_after_step=6)
+    # Progress bars on or off is no difference (a sweep restarted with --noprogress).
+    quiet = tiny_config(data_dir)
+    quiet.train.progress = not config.train.progress
+    assert train_and_evaluate(quiet, str(tmp_path))["steps"] == 8
     longer = tiny_config(data_dir, steps=12)
     with pytest.raises(ValueError) as e:
         train_and_evaluate(longer, str(tmp_path))
