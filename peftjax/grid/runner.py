@@ -82,6 +82,9 @@ def read_curves(workdir: str) -> dict:
     return curves
 
 
+QUIET_CELLS = "PEFTJAX_SWEEP_QUIET"   # set by run(progress=False) for its cells
+
+
 def train_cell(cell: Cell, workdir: str) -> dict:
     """The default cell: ``train_and_evaluate`` on the cell's config (resuming in ``workdir``),
     plus the learning curves and, with ``rank_sweep``, the evaluation at those ranks."""
@@ -90,6 +93,8 @@ def train_cell(cell: Cell, workdir: str) -> dict:
     from peftjax.train import train_and_evaluate
 
     config = ml_collections.ConfigDict(cell.config)
+    if os.environ.get(QUIET_CELLS):
+        config.train.progress = False
     result = train_and_evaluate(config, workdir)
     result["curves"] = read_curves(workdir)
     if cell.rank_sweep:
@@ -323,9 +328,9 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     store = ResultsStore(os.path.join(workdir, "results.jsonl"))
     state = status(cells, workdir)
     todo = [c for c in cells if state[c.id] == "pending" or (retry_failed and state[c.id] == "failed")]
-    if not progress:  # no bars at all: the cells' training bars go too (a display-only key)
-        todo = [dataclasses.replace(c, config={**c.config, "train": {**c.config.get("train", {}), "progress": False}})
-                for c in todo]
+    # No bars at all: the cells' training bars go too (train.progress is display only; the
+    # workers inherit the environment, train_cell reads it).
+    os.environ[QUIET_CELLS] = "" if progress else "1"
     for c in todo:
         if state[c.id] == "failed":  # start a retried cell afresh
             shutil.rmtree(os.path.join(workdir, "cells", c.id), ignore_errors=True)
