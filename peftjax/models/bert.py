@@ -195,7 +195,7 @@ class BertLayerStack(nn.Module):
 
     @nn.compact
     def __call__(self, h, mask, train: bool):
-        if self.scan and not self.is_initializing() and not hooks.active().traces_every_layer:
+        if layer_scan.scanning(self):
             # Every BERT layer reads the same padding mask: nothing is picked per layer.
             return layer_scan.scan_stack(
                 self, lambda: BertLayer(self.config, self.dtype, parent=None), h,

@@ -238,8 +238,7 @@ class BloomStack(nn.Module):
 
     @nn.compact
     def __call__(self, h, mask, caches, cache_index, train: bool):
-        if self.scan and caches is None and not self.is_initializing() \
-                and not hooks.active().traces_every_layer:
+        if layer_scan.scanning(self, caches):
             # Every block reads the same mask and ALiBi slopes: nothing is picked per layer.
             return layer_scan.scan_stack(self, lambda: BloomBlock(self.config, self.dtype, parent=None),
                                          h, lambda i: (mask, None, cache_index, train),

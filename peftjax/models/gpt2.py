@@ -278,8 +278,7 @@ class GPT2Stack(nn.Module):
             raise ValueError("scan_layers: this GPT-2 config scales each layer's attention by "
                              "1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx), so its blocks "
                              "differ and cannot share one scanned body; set scan_layers=False")
-        if self.scan and caches is None and not self.is_initializing() \
-                and not hooks.active().traces_every_layer:
+        if layer_scan.scanning(self, caches):
             # The block's layer_idx only feeds that scaling: block 0's body serves every layer.
             return layer_scan.scan_stack(self, lambda: GPT2Block(c, 0, self.dtype, parent=None), h,
                                          lambda i: (mask, None, cache_index, train), c.n_layer,

@@ -127,6 +127,14 @@ def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, C
     return stacked, rebuild
 
 
+def scanning(stack: nn.Module, caches: Any = None) -> bool:
+    """Whether ``stack`` (a module with a ``scan`` field) runs this call as a scan: asked for, no
+    KV cache (decoding stays unrolled: each layer's cache is its own buffer), not initialising
+    (the layers' params must exist), and no hooks that record every layer (site discovery)."""
+    return bool(stack.scan) and caches is None and not stack.is_initializing() \
+        and not hooks_lib.active().traces_every_layer
+
+
 def scan_stack(stack: nn.Module, make_layer: Callable[[], nn.Module],
                h: jax.Array, per_layer_args: Callable[[jax.Array], tuple], num_layers: int,
                remat: bool | str, train: bool, returns_state: bool = True, start: int = 0) -> jax.Array:

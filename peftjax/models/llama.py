@@ -434,8 +434,7 @@ class LlamaLayerStack(nn.Module):
         c = self.config
         if self.scan and self.scan_refusal:
             raise ValueError(f"scan_layers: {self.scan_refusal}")
-        if self.scan and caches is None and not self.is_initializing() \
-                and not hooks.active().traces_every_layer:
+        if layer_scan.scanning(self, caches):
             return self.scanned(h, masks, ropes, train), None
         layer_cls = remat_block(self.layer_cls, self.remat, static_argnums=(7,))
         new_caches = []

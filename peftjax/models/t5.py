@@ -401,8 +401,7 @@ class T5BlockList(nn.Module):
         c = self.config
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
         block_cls = remat_block(T5Block, self.remat, static_argnums=(9,))
-        if self.scan and caches is None and n > 2 and not self.is_initializing() \
-                and not hooks.active().traces_every_layer:
+        if n > 2 and layer_scan.scanning(self, caches):
             # Block 0 alone holds the relative attention bias table and computes the position
             # bias every later block adds: it runs first, the identical blocks 1 … N-1 are scanned.
             h, position_bias, _ = block_cls(c, self.is_decoder, True, self.dtype, name="0")(
