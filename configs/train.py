@@ -65,13 +65,10 @@ def train_defaults() -> dict:
         b1=0.9, b2=0.999, eps=1e-8,
         dtype="float32",         # compute dtype: float32 | bfloat16 (params stay fp32)
         remat="none",            # rematerialise each block in the backward pass: none | block | block_dots
-        # Run the layer stack as one lax.scan (compiled once per layer; peftjax/models/
-        # layer_scan.py): true | false | unset (None: the model's family decides, scanning
-        # where it measured faster on this project's backend: T5, LoRA compile 4.88 vs 7.54 s
-        # and step 0.80 vs 1.26 s, a method that adapts blocks differently running unrolled;
-        # nowhere else: the small Llama's LoRA step compiles in 3.50 vs 1.80 s scanned;
-        # experiments/speed).
-        scan_layers=ml_collections.config_dict.placeholder(bool),
+        # Run the layer stack as one lax.scan (compiled once per layer; Llama-architecture
+        # families; peftjax/models/layer_scan.py). Off by default: on XLA:CPU it compiles and
+        # steps slower (small Llama LoRA: compile 3.50 vs 1.80 s, step 0.385 vs 0.330 s).
+        scan_layers=False,
         eval_every=200,
         # The validation metric that picks the best step (and a sweep's setting): "" is the
         # task's primary metric; e.g. macro_f1 for an imbalanced task. One of the task's metrics.

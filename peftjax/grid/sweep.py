@@ -137,13 +137,6 @@ def _strip_neutral(config: Any) -> Any:
     if not isinstance(config, dict):
         return config
     out = dict(config)
-    train = out.get("train")
-    if isinstance(train, dict) and "scan_layers" in train and train["scan_layers"] is None:
-        # None (the family decides; the default since T5 scans by default) hashes as the setting
-        # it resolves to for this model: an encoder's cells keep the ids they had under False.
-        from peftjax.train.compose import scan_layers_resolved
-
-        out["train"] = {**train, "scan_layers": scan_layers_resolved(out)}
     for group, defaults in NEUTRAL_DEFAULTS:
         sub = out.get(group)
         if isinstance(sub, dict) and all(sub.get(k, v) == v for k, v in defaults.items()):

@@ -624,7 +624,7 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
                      rng: jax.Array | None = None, remat: bool = False,
                      with_weights: bool = True, with_tokenizer: bool = True,
                      transforms: Any = None, shardings: Any = None,
-                     scan_layers: bool | None = False) -> tuple[Model, dict | None, Any]:
+                     scan_layers: bool = False) -> tuple[Model, dict | None, Any]:
     """A model from a named model config (``configs/models/*.py``): (model, params, tokenizer).
 
     ``model_cfg`` has ``hf_config`` and optionally ``checkpoint`` (a folder or
@@ -636,8 +636,7 @@ def load_from_config(model_cfg: Any, head: str = "none", num_labels: int | None 
     ``transforms``: a function of the built model returning ``params_from_tensors``'s
     ``transforms`` (what to do to each tensor as it is loaded: quantize on load); ``shardings``
     likewise its ``shardings`` (each tensor placed straight into its place on a mesh).
-    ``scan_layers``: the layer stack runs as one ``lax.scan`` (``layer_scan.py``); ``None``:
-    as the family decides (``registry.scan_mode``).
+    ``scan_layers``: the layer stack runs as one ``lax.scan`` (``layer_scan.py``).
     """
     get = (lambda k, d=None: model_cfg.get(k, d)) if hasattr(model_cfg, "get") else \
         (lambda k, d=None: getattr(model_cfg, k, d))

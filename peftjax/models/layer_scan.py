@@ -39,10 +39,8 @@ MiniLM (6 layers) is even (LoRA compile 2.36 / 2.35 s, step 0.305 / 0.312 s); a 
 of its shape gains for LoRA (compile 4.60 / 6.69 s, step 1.30 / 1.41 s) and loses for full
 fine-tuning's step (2.43 / 1.94 s). GPT-2 compiles faster scanned and steps slower (LoRA, 12
 blocks: 2.86 / 3.89 s, 1.15 / 0.96 s). T5-small gains (LoRA, 6 + 6 blocks: compile 4.88 / 7.54 s,
-step 0.80 / 1.26 s; 24 + 24: compile 7.79 / 33.1 s). So the training config's default
-(``train.scan_layers`` unset) scans T5 alone (``registry.Family.scan_default``; a method that
-adapts T5's blocks differently then runs that stack unrolled, ``refusal``); elsewhere it is there
-for accelerators, whose compilers are where MaxText and levanter report the gain (not measured
+step 0.80 / 1.26 s; 24 + 24: compile 7.79 / 33.1 s). So ``scan_layers`` is off by default; it is there for
+accelerators, whose compilers are where MaxText and levanter report the gain (not measured
 here: no device). Those keep the layers' params stacked in the param tree itself; here the
 stack is built in every step, so on a large model the transient copy of the layer weights it
 needs would have to go first (a stacked layout for the frozen base, not built).
@@ -79,22 +77,25 @@ def _relative(path, pos: int, prefix: str) -> str:
     return f"{keystr(tuple(path[:pos]))}[<layer>.{path[pos].key[len(prefix):]}]{keystr(tuple(path[pos + 1:]))}"
 
 
-def _per_layer(hooks: hooks_lib.Hooks, prefixes: Sequence[str]):
-    """The hooks' flattened leaves, their treedef, and per layer ``{relative path: (index, leaf)}``."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(dict(vars(hooks)))
+def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, Callable[[Any], hooks_lib.Hooks]]:
+    """``(stacked, rebuild)``: the arrays ``hooks`` holds per layer, stacked over layers, and a
+    function of one layer's slice returning hooks whose layer-0 entries hold that slice.
+
+    ``prefixes[i]`` is layer ``i``'s site with a trailing dot (``"model.layers.3."``). Raises
+    ``ValueError`` when the layers do not hold the same entries (keys, shapes, dtypes, static
+    values).
+    """
+    state = dict(vars(hooks))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     per_layer: list[dict[str, tuple[int, Any]]] = [{} for _ in prefixes]
     for index, (path, leaf) in enumerate(leaves):
         found = _layer_of(path, prefixes)
         if found is not None:
             layer, pos = found
             per_layer[layer][_relative(path, pos, prefixes[layer])] = (index, leaf)
-    return leaves, treedef, per_layer
+    if not any(per_layer):
+        return (), lambda _: hooks
 
-
-def _hooks_refusal(per_layer: list[dict[str, tuple[int, Any]]], prefixes: Sequence[str]) -> str | None:
-    """Why one body cannot run every layer's hooks (a layer holds other entries), or None;
-    layers named by their prefixes' last part (the stack's own numbering)."""
-    number = lambda i: prefixes[i][:-1].rsplit(".", 1)[-1]
     def describe(entries: dict) -> dict:
         return {k: ((tuple(v.shape), str(v.dtype)) if isinstance(v, (jax.Array, np.ndarray)) else v)
                 for k, (_, v) in entries.items()}
@@ -105,27 +106,11 @@ def _hooks_refusal(per_layer: list[dict[str, tuple[int, Any]]], prefixes: Sequen
         if other != first:
             changed = sorted(set(first) ^ set(other)) or \
                 [k for k in first if first[k] != other.get(k)]
-            return (f"layer {number(i)} is adapted unlike layer {number(0)} (the method's hooks hold other keys, "
-                    f"shapes or settings at {', '.join(changed[:3])}); a scanned stack runs one "
-                    "layer body for every layer, so the method must adapt all layers alike (no "
-                    "per-layer targets, ranks or windows), or set scan_layers=False")
-    return None
-
-
-def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, Callable[[Any], hooks_lib.Hooks]]:
-    """``(stacked, rebuild)``: the arrays ``hooks`` holds per layer, stacked over layers, and a
-    function of one layer's slice returning hooks whose layer-0 entries hold that slice.
-
-    ``prefixes[i]`` is layer ``i``'s site with a trailing dot (``"model.layers.3."``). Raises
-    ``ValueError`` when the layers do not hold the same entries (keys, shapes, dtypes, static
-    values).
-    """
-    leaves, treedef, per_layer = _per_layer(hooks, prefixes)
-    if not any(per_layer):
-        return (), lambda _: hooks
-    reason = _hooks_refusal(per_layer, prefixes)
-    if reason:
-        raise ValueError(f"scan_layers: {reason}")
+            raise ValueError(
+                f"scan_layers: layer {i} is adapted unlike layer 0 (the method's hooks hold "
+                f"other keys, shapes or settings at {', '.join(changed[:3])}); a scanned stack "
+                "runs one layer body for every layer, so the method must adapt all layers alike "
+                "(no per-layer targets, ranks or windows), or set scan_layers=False")
     array_keys = [k for k, (_, v) in per_layer[0].items() if isinstance(v, (jax.Array, np.ndarray))]
     stacked = {k: jnp.stack([jnp.asarray(entries[k][1]) for entries in per_layer]) for k in array_keys}
     slots = {k: per_layer[0][k][0] for k in array_keys}
@@ -140,43 +125,6 @@ def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, C
         return out
 
     return stacked, rebuild
-
-
-def _layer_names(num_layers: int, start: int) -> list[str]:
-    return [str(i) for i in range(start, num_layers)]
-
-
-def _prefixes(stack: nn.Module, names: Sequence[str]) -> list[str]:
-    site = hooks_lib.site(stack)
-    return [f"{site}.{n}." if site else f"{n}." for n in names]
-
-
-def _params_refusal(params: Any, names: Sequence[str]) -> str | None:
-    """Why the layers' params cannot be stacked (missing, or unlike layer ``names[0]``'s), or None."""
-    missing = [n for n in names if n not in params]
-    if missing:
-        return f"the stack has no params for layers {missing}"
-    shape = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
-    first = params[names[0]]
-    for n in names[1:]:
-        tree = params[n]
-        if jax.tree.structure(tree) != jax.tree.structure(first) or shape(tree) != shape(first):
-            return (f"layer {n}'s params differ from layer {names[0]}'s in structure or shape; only "
-                    "a stack of identical layers can be scanned")
-    return None
-
-
-def refusal(stack: nn.Module, num_layers: int, start: int = 0) -> str | None:
-    """Why ``scan_stack`` would refuse this stack and the active hooks, or None: lets a stack
-    whose scan is only a default (``scan="auto"``, T5) run unrolled instead, before it has
-    called any layer."""
-    names = _layer_names(num_layers, start)
-    reason = _params_refusal(stack.variables["params"], names)
-    if reason:
-        return reason
-    prefixes = _prefixes(stack, names)
-    per_layer = _per_layer(hooks_lib.active(), prefixes)[2]
-    return _hooks_refusal(per_layer, prefixes) if any(per_layer) else None
 
 
 def scanning(stack: nn.Module, caches: Any = None) -> bool:
@@ -201,13 +149,19 @@ def scan_stack(stack: nn.Module, make_layer: Callable[[], nn.Module],
     table); layers ``start … N-1`` are scanned.
     """
     params = stack.variables["params"]
-    names = _layer_names(num_layers, start)
-    reason = _params_refusal(params, names)
-    if reason:
-        raise ValueError(f"scan_layers: {reason}")
+    names = [str(i) for i in range(start, num_layers)]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"scan_layers: the stack has no params for layers {missing}")
     layers = [params[n] for n in names]
+    shape = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    for n, tree in zip(names[1:], layers[1:]):
+        if jax.tree.structure(tree) != jax.tree.structure(layers[0]) or shape(tree) != shape(layers[0]):
+            raise ValueError(f"scan_layers: layer {n}'s params differ from layer 0's in structure or "
+                             "shape; only a stack of identical layers can be scanned")
     stacked_params = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    prefixes = _prefixes(stack, names)
+    site = hooks_lib.site(stack)
+    prefixes = [f"{site}.{n}." if site else f"{n}." for n in names]
     hooks = hooks_lib.active()
     hook_xs, rebuild = split_hooks(hooks, prefixes)
     dropout_key = stack.make_rng("dropout") if (train and stack.has_rng("dropout")) else None

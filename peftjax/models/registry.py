@@ -39,8 +39,8 @@ class Family:
       model_types: the transformers ``model_type`` values it serves.
       config_from_hf: transformers config → frozen family config dataclass.
       build: ``(config, head, num_labels, dtype, remat) -> nn.Module``; a family that offers
-        ``scan_layers`` (``layer_scan.py``) takes ``scan_layers=True`` too (``"auto"`` where
-        its ``scan_default`` is on), and lists it in ``options``.
+        ``scan_layers`` (the Llama-architecture ones, ``layer_scan.py``) takes
+        ``scan_layers=True`` too, and lists it in ``options``.
       heads: heads this family supports (subset of ``HEADS``).
       head_prefixes: ``(config, head) -> tuple`` of dotted param prefixes forming the task head.
       backbone_prefix: ``(config, head) -> str``: prefix of the backbone params in the flax tree
@@ -64,10 +64,6 @@ class Family:
         them on load, concatenating each expert's parts along the output axis, and splits them
         on save); ``None`` for every ordinary param. Mixture-of-experts families.
       options: optional build switches ``build`` takes as keywords (``"scan_layers"``).
-      scan_default: whether ``scan_layers=None`` (the training config's default: the family
-        decides) scans this family's stack: True where the scan measured faster to compile and to step on this
-        project's backend (T5; experiments/speed). The family's ``build`` then gets
-        ``scan_layers="auto"``: scan when the method adapts every layer alike, else run unrolled.
       aux_loss: ``(config, router_logits, attention_mask) -> loss | None``: an auxiliary training
         loss computed from what the model sowed (``moe.ROUTER_LOGITS``); ``Model.apply`` adds it
         to the losses being collected (``collect_aux_losses``) in training. MoE families.
@@ -88,25 +84,6 @@ class Family:
     stacked_params: Callable[[str, tuple[int, ...]], tuple[tuple[str, ...], ...] | None] | None = None
     aux_loss: Callable[[Any, list, Any], Any] | None = None
     options: tuple[str, ...] = ()
-    scan_default: bool = False
-
-
-def scan_mode(family: Family, scan_layers: bool | None) -> bool | str:
-    """What a family builds for a ``scan_layers`` setting: False (unrolled), True (scanned; a
-    stack the scan cannot run is an error) or ``"auto"`` (scanned where the method allows).
-    ``None`` (the family decides) is its ``scan_default``: ``"auto"`` where that is on, else
-    False."""
-    if scan_layers is None:
-        return "auto" if family.scan_default and "scan_layers" in family.options else False
-    if not isinstance(scan_layers, (bool, np.bool_)):
-        raise ValueError(f"scan_layers={scan_layers!r}; valid: true | false | None (the family decides)")
-    return bool(scan_layers)
-
-
-def scans(model_type: str, scan_layers: bool | None) -> bool:
-    """Whether a run of ``model_type`` with this ``scan_layers`` setting scans its stack (what a
-    result records and a grid cell's id hashes: ``None`` resolved)."""
-    return bool(scan_mode(family_for(model_type), scan_layers))
 
 
 _AUX = threading.local()
@@ -275,13 +252,13 @@ def _rows_mask(mask: Any, router_logits: list) -> Any:
 
 def build_model(hf_config: Any, head: str = "none", num_labels: int | None = None,
                 dtype: Any = jnp.float32, remat: bool = False, pooling: str = "cls",
-                scan_layers: bool | None = False) -> Model:
+                scan_layers: bool = False) -> Model:
     """Builds a ``Model`` from a transformers config (object or ``config.json`` dict).
 
     ``pooling`` (``POOLINGS``) is what a classification/regression head reads; see
     ``Family.poolings`` for the families that offer ``"mean"``. ``scan_layers``: run the layer
     stack as one ``lax.scan`` (compiled once per layer; ``layer_scan.py``), for the families
-    that offer it; ``None``: as the family's ``scan_default`` says (``scan_mode``).
+    that offer it.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
@@ -307,13 +284,12 @@ def build_model(hf_config: Any, head: str = "none", num_labels: int | None = Non
     config = family.config_from_hf(hf)
     if family.poolings:
         config = dataclasses.replace(config, pooling=pooling)
-    mode = scan_mode(family, scan_layers)
-    if mode:
+    if scan_layers:
         if "scan_layers" not in family.options:
             raise ValueError(f"the {family.name} family has no scan_layers option; families with "
                              "it: " + ", ".join(sorted({f.name for f in _FAMILIES.values()
                                                          if "scan_layers" in f.options})))
-        module = family.build(config, head, num_labels, dtype, remat, scan_layers=mode)
+        module = family.build(config, head, num_labels, dtype, remat, scan_layers=True)
     else:
         module = family.build(config, head, num_labels, dtype, remat)
     return Model(family=family, config=config, head=head, num_labels=num_labels, module=module,

@@ -394,17 +394,14 @@ class T5BlockList(nn.Module):
     is_decoder: bool
     dtype: Any = jnp.float32
     remat: bool | str = False  # a layers.REMAT_POLICIES name, or True/False
-    # Blocks 1 … N-1 as one lax.scan (layer_scan.py) outside KV-cache decoding; "auto" (the
-    # family's default in training configs): scan unless the method adapts blocks differently.
-    scan: bool | str = False
+    scan: bool = False  # blocks 1 … N-1 as one lax.scan (layer_scan.py) outside KV-cache decoding
 
     @nn.compact
     def __call__(self, h, mask, buckets, enc_h, enc_mask, caches, cache_index, train: bool):
         c = self.config
         n = c.num_decoder_layers if self.is_decoder else c.num_layers
         block_cls = remat_block(T5Block, self.remat, static_argnums=(9,))
-        if n > 2 and layer_scan.scanning(self, caches) and not (
-                self.scan == "auto" and layer_scan.refusal(self, n, start=1)):
+        if n > 2 and layer_scan.scanning(self, caches):
             # Block 0 alone holds the relative attention bias table and computes the position
             # bias every later block adds: it runs first, the identical blocks 1 … N-1 are scanned.
             h, position_bias, _ = block_cls(c, self.is_decoder, True, self.dtype, name="0")(
@@ -470,7 +467,7 @@ class T5Stack(nn.Module):
     is_decoder: bool
     dtype: Any = jnp.float32
     remat: bool | str = False
-    scan: bool | str = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, embeds, attention_mask, enc_h=None, enc_mask=None, train: bool = False,
@@ -548,7 +545,7 @@ class T5ForConditionalGeneration(nn.Module):
     dtype: Any = jnp.float32
     remat: bool | str = False
     lm: bool = True
-    scan: bool | str = False
+    scan: bool = False
 
     def setup(self) -> None:
         c = self.config
@@ -689,17 +686,13 @@ def generate(model: Any, params: dict, input_ids: jax.Array, attention_mask: jax
 
 
 def _build(config: T5Config, head: str, num_labels: int, dtype, remat: bool,
-           scan_layers: bool | str = False) -> nn.Module:
+           scan_layers: bool = False) -> nn.Module:
     return T5ForConditionalGeneration(config, dtype, remat, lm=head == "seq2seq_lm", scan=scan_layers)
 
 
 FAMILY = registry.register_family(registry.Family(
     name="t5",
     options=("scan_layers",),
-    # Scanned by default in training configs (scan_layers="auto"): on 2 CPU cores T5-small's
-    # LoRA step compiles in 4.88 s against 7.54 s unrolled and steps in 0.80 s against 1.26 s
-    # (6 + 6 blocks; 24 + 24: 7.8 s against 33.1 s to compile; experiments/speed).
-    scan_default=True,
     model_types=("t5", "mt5"),
     config_from_hf=T5Config.from_hf,
     build=_build,

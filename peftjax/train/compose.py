@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -45,34 +44,6 @@ def model_hf_config(config: Any) -> dict:
         return hf_io.read_config(hf_io.resolve_checkpoint(checkpoint))
     hf = config.model.hf_config
     return hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
-
-
-@functools.lru_cache(maxsize=32)
-def _checkpoint_model_type(checkpoint: str) -> str:
-    from peftjax.models import hf_io
-
-    return hf_io.read_config(hf_io.resolve_checkpoint(checkpoint))["model_type"]
-
-
-def scan_layers_resolved(config: Any) -> bool:
-    """Whether a run of ``config`` (a ConfigDict, or its ``to_dict()`` as a grid cell or a
-    workdir records it) scans its layer stack: ``train.scan_layers``, with ``None`` (the
-    family decides) resolved by the model's family (``registry.scan_mode``). What a cell's id
-    and a resume compare, so ``None`` and the value it stands for are one setting."""
-    from peftjax.models import registry
-
-    get = lambda node, key, default=None: (node.get(key, default) if hasattr(node, "get")
-                                           else getattr(node, key, default))
-    value = get(get(config, "train", {}), "scan_layers", False)
-    if value is not None:
-        return bool(value)
-    model = get(config, "model", {})
-    checkpoint = get(model, "checkpoint", "") or ""
-    if checkpoint:
-        model_type = _checkpoint_model_type(checkpoint)
-    else:
-        model_type = get(get(model, "hf_config", {}), "model_type")
-    return registry.scans(model_type, None)
 
 
 def family_heads(config: Any) -> tuple[str, ...]:
@@ -155,7 +126,7 @@ def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True
         dtype=DTYPES[config.train.dtype], rng=jax.random.PRNGKey(config.seed),
         remat=remat_setting(config.train.remat), with_weights=with_weights,
         with_tokenizer=with_tokenizer, transforms=quantize_on_load, shardings=_mesh_shardings(config),
-        scan_layers=config.train.get("scan_layers", False))
+        scan_layers=bool(config.train.get("scan_layers", False)))
     method = made.get("method") or methods_lib.create(config.method.name, model, method_cfg)
     return task, model, tokenizer, method, (_flat(params) if params is not None else None)
 
@@ -284,8 +255,7 @@ def validate_config(config: Any) -> None:
     _check(resume in RESUME_MODES, "train.resume", resume, " | ".join(RESUME_MODES))
     remat_name(tc.remat)
     scan = tc.get("scan_layers", False)
-    _check(scan is None or isinstance(scan, bool), "train.scan_layers", scan,
-           "true | false | None (the model's family decides)")
+    _check(isinstance(scan, bool), "train.scan_layers", scan, "true | false")
     from peftjax.train.quantize import config_of
 
     config_of(config)  # model.quant / model.double_quant
@@ -327,11 +297,6 @@ def _flat_config(config: Any) -> dict[str, Any]:
     return out
 
 
-def _recorded_config(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _safe(field: str) -> bool:
     return any(field == f or (f.endswith(".*") and field.startswith(f[:-1])) for f in RESUME_SAFE_FIELDS)
 
@@ -353,10 +318,6 @@ def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> 
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is unreadable ({e}); it records the config this workdir was "
                          "started with: restore it, or start in a new workdir") from None
-    # None (the family decides) and the scan setting it resolves to are one setting.
-    for flat, source in ((mine, config), (recorded, _recorded_config(path))):
-        if "train.scan_layers" in flat and flat["train.scan_layers"] is None:
-            flat["train.scan_layers"] = scan_layers_resolved(source)
     # A field added since the workdir started (quantization) at its neutral default is no change.
     from peftjax.grid.sweep import NEUTRAL_DEFAULTS
 

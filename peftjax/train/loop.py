@@ -44,8 +44,8 @@ from peftjax.models.registry import head_description
 from peftjax.train import measure, quantize
 from peftjax.train.checkpoint import Checkpointer, all_finite, exact_scalar, from_exact_scalar
 from peftjax.train.compose import (build, check_workdir_config, family_heads, init_context,
-                                   model_hf_config, model_source, run_format, scan_layers_resolved,
-                                   total_steps, validate_config)
+                                   model_hf_config, model_source, run_format, total_steps,
+                                   validate_config)
 from peftjax.train.optim import make_optimizer
 from peftjax.train.steps import TrainState, init_state, make_eval_step, make_train_step
 
@@ -308,8 +308,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "peak_memory_bytes": memory.get("peak_memory_bytes"),
         "memory": memory,
         "format": fmt,
-        # whether the layer stack ran as one lax.scan (train.scan_layers, None resolved)
-        "scan_layers": scan_layers_resolved(config),
         "quantization": {"setting": qcfg.describe(), **quantize.summary(peft.frozen)},
         "majority_rate": (data_lib.majority_rate(
             encoded["test"]["class_labels" if lm_classes else "labels"])

@@ -39,8 +39,6 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from peftjax.models.registry import scan_mode
-
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GIB = 2 ** 30
@@ -121,7 +119,7 @@ def build_abstract(config: Any, head: str | None = None):
     model, _, _ = hf_io.load_from_config(config.model, head=head, dtype=COMPUTE_DTYPES[config.train.dtype],
                                          remat=remat_setting(config.train.remat), with_weights=False,
                                          with_tokenizer=False,
-                                         scan_layers=config.train.get("scan_layers", False))
+                                         scan_layers=bool(config.train.get("scan_layers", False)))
     method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
     return model, methods_lib.create(config.method.name, model, method_cfg)
 
@@ -224,7 +222,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         "dtype": config.train.dtype, "frozen_dtype": frozen_dtype, "optimizer": optimizer,
         "quant": quantize.config_of(config).describe(),
         "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
-        **({"scan_layers": True} if scan_mode(model.family, config.train.get("scan_layers", False)) else {}),
+        **({"scan_layers": True} if config.train.get("scan_layers", False) else {}),
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
         **counts,

@@ -254,16 +254,3 @@ def test_neutral_bundles_are_stripped_one_by_one():
                    "train": {**base["train"], "scan_layers": False}}
     assert sweep.cell_id(with_fields) == sweep.cell_id(base)
     assert sweep.cell_id({**with_fields, "train": {**with_fields["train"], "scan_layers": True}}) != sweep.cell_id(base)
-
-
-def test_an_unset_scan_layers_hashes_as_what_the_family_decides():
-    # train.scan_layers=None (the default since T5 scans by default) resolves by the model's
-    # family before hashing: an encoder's cells keep the ids they had under False, a T5 cell
-    # hashes as scanned.
-    def config(model_type, scan):
-        return {"model": {"name": "m", "hf_config": {"model_type": model_type}},
-                "method": {"name": "lora", "rank": 8}, "train": {"steps": 3, "scan_layers": scan}}
-
-    assert sweep.cell_id(config("bert", None)) == sweep.cell_id(config("bert", False))
-    assert sweep.cell_id(config("t5", None)) == sweep.cell_id(config("t5", True))
-    assert sweep.cell_id(config("t5", None)) != sweep.cell_id(config("t5", False))

@@ -49,9 +49,8 @@ def _perturbed(trainable, scale: float = 0.05):
         for x, k in zip(leaves, keys)])
 
 
-def _loss_and_grads(model, method_name: str, params: dict, batch: dict, *, train: bool = False,
-                    config: dict | None = None):
-    method = methods.create(method_name, model, config or METHOD_CONFIGS[method_name])
+def _loss_and_grads(model, method_name: str, params: dict, batch: dict, *, train: bool = False):
+    method = methods.create(method_name, model, METHOD_CONFIGS[method_name])
     peft = method.setup(jax.random.PRNGKey(1), params, fisher_context(model, batch))
     trainable = _perturbed(peft.trainable)
     loss = loss_for(model.head)
@@ -187,37 +186,3 @@ def test_bert_dropout_in_a_scanned_stack():
     t1, _, _ = _loss_and_grads(scanned, "lora", params, batch, train=True)
     t2, _, _ = _loss_and_grads(scanned, "lora", params, batch, train=True)
     assert np.isfinite(float(t1)) and float(t1) != float(eval_loss) and float(t1) == float(t2)
-
-
-def test_unset_scan_layers_lets_the_family_decide():
-    # None, the training config's default: T5 scans (where it measured faster, compile and step),
-    # every other family runs unrolled; anything but a bool or None is refused.
-    from peftjax.models.registry import family_for, scan_mode, scans
-
-    assert scan_mode(family_for("t5"), None) == "auto" and scans("t5", None)
-    assert not any(scans(t, None) for t in ("bert", "llama", "gpt2", "bloom", "qwen3_moe"))
-    assert scan_mode(family_for("llama"), True) is True and scan_mode(family_for("t5"), False) is False
-    with pytest.raises(ValueError, match="valid: true | false | None"):
-        scan_mode(family_for("t5"), "yes")
-    unrolled, _, params = _pair("t5", num_layers=3, num_decoder_layers=3)
-    name, head, labels = TINY["t5"]
-    auto = build_model(unrolled.hf_config.to_dict(), head=head, num_labels=labels, scan_layers=None)
-    batch = learnable_batch(unrolled)
-    _assert_same(_loss_and_grads(unrolled, "lora", params, batch), _loss_and_grads(auto, "lora", params, batch))
-
-
-def test_t5_by_default_runs_blocks_adapted_differently_unrolled():
-    # LoRA on block 1's query alone: blocks 1 and 2 differ, so an explicit scan_layers=True
-    # refuses it (naming the layer), while the family's default (None) runs that stack unrolled
-    # and computes what the unrolled model does.
-    unrolled, scanned, params = _pair("t5", num_layers=3, num_decoder_layers=3)
-    name, head, labels = TINY["t5"]
-    auto = build_model(unrolled.hf_config.to_dict(), head=head, num_labels=labels, scan_layers=None)
-    batch = learnable_batch(unrolled)
-    cfg = {**METHOD_CONFIGS["lora"], "targets": r"encoder\.block\.1\.layer\.0\.SelfAttention\.q$"}
-    with pytest.raises(ValueError, match=r"scan_layers: layer 2 is adapted unlike layer 1"):
-        _loss_and_grads(scanned, "lora", params, batch, config=cfg)
-    expected = _loss_and_grads(unrolled, "lora", params, batch, config=cfg)
-    got = _loss_and_grads(auto, "lora", params, batch, config=cfg)
-    assert got[2].count("scan[") == 1   # the encoder ran unrolled; the decoder, adapted alike, scanned
-    np.testing.assert_allclose(float(expected[0]), float(got[0]), atol=1e-6, rtol=0)

@@ -229,24 +229,3 @@ def test_config_typo_is_one_clean_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines == ["error: --config.method.rnak: unknown config field 'rnak'; "
                      "Did you mean \"rank\" instead of \"rnak\"?"], out.stderr
-
-
-def test_an_unset_scan_layers_resumes_a_workdir_that_recorded_its_value(data_dir, tmp_path):
-    # Workdirs started before train.scan_layers defaulted to None (the family decides) recorded
-    # False: an encoder resumes (None resolves to False for it); a T5 run, which None scans,
-    # is a changed setting and refused with the field.
-    from peftjax.train.compose import check_workdir_config
-
-    for model, same in (("tiny-bert", True), ("tiny-t5", False)):
-        workdir = tmp_path / model
-        workdir.mkdir()
-        old = tiny_config(data_dir, model=model)
-        old.train.scan_layers = False
-        check_workdir_config(old, str(workdir), has_checkpoint=False)   # records it
-        new = tiny_config(data_dir, model=model)
-        assert new.train.scan_layers is None
-        if same:
-            check_workdir_config(new, str(workdir), has_checkpoint=True)
-        else:
-            with pytest.raises(ValueError, match=r"train.scan_layers: False -> True"):
-                check_workdir_config(new, str(workdir), has_checkpoint=True)
