@@ -34,6 +34,16 @@ def load() -> tuple[list[dict], list[dict], list[dict]]:
     return steps, decoding, scans
 
 
+def stalled(times: list[float] | None, factor: float = 1.5) -> str:
+    """``k/n``: the timed steps that took over ``factor`` × the fastest. This machine stalls now
+    and then for 2-4 s (seen in every kind of run; not the step's own work), and a median of 5
+    steps with 3 stalled ones is a stall, not a step time: such rows are reruns, not figures."""
+    if not times:
+        return "–"
+    fastest = min(times)
+    return f"{sum(t > factor * fastest for t in times)}/{len(times)}"
+
+
 def _mib(value) -> str:
     return f"{value / 2**20:,.0f}" if value else "–"
 
@@ -47,13 +57,14 @@ def tables(steps: list[dict], decoding: list[dict], scans: list[dict] = ()) -> s
                      f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | "
                      f"{'–' if compile_s is None else f'{compile_s:.1f}'} | {_mib(r.get('peak_memory_bytes'))} |")
     if scans:
-        lines += ["", "| model | layers | method | stack | compile s | s/step | XLA peak MiB |",
-                  "|---|---:|---|---|---:|---:|---:|"]
+        lines += ["", "| model | layers | method | stack | compile s | s/step | stalled steps | XLA peak MiB |",
+                  "|---|---:|---|---|---:|---:|---:|---:|"]
         for r in sorted(scans, key=lambda r: (r["model"], r.get("num_layers", 0), r["method"],
                                               r.get("scan_layers", False))):
             lines.append(f"| {r['model']} | {r.get('num_layers', '')} | {r['method']} | "
                          f"{'scanned' if r.get('scan_layers') else 'unrolled'} | "
-                         f"{r['compile_s']:.2f} | {r['train_step_s']:.3f} | {_mib(r.get('peak_memory_bytes'))} |")
+                         f"{r['compile_s']:.2f} | {r['train_step_s']:.3f} | {stalled(r.get('train_step_s_all'))} | "
+                         f"{_mib(r.get('peak_memory_bytes'))} |")
     by_model: dict = {}
     for r in steps:
         by_model.setdefault((r["model"], r["head"]), {})[r["method"]] = r["peftjax_step_s"]

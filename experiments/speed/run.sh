@@ -7,8 +7,8 @@ set -eu
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=experiments/speed/runs
-WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan scan_minilm scan_gpt2 scan_t5"}
-STEPS=${STEPS:-5}
+WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan scan_minilm scan_gpt2 scan_t5 scan_depth scan_t5_methods"}
+STEPS=${STEPS:-10}   # a median of 10: robust to this machine's occasional 2-4 s stalls
 # Every method PEFT also has (bench_vs_peft.py's parity names). Left out where the method has nothing
 # to train or the PEFT side is not the same model: BitFit on T5 and on the small Llama (no bias
 # terms), OLoRA on GPT-2 (PEFT's OLoRA init ignores Conv1D's
@@ -52,6 +52,22 @@ for what in $WHAT; do
                   --methods=lora,full --batch=8 --seq=128 --steps=$STEPS --scan_layers=$scan \
                   > $OUT/scan_t5_small_${layers}_$scan.json
               done; done ;;
+    # How the small Llama's LoRA compile grows with depth (1 ... 32 layers; 8 and 32 above):
+    # the layer-independent part of the compile bounds what any scan can save.
+    scan_depth) for layers in 1 2 4 16; do
+                $PY scripts/bench.py --model=bench-llama-small --num_layers=$layers --methods=lora \
+                  --batch=8 --seq=128 --steps=$STEPS --scan_layers=false > $OUT/scan_llama_small_${layers}_false.json
+              done
+              for layers in 2 4 16; do
+                $PY scripts/bench.py --model=bench-llama-small --num_layers=$layers --methods=lora \
+                  --batch=8 --seq=128 --steps=$STEPS --scan_layers=true > $OUT/scan_llama_small_${layers}_true.json
+              done ;;
+    # T5-small (6 + 6 blocks) under other methods: is the scan's win LoRA's alone?
+    scan_t5_methods) for scan in false true; do
+                $PY scripts/bench.py --model=bench-t5-small --num_layers=6 \
+                  --methods=ia3,prefix_tuning,adapter,prompt_tuning --batch=8 --seq=128 --steps=$STEPS \
+                  --scan_layers=$scan > $OUT/scan_t5_small_6_methods_$scan.json
+              done ;;
     *) echo "unknown: $what" >&2; exit 2 ;;
   esac
   echo "done $what"
