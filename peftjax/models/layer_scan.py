@@ -102,13 +102,15 @@ def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, C
                 for k, (_, v) in entries.items()}
 
     first = describe(per_layer[0])
+    # Layers named as the stack numbers them (T5 scans blocks 1 ... N-1: prefixes start there).
+    number = lambda i: prefixes[i][:-1].rsplit(".", 1)[-1]
     for i, entries in enumerate(per_layer[1:], start=1):
         other = describe(entries)
         if other != first:
             changed = sorted(set(first) ^ set(other)) or \
                 [k for k in first if first[k] != other.get(k)]
             raise ValueError(
-                f"scan_layers: layer {i} is adapted unlike layer 0 (the method's hooks hold "
+                f"scan_layers: layer {number(i)} is adapted unlike layer {number(0)} (the method's hooks hold "
                 f"other keys, shapes or settings at {', '.join(changed[:3])}); a scanned stack "
                 "runs one layer body for every layer, so the method must adapt all layers alike "
                 "(no per-layer targets, ranks or windows), or set scan_layers=False")

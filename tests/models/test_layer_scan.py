@@ -49,8 +49,9 @@ def _perturbed(trainable, scale: float = 0.05):
         for x, k in zip(leaves, keys)])
 
 
-def _loss_and_grads(model, method_name: str, params: dict, batch: dict, *, train: bool = False):
-    method = methods.create(method_name, model, METHOD_CONFIGS[method_name])
+def _loss_and_grads(model, method_name: str, params: dict, batch: dict, *, train: bool = False,
+                    config: dict | None = None):
+    method = methods.create(method_name, model, config or METHOD_CONFIGS[method_name])
     peft = method.setup(jax.random.PRNGKey(1), params, fisher_context(model, batch))
     trainable = _perturbed(peft.trainable)
     loss = loss_for(model.head)
@@ -186,3 +187,13 @@ def test_bert_dropout_in_a_scanned_stack():
     t1, _, _ = _loss_and_grads(scanned, "lora", params, batch, train=True)
     t2, _, _ = _loss_and_grads(scanned, "lora", params, batch, train=True)
     assert np.isfinite(float(t1)) and float(t1) != float(eval_loss) and float(t1) == float(t2)
+
+
+def test_t5_refusal_names_the_blocks_as_t5_numbers_them():
+    # T5 scans blocks 1 … N-1 (block 0 holds the position bias): LoRA on block 1's query alone
+    # makes block 2 differ from block 1, and the error says so (not "layer 1 … layer 0").
+    _, scanned, params = _pair("t5", num_layers=3, num_decoder_layers=3)
+    batch = learnable_batch(scanned)
+    config = {**METHOD_CONFIGS["lora"], "targets": r"encoder\.block\.1\.layer\.0\.SelfAttention\.q$"}
+    with pytest.raises(ValueError, match=r"scan_layers: layer 2 is adapted unlike layer 1 "):
+        _loss_and_grads(scanned, "lora", params, batch, config=config)
