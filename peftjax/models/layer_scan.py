@@ -110,8 +110,8 @@ def split_hooks(hooks: hooks_lib.Hooks, prefixes: Sequence[str]) -> tuple[Any, C
             changed = sorted(set(first) ^ set(other)) or \
                 [k for k in first if first[k] != other.get(k)]
             raise ValueError(
-                f"scan_layers: layer {number(i)} is adapted unlike layer {number(0)} (the method's hooks hold "
-                f"other keys, shapes or settings at {', '.join(changed[:3])}); a scanned stack "
+                f"scan_layers: layer {number(i)} is adapted unlike layer {number(0)} (the method's "
+                f"hooks hold other keys, shapes or settings at {', '.join(changed[:3])}); a scanned stack "
                 "runs one layer body for every layer, so the method must adapt all layers alike "
                 "(no per-layer targets, ranks or windows), or set scan_layers=False")
     array_keys = [k for k, (_, v) in per_layer[0].items() if isinstance(v, (jax.Array, np.ndarray))]
