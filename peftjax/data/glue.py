@@ -55,8 +55,7 @@ def builder(task: Task | str, data_dir: str | os.PathLike[str] | None = None) ->
 
 def prepare(task: Task | str, data_dir: str | os.PathLike[str] | None = None) -> tfds.core.DatasetBuilder:
     """Downloads and prepares the GLUE config of `task` unless already on disk (needs internet once)."""
-    b = builder(task, data_dir)
-    if not storage.is_prepared(b):
+    def download(b: tfds.core.DatasetBuilder) -> None:
         try:
             b.download_and_prepare(file_format=storage.FILE_FORMAT)
         except Exception as e:  # connection errors come in many types (requests, urllib3, OSError)
@@ -65,4 +64,5 @@ def prepare(task: Task | str, data_dir: str | os.PathLike[str] | None = None) ->
                 "its files and needs the internet; on an offline machine copy a prepared data dir "
                 f"(set ${storage.DATA_DIR_ENV})."
             ) from e
-    return b
+
+    return storage.prepare_once(lambda: builder(task, data_dir), download)

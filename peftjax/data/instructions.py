@@ -241,10 +241,9 @@ def parse_source(source: str) -> tuple[str, str]:
 
 def tfds_builder(name: str, data_dir: str | os.PathLike[str] | None = None) -> tfds.core.DatasetBuilder:
     """A TFDS builder stored as array_record, prepared if needed (a catalogue dataset downloads once)."""
-    b = tfds.builder(name, data_dir=storage.default_data_dir(data_dir), file_format=storage.FILE_FORMAT)
-    if not storage.is_prepared(b):
-        b.download_and_prepare(file_format=storage.FILE_FORMAT)
-    return b
+    return storage.prepare_once(
+        lambda: tfds.builder(name, data_dir=storage.default_data_dir(data_dir), file_format=storage.FILE_FORMAT),
+        lambda b: b.download_and_prepare(file_format=storage.FILE_FORMAT))
 
 
 def load_instructions(source: str, split: str, *, fields: Mapping[str, str] = DEFAULT_FIELDS,

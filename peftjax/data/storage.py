@@ -12,7 +12,10 @@ Data dir resolution (every public loader takes an optional `data_dir`):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -35,6 +38,40 @@ def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> str:
 def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     """Whether `builder` is complete on disk (checked quietly: TFDS warns about missing folders)."""
     return os.path.exists(os.path.join(os.fspath(builder.data_path), "dataset_info.json")) and builder.is_prepared()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+    """Holds an exclusive advisory lock on `lock_path` (created if missing) for the block."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
+                 prepare: Callable[[tfds.core.DatasetBuilder], None]) -> tfds.core.DatasetBuilder:
+    """Returns a prepared builder, preparing it at most once even with many processes at a time.
+
+    Why a lock: the grid's workers (and pytest-xdist's) start together on a fresh machine; TFDS
+    prepares into a temporary folder and renames it at the end, so two processes preparing the
+    same dataset race and the second one's rename fails ("Destination ... already exists"),
+    failing its cell. Under an exclusive lock in the data dir the first process prepares and
+    the others wait, then read what it wrote. The builder is made again after the lock is held:
+    one built before another process prepared the data has not read its dataset_info.
+    """
+    b = make_builder()
+    if is_prepared(b):
+        return b
+    lock = os.path.join(os.fspath(b.data_dir_root), f".{b.name}.prepare.lock")
+    with _exclusive(lock):
+        b = make_builder()
+        if not is_prepared(b):
+            prepare(b)
+    return b
 
 
 def read_records(builder: tfds.core.DatasetBuilder, split: str, limit: int | None = None) -> list[dict[str, Any]]:

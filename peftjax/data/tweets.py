@@ -239,7 +239,5 @@ def builder(name: str, data_dir: str | os.PathLike[str] | None = None) -> tfds.c
 
 def prepare(name: str, data_dir: str | os.PathLike[str] | None = None) -> tfds.core.DatasetBuilder:
     """Prepares tweet dataset `name` (offline) unless it is already on disk; returns the builder."""
-    b = builder(name, data_dir)
-    if not storage.is_prepared(b):
-        b.download_and_prepare(file_format=storage.FILE_FORMAT)
-    return b
+    return storage.prepare_once(lambda: builder(name, data_dir),
+                                lambda b: b.download_and_prepare(file_format=storage.FILE_FORMAT))
