@@ -130,9 +130,17 @@ def test_sparse_and_dense_masked_trajectories_agree(setup):
     eff = method.effective_base(sparse.trainable, peft.frozen, sparse.method_state)
     deff = dmethod.effective_base(dense.trainable, dpeft.frozen, dense.method_state)
     for p in mask:
+        np.testing.assert_array_equal(np.asarray(deff[p])[~mask[p]], np.asarray(base[p])[~mask[p]])
+        if p.endswith("attention.self.key.bias"):
+            # The key bias adds the same q·b_k to every score of a query, which the softmax
+            # cancels: its gradient is exactly zero, and what either run computes for it is
+            # rounding noise that the two representations sum in different orders (Adam then
+            # scales noise like signal). Both must stay where they started, not agree.
+            for run in (eff, deff):
+                np.testing.assert_allclose(np.asarray(run[p]), np.asarray(base[p]), atol=1e-5, err_msg=p)
+            continue
         np.testing.assert_allclose(np.asarray(eff[p]), np.asarray(deff[p]), rtol=1e-5, atol=1e-6,
                                    err_msg=p)
-        np.testing.assert_array_equal(np.asarray(deff[p])[~mask[p]], np.asarray(base[p])[~mask[p]])
     for p in peft.trainable["head"]:
         np.testing.assert_allclose(np.asarray(sparse.trainable["head"][p]),
                                    np.asarray(dense.trainable["head"][p]), rtol=1e-5, atol=1e-6)
