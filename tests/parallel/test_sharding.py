@@ -3,10 +3,11 @@ relative, fp32), and checkpoints saved on one mesh restore onto another.
 
 Each check runs in a subprocess (``sharded_train.py``, ``sharded_loop.py``): XLA's device count
 is fixed when the backend starts, and the rest of the suite must keep its single device.
-The fast test (in ``make test``) trains LoRA, prompt tuning, FishMask and full fine-tuning on
-the (2,2,2) mesh — every axis used — in one subprocess with one compilation per mesh; the full matrix (8,1,1), (2,4,1),
-(2,2,2) with a resumed step across meshes also runs in ``make test`` (one more subprocess, ~35 s
-on 2 cores); the training loop on a mesh and the two-process runs are ``slow``.
+``make test`` runs the whole matrix in one subprocess (one compilation per mesh, ~70 s on 2
+cores): LoRA, adapters, prompt tuning, FishMask and full fine-tuning on the (2,2,2) mesh (every
+axis used), then (8,1,1) and (2,4,1); the (2,2,2) state is checkpointed, restored onto (1,8,1)
+and onto (2,4,1), which takes one more step from it. The training loop on a mesh, another family
+on a mesh and the two-process runs are ``slow``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from jax.sharding import PartitionSpec as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
-# make test: one method of each family (low-rank, additional, selection, baseline); adapter (a
-# second additional-params method) joins in the slow matrix.
+# One method of each family (low-rank, additional, selection, baseline): the other model
+# families' runs (slow).
 FAST_METHODS = ("lora", "prompt_tuning", "fishmask", "full")
-ALL_MESHES = ("8,1,1", "2,4,1", "2,2,2")
+# (2,2,2) first: the checkpoint restored onto other meshes is then the one sharded on every axis.
+MATRIX_MESHES = ("2,2,2", "8,1,1", "2,4,1")
 RTOL = 1e-5
 
 
@@ -41,8 +43,8 @@ def run_script(name: str, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fast() -> dict:
-    return run_script("sharded_train.py", "2,2,2", ",".join(FAST_METHODS))
+def matrix() -> dict:
+    return run_script("sharded_train.py", "/".join(MATRIX_MESHES), ",".join(METHODS))
 
 
 def check_curves(run: dict, mesh: str) -> None:
@@ -56,8 +58,8 @@ def check_curves(run: dict, mesh: str) -> None:
         assert want[-1] < want[0], f"{method} did not train (curve {want}); the comparison would be vacuous"
 
 
-def test_sharded_loss_curves_match_one_device(fast):
-    check_curves(fast, "2,2,2")
+def test_sharded_loss_curves_match_one_device(matrix):
+    check_curves(matrix, "2,2,2")
 
 
 @pytest.mark.slow
@@ -85,8 +87,8 @@ def test_moe_family_trains_sharded_as_on_one_device():
     assert pl["lora_experts"]["frozen"]["model.layers.0.mlp.experts.down_proj"] == str(P("fsdp", "tensor"))
 
 
-def test_arrays_really_are_sharded(fast):
-    pl = fast["placements"]["2,2,2"]
+def test_arrays_really_are_sharded(matrix):
+    pl = matrix["placements"]["2,2,2"]
     # Q is column-parallel (in over fsdp, out over tensor); LoRA A and its Adam moments over fsdp.
     assert pl["lora"]["frozen"]["model.layers.0.self_attn.q_proj.kernel"] == str(P("fsdp", "tensor"))
     assert pl["_shard_shapes"] == {"frozen_q_kernel": [16, 16], "lora_A": [16, 4], "lora_A_adam_mu": [[16, 4]]}
@@ -97,25 +99,24 @@ def test_arrays_really_are_sharded(fast):
     assert {fm["method_state"][k + ".indices"] for k in sparse} == {str(P())}
 
 
-def test_checkpoint_saved_on_one_mesh_restores_onto_another(fast):
-    r = fast["restore_values"]
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(matrix):
+    r = matrix["restore_values"]
     assert r["from"] == "2,2,2" and r["onto"] == "1,8,1"
     assert r["equal"] and r["same_sharding"] and r["sharded_leaves"] > 0
 
 
-def test_full_mesh_matrix_and_resume_across_meshes():
-    """The issue's matrix, in make test (~35 s on 2 cores): every mesh, one method per family."""
-    run = run_script("sharded_train.py", "/".join(ALL_MESHES))
-    for mesh in ALL_MESHES:
-        check_curves(run, mesh)
-    assert run["placements"]["8,1,1"]["_shard_shapes"]["frozen_q_kernel"] == [32, 32]  # pure data parallel
-    assert run["placements"]["2,4,1"]["_shard_shapes"]["lora_A"] == [8, 4]
-    restore = run["restore"]
-    assert restore["from"] == "8,1,1" and restore["onto"] == "2,2,2" and restore["same_sharding"]
-    single_next = run["losses"]["1"][len(run["losses"]["2,2,2"])]
+def test_full_mesh_matrix_and_resume_across_meshes(matrix):
+    """The issue's matrix: every mesh, one method per family (two of additional parameters)."""
+    for mesh in MATRIX_MESHES:
+        check_curves(matrix, mesh)
+    assert matrix["placements"]["8,1,1"]["_shard_shapes"]["frozen_q_kernel"] == [32, 32]  # pure data parallel
+    assert matrix["placements"]["2,4,1"]["_shard_shapes"]["lora_A"] == [8, 4]
+    restore = matrix["restore"]
+    assert restore["from"] == "2,2,2" and restore["onto"] == "2,4,1" and restore["same_sharding"]
+    single_next = matrix["losses"]["1"][len(matrix["losses"]["2,4,1"])]
     for method in METHODS:
         np.testing.assert_allclose(restore["next_loss"][method], single_next[method], rtol=RTOL,
-                                   err_msg=f"{method}: step after restoring (8,1,1) onto (2,2,2)")
+                                   err_msg=f"{method}: step after restoring (2,2,2) onto (2,4,1)")
 
 
 @pytest.mark.slow
