@@ -102,13 +102,22 @@ def _mesh_shardings(config: Any):
     return shardings
 
 
+def model_head(config: Any) -> tuple[str, int | None]:
+    """``(head, num_labels)`` of the model a composed train config builds (num_labels only for
+    a classification head): with ``config.model`` and the train dtype, remat and scan settings,
+    all that the model's structure depends on (GLUE's eight tasks build three models)."""
+    task = formats.get_task(config.task)
+    heads = family_heads(config)
+    head = formats.model_head(formats.task_format(config.task, task, heads), task, heads)
+    return head, (task.num_labels if head == "classification" else None)
+
+
 def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True):
     """``(task, model, tokenizer, method, flat base params)`` from a composed train config."""
     from peftjax.models import hf_io
 
     task = formats.get_task(config.task)
-    heads = family_heads(config)
-    head = formats.model_head(formats.task_format(config.task, task, heads), task, heads)
+    head, num_labels = model_head(config)
     method_cfg = {k: v for k, v in config.method.to_dict().items() if k != "name"}
     made = {}
 
@@ -122,7 +131,7 @@ def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True
 
     model, params, tokenizer = hf_io.load_from_config(
         config.model, head=head,
-        num_labels=task.num_labels if head == "classification" else None,
+        num_labels=num_labels,
         dtype=DTYPES[config.train.dtype], rng=jax.random.PRNGKey(config.seed),
         remat=remat_setting(config.train.remat), with_weights=with_weights,
         with_tokenizer=with_tokenizer, transforms=quantize_on_load, shardings=_mesh_shardings(config),
