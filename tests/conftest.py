@@ -4,8 +4,39 @@ XLA's CPU backend spends most of a tiny model's test time in LLVM optimisation o
 code; the tests run each program a handful of times, so they compile at optimisation level 0
 (2-3x faster compiles, same numerics: the parity tests run under it). Benchmarks never import
 this file. A user's explicit XLA_FLAGS win.
+
+Many tests compile the very same programs: every loop test trains the same tiny model with the
+same method, every resume test compiles what the uninterrupted run compiled, and the scripts
+the tests start as subprocesses compile what an earlier test did in-process. So the suite runs
+with JAX's persistent compilation cache (the one the grid uses for its cells), in a folder made
+for this run and shared by the xdist workers and their subprocesses (through
+$JAX_COMPILATION_CACHE_DIR, which they inherit): a program compiled once is loaded afterwards
+(tests/train/test_failures.py: 186 -> 102 s on 2 cores). It starts empty in every run, so a
+test never depends on what an earlier run left, and is removed at the end. A user's own
+$JAX_COMPILATION_CACHE_DIR wins and is kept.
 """
 
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MADE_HERE = "PEFTJAX_TEST_CACHE_MADE"   # set by the process that made the folder (and removes it)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The controller runs this before it starts the xdist workers, so they inherit the folder.
+    if _CACHE_ENV not in os.environ:
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="peftjax-test-jax-cache-")
+        os.environ[_MADE_HERE] = str(os.getpid())
+        # Cache every program: the tiny models' compiles are short but many.
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if os.environ.get(_MADE_HERE) == str(os.getpid()):
+        shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
