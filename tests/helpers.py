@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -10,6 +11,13 @@ from flax import traverse_util
 
 from configs import models as model_configs
 from peftjax.models import build_model
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a subprocess: the suite's (tests/conftest.py), plus a forced host device
+    count where the subprocess needs several devices (fixed when its backend starts)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return f"--xla_force_host_platform_device_count={devices} {flags}".strip() if devices else flags
+
 
 FAMILIES = ("bert", "llama")
 # GPT-2 and BLOOM run a representative subset of the contract matrix in `make test` (time budget):

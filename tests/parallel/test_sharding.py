@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tests.helpers import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
 # One method of each family (low-rank, additional, selection, baseline): the other model
@@ -33,7 +35,7 @@ RTOL = 1e-5
 
 def run_script(name: str, *args: str) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = xla_flags(8)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("PEFTJAX_DISTRIBUTED", None)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel", name), *args],
@@ -142,7 +144,7 @@ def test_two_processes_train_one_mesh_and_share_a_checkpoint(tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = xla_flags(4)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     script = os.path.join(ROOT, "tests", "parallel", "multihost_train.py")
     procs = [subprocess.Popen([sys.executable, script, str(i), str(port), str(tmp_path / "ckpt")],
@@ -168,7 +170,7 @@ def test_two_processes_run_the_training_loop_like_one_device(tmp_path):
 
     data_dir = str(tmp_path / "tfds")
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = xla_flags()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     reference = (
         "import sys\nfrom tests.parallel.sharded_loop import config\n"
@@ -180,7 +182,7 @@ def test_two_processes_run_the_training_loop_like_one_device(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = xla_flags(4)
     script = os.path.join(ROOT, "tests", "parallel", "multihost_loop.py")
     procs = [subprocess.Popen([sys.executable, script, str(i), str(port), data_dir, str(tmp_path / "multi")],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from peftjax.models import hf_io
+from tests.helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "parallel", "streaming_load.py")
@@ -22,7 +23,7 @@ SCRIPT = os.path.join(ROOT, "tests", "parallel", "streaming_load.py")
 
 def _env(devices: int) -> dict:
     return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"}
+            "XLA_FLAGS": xla_flags(devices)}
 
 
 def _single_device_digest() -> str:
