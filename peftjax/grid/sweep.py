@@ -378,18 +378,14 @@ def _check_values(config, label: str, variant: str, models: dict) -> None:
     """The cell's values as a run would check them, before any cell runs: the train settings
     (``compose.validate_config``) and the method built on the (abstract) model, so ``rank=0`` or
     a target that matches nothing fails at ``--dry_run``, not hours later when the cell starts.
-    Models are built once per distinct model (checkpoint, head, labels, dtype, remat, scan) and
-    reused: building and tracing roberta-base takes ~1.5 s, and GLUE's eight tasks need three."""
-    import json as json_lib
-
+    Models are built once per distinct model (``compose.model_key``) and reused: building and
+    tracing roberta-base takes ~1.5 s, and GLUE's eight tasks need three."""
     from peftjax import methods as methods_lib
     from peftjax.train import compose
 
     try:
         compose.validate_config(config)
-        key = json_lib.dumps([config.model.to_dict(), compose.model_head(config), config.train.dtype,
-                              str(config.train.remat), bool(config.train.get("scan_layers", False))],
-                             sort_keys=True, default=str)
+        key = compose.model_key(config)
         if key not in models:
             models[key] = compose.build(config, with_weights=False, with_tokenizer=False)[1]
         methods_lib.create(config.method.name, models[key],

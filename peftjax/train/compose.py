@@ -104,12 +104,20 @@ def _mesh_shardings(config: Any):
 
 def model_head(config: Any) -> tuple[str, int | None]:
     """``(head, num_labels)`` of the model a composed train config builds (num_labels only for
-    a classification head): with ``config.model`` and the train dtype, remat and scan settings,
-    all that the model's structure depends on (GLUE's eight tasks build three models)."""
+    a classification head)."""
     task = formats.get_task(config.task)
     heads = family_heads(config)
     head = formats.model_head(formats.task_format(config.task, task, heads), task, heads)
     return head, (task.num_labels if head == "classification" else None)
+
+
+def model_key(config: Any) -> str:
+    """What the structure of the model ``build`` makes depends on, as one string: the model
+    section, head and labels, dtype, remat and scan setting. Configs with equal keys build the
+    same (abstract) model, whatever else differs: GLUE's eight tasks build three."""
+    return json.dumps([config.model.to_dict(), model_head(config), config.train.dtype,
+                       str(config.train.remat), bool(config.train.get("scan_layers", False))],
+                      sort_keys=True, default=str)
 
 
 def build(config: Any, *, with_weights: bool = True, with_tokenizer: bool = True):
