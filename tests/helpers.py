@@ -12,6 +12,7 @@ from flax import traverse_util
 from configs import models as model_configs
 from peftjax.models import build_model
 
+
 def xla_flags(devices: int | None = None) -> str:
     """XLA_FLAGS for a subprocess: the suite's (tests/conftest.py), plus a forced host device
     count where the subprocess needs several devices (fixed when its backend starts)."""

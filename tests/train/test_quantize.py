@@ -260,38 +260,37 @@ def test_qlora_on_a_mixture_of_experts(kind):
 
     model, base = tiny_model("qwen3_moe")
     batch = learnable_batch(model)
-    # One config, LoRA on q/v and on the quantized experts at once: q/v alone on a quantized
-    # base is what every other family's test trains (tests/train/test_quantize.py above).
-    for config in ({**METHOD_CONFIGS["lora"],
-                    "target_parameters": "mlp.experts.gate_up_proj,mlp.experts.down_proj"},):
-        method = methods.create("lora", model, config)
-        peft = quantize.setup(method, jax.random.PRNGKey(1), base, None, quantize.QuantConfig(kind))
-        frozen = peft.frozen
-        assert quant.is_quantized(frozen["model.layers.0.mlp.experts.gate_up_proj"])
-        assert frozen["model.layers.0.mlp.experts.down_proj"].shape == (4, 16, 32)
-        assert not quant.is_quantized(frozen["model.layers.0.mlp.gate.kernel"])      # router
-        assert quant.is_quantized(frozen["model.layers.1.mlp.down_proj.kernel"])      # dense FFN
-        before = jax.tree.map(np.array, frozen)
-        tx = optax.adam(1e-2)
-        state = init_state(peft.trainable, peft.state, tx)
-        step = jax.jit(make_train_step(method, tx, seed=0))
-        losses = []
-        for _ in range(FAST_STEPS):
-            state, metrics = step(state, frozen, batch)
-            losses.append(float(metrics["loss"]))
-        assert losses[-1] < 0.9 * losses[0], losses
-        for k, v in frozen.items():
-            for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(before[k])):
-                np.testing.assert_array_equal(np.asarray(a), b, err_msg=k)
-        floats = quant.dequantize_tree(frozen)
-        run = lambda fr: jax.jit(lambda t: method.apply(t, fr, state.method_state, batch))
-        np.testing.assert_allclose(run(frozen)(state.trainable), run(floats)(state.trainable), atol=1e-5)
-        loss = lambda fr: jax.jit(jax.grad(lambda t: jnp.sum(jnp.sin(method.apply(t, fr, state.method_state, batch)))))
-        for a, b in zip(jax.tree.leaves(loss(frozen)(state.trainable)), jax.tree.leaves(loss(floats)(state.trainable))):
-            # Gradients up to ~1e2 summed over tokens in another order: fp32 rounding is ~1e-5 in
-            # absolute terms, so the absolute tolerance follows the gradient's scale.
-            b = np.asarray(b)
-            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-7 * max(1.0, np.abs(b).max()))
+    # LoRA on q/v and on the quantized experts at once: q/v alone on a quantized base is what
+    # every other family's test trains (tests/train/test_quantize.py above).
+    config = {**METHOD_CONFIGS["lora"], "target_parameters": "mlp.experts.gate_up_proj,mlp.experts.down_proj"}
+    method = methods.create("lora", model, config)
+    peft = quantize.setup(method, jax.random.PRNGKey(1), base, None, quantize.QuantConfig(kind))
+    frozen = peft.frozen
+    assert quant.is_quantized(frozen["model.layers.0.mlp.experts.gate_up_proj"])
+    assert frozen["model.layers.0.mlp.experts.down_proj"].shape == (4, 16, 32)
+    assert not quant.is_quantized(frozen["model.layers.0.mlp.gate.kernel"])      # router
+    assert quant.is_quantized(frozen["model.layers.1.mlp.down_proj.kernel"])      # dense FFN
+    before = jax.tree.map(np.array, frozen)
+    tx = optax.adam(1e-2)
+    state = init_state(peft.trainable, peft.state, tx)
+    step = jax.jit(make_train_step(method, tx, seed=0))
+    losses = []
+    for _ in range(FAST_STEPS):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.9 * losses[0], losses
+    for k, v in frozen.items():
+        for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(before[k])):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=k)
+    floats = quant.dequantize_tree(frozen)
+    run = lambda fr: jax.jit(lambda t: method.apply(t, fr, state.method_state, batch))
+    np.testing.assert_allclose(run(frozen)(state.trainable), run(floats)(state.trainable), atol=1e-5)
+    loss = lambda fr: jax.jit(jax.grad(lambda t: jnp.sum(jnp.sin(method.apply(t, fr, state.method_state, batch)))))
+    for a, b in zip(jax.tree.leaves(loss(frozen)(state.trainable)), jax.tree.leaves(loss(floats)(state.trainable))):
+        # Gradients up to ~1e2 summed over tokens in another order: fp32 rounding is ~1e-5 in
+        # absolute terms, so the absolute tolerance follows the gradient's scale.
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-7 * max(1.0, np.abs(b).max()))
     sh = plan(method, mesh_lib.abstract_mesh("2,2,2"), state, frozen)
     stack = sh.frozen["model.layers.0.mlp.experts.gate_up_proj"]
     assert stack.data.spec == (P("fsdp", "tensor") if kind == "nf4" else P("fsdp", None, "tensor"))
