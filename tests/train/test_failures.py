@@ -109,15 +109,21 @@ def test_adapter_with_edited_rank_is_refused(data_dir, tmp_path):
     assert msg.count("expected") == 8  # A and B at the 4 targets (query, value x 2 layers)
 
 
-def _corrupt_data_file(step_dir: str) -> str:
-    """Truncates the largest array data file of an orbax step to 100 bytes."""
+def _truncate_data_files(step_dir: str) -> list[str]:
+    """Truncates every array data file of an orbax step to 100 bytes, as a crash mid-write would.
+
+    Truncating only the largest one was flaky (1 run in 4): OCDBT batches its writes
+    asynchronously, so how the arrays spread over data files varies from run to run (one large
+    file one time, two the next), and some small files hold nodes the merged root tree no longer
+    reads (truncating one of them alone leaves the step restorable).
+    """
     files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
-             if "d" in os.path.relpath(d, step_dir).split(os.sep) or f.startswith("ocdbt")]
-    files = files or [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
-    target = max(files, key=os.path.getsize)
-    with open(target, "r+b") as f:
-        f.truncate(100)
-    return target
+             if "d" in os.path.relpath(d, step_dir).split(os.sep)]
+    assert files, f"no array data files under {step_dir}"
+    for target in files:
+        with open(target, "r+b") as f:
+            f.truncate(100)
+    return files
 
 
 @pytest.mark.parametrize("damage", ["truncate", pytest.param("metadata", marks=pytest.mark.slow)])
@@ -129,7 +135,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path
     assert _steps(work) == [3, 6]
     step_dir = str(work / "checkpoints" / "6")
     if damage == "truncate":
-        _corrupt_data_file(step_dir)
+        _truncate_data_files(step_dir)
     else:
         with open(os.path.join(step_dir, "default", "_METADATA"), "w") as f:
             f.write("garbage{")
