@@ -23,7 +23,6 @@ A JSON copy goes to WORKDIR/bench_sweep.json.
 import copy
 import json
 import os
-import re
 import sys
 import time
 
@@ -97,9 +96,7 @@ def main(argv):
         return 2
     try:
         before = json.loads(FLAGS.before)
-        cells = [c for c in sweep.expand(FLAGS.config) if re.search(FLAGS.only, c.label)][:FLAGS.limit]
-        if not cells:
-            raise ValueError(f"--only={FLAGS.only!r} matches no cell")
+        cells = sweep.select(FLAGS.only, sweep.expand(FLAGS.config))[0][:FLAGS.limit]
         before_cells = [_overridden(c, before) for c in cells]
     except (ValueError, sweep.GridError) as e:
         print(f"error: {e}", file=sys.stderr)

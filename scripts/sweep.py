@@ -22,7 +22,6 @@ pending for a later run without it.
 
 import json
 import os
-import re
 import sys
 
 import _bootstrap  # noqa: F401
@@ -66,18 +65,9 @@ def main(argv):
         print(f"error: invalid sweep definition: {e}", file=sys.stderr)
         return 2
     try:
-        only = re.compile(FLAGS.only or "")
-    except re.error as e:
-        print(f"error: --only={FLAGS.only!r} is not a regular expression: {e}", file=sys.stderr)
-        return 2
-
-    def kept(*groups):  # the cells --only selects (all of them without it)
-        return tuple([c for c in group if only.search(c.label)] for group in groups)
-
-    example = (cells + deferred)[0].label
-    cells, deferred = kept(cells, deferred)
-    if not cells + deferred:
-        print(f"error: --only={FLAGS.only!r} matches no cell; labels look like {example}", file=sys.stderr)
+        cells, deferred = sweep.select(FLAGS.only, cells, deferred)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     will_run = len({(c.model, c.task, c.variant, c.seed) for c in deferred})
     waiting = (f"; then {will_run} more, at the value each variant's selection on selection_seeds "
@@ -99,7 +89,8 @@ def main(argv):
     if FLAGS.adopt_from:
         for cell in runner.adopt(sweep.expand(FLAGS.config), FLAGS.workdir, FLAGS.adopt_from):
             print(f"adopted from {FLAGS.adopt_from}: {cell.label}")
-        cells, deferred = kept(*sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir)))
+        cells, deferred = sweep.select(FLAGS.only, *sweep.expand_with_selection(FLAGS.config,
+                                                                               _results(FLAGS.workdir)))
     total = {"ok": 0, "failed": 0, "skipped_ok": 0}
     while True:  # each round may release the deferred seeds of variants whose selection finished
         counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
@@ -107,7 +98,8 @@ def main(argv):
                             compile_cache=FLAGS.compile_cache)
         print(json.dumps(counts))
         total = {k: total.get(k, 0) + counts.get(k, 0) for k in set(total) | set(counts)}
-        more, deferred = kept(*sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir)))
+        more, deferred = sweep.select(FLAGS.only, *sweep.expand_with_selection(FLAGS.config,
+                                                                              _results(FLAGS.workdir)))
         if not {c.id for c in more} - {c.id for c in cells}:
             break
         cells = more

@@ -49,6 +49,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
@@ -404,6 +405,22 @@ def _check_method_config(methods_lib, config, label: str, variant: str) -> None:
         config_from(cls.Config, values, config.method.name)
     except (TypeError, ValueError) as e:
         raise GridError(f"{label} (variant {variant!r}, section 'method'): {e}") from None
+
+
+def select(only: str | None, *groups: list[Cell]) -> tuple[list[Cell], ...]:
+    """Each group's cells whose label matches the regular expression ``only`` (``--only``; all
+    of them without it). A pattern that is invalid or matches no cell of any group is an error
+    (a ``ValueError`` naming the pattern and, for no match, what labels look like): a typo
+    would otherwise run, or list, nothing."""
+    try:
+        pattern = re.compile(only or "")
+    except re.error as e:
+        raise ValueError(f"--only={only!r} is not a regular expression: {e}") from None
+    kept = tuple([c for c in group if pattern.search(c.label)] for group in groups)
+    everything = [c for group in groups for c in group]
+    if everything and not any(kept):
+        raise ValueError(f"--only={only!r} matches no cell; labels look like {everything[0].label}")
+    return kept
 
 
 def describe(cells: list[Cell]) -> str:

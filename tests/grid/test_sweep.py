@@ -150,42 +150,26 @@ def test_committed_definitions_expand():
     assert mrpc["train"]["batch_size"] == 16 and mrpc["train"]["warmup_ratio"] == 0.06
 
 
-def _sweep_main(*args: str) -> int:
-    """scripts/sweep.py's ``main`` in this process, on ``args``: what the command line does
-    without a second interpreter's start and imports (7-8 s of CPU on 2 cores each)."""
-    import importlib.util
-
-    from absl import flags
-    from absl.testing import flagsaver
-
-    module = sys.modules.get("sweep_cli")
-    if module is None:  # its flags are defined once per process
-        if os.path.join(ROOT, "scripts") not in sys.path:  # for its `import _bootstrap`; last, so
-            sys.path.append(os.path.join(ROOT, "scripts"))  # that it shadows no other module
-        spec = importlib.util.spec_from_file_location("sweep_cli", os.path.join(ROOT, "scripts", "sweep.py"))
-        module = sys.modules["sweep_cli"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    with flagsaver.flagsaver():
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["sweep.py", *args])
-        return module.main([])
-
-
-def test_dry_run_cli_lists_cells_with_count(capsys):
-    out = subprocess.run([sys.executable, "scripts/sweep.py",
-                          "--config=experiments/glue_roberta_base/grid.py", "--dry_run"],
+def test_dry_run_cli_lists_cells_with_count():
+    out = subprocess.run([sys.executable, "scripts/sweep.py", "--config=experiments/glue_roberta_base/grid.py",
+                          "--dry_run", "--only=/mnli_heldout/lora/seed=[01]$"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[-1].startswith("160 cells (2 variants, 8 tasks, 1 models, 5 seeds)")
-    assert "roberta-base/mnli_heldout/lora/seed=0" in out.stdout and len(lines) == 161
-    # --only, in this process (the command line itself is checked above)
-    config = os.path.join(ROOT, "experiments", "glue_roberta_base", "grid.py")
-    capsys.readouterr()
-    assert _sweep_main(f"--config={config}", "--dry_run", "--only=/mnli_heldout/lora/seed=[01]$") == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("2 cells")
-    assert _sweep_main(f"--config={config}", "--dry_run", "--only=no-such-cell") == 2
-    assert "matches no cell" in capsys.readouterr().err
+    assert lines[-1].startswith("2 cells (1 variants, 1 tasks, 1 models, 2 seeds)")
+    assert [line.split()[-1] for line in lines[:-1]] == [
+        f"roberta-base/mnli_heldout/lora/seed={s}" for s in (0, 1)]
+    # Without --only, and --only matching nothing: what the script prints, in this process (an
+    # interpreter start with its imports is 7-8 s of CPU; one is enough for the command line).
+    cells, deferred = sweep.expand_with_selection(
+        sweep.load_definition(os.path.join(ROOT, "experiments", "glue_roberta_base", "grid.py")))
+    listing = sweep.describe(sweep.select(None, cells, deferred)[0]).splitlines()
+    assert listing[-1] == "160 cells (2 variants, 8 tasks, 1 models, 5 seeds)" and not deferred
+    assert any(line.endswith("  roberta-base/mnli_heldout/lora/seed=0") for line in listing) and len(listing) == 161
+    with pytest.raises(ValueError, match=r"--only='no-such-cell' matches no cell; labels look like roberta-base/"):
+        sweep.select("no-such-cell", cells, deferred)
+    with pytest.raises(ValueError, match=r"--only='\[' is not a regular expression"):
+        sweep.select("[", cells, deferred)
 
 
 def test_every_experiment_definition_dry_runs():
