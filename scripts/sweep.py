@@ -54,19 +54,25 @@ def _results(workdir: str | None) -> list[dict]:
     return ResultsStore(path).read() if path and os.path.exists(path) else []
 
 
+def _cells() -> tuple[list, list]:
+    """(cells to run now, cells deferred until a selection) of the definition, given the results
+    so far, as --only selects them."""
+    from peftjax.grid import sweep
+
+    return sweep.select(FLAGS.only, *sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir)))
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from peftjax.grid import runner, sweep
 
     try:
-        cells, deferred = sweep.expand_with_selection(FLAGS.config, _results(FLAGS.workdir))
+        cells, deferred = _cells()
     except sweep.GridError as e:
         print(f"error: invalid sweep definition: {e}", file=sys.stderr)
         return 2
-    try:
-        cells, deferred = sweep.select(FLAGS.only, cells, deferred)
-    except ValueError as e:
+    except ValueError as e:  # --only
         print(f"error: {e}", file=sys.stderr)
         return 2
     will_run = len({(c.model, c.task, c.variant, c.seed) for c in deferred})
@@ -89,8 +95,7 @@ def main(argv):
     if FLAGS.adopt_from:
         for cell in runner.adopt(sweep.expand(FLAGS.config), FLAGS.workdir, FLAGS.adopt_from):
             print(f"adopted from {FLAGS.adopt_from}: {cell.label}")
-        cells, deferred = sweep.select(FLAGS.only, *sweep.expand_with_selection(FLAGS.config,
-                                                                               _results(FLAGS.workdir)))
+        cells, deferred = _cells()
     total = {"ok": 0, "failed": 0, "skipped_ok": 0}
     while True:  # each round may release the deferred seeds of variants whose selection finished
         counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
@@ -98,8 +103,7 @@ def main(argv):
                             compile_cache=FLAGS.compile_cache)
         print(json.dumps(counts))
         total = {k: total.get(k, 0) + counts.get(k, 0) for k in set(total) | set(counts)}
-        more, deferred = sweep.select(FLAGS.only, *sweep.expand_with_selection(FLAGS.config,
-                                                                              _results(FLAGS.workdir)))
+        more, deferred = _cells()
         if not {c.id for c in more} - {c.id for c in cells}:
             break
         cells = more
