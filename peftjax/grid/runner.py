@@ -252,13 +252,20 @@ def use_compilation_cache(workdir: str) -> str:
     compile time again. Every program is cached (no minimum compile time): the tiny ones are
     cheap to store and a cell has few of them. One cache per sweep workdir keeps it next to what
     it serves and lets ``rm -r`` clean both.
+
+    JAX opens its cache once, at the first compile that has a folder for it: with
+    $JAX_COMPILATION_CACHE_DIR set (the test suite sets it), a compile before this call opened
+    that folder and every cell's program went there, none to ``<workdir>/jax_cache``. So the
+    cache is reset after the setting, and the next compile opens the workdir's.
     """
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     path = os.path.join(os.path.abspath(workdir), COMPILATION_CACHE)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
     return path
 
 
