@@ -24,10 +24,26 @@ def test_mask_rate_and_rescaling():
     tx = bernoulli_gradient_mask(p, jax.random.PRNGKey(0))
     out, _ = tx.update(_grads(), tx.init(None))
     w = np.asarray(out["base"]["w"])
-    assert set(np.unique(w)) <= {0.0, np.float32(1 / p)}
+    # 16-bit draws: p is rounded to a multiple of 1/65536 and kept entries divided by that rate,
+    # so the masked gradient's expectation is the gradient.
+    exact = round(p * 65536) / 65536
+    assert abs(exact - p) < 1e-5
+    assert set(np.unique(w)) <= {0.0, np.float32(1 / exact)}
     rate = np.mean(w != 0)
     assert abs(rate - p) < 0.01, rate          # 60,000 draws: std 0.0019
+    assert abs(np.mean(w) - 1.0) < 0.03        # unbiased: E[g ⊙ M / p] = g (std of the mean 0.0064)
     assert np.any(np.asarray(out["head"]["h"]) == 0)   # the reference masks the classifier too
+    # every leaf draws its own mask (no two leaves share a pattern), scalars included
+    out, _ = tx.update({"a": jnp.ones((64,)), "b": jnp.ones((64,)), "c": jnp.ones(())}, tx.init(None))
+    assert not np.array_equal(np.asarray(out["a"]) != 0, np.asarray(out["b"]) != 0)
+    assert np.asarray(out["c"]).shape == ()
+
+
+def test_reserve_p_one_is_plain_fine_tuning():
+    tx = bernoulli_gradient_mask(1.0, jax.random.PRNGKey(0))
+    out, _ = tx.update(_grads(), tx.init(None))
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(_grads())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_mask_is_fresh_each_step_and_reproducible_for_a_seed():
