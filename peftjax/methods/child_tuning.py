@@ -24,8 +24,8 @@ The draws are 16-bit (``peftjax.models.layers.keep_mask``, as dropout's), not
 entry at every step, and on CPU jax's rolled threefry loop made it cost a fifth of the step
 (MiniLM, ``scripts/bench.py --methods=full,child_tuning_f --batch=32 --seq=40``, 2 cores:
 0.839 → 0.687 s a step, full fine-tuning's 0.70; compiling the step takes 14.3 → 16.3 s, the
-hash unrolled once per leaf). So p is rounded to a multiple of 1/65536 (0.3 → 0.300003) and the kept entries are divided by
-that exact rate, which keeps E[g̃_t] = g_t; p = 1 masks nothing.
+hash unrolled once per leaf). So p is rounded to a multiple of 1/65536 (0.3 → 0.300003) and
+the kept entries are divided by that exact rate, which keeps E[g̃_t] = g_t; p = 1 masks nothing.
 """
 
 from __future__ import annotations
