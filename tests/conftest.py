@@ -5,13 +5,9 @@ a handful of times, so they compile for compile speed (``XLA_TEST_FLAGS``): opti
 0 (2-3x faster compiles) and the classic elemental IR emitters instead of the MLIR fusion
 emitters, without LLVM's expensive passes (the tiny Llama's LoRA train step: 1.2 -> 0.30 s to
 compile), in one LLVM module rather than split for parallel code generation (0.32 -> 0.23 s:
-the split's threads only contend with the other worker's on 2 cores). Matrix products run on the
-calling thread (``--xla_cpu_multi_thread_eigen=false``): a tiny model's products are too small
-to split, and with two workers on 2 cores Eigen's pool threads only contend (the contract
-matrix's Llama cells and tests/train/test_loop.py on two workers: 76.4 / 77.4 -> 69.1 / 73.7 s,
-alternated). Same numerics within every tolerance: the parity tests against PyTorch run under
-them. Benchmarks never import this file. A user's explicit XLA_FLAGS win; subprocesses that
-force a device count add it to these (``tests.helpers.xla_flags``).
+the split's threads only contend with the other worker's on 2 cores). Same numerics: the parity
+tests against PyTorch run under them. Benchmarks never import this file. A user's explicit
+XLA_FLAGS win; subprocesses that force a device count add it to these (``tests.helpers.xla_flags``).
 
 Many tests compile the very same programs: every loop test trains the same tiny model with the
 same method, every resume test compiles what the uninterrupted run compiled, and the scripts
@@ -31,8 +27,7 @@ import tempfile
 import pytest
 
 XLA_TEST_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
-                  "--xla_llvm_disable_expensive_passes=true --xla_cpu_parallel_codegen_split_count=1 "
-                  "--xla_cpu_multi_thread_eigen=false")
+                  "--xla_llvm_disable_expensive_passes=true --xla_cpu_parallel_codegen_split_count=1")
 os.environ.setdefault("XLA_FLAGS", XLA_TEST_FLAGS)
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -51,36 +46,3 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if os.environ.get(_MADE_HERE) == str(os.getpid()):
         shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
-
-
-# `make test` runs a file per worker at a time in collection order (--no-loadscope-reorder;
-# xdist's default order is by number of tests). The heaviest files go first, so that the last
-# ones to start are short and both workers finish together: seconds of test time per file on a
-# clean clone, 2 cores (2026-12-06, `--durations=0`); simulated from those times, the run ends
-# ~10 s sooner than in xdist's order. Files not listed follow in collection order.
-HEAVY_FIRST = (
-    "tests/methods/test_contract.py",            # 145 s
-    "tests/train/test_failures.py",              # 61
-    "tests/parallel/test_sharding.py",           # 60
-    "tests/train/test_loop.py",                  # 54
-    "tests/train/test_quantize.py",              # 41
-    "tests/parallel/test_streaming_load.py",     # 40
-    "tests/models/test_qwen3_moe.py",            # 40
-    "tests/models/test_layer_scan.py",           # 38
-    "tests/interop/test_train_parity.py",        # 36
-    "tests/scripts/test_bench_vs_peft.py",       # 29
-    "tests/grid/test_sweep.py",                  # 27
-    "tests/models/test_real_configs.py",         # 25
-    "tests/methods/test_fishmask.py",            # 23
-    "tests/interop/test_hf_peft.py",             # 22
-    "tests/models/test_t5.py",                   # 22
-    "tests/methods/test_child_tuning_d.py",      # 21
-    "tests/models/test_pooling.py",              # 20
-    "tests/methods/test_prefix_tuning.py",       # 20
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
-    # A stable sort: each file's tests stay together and in their order.
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
