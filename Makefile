@@ -28,8 +28,9 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --no-compile --no-deps $(ASSETS)
 	# pip byte-compiles what it installs on one core; compileall does the same on every core
 	# (make setup on a fresh clone, 2 cores: 88 -> 66 s), skipping what nothing here imports
-	# (COMPILE_SKIP: compileall 32-36 -> 20-25 s, quiet, two runs each). Like pip, it skips the few files that are not valid Python 3.11 (torch
-	# ships a 3.12-only test helper), so its exit status is not an error here.
+	# (COMPILE_SKIP: compileall 32-36 -> 20-25 s, quiet machine, two runs each). Like pip, it
+	# skips the few files that are not valid Python 3.11 (torch ships a 3.12-only test helper),
+	# so its exit status is not an error here.
 	$(PY) -m compileall -qq -j 0 -x '$(COMPILE_SKIP)' $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || true
 	touch $(STAMP)
 
