@@ -95,6 +95,8 @@ def train_cell(cell: Cell, workdir: str) -> dict:
     config = ml_collections.ConfigDict(cell.config)
     if os.environ.get(QUIET_CELLS):
         config.train.progress = False
+        if "progress" in config.method:   # a method's own data pass (Fisher, gradient init)
+            config.method.progress = False
     result = train_and_evaluate(config, workdir)
     result["curves"] = read_curves(workdir)
     if cell.rank_sweep:

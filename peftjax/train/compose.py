@@ -292,12 +292,15 @@ RUN_CONFIG = "run_config.json"
 # resumed run may take new values for them with train.resume=force.
 RESUME_SAFE_FIELDS = ("train.eval_limit", "train.test_limit", "train.eval_batch_size",
                       "train.eval_every", "train.log_every", "train.checkpoint_every",
-                      "train.progress", "train.resume", "data_dir", "distributed.*", "model.name")
+                      "train.progress", "method.progress", "train.resume", "data_dir",
+                      "distributed.*", "model.name")
 
 
 # Fields that change only what the terminal shows: a resume takes their new value silently (a
-# sweep restarted with --noprogress resumes its killed cell, which ran with bars).
-DISPLAY_ONLY_FIELDS = ("train.progress",)
+# sweep restarted with --noprogress resumes its killed cell, which ran with bars). method.progress
+# is the bar of a method's own data pass (FishMask's and Child-tuning_D's Fisher, LoRA-GA's
+# gradient).
+DISPLAY_ONLY_FIELDS = ("train.progress", "method.progress")
 
 
 def _flat_config(config: Any) -> dict[str, Any]:

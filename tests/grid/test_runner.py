@@ -254,3 +254,30 @@ def test_neutral_bundles_are_stripped_one_by_one():
                    "train": {**base["train"], "scan_layers": False}}
     assert sweep.cell_id(with_fields) == sweep.cell_id(base)
     assert sweep.cell_id({**with_fields, "train": {**with_fields["train"], "scan_layers": True}}) != sweep.cell_id(base)
+
+
+def test_quiet_sweep_silences_the_methods_own_bars_and_they_never_block_a_resume(tmp_path, monkeypatch):
+    """--noprogress: a cell runs with train.progress and the method's own data-pass bar off
+    (Child-tuning_D's Fisher bar filled the sweep's log), and a cell started with bars resumes
+    under it without a config complaint (both fields are display only)."""
+    import ml_collections
+
+    import peftjax.train
+    from peftjax.train import compose
+
+    seen = []
+    monkeypatch.setattr(peftjax.train, "train_and_evaluate", lambda config, workdir: seen.append(config) or {})
+    monkeypatch.setenv(runner.QUIET_CELLS, "1")
+    cells = sweep.expand({**definition(), "variants": {"d": {"method": "child_tuning_d"},
+                                                       "lora": {"method": "lora"}}})
+    fisher_cell = next(c for c in cells if c.variant == "d")
+    lora_cell = next(c for c in cells if c.variant == "lora")
+    for cell in (fisher_cell, lora_cell):
+        runner.train_cell(cell, str(tmp_path / cell.id))
+    assert seen[0].train.progress is False and seen[0].method.progress is False
+    assert seen[1].train.progress is False and "progress" not in seen[1].method
+
+    loud = ml_collections.ConfigDict(fisher_cell.config)
+    loud.method.progress = loud.train.progress = True
+    compose.check_workdir_config(loud, str(tmp_path), has_checkpoint=False)   # records it
+    compose.check_workdir_config(seen[0], str(tmp_path), has_checkpoint=True)  # resumes silently
