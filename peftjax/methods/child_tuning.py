@@ -19,7 +19,7 @@ step count; the mask of step t for the i-th leaf is drawn from ``fold_in(fold_in
 so a run (and a resumed run, which restores the count) draws the same masks. The key comes from
 the run's seed (each seed of a comparison draws other masks) unless ``seed`` pins it.
 
-The draws are 16-bit (``peftjax.models.layers.keep_mask``, as dropout's), not
+The draws are 16-bit (``peftjax.models.layers.dropout``'s keep masks), not
 ``jax.random.bernoulli``'s one threefry evaluation per entry: a mask covers every trainable
 entry at every step, and on CPU jax's rolled threefry loop made it cost a fifth of the step
 (MiniLM, ``scripts/bench.py --methods=full,child_tuning_f --batch=32 --seq=40``, 2 cores:
@@ -61,14 +61,10 @@ def bernoulli_gradient_mask(p: float, key: jax.Array, mask_head: bool = True
         return ChildTuningFState(jnp.asarray(key), jnp.zeros((), jnp.int32))
 
     def mask_tree(tree, key):
-        if p >= 1.0:   # Bernoulli(1): every entry kept, nothing rescaled
-            return tree
+        # g ⊙ M / p is inverted dropout of the gradient at rate 1 - p (p = 1: g unchanged).
         leaves, treedef = jax.tree.flatten(tree)
-        out = []
-        for i, g in enumerate(leaves):
-            keep, rate = layers.keep_mask(jax.random.fold_in(key, i), jnp.shape(g), 1.0 - p)
-            out.append(jnp.where(keep, g * jnp.asarray(1.0 / rate, g.dtype), jnp.zeros_like(g)))
-        return jax.tree.unflatten(treedef, out)
+        return jax.tree.unflatten(treedef, [layers.dropout(g, 1.0 - p, jax.random.fold_in(key, i))
+                                            for i, g in enumerate(leaves)])
 
     def update_fn(updates, state, params=None):
         del params
