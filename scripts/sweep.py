@@ -9,7 +9,9 @@ WORKDIR has results, each cell's status; nothing is trained. A run skips finishe
 a failing cell's error and traceback and goes on (``--retry_failed`` reruns failures), and a
 killed run, restarted, resumes the interrupted cell from its checkpoints. The whole definition is
 validated before any cell runs: an unknown model, task, method or config key is an error naming
-the cell and the field. See peftjax/grid/sweep.py for the definition format.
+the cell and the field. See peftjax/grid/sweep.py for the definition format. Cells share
+WORKDIR/jax_cache (compiled programs) and WORKDIR/cache (a method's data pass, such as
+Child-tuning_D's Fisher estimate over the training set: made once for all learning rates).
 
 ``--adopt_from=DIR`` first copies in the finished cells of another sweep folder that are cells of
 this one (the same resolved config, so the same id: a convergence check's long run is a cell of

@@ -83,6 +83,9 @@ def read_curves(workdir: str) -> dict:
 
 
 QUIET_CELLS = "PEFTJAX_SWEEP_QUIET"   # set by run(progress=False) for its cells
+# Set by run() for its cells: the sweep's <workdir>/cache, where a method's data pass (a Fisher
+# estimate) is kept for the cells (other learning rates, a resumed cell) that would repeat it.
+CACHE_DIR = "PEFTJAX_SWEEP_CACHE"
 
 
 def train_cell(cell: Cell, workdir: str) -> dict:
@@ -97,7 +100,7 @@ def train_cell(cell: Cell, workdir: str) -> dict:
         config.train.progress = False
         if "progress" in config.method:   # a method's own data pass (Fisher, gradient init)
             config.method.progress = False
-    result = train_and_evaluate(config, workdir)
+    result = train_and_evaluate(config, workdir, cache_dir=os.environ.get(CACHE_DIR) or None)
     result["curves"] = read_curves(workdir)
     if cell.rank_sweep:
         result["rank_sweep"] = _rank_sweep(workdir, list(cell.rank_sweep))
@@ -315,7 +318,9 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     ``workers=1`` runs the cells one after another in this process; ``workers=N`` in N spawned
     processes. ``cell_fn`` (``module:function``, called as ``fn(cell, celldir) -> dict``) is what
     a cell does: by default, training and evaluating its config. ``compile_cache``: JAX's
-    persistent compilation cache in ``<workdir>/jax_cache`` (``use_compilation_cache``).
+    persistent compilation cache in ``<workdir>/jax_cache`` (``use_compilation_cache``). The
+    default cell keeps a method's data pass (a Fisher estimate) in ``<workdir>/cache``
+    (``methods/pass_cache.py``), shared by the cells that would repeat it.
     """
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
@@ -340,6 +345,7 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     # No bars at all: the cells' training bars go too (train.progress is display only; the
     # workers inherit the environment, train_cell reads it).
     os.environ[QUIET_CELLS] = "" if progress else "1"
+    os.environ[CACHE_DIR] = os.path.join(os.path.abspath(workdir), "cache")
     for c in todo:
         if state[c.id] == "failed":  # start a retried cell afresh
             shutil.rmtree(os.path.join(workdir, "cells", c.id), ignore_errors=True)

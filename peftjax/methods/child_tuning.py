@@ -112,7 +112,7 @@ class ChildTuningF(core.Method):
 
 import re  # noqa: E402
 
-from peftjax.methods import fisher  # noqa: E402
+from peftjax.methods import fisher, pass_cache  # noqa: E402
 from peftjax.methods.fishmask import SparseSelection, _size  # noqa: E402
 
 LAYER = re.compile(r"\.(layers?|h)\.\d+\.")   # BERT encoder.layer.N, Llama model.layers.N, GPT-2/BLOOM transformer.h.N
@@ -172,7 +172,9 @@ class ChildTuningD(SparseSelection):
             raise ValueError("child_tuning_d needs training data for its Fisher estimate: pass an "
                              "InitContext with train_batches and loss_fn (the training loop does)")
         paths = self.candidate_paths(base)
-        scores, _ = fisher.clipped_batch_fisher(ctx.loss_fn, base, paths, ctx.train_batches(),
+        scores, _ = pass_cache.cached(
+            ctx, "child_tuning_d_fisher", {"max_grad_norm": c.max_grad_norm, "paths": paths}, base,
+            lambda: fisher.clipped_batch_fisher(ctx.loss_fn, base, paths, ctx.train_batches(),
                                                 c.max_grad_norm, desc="child_tuning_d Fisher",
-                                                progress=c.progress)
+                                                progress=c.progress))
         return fisher.global_top_k(scores, self.num_selected(base))

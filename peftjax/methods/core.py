@@ -234,6 +234,11 @@ class InitContext:
     # The run's global-norm gradient clipping (train.clip_norm; None or 0: none), for a method
     # that reads gradients in ``update_state`` as the optimizer used them (AdaLoRA's importance).
     clip_norm: float | None = None
+    # Where a data pass (a Fisher estimate) may keep its result for runs that would compute the
+    # same thing (``pass_cache``; a sweep passes ``<workdir>/cache``; None: no cache), and what,
+    # besides the base params, fixes ``loss_fn`` (``pass_cache.fingerprint(model)``).
+    cache_dir: str | None = None
+    fingerprint: str = ""
 
 
 class Method:

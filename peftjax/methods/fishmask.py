@@ -35,7 +35,7 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.methods import core, fisher
+from peftjax.methods import core, fisher, pass_cache
 
 log = logging.getLogger(__name__)
 INDICES = ".indices"
@@ -196,9 +196,12 @@ class FishMask(SparseSelection):
             raise ValueError(f"fishmask.num_examples={c.num_examples} is larger than the training "
                              f"set ({available} examples); valid: 1..{available}")
         paths = self.candidate_paths(base)
-        scores, used = fisher.empirical_fisher(
-            ctx.loss_fn, base, paths, fisher.rechunk(ctx.train_batches(), c.fisher_chunk),
-            c.num_examples, desc="fishmask Fisher", progress=c.progress)
+        scores, used = pass_cache.cached(
+            ctx, "fishmask_fisher", {"num_examples": c.num_examples, "chunk": c.fisher_chunk,
+                                  "paths": paths}, base,
+            lambda: fisher.empirical_fisher(
+                ctx.loss_fn, base, paths, fisher.rechunk(ctx.train_batches(), c.fisher_chunk),
+                c.num_examples, desc="fishmask Fisher", progress=c.progress))
         if used < c.num_examples:
             raise ValueError(f"fishmask.num_examples={c.num_examples} is larger than the training "
                              f"set ({used} examples)")

@@ -154,13 +154,15 @@ def total_steps(config: Any) -> int:
 
 
 def init_context(model, tokenizer, train_encoded: dict, *, total_steps: int | None = None,
-                 chunk: int = 8, clip_norm: float | None = None) -> methods_lib.InitContext:
+                 chunk: int = 8, clip_norm: float | None = None,
+                 cache_dir: str | None = None) -> methods_lib.InitContext:
     """What ``Method.setup`` gets: the tokenizer, the training rows in order (full length,
     ``chunk`` at a time, ``mask`` False on padding rows), a loss of the base params, the
-    run's length and its gradient clipping. Batches are produced lazily, only if a method asks
-    for them."""
+    run's length and its gradient clipping, and where a data pass may cache its result
+    (``cache_dir``). Batches are produced lazily, only if a method asks for them."""
     from peftjax.data import num_rows
     from peftjax.losses import params_loss_fn
+    from peftjax.methods import pass_cache
 
     n = num_rows(train_encoded)
 
@@ -173,7 +175,8 @@ def init_context(model, tokenizer, train_encoded: dict, *, total_steps: int | No
 
     return methods_lib.InitContext(tokenizer=tokenizer, train_batches=batches,
                                    loss_fn=params_loss_fn(model), num_train_examples=n,
-                                   total_steps=total_steps, clip_norm=clip_norm)
+                                   total_steps=total_steps, clip_norm=clip_norm,
+                                   cache_dir=cache_dir, fingerprint=pass_cache.fingerprint(model))
 
 
 class FinishedRun(NamedTuple):

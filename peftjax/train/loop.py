@@ -148,11 +148,14 @@ def _better(metric: str, new: dict, old: dict | None) -> bool:
     return new[metric] < old[metric] if metric == "loss" else new[metric] > old[metric]
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None,
+                       cache_dir: str | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the result.
 
     ``stop_after_step`` ends the process' work early after that step's checkpoint, as a kill
-    would (used by the resume tests).
+    would (used by the resume tests). ``cache_dir``: where a method's data pass (a Fisher
+    estimate) keeps its result for runs that would compute the same one (``pass_cache``; a
+    sweep shares ``<workdir>/cache`` among its cells); None: computed every time.
     """
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -168,7 +171,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
 
     total = total_steps(config)
-    ctx = init_context(model, tokenizer, encoded["train"], total_steps=total, clip_norm=tc.clip_norm)
+    ctx = init_context(model, tokenizer, encoded["train"], total_steps=total, clip_norm=tc.clip_norm,
+                       cache_dir=cache_dir)
     # model.quant: the frozen base's weight matrices stored quantized (peftjax/train/quantize.py)
     qcfg = quantize.config_of(config)
     peft = quantize.setup(method, jax.random.PRNGKey(config.seed + 1), base, ctx, qcfg)

@@ -266,7 +266,8 @@ def test_quiet_sweep_silences_the_methods_own_bars_and_they_never_block_a_resume
     from peftjax.train import compose
 
     seen = []
-    monkeypatch.setattr(peftjax.train, "train_and_evaluate", lambda config, workdir: seen.append(config) or {})
+    monkeypatch.setattr(peftjax.train, "train_and_evaluate",
+                        lambda config, workdir, **kw: seen.append(config) or {})
     monkeypatch.setenv(runner.QUIET_CELLS, "1")
     cells = sweep.expand({**definition(), "variants": {"d": {"method": "child_tuning_d"},
                                                        "lora": {"method": "lora"}}})
@@ -281,3 +282,23 @@ def test_quiet_sweep_silences_the_methods_own_bars_and_they_never_block_a_resume
     loud.method.progress = loud.train.progress = True
     compose.check_workdir_config(loud, str(tmp_path), has_checkpoint=False)   # records it
     compose.check_workdir_config(seen[0], str(tmp_path), has_checkpoint=True)  # resumes silently
+
+
+def test_cells_share_one_fisher_pass_through_the_sweeps_cache(tmp_path, monkeypatch):
+    """Child-tuning_D's Fisher pass depends on the model, the head's init (the seed) and the
+    training rows, not on the learning rate: the sweep's cells share WORKDIR/cache, so a grid
+    over learning rates makes the pass once (it was over an hour of each MiniLM cell)."""
+    from peftjax.methods import fisher
+
+    real, calls = fisher.clipped_batch_fisher, []
+    monkeypatch.setattr(fisher, "clipped_batch_fisher", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = {"name": "fisher", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
+         "base": {"train": {"steps": 1, "eval_every": 1, "checkpoint_every": 1, "eval_limit": 16,
+                            "train_limit": 16, "batch_size": 8, "progress": False}},
+         "variants": {"d": {"method": "child_tuning_d",
+                            "grid": {"train": {"learning_rate": [1e-4, 3e-4]}}}}}
+    counts = runner.run(sweep.expand(d), str(tmp_path), definition=d, progress=False)
+    assert (counts["ok"], counts["failed"]) == (2, 0)
+    assert calls == [1]
+    files = [f for f in os.listdir(tmp_path / "cache") if f.endswith(".safetensors")]
+    assert len(files) == 1 and files[0].startswith("child_tuning_d_fisher-")
