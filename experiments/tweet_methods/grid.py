@@ -143,5 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task_overrides = {"tweet_polarity": {"train": {"select_metric": "macro_f1"}}}
     c.variants = {name: v if name in POLARITY else {**v, "tasks": ["tweet_sentiment"]}
                   for name, v in VARIANTS.items()}
-    c.report = {"order": list(VARIANTS)}
+    # Issue 18: every chosen row on tweet_sentiment should be >= 15 accuracy points above the
+    # majority class (42.9% there); the report checks it under that task's table.
+    c.report = {"order": list(VARIANTS), "min_over_majority": {"tweet_sentiment": 15}}
     return c

@@ -390,7 +390,8 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             metrics_names = [ts[0].metric] + [m for m in metrics_names if m != ts[0].metric]
             header, text, best = task_table(ts, metrics_names)
             md += [f"## {model} × {task}", "", render_markdown(header, text, best), ""]
-            md += uncertainty_section(ts)
+            margin = ((definition.get("report") or {}).get("min_over_majority") or {}).get(task)
+            md += uncertainty_section(ts, min_over_majority=margin)
             tex += [render_latex(header, text, best, f"{model} on {task}: test "
                                  f"{ts[0].metric} at the hyperparameters chosen on validation "
                                  "(mean ± std over seeds).",
@@ -477,6 +478,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
 
 
 REFERENCES = ("full", "lora")   # the differences every row is reported against
+MAJORITY = "majority"           # the class-prior baseline's variant (peftjax/grid/baselines.py)
 
 
 def _predictions(s: Selection) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
@@ -503,11 +505,16 @@ def _edge_choices(s: Selection) -> list[str]:
     return notes
 
 
-def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int = 2000) -> list[str]:
+def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int = 2000,
+                        min_over_majority: float | None = None) -> list[str]:
     """95% paired-bootstrap intervals (test examples × seeds; ``peftjax.grid.stats``) of each
     variant's test accuracy and macro-F1, its difference to full fine-tuning and to LoRA (marked
     * when the interval excludes 0), and tiers: variants are ranked only where intervals do not
-    overlap. Rows that predict one class, and grid choices at a grid's end, are flagged."""
+    overlap. Rows that predict one class, and grid choices at a grid's end, are flagged.
+
+    With a ``majority`` row, each variant's accuracy margin over it (points, with its interval)
+    is a column; ``min_over_majority`` (points; the sweep definition's
+    ``report.min_over_majority``) flags the rows below it and sums the check up under the table."""
     from peftjax.grid import stats
 
     data = {s.variant: _predictions(s) for s in ts}
@@ -525,6 +532,7 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
         return np.concatenate([preds] * (-(-k // len(preds))))[:k]
 
     refs = {r: seeds_k(data[r][0]) for r in REFERENCES if r in data}
+    majority = seeds_k(data[MAJORITY][0]) if MAJORITY in data else None
     # The metric the variants were selected on (macro-F1 for an imbalanced task) is the one
     # differences and tiers are stated in.
     main = ts[0].metric if ts[0].metric in stats.METRICS else "accuracy"
@@ -534,6 +542,9 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
         ivs[v] = {m: stats.interval(p, labels, m, draw, classes, level) for m in stats.METRICS}
         ivs[v]["diff"] = {r: stats.difference(p, rp, labels, main, draw, classes, level)
                           for r, rp in refs.items() if r != v}
+        if majority is not None and v != MAJORITY:
+            ivs[v]["over_majority"] = stats.difference(p, majority, labels, "accuracy", draw,
+                                                       classes, level)
     order = list(data)
     tiers = stats.unranked_groups([ivs[v][main] for v in order])
     fmt = lambda iv: f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"  # noqa: E731
@@ -542,10 +553,14 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
     md = [f"Test scores with {100 * level:.0f}% paired-bootstrap intervals ({draws} resamples of the "
           f"{len(labels)} test examples × the {k} seeds). Δ: difference in {main} (points) to "
           "the reference, * where its interval excludes 0. Tier: 1 is best; variants share a tier "
-          f"unless their {main} intervals do not overlap — within a tier they are not ranked.", "",
+          f"unless their {main} intervals do not overlap — within a tier they are not ranked."
+          + (" Over majority: accuracy points above the majority class (the class prior)."
+             if majority is not None else ""), "",
           "| variant | tier | test accuracy | test macro-F1 | "
-          + " | ".join(f"Δ vs {r}" for r in refs) + " | notes |",
-          "|---|---|---|---|" + "---|" * len(refs) + "---|"]
+          + " | ".join(f"Δ vs {r}" for r in refs) + (" | over majority" if majority is not None else "")
+          + " | notes |",
+          "|---|---|---|---|" + "---|" * len(refs) + ("---|" if majority is not None else "") + "---|"]
+    short: list[str] = []
     by_variant = {s.variant: s for s in ts}
     for v, tier in zip(order, tiers):
         preds = data[v][0]
@@ -554,9 +569,23 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
         if top > 0.99:
             notes.append(f"predicts one class for {100 * top:.1f}% of examples")
         diffs = [dfmt(ivs[v]["diff"][r]) if r in ivs[v]["diff"] else "—" for r in refs]
+        if majority is not None:
+            over = ivs[v].get("over_majority")
+            diffs.append(dfmt(over) if over is not None else "—")
+            if over is not None and min_over_majority is not None and \
+                    100 * over.estimate < min_over_majority:
+                notes.append(f"{100 * over.estimate:.1f} points above the majority class, "
+                             f"below the {min_over_majority:g} asked")
+                short.append(f"{v} ({100 * over.estimate:+.1f})")
         md.append(f"| {v} | {tier + 1} | {fmt(ivs[v]['accuracy'])} | {fmt(ivs[v]['macro_f1'])} | "
                   + " | ".join(diffs) + f" | {'; '.join(notes)} |")
-    return md + [""]
+    md.append("")
+    if majority is not None and min_over_majority is not None:
+        n = sum(1 for v in order if v != MAJORITY)
+        md += [f"Margin over the majority class (≥ {min_over_majority:g} accuracy points asked): "
+               + (f"all {n} variants reach it." if not short else
+                  f"{n - len(short)} of {n} variants reach it; below it: {', '.join(short)}."), ""]
+    return md
 
 
 def _order_names(names: list[str], order: Sequence[str]) -> list[str]:

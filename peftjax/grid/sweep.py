@@ -10,7 +10,9 @@ A sweep definition is an ml-collections file (``experiments/<name>/grid.py``) wh
     base      {section: {key: value}}  overrides of the composed train config for every cell
     task_overrides {task: {section: {key: value}}}   (optional) per task, for every variant
     variants  {name: variant}          the named methods of the comparison
-    report    {"order": [variant names]}  (optional) row order of the report's tables
+    report    {"order": [variant names]}  (optional) row order of the report's tables;
+              "min_over_majority": {task: points} (optional) the accuracy margin over the
+              majority class each chosen row should reach (the report flags rows below it)
 
 and each variant is::
 
@@ -241,11 +243,19 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
     if not set(d.get("selection_seeds") or []) <= set(d["seeds"]):
         raise GridError(f"sweep definition: selection_seeds {d['selection_seeds']!r} must be a "
                         f"subset of seeds {d['seeds']!r}")
-    order = (d.get("report") or {}).get("order", [])
+    rep = d.get("report") or {}
+    order = rep.get("order", [])
     bad_order = [v for v in order if v not in d["variants"]]
-    if bad_order or set(d.get("report") or {}) - {"order"}:
+    if bad_order or set(rep) - {"order", "min_over_majority"}:
         raise GridError(f"sweep definition: field 'report' may only hold 'order', a list of variant "
-                        f"names; unknown variants there: {bad_order}")
+                        "names, and 'min_over_majority', {task: accuracy points}; unknown variants "
+                        f"in 'order': {bad_order}, unknown fields: {sorted(set(rep) - {'order', 'min_over_majority'})}")
+    margins = rep.get("min_over_majority") or {}
+    bad_margin = {t: m for t, m in dict(margins).items()
+                  if t not in d["tasks"] or isinstance(m, bool) or not isinstance(m, (int, float))}
+    if bad_margin:
+        raise GridError(f"sweep definition: report.min_over_majority must map tasks of the sweep "
+                        f"({d['tasks']}) to accuracy points; got {bad_margin}")
     model_configs, data_lib, methods_lib = _registries()
     registered = methods_lib.registered()
     models = set(model_configs.available())

@@ -216,3 +216,35 @@ def test_a_choice_made_before_its_grid_finished_is_flagged():
     sel.candidates = {k: (0.7, [0]) for k in keys}
     assert sel.incomplete == ""
     assert grid_sizes({}, [sel]) == [0]
+
+
+def test_margin_over_the_majority_class_is_a_column_and_a_checked_floor(tmp_path):
+    """Issue 18's floor: every chosen row ≥ 15 accuracy points above the majority class on
+    tweet_sentiment (the definition's report.min_over_majority); rows below are named."""
+    rng = np.random.default_rng(2)
+    labels = rng.choice(3, 1200, p=[0.45, 0.3, 0.25])
+    store = ResultsStore(str(tmp_path / "results.jsonl"))
+    for seed in (0, 1):
+        for variant, acc in (("full", 0.85), ("lora", 0.84), ("weak", 0.5)):
+            store.append(_preds_row(variant, seed, acc, labels, rng))
+    prior = row("tweet_sentiment", "majority", "majority", 0, {}, 0.45, 0.45, 0)
+    prior["cell"] = "baseline:majority"
+    prior["test_predictions"] = {"predictions": "0" * len(labels), "labels": "".join(map(str, labels))}
+    store.append(prior)
+    with open(tmp_path / "sweep.json", "w") as f:
+        json.dump({"definition": {"report": {"min_over_majority": {"tweet_sentiment": 15}}}}, f)
+    md = open(write_report(str(tmp_path))["md"]).read()
+    header = next(line for line in md.splitlines() if line.startswith("| variant | tier"))
+    assert "over majority" in header
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines()
+             if line.startswith("| ") and "[" in line and "]" in line}
+    col = [c.strip() for c in header.split("|")].index("over majority")
+    majority_acc = np.mean(labels == 0)
+    full_over = float(lines["full"].split("|")[col].split()[0])
+    assert abs(full_over - 100 * (0.85 - majority_acc)) < 3 and "*" in lines["full"].split("|")[col]
+    assert "below the 15 asked" in lines["weak"] and "below the 15" not in lines["full"]
+    assert "2 of 3 variants reach it; below it: weak (+" in md
+    # Without the floor: the column, no verdict.
+    os.remove(tmp_path / "sweep.json")
+    md = open(write_report(str(tmp_path))["md"]).read()
+    assert "over majority" in md and "Margin over the majority class" not in md

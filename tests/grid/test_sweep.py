@@ -229,3 +229,14 @@ def test_quantization_fields_at_their_neutral_defaults_keep_cell_ids():
         cfg["model"].update(quant=quant, double_quant=dq)
         ids.add(sweep.cell_id(cfg))
     assert len(ids) == 5
+
+
+def test_report_fields_are_checked_and_do_not_change_cells():
+    plain = {c.id for c in sweep.expand(definition())}
+    floor = {"order": ["full", "lora"], "min_over_majority": {"tweet_sentiment": 15}}
+    assert {c.id for c in sweep.expand({**definition(), "report": floor})} == plain
+    for bad, match in (({"min_over_majority": {"sst2": 15}}, "min_over_majority"),
+                       ({"min_over_majority": {"tweet_sentiment": "15"}}, "min_over_majority"),
+                       ({"order": ["nope"]}, "nope"), ({"colour": 1}, "colour")):
+        with pytest.raises(sweep.GridError, match=match):
+            sweep.expand({**definition(), "report": bad})
