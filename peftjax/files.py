@@ -28,13 +28,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> N
     base = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.tmp-", suffix=os.path.splitext(base)[1])
     os.close(fd)
-    # mkstemp makes the file private (0600); the result gets the permissions an ordinary
-    # open() would give it (0666 less the umask), as every other file the user writes.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600), and so does a writer that replaces ``tmp``
+        # with its own temporary (safetensors' save_file does); the result gets the permissions
+        # an ordinary open() would give it (0666 less the umask), so this is set after writing.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:  # the bytes are on disk before the rename makes them visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
