@@ -7,7 +7,7 @@ import numpy as np
 
 from peftjax.grid import ResultsStore
 from peftjax.grid.plots import pareto_front
-from peftjax.grid.report import select, write_report
+from peftjax.grid.report import select, uncertainty_section, write_report
 
 TASKS = ("tweet_sentiment",)  # one task keeps the test fast; tables and plots are per task
 
@@ -245,6 +245,5 @@ def test_margin_over_the_majority_class_is_a_column_and_a_checked_floor(tmp_path
     assert "below the 15 asked" in lines["weak"] and "below the 15" not in lines["full"]
     assert "2 of 3 variants reach it; below it: weak (+" in md
     # Without the floor: the column, no verdict.
-    os.remove(tmp_path / "sweep.json")
-    md = open(write_report(str(tmp_path))["md"]).read()
+    md = "\n".join(uncertainty_section(select(store.read()), draws=200))
     assert "over majority" in md and "Margin over the majority class" not in md
