@@ -9,10 +9,12 @@ one, never a truncated mix, and a failed write leaves no temporary file behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> None:
@@ -59,3 +61,18 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int = 2
     """``obj`` as JSON to ``path``, atomically (non-JSON values are written with ``str``)."""
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str,
                                        ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Holds an exclusive advisory lock on ``lock_path`` (created if missing) for the block: the
+    one way processes here take turns at something only one should do (preparing a dataset,
+    computing a cached data pass)."""
+    lock_path = os.fspath(lock_path)
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -12,13 +12,13 @@ Data dir resolution (every public loader takes an optional `data_dir`):
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow_datasets as tfds
+
+from peftjax.files import exclusive_lock
 
 DATA_DIR_ENV = "PEFTJAX_DATA_DIR"
 FILE_FORMAT = "array_record"
@@ -40,18 +40,6 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return os.path.exists(os.path.join(os.fspath(builder.data_path), "dataset_info.json")) and builder.is_prepared()
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: str) -> Iterator[None]:
-    """Holds an exclusive advisory lock on `lock_path` (created if missing) for the block."""
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
                  prepare: Callable[[tfds.core.DatasetBuilder], None]) -> tfds.core.DatasetBuilder:
     """Returns a prepared builder, preparing it at most once even with many processes at a time.
@@ -67,7 +55,7 @@ def prepare_once(make_builder: Callable[[], tfds.core.DatasetBuilder],
     if is_prepared(b):
         return b
     lock = os.path.join(os.fspath(b.data_dir_root), f".{b.name}.prepare.lock")
-    with _exclusive(lock):
+    with exclusive_lock(lock):
         b = make_builder()
         if not is_prepared(b):
             prepare(b)

@@ -25,8 +25,6 @@ that cannot be read is recomputed and replaced, with a warning. Under tracing (a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +34,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from peftjax.files import atomic_write
+from peftjax.files import atomic_write, exclusive_lock
 
 Flat = dict
 FORMAT = 1
@@ -90,7 +88,7 @@ def cached(ctx: Any, name: str, settings: dict, base: Flat,
     digest = key(name, settings, base, ctx.train_batches, getattr(ctx, "fingerprint", ""))
     path = os.path.join(folder, f"{name}-{digest[:40]}.safetensors")
     os.makedirs(folder, exist_ok=True)
-    with _locked(path + ".lock"):
+    with exclusive_lock(path + ".lock"):
         if os.path.exists(path):
             try:
                 return _read(path)
@@ -99,16 +97,6 @@ def cached(ctx: Any, name: str, settings: dict, base: Flat,
         out, count = compute()
         _write(path, out, count, name)
         return out, count
-
-
-@contextlib.contextmanager
-def _locked(lock_path: str):
-    with open(lock_path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _write(path: str, out: Flat, count: int, name: str) -> None:
