@@ -246,10 +246,11 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
     rep = d.get("report") or {}
     order = rep.get("order", [])
     bad_order = [v for v in order if v not in d["variants"]]
-    if bad_order or set(rep) - {"order", "min_over_majority"}:
+    unknown = sorted(set(rep) - {"order", "min_over_majority"})
+    if bad_order or unknown:
         raise GridError(f"sweep definition: field 'report' may only hold 'order', a list of variant "
                         "names, and 'min_over_majority', {task: accuracy points}; unknown variants "
-                        f"in 'order': {bad_order}, unknown fields: {sorted(set(rep) - {'order', 'min_over_majority'})}")
+                        f"in 'order': {bad_order}, unknown fields: {unknown}")
     margins = rep.get("min_over_majority") or {}
     bad_margin = {t: m for t, m in dict(margins).items()
                   if t not in d["tasks"] or isinstance(m, bool) or not isinstance(m, (int, float))}

@@ -87,7 +87,6 @@ def cached(ctx: Any, name: str, settings: dict, base: Flat,
         return compute()
     digest = key(name, settings, base, ctx.train_batches, getattr(ctx, "fingerprint", ""))
     path = os.path.join(folder, f"{name}-{digest[:40]}.safetensors")
-    os.makedirs(folder, exist_ok=True)
     with exclusive_lock(path + ".lock"):
         if os.path.exists(path):
             try:
