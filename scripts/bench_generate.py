@@ -61,6 +61,12 @@ def main(argv):
     bad = [s for s in FLAGS.settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"--settings {bad} are unknown; valid: {', '.join(SETTINGS)}")
+    # The exported checkpoint and adapter PyTorch reads back: removed when the run ends.
+    with tempfile.TemporaryDirectory(prefix="bench_generate_") as workdir:
+        _bench(workdir)
+
+
+def _bench(workdir: str) -> None:
     import jax
     import numpy as np
     import peft
@@ -78,7 +84,6 @@ def main(argv):
     model, params, _ = hf_io.load_from_config(model_cfg, head="causal_lm", with_tokenizer=False)
     if "causal_lm" not in model.family.heads:
         raise ValueError(f"{FLAGS.model} is not a decoder (heads: {model.family.heads})")
-    workdir = tempfile.mkdtemp(prefix="bench_generate_")
     hf_io.save_pretrained(model, params, os.path.join(workdir, "model"))
 
     def fresh_net():   # PEFT injects its layers into the model it wraps: one model per setting

@@ -44,9 +44,9 @@ def _checkpoint(family: str):
     from peftjax.models import hf_io
 
     net = torch_model(family)
-    folder = tempfile.mkdtemp(prefix=f"peft_peer_{family}_")
-    net.save_pretrained(folder, safe_serialization=True)
-    model, params = hf_io.load_pretrained(folder, head="classification" if family == "bert" else "causal_lm")
+    with tempfile.TemporaryDirectory(prefix=f"peft_peer_{family}_") as folder:  # read into memory
+        net.save_pretrained(folder, safe_serialization=True)
+        model, params = hf_io.load_pretrained(folder, head="classification" if family == "bert" else "causal_lm")
     rs = np.random.RandomState(1)
     ids = rs.randint(3, model.config.vocab_size, (2, 9)).astype(np.int32)
     mask = np.ones_like(ids)

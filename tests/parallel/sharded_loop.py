@@ -31,7 +31,8 @@ def losses(workdir: str) -> list[float]:
 
 def main() -> None:
     data_dir = sys.argv[1]
-    root = tempfile.mkdtemp(prefix="sharded_loop_")
+    tmp = tempfile.TemporaryDirectory(prefix="sharded_loop_")  # removed when the process ends
+    root = tmp.name
     out = {}
     for name, mesh in (("single", (1, 1, 1)), ("mesh", (2, 2, 2))):
         res = train_and_evaluate(config(data_dir, mesh), f"{root}/{name}")

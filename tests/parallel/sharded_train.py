@@ -98,7 +98,9 @@ def main(meshes: str = MESHES, methods: str = ",".join(METHODS), model_name: str
     result["losses"]["1"] = losses
     log(f"single device: {time.time() - t0:.1f}s")
 
-    saved_dir = tempfile.mkdtemp(prefix="sharded_ckpt_")
+    # removed when the process ends, whether it succeeds or fails
+    saved_tmp = tempfile.TemporaryDirectory(prefix="sharded_ckpt_")
+    saved_dir = saved_tmp.name
     for shape in meshes:
         t0 = time.time()
         mesh = make_mesh(shape)

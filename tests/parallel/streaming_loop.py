@@ -19,7 +19,8 @@ def main(data_dir: str) -> None:
     from peftjax.train import compose, train_and_evaluate
     from tests.parallel.sharded_loop import config, losses
 
-    root = tempfile.mkdtemp(prefix="streaming_loop_")
+    tmp = tempfile.TemporaryDirectory(prefix="streaming_loop_")  # removed when the process ends
+    root = tmp.name
     model_cfg = get_config("model=tiny-bert,method=lora,task=tweet_sentiment").model
     model = build_model(model_cfg.hf_config.to_dict(), head="none")
     hf_io.save_pretrained(model, model.init(jax.random.PRNGKey(7)), f"{root}/ckpt")
