@@ -46,3 +46,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if os.environ.get(_MADE_HERE) == str(os.getpid()):
         shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)   # after `-m` has deselected: only the files that will run count
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Longest test files first (tests/durations.py says why); a stable sort keeps each file's
+    # tests in their order, so module fixtures are still built once per file.
+    from tests import durations
+
+    order = durations.longest_first([item.nodeid for item in items], durations.load())
+    rank = {name: k for k, name in enumerate(order)}
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])
