@@ -2,7 +2,9 @@
 
 Timings on a shared machine are noise; what is checked is the report's shape and that peftjax's
 cached greedy decoding and transformers' ``generate`` (with PEFT's LoRA layers, and merged)
-choose the same tokens from the same weights.
+choose the same tokens from the same weights. That run is ``slow`` (a benchmark's smoke run, 12 s
+on 2 cores; tests/models/test_generation.py checks cached decoding against transformers in
+``make test``); ``make test`` checks that the script starts and refuses a bad flag.
 """
 
 from __future__ import annotations
@@ -13,14 +15,27 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_tiny_llama_base_lora_and_merged_decode_the_same_tokens():
+def run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "scripts/bench_generate.py", "--model=tiny-llama", "--batch=2",
-                           "--prompt=8", "--new=6", "--rank=4", "--repeats=1", "--threads=1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "scripts/bench_generate.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_settings_are_refused_with_the_valid_ones():
+    proc = run("--model=tiny-llama", "--settings=base,lora_fused")
+    assert proc.returncode != 0
+    assert "lora_fused" in proc.stderr and "base, lora_unmerged, lora_merged" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_llama_base_lora_and_merged_decode_the_same_tokens():
+    proc = run("--model=tiny-llama", "--batch=2", "--prompt=8", "--new=6", "--rank=4", "--repeats=1",
+               "--threads=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert [r["setting"] for r in out["settings"]] == ["base", "lora_unmerged", "lora_merged"]

@@ -1,10 +1,16 @@
 """scripts/bench_sweep.py: both sides run the same cells, the 'before' side with its overrides
-and without the compilation cache, each in a fresh folder; a non-empty folder is refused."""
+and without the compilation cache, each in a fresh folder; a non-empty folder is refused.
+
+The two-sided run is ``slow`` (a benchmark's smoke run: 18 s on 2 cores, four interpreters);
+``make test`` checks that the script starts and refuses an override the config does not have.
+"""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -16,6 +22,12 @@ def bench(*args):
                           env={**os.environ, "PYTHONPATH": ROOT})
 
 
+def test_an_unknown_before_override_is_refused(tmp_path):
+    wrong = bench(f"--workdir={tmp_path / 'new'}", "--only=bitfit", '--before={"train": {"nope": 1}}')
+    assert wrong.returncode == 2 and "train.nope" in wrong.stderr
+
+
+@pytest.mark.slow
 def test_both_sides_run_the_selected_cells_with_the_before_overrides(tmp_path):
     out = bench(f"--workdir={tmp_path}", "--only=tweet_sentiment/bitfit\\[", "--limit=2")
     assert out.returncode == 0, out.stderr
@@ -31,5 +43,3 @@ def test_both_sides_run_the_selected_cells_with_the_before_overrides(tmp_path):
     assert os.path.isdir(tmp_path / "after" / "jax_cache") and not os.path.exists(tmp_path / "before" / "jax_cache")
     again = bench(f"--workdir={tmp_path}", "--only=bitfit")
     assert again.returncode == 2 and "not empty" in again.stderr
-    wrong = bench(f"--workdir={tmp_path / 'new'}", "--only=bitfit", '--before={"train": {"nope": 1}}')
-    assert wrong.returncode == 2 and "train.nope" in wrong.stderr

@@ -1,8 +1,11 @@
 """Smoke test of scripts/bench_vs_peft.py on tiny-bert: both sides run the same LoRA step.
 
 Timings on a shared CI machine are noise, so only the report's shape and the agreement of the
-two sides' trainable counts are checked; the ratio is measured by hand (experiments/memory_table
-README and the script's docstring say how).
+two sides' trainable counts are checked; the ratio is measured by hand (experiments/speed/README
+and the script's docstring say how). The runs are ``slow`` (a benchmark's smoke runs, 10-15 s
+each on 2 cores; tests/interop/test_train_parity.py checks in ``make test`` that the two sides
+train the same steps); ``make test`` checks that the script starts and refuses what it cannot
+compare.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def _check_rows(rows: list[dict], methods: str) -> None:
         assert r["peftjax_compile_s"] > 0
 
 
+@pytest.mark.slow
 def test_tiny_bert_lora_both_sides():
     # One run (each costs an interpreter with jax, torch and peft): LoRA, and the PEFT sides
     # built other than from a LoraConfig: AdaLoRA (its update_and_allocate in the step), prefix
@@ -53,7 +57,7 @@ def test_tiny_bert_lora_both_sides():
 
 @pytest.mark.parametrize("model,head,expected", [
     # LoRA r=8 on q_proj, v_proj of 2 layers (hidden 32, 4 heads, 2 kv heads of 8: v is 32 -> 16)
-    ("tiny-llama", "causal_lm", 2 * (8 * (32 + 32) + 8 * (32 + 16))),
+    pytest.param("tiny-llama", "causal_lm", 2 * (8 * (32 + 32) + 8 * (32 + 16)), marks=pytest.mark.slow),
     # LoRA on T5's q, v (self- and cross-attention): the count is checked against peft's by the script
     pytest.param("tiny-t5", "seq2seq_lm", None, marks=pytest.mark.slow),
 ])
