@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +13,19 @@ from flax import traverse_util
 
 from configs import models as model_configs
 from peftjax.models import build_model
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script: str, *args: str, timeout: int = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python scripts/<script> args...`` from the repository root, as a user runs it: with the
+    suite's environment (XLA flags, the shared compilation cache) but not PYTHONPATH, since a
+    script must find peftjax by itself (scripts/_bootstrap.py); ``env`` adds variables."""
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, os.path.join("scripts", script), *args], cwd=ROOT,
+                          env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def xla_flags(devices: int | None = None) -> str:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import subprocess
-import sys
 
 from peftjax.data import load_examples, majority_rate
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.helpers import run_script
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # import must work without it
-    return subprocess.run([sys.executable, "scripts/describe_data.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_script("describe_data.py", *args, timeout=120)
 
 
 def test_describe_tweet_sentiment(tweet_data_dir):

@@ -7,16 +7,12 @@ benchmark's smoke run); the refusal runs in ``make test``.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from peftjax.grid import sweep
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import run_script
 
 GRID = textwrap.dedent('''
     def get_config():
@@ -31,9 +27,7 @@ GRID = textwrap.dedent('''
 
 
 def bench(grid, *args):
-    return subprocess.run([sys.executable, "scripts/bench_cell.py", f"--config={grid}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return run_script("bench_cell.py", f"--config={grid}", *args)
 
 
 @pytest.fixture()

@@ -10,20 +10,15 @@ on 2 cores; tests/models/test_generation.py checks cached decoding against trans
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.helpers import run_script
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "scripts/bench_generate.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("bench_generate.py", *args)
 
 
 def test_unknown_settings_are_refused_with_the_valid_ones():

@@ -7,19 +7,16 @@ The two-sided run is ``slow`` (a benchmark's smoke run: 18 s on 2 cores, four in
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT, run_script
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "scripts/bench_sweep.py", "--config=experiments/tweet_methods/grid.py",
-                           "--cell_fn=tests.grid.fake_cell:cell", "--workers=1", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    # PYTHONPATH: the workers import the fake cell from tests/
+    return run_script("bench_sweep.py", "--config=experiments/tweet_methods/grid.py",
+                      "--cell_fn=tests.grid.fake_cell:cell", "--workers=1", *args, env={"PYTHONPATH": ROOT})
 
 
 def test_an_unknown_before_override_is_refused(tmp_path):

@@ -11,20 +11,15 @@ compare.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.helpers import run_script
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "scripts/bench_vs_peft.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("bench_vs_peft.py", *args)
 
 
 def _check_rows(rows: list[dict], methods: str) -> None:
