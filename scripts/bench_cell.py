@@ -49,13 +49,7 @@ def main(argv):
     from peftjax.train.optim import make_optimizer
     from peftjax.train.steps import init_state, make_eval_step, make_train_step
 
-    cells = sweep.expand(sweep.load_definition(FLAGS.config))
-    matches = [c for c in cells if FLAGS.cell in c.label]
-    if len(matches) != 1:
-        some = "\n  ".join(c.label for c in (matches or cells)[:12])
-        raise ValueError(f"--cell={FLAGS.cell!r} matches {len(matches)} cells (one needed); "
-                         f"{'they' if matches else 'the first of the grid'} are:\n  {some}")
-    cell = matches[0]
+    cell = sweep.find_cell(sweep.expand(sweep.load_definition(FLAGS.config)), FLAGS.cell)
     config = ml_collections.ConfigDict(cell.config)
     tc = config.train
     t0 = time.perf_counter()
@@ -93,7 +87,9 @@ def main(argv):
         done_flops += flops[shape]
         tokens += int(batch["input_ids"].size)
 
-    eval_fn = placement.jit_eval_step(make_eval_step(method, 0))
+    # as the loop does: a decoder classifies by scoring each class's verbaliser
+    lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
+    eval_fn = placement.jit_eval_step(make_eval_step(method, lm_classes))
     val_batches = list(data_lib.eval_batches(encoded["validation"], tc.eval_batch_size, tc.bucket_multiple))
     val_tokens = sum(int(b["input_ids"].size) for b in val_batches)
     val_flops = 0.0

@@ -434,6 +434,18 @@ def select(only: str | None, *groups: list[Cell]) -> tuple[list[Cell], ...]:
     return kept
 
 
+def find_cell(cells: Sequence[Cell], text: str, flag: str = "--cell") -> Cell:
+    """The one cell whose label contains ``text`` (a plain substring: labels hold ``[``, so a
+    regular expression would need escaping). None or several is a ``ValueError`` listing the
+    matches, or the first labels, so the next try can be exact."""
+    matches = [c for c in cells if text in c.label]
+    if len(matches) == 1:
+        return matches[0]
+    shown = "\n  ".join(c.label for c in (matches or cells)[:12])
+    which = "they are" if matches else "labels look like"
+    raise ValueError(f"{flag}={text!r} matches {len(matches)} cells (one needed); {which}:\n  {shown}")
+
+
 def describe(cells: list[Cell]) -> str:
     """A plain-text listing of the cells (for ``--dry_run``) ending with their count."""
     lines = [f"{c.id}  {c.label}" for c in cells]

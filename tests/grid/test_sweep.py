@@ -150,6 +150,17 @@ def test_committed_definitions_expand():
     assert mrpc["train"]["batch_size"] == 16 and mrpc["train"]["warmup_ratio"] == 0.06
 
 
+def test_find_cell_wants_exactly_one_label_containing_the_text():
+    cells = sweep.expand(definition())
+    one = sweep.find_cell(cells, "polarity/lora[rank=2,learning_rate=0.002]/seed=1")
+    assert (one.task, one.variant, one.seed) == ("tweet_polarity", "lora", 1)
+    assert one.hp == {"method.rank": 2, "train.learning_rate": 2e-3}
+    with pytest.raises(ValueError, match=r"--cell='lora\[' matches \d+ cells \(one needed\); they are:"):
+        sweep.find_cell(cells, "lora[")
+    with pytest.raises(ValueError, match=r"--cell='dora' matches 0 cells \(one needed\); labels look like:\n  tiny-bert/"):
+        sweep.find_cell(cells, "dora")
+
+
 def test_dry_run_cli_lists_cells_with_count():
     out = subprocess.run([sys.executable, "scripts/sweep.py", "--config=experiments/glue_roberta_base/grid.py",
                           "--dry_run", "--only=/mnli_heldout/lora/seed=[01]$"],
