@@ -1,6 +1,9 @@
 """tests/durations.py: the order make test hands files to its workers."""
 
+import os
+
 from tests import durations
+from tests.helpers import ROOT
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
 <testcase classname="tests.methods.test_a" name="test_x" time="1.5"/>
@@ -25,8 +28,7 @@ def test_longest_first_weighs_unlisted_files_by_their_tests():
 
 
 def test_the_committed_durations_name_existing_files():
-    root = durations.os.path.dirname(durations.os.path.dirname(durations.PATH))
     listed = durations.load()
     assert listed, "tests/durations.json is missing or empty"
-    missing = [f for f in listed if not durations.os.path.exists(durations.os.path.join(root, f))]
+    missing = [f for f in listed if not os.path.exists(os.path.join(ROOT, f))]
     assert not missing, f"tests/durations.json lists files that no longer exist: {missing}"
