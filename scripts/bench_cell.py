@@ -26,7 +26,7 @@ import statistics
 import time
 
 import _bootstrap
-from absl import app, flags, logging
+from absl import flags, logging
 
 flags.DEFINE_string("config", None, "a sweep definition (experiments/<name>/grid.py)")
 flags.DEFINE_string("cell", None, "a substring of one cell's label (as `sweep.py --dry_run` lists them)")
@@ -43,28 +43,19 @@ def main(argv):
 
     from peftjax import data as data_lib
     from peftjax.grid import sweep
-    from peftjax.parallel import shard
-    from peftjax.train import loop, measure, quantize
-    from peftjax.train.compose import init_context
-    from peftjax.train.optim import make_optimizer
-    from peftjax.train.steps import init_state, make_eval_step, make_train_step
+    from peftjax.train import loop, measure
+    from peftjax.train.steps import make_eval_step, make_train_step
 
     cell = sweep.find_cell(sweep.expand(sweep.load_definition(FLAGS.config)), FLAGS.cell)
     config = ml_collections.ConfigDict(cell.config)
     tc = config.train
     t0 = time.perf_counter()
-    task, model, tokenizer, method, base = loop.build(config)
-    encoded = loop.encode_splits(config, task, tokenizer)
-    ctx = init_context(model, tokenizer, encoded["train"], total_steps=loop.total_steps(config),
-                       clip_norm=tc.clip_norm)
-    peft = quantize.setup(method, jax.random.PRNGKey(config.seed + 1), base, ctx, quantize.config_of(config))
-    tx, _ = make_optimizer(tc, tc.steps, method, config.seed)
-    state = init_state(peft.trainable, peft.state, tx, seed=config.seed)
-    placement = shard.from_config(config, method, state, frozen=peft.frozen)
-    state, frozen = placement.put(state, peft.frozen)
+    run = loop.prepare(config)   # the run's own set-up: model, data, method, optimizer, placement
+    task, encoded, method, placement = run.task, run.encoded, run.method, run.placement
+    state, frozen = run.state, run.frozen
     setup_s = time.perf_counter() - t0
 
-    train_step = placement.jit_train_step(make_train_step(method, tx))
+    train_step = placement.jit_train_step(make_train_step(method, run.tx))
     batches = data_lib.train_batches(encoded["train"], tc.batch_size, config.seed,
                                      group_by_length=tc.group_by_length, bucket_multiple=tc.bucket_multiple)
     compiled, flops, compile_s = {}, {}, 0.0
@@ -87,9 +78,8 @@ def main(argv):
         done_flops += flops[shape]
         tokens += int(batch["input_ids"].size)
 
-    # as the loop does: a decoder classifies by scoring each class's verbaliser
-    lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
-    eval_fn = placement.jit_eval_step(make_eval_step(method, lm_classes))
+    # as the loop does (a decoder classifies by scoring each class's verbaliser: lm_classes)
+    eval_fn = placement.jit_eval_step(make_eval_step(method, run.lm_classes))
     val_batches = list(data_lib.eval_batches(encoded["validation"], tc.eval_batch_size, tc.bucket_multiple))
     val_tokens = sum(int(b["input_ids"].size) for b in val_batches)
     shape_flops: dict[tuple, float] = {}   # XLA's count for each bucket's program, compiled once

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,58 @@ def _better(metric: str, new: dict, old: dict | None) -> bool:
     return new[metric] < old[metric] if metric == "loss" else new[metric] > old[metric]
 
 
+class Prepared(NamedTuple):
+    """Everything a run builds before its first step, placed where the step runs."""
+
+    task: Any
+    model: Any
+    tokenizer: Any
+    fmt: str              # the task's format for this model (``run_format``)
+    method: Any
+    base: dict            # the pretrained (or random) params, flat
+    encoded: dict         # split -> encoded columns
+    lm_classes: int       # > 0: a decoder classifies by scoring each class's verbaliser
+    peft: Any             # the method's PeftParams (frozen / trainable / state), before placement
+    tx: Any               # the optax optimizer
+    schedule: Any         # step -> learning rate
+    state: TrainState     # on the placement's devices
+    frozen: dict          # on the placement's devices
+    placement: Any        # ``shard.from_config``: a mesh and its rules, or one device
+
+
+def prepare(config, cache_dir: str | None = None) -> Prepared:
+    """Builds a run's model, method, data, optimizer and initial state, in the order a run
+    needs them (the training loop and ``scripts/bench_cell.py``, which times a sweep cell's
+    step, both start here, so a benchmark times what a run runs).
+
+    ``cache_dir``: where a method's data pass (a Fisher estimate) keeps its result for runs that
+    would compute the same one (``pass_cache``); None: computed every time.
+    """
+    validate_config(config)
+    tc = config.train
+    from peftjax.parallel import distributed, shard
+
+    distributed.maybe_initialize(config.get("distributed", None))  # before any device is touched
+    task, model, tokenizer, method, base = build(config)
+    if tokenizer is None:
+        raise ValueError(f"model {config.model.name!r} has no tokenizer; set model.tokenizer")
+    fmt = run_format(config, task)
+    encoded = encode_splits(config, task, tokenizer)
+    lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
+    ctx = init_context(model, tokenizer, encoded["train"], total_steps=total_steps(config),
+                       clip_norm=tc.clip_norm, cache_dir=cache_dir)
+    # model.quant: the frozen base's weight matrices stored quantized (peftjax/train/quantize.py)
+    peft = quantize.setup(method, jax.random.PRNGKey(config.seed + 1), base, ctx,
+                          quantize.config_of(config))
+    tx, schedule = make_optimizer(tc, tc.steps, method, config.seed)
+    state = init_state(peft.trainable, peft.state, tx, seed=config.seed)
+    # Where the step runs: config.mesh's devices with the sharding rules, or a single device.
+    placement = shard.from_config(config, method, state, frozen=peft.frozen)
+    state, frozen = placement.put(state, peft.frozen)
+    return Prepared(task, model, tokenizer, fmt, method, base, encoded, lm_classes, peft, tx, schedule,
+                    state, frozen, placement)
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None,
                        cache_dir: str | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the result.
@@ -160,28 +212,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
-    from peftjax.parallel import distributed, shard
+    from peftjax.parallel import distributed
 
-    distributed.maybe_initialize(config.get("distributed", None))  # before any device is touched
-    task, model, tokenizer, method, base = build(config)
-    if tokenizer is None:
-        raise ValueError(f"model {config.model.name!r} has no tokenizer; set model.tokenizer")
-    fmt = run_format(config, task)
-    encoded = encode_splits(config, task, tokenizer)
-    lm_classes = task.num_labels if "class_labels" in encoded["test"] else 0
-
+    run = prepare(config, cache_dir)
+    task, model, tokenizer, method, base = run.task, run.model, run.tokenizer, run.method, run.base
+    encoded, lm_classes, tx, schedule = run.encoded, run.lm_classes, run.tx, run.schedule
+    state, frozen, placement = run.state, run.frozen, run.placement
+    fmt = run.fmt
     total = total_steps(config)
-    ctx = init_context(model, tokenizer, encoded["train"], total_steps=total, clip_norm=tc.clip_norm,
-                       cache_dir=cache_dir)
-    # model.quant: the frozen base's weight matrices stored quantized (peftjax/train/quantize.py)
-    qcfg = quantize.config_of(config)
-    peft = quantize.setup(method, jax.random.PRNGKey(config.seed + 1), base, ctx, qcfg)
-    initial_added = peft.trainable["added"] if method.rewrites_base else None
-    tx, schedule = make_optimizer(tc, tc.steps, method, config.seed)
-    state = init_state(peft.trainable, peft.state, tx, seed=config.seed)
-    # Where the step runs: config.mesh's devices with the sharding rules, or a single device.
-    placement = shard.from_config(config, method, state, frozen=peft.frozen)
-    state, frozen = placement.put(state, peft.frozen)
+    initial_added = run.peft.trainable["added"] if method.rewrites_base else None
     best = {"trainable": jax.tree.map(jnp.copy, state.trainable), "metrics": None, "step": 0}
 
     names = _metric_names(task)
@@ -312,7 +351,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "peak_memory_bytes": memory.get("peak_memory_bytes"),
         "memory": memory,
         "format": fmt,
-        "quantization": {"setting": qcfg.describe(), **quantize.summary(peft.frozen)},
+        "quantization": {"setting": quantize.config_of(config).describe(), **quantize.summary(run.peft.frozen)},
         "majority_rate": (data_lib.majority_rate(
             encoded["test"]["class_labels" if lm_classes else "labels"])
             if task.kind == "classification" else None),

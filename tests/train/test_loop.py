@@ -69,6 +69,31 @@ def test_checkpoint_holds_only_the_trainable_side(data_dir, tmp_path):
     assert trainable < 10_000 and sizes < 3 * trainable + 16
 
 
+def test_prepare_builds_the_state_the_loop_trains(data_dir, tmp_path):
+    """``loop.prepare`` is the loop's set-up (scripts/bench_cell.py times a cell from it): its
+    state, stepped on the run's own batches, is bit-identical to the loop's checkpoint."""
+    from peftjax import data as data_lib
+    from peftjax.train import loop
+
+    config = tiny_config(data_dir, steps=2, checkpoint_every=2, eval_every=2)
+    train_and_evaluate(config, str(tmp_path))
+    saved = Checkpointer(str(tmp_path / "checkpoints")).restore_raw(2)["state"]
+    run = loop.prepare(config)
+    assert int(run.state.step) == 0 and run.lm_classes == 0 and run.fmt
+    step = jax.jit(make_train_step(run.method, run.tx))
+    batches = data_lib.train_batches(run.encoded["train"], config.train.batch_size, config.seed,
+                                     group_by_length=config.train.group_by_length,
+                                     bucket_multiple=config.train.bucket_multiple)
+    state = run.state
+    for _ in range(2):
+        state, _ = step(state, run.frozen, run.placement.put_batch(next(batches)))
+    for tree in ("trainable", "opt_state"):
+        got, want = jax.tree.leaves(getattr(state, tree)), jax.tree.leaves(saved[tree])
+        assert len(got) == len(want) > 0
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, method="full", steps=6, checkpoint_every=1, learning_rate=1e38,
                          clip_norm=0.0, warmup_ratio=0.0)
