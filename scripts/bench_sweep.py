@@ -58,6 +58,21 @@ def _overridden(cell, overrides: dict):
     return dataclasses.replace(cell, config=config, id=sweep.cell_id(config, cell.rank_sweep))
 
 
+def _check_train_overrides(overrides: dict) -> None:
+    """``--before``'s train keys against configs/train.py's before the definition is expanded
+    (building its models takes seconds; a typo should not)."""
+    from configs.train import train_defaults
+
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(f"--before must be a JSON object of sections, e.g. "
+                         f'{{"train": {{"bucket_multiple": 0}}}}; got {overrides!r}')
+    valid = train_defaults()
+    unknown = sorted(set(overrides.get("train", {})) - set(valid))
+    if unknown:
+        raise ValueError(f"--before: {', '.join('train.' + k for k in unknown)} is not a key of the "
+                         f"train config; valid: {', '.join(sorted(valid))}")
+
+
 def _side(name: str, cells, workdir: str, compile_cache: bool, definition: dict) -> dict:
     from peftjax.grid import ResultsStore, runner
 
@@ -96,6 +111,7 @@ def main(argv):
         return 2
     try:
         before = json.loads(FLAGS.before)
+        _check_train_overrides(before)
         cells = sweep.select(FLAGS.only, sweep.expand(FLAGS.config))[0][:FLAGS.limit]
         before_cells = [_overridden(c, before) for c in cells]
     except (ValueError, sweep.GridError) as e:

@@ -22,6 +22,9 @@ def bench(*args):
 def test_an_unknown_before_override_is_refused(tmp_path):
     wrong = bench(f"--workdir={tmp_path / 'new'}", "--only=bitfit", '--before={"train": {"nope": 1}}')
     assert wrong.returncode == 2 and "train.nope" in wrong.stderr
+    assert "valid: " in wrong.stderr and "bucket_multiple" in wrong.stderr   # what is valid
+    shape = bench(f"--workdir={tmp_path / 'new'}", "--before=[1]")
+    assert shape.returncode == 2 and "JSON object of sections" in shape.stderr
 
 
 @pytest.mark.slow
