@@ -351,7 +351,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         "peak_memory_bytes": memory.get("peak_memory_bytes"),
         "memory": memory,
         "format": fmt,
-        "quantization": {"setting": quantize.config_of(config).describe(), **quantize.summary(run.peft.frozen)},
+        "quantization": {"setting": quantize.config_of(config).describe(),
+                         **quantize.summary(run.peft.frozen)},
         "majority_rate": (data_lib.majority_rate(
             encoded["test"]["class_labels" if lm_classes else "labels"])
             if task.kind == "classification" else None),
