@@ -276,7 +276,6 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
 
     cells: list[Cell] = []
     seen: dict[str, str] = {}
-    models_seen: dict[str, object] = {}   # abstract models for the value checks, by config
     for model, task, (vname, variant) in itertools.product(d["models"], d["tasks"],
                                                            d["variants"].items()):
         where = f"cell {model}/{task}/{vname}"
@@ -332,7 +331,7 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
                     for key, value in values.items():
                         _set(config, key, value, f"{label} (field {field!r})")
                 _check_method_config(methods_lib, config, label, vname)
-                _check_values(config, label, vname, models_seen)
+                _check_values(config, label, vname)
                 if rank_sweep:
                     r_max = config.method.rank
                     if not all(1 <= r <= r_max for r in rank_sweep):
@@ -386,7 +385,25 @@ def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigD
     return sorted(run, key=lambda c: order[c.id]), sorted(deferred, key=lambda c: order[c.id])
 
 
-def _check_values(config, label: str, variant: str, models: dict) -> None:
+# Abstract models (no weights) for the value checks, by ``compose.model_key``: kept for the
+# process, so a second expansion of a definition (the report, a sweep's restart logic, tests)
+# does not build and trace them again. A few at most, each a config and its abstract params.
+_ABSTRACT_MODELS: dict[str, object] = {}
+_ABSTRACT_MODELS_MAX = 16
+
+
+def _abstract_model(config) -> object:
+    from peftjax.train import compose
+
+    key = compose.model_key(config)
+    if key not in _ABSTRACT_MODELS:
+        if len(_ABSTRACT_MODELS) >= _ABSTRACT_MODELS_MAX:
+            del _ABSTRACT_MODELS[next(iter(_ABSTRACT_MODELS))]   # the oldest
+        _ABSTRACT_MODELS[key] = compose.build(config, with_weights=False, with_tokenizer=False)[1]
+    return _ABSTRACT_MODELS[key]
+
+
+def _check_values(config, label: str, variant: str) -> None:
     """The cell's values as a run would check them, before any cell runs: the train settings
     (``compose.validate_config``) and the method built on the (abstract) model, so ``rank=0`` or
     a target that matches nothing fails at ``--dry_run``, not hours later when the cell starts.
@@ -397,10 +414,7 @@ def _check_values(config, label: str, variant: str, models: dict) -> None:
 
     try:
         compose.validate_config(config)
-        key = compose.model_key(config)
-        if key not in models:
-            models[key] = compose.build(config, with_weights=False, with_tokenizer=False)[1]
-        methods_lib.create(config.method.name, models[key],
+        methods_lib.create(config.method.name, _abstract_model(config),
                            {k: v for k, v in config.method.to_dict().items() if k != "name"})
     except ValueError as e:
         raise GridError(f"{label} (variant {variant!r}): {e}") from None

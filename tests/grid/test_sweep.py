@@ -48,9 +48,19 @@ def test_expansion_counts_order_and_resolved_values():
     assert "lora" in c.label and "rank=" in c.label and "seed=" in c.label
 
 
-def test_cell_ids_are_stable_and_follow_the_config():
+def test_cell_ids_are_stable_and_follow_the_config(monkeypatch):
+    from peftjax.train import compose
+
+    built = []
+    real_build = compose.build
+    monkeypatch.setattr(compose, "build", lambda config, **kw: built.append(compose.model_key(config))
+                        or real_build(config, **kw))
+    monkeypatch.setattr(sweep, "_ABSTRACT_MODELS", {})
     a, b = sweep.expand(definition()), sweep.expand(definition())
     assert [c.id for c in a] == [c.id for c in b]
+    # The value checks' abstract models are built once per distinct model in the process (tiny-bert
+    # with tweet_sentiment's 3 labels and tweet_polarity's 2), not once per expansion.
+    assert len(built) == len(set(built)) == 2
     # sha256 of the sorted compact JSON: the same on every machine and Python run.
     assert sweep.cell_id({"b": {"y": [1, 2]}, "a": 1.5}) == sweep.cell_id({"a": 1.5, "b": {"y": [1, 2]}})
     expected = hashlib.sha256(b'{"config":{"a":1.5,"b":{"y":[1,2]}}}').hexdigest()[:12]
