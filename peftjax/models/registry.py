@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
@@ -195,9 +196,7 @@ class Model:
     def init(self, rng: jax.Array, batch: Mapping[str, Any] | None = None) -> dict:
         """Randomly initialised params (a nested dict, flax layout)."""
         batch = self.dummy_batch() if batch is None else batch
-        # Jitted: op-by-op initialisation dispatches hundreds of tiny computations.
-        init = jax.jit(lambda r, inputs: self.module.init({"params": r}, *inputs, train=False)["params"])
-        return init(rng, self._inputs(batch))
+        return _init_params(self.module, rng, self._inputs(batch))
 
     def abstract_params(self) -> dict:
         """The param tree as ``jax.ShapeDtypeStruct`` leaves: nothing is allocated (7B in seconds).
@@ -233,6 +232,15 @@ class Model:
         if self.head == "none" and isinstance(out, tuple):
             return out[0]
         return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(module: nn.Module, rng: jax.Array, inputs: list) -> dict:
+    """``module.init``'s params, jitted (op by op, initialisation dispatches hundreds of tiny
+    computations) with the module static: flax modules hash and compare by their fields, so
+    every ``Model`` of one architecture reuses one trace (a tiny model's init traces its whole
+    forward pass: ~0.5 s that each run, sweep cell and test building it again paid)."""
+    return module.init({"params": rng}, *inputs, train=False)["params"]
 
 
 def _rows_mask(mask: Any, router_logits: list) -> Any:
