@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from peftjax import runtime
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 # A jitted step with ~64 MB of temporaries, run 6 times; prints minor page faults per run.
 PROBE = """

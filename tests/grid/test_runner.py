@@ -16,8 +16,8 @@ import time
 import pytest
 
 from peftjax.grid import ResultsStore, runner, sweep
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAKE = "tests.grid.fake_cell:cell"
 STEPS = 6
 

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from peftjax.grid import sweep
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
 
 
 def definition(**changes):

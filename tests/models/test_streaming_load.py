@@ -17,9 +17,7 @@ import pytest
 
 from peftjax.models import hf_io, tensor_files
 from peftjax.models.hf_io import CheckpointError
-from tests.helpers import TINY, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT, TINY, tiny_model
 
 
 def _bits(tree) -> dict:

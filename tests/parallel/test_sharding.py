@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tests.helpers import xla_flags
+from tests.helpers import ROOT, xla_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("lora", "adapter", "prompt_tuning", "fishmask", "full")
 # One method of each family (low-rank, additional, selection, baseline): the other model
 # families' runs (slow).

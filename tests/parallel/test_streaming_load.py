@@ -15,9 +15,8 @@ import sys
 import numpy as np
 
 from peftjax.models import hf_io
-from tests.helpers import xla_flags
+from tests.helpers import ROOT, xla_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "parallel", "streaming_load.py")
 
 

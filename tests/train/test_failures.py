@@ -14,9 +14,8 @@ import pytest
 from peftjax.methods import saving
 from peftjax.train import NonFiniteLossError, train_and_evaluate
 from peftjax.train.checkpoint import Checkpointer, all_finite
+from tests.helpers import ROOT
 from tests.train.test_loop import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

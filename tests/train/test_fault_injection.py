@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import ROOT
+
 pytestmark = pytest.mark.slow
 
 STEPS = 12
