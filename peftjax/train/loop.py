@@ -209,12 +209,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     estimate) keeps its result for runs that would compute the same one (``pass_cache``; a
     sweep shares ``<workdir>/cache`` among its cells); None: computed every time.
     """
-    validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    tc = config.train
     from peftjax.parallel import distributed
 
-    run = prepare(config, cache_dir)
+    run = prepare(config, cache_dir)   # checks the config first: a bad value creates no workdir
+    os.makedirs(workdir, exist_ok=True)
+    tc = config.train
     task, model, tokenizer, method, base = run.task, run.model, run.tokenizer, run.method, run.base
     encoded, lm_classes, tx, schedule = run.encoded, run.lm_classes, run.tx, run.schedule
     state, frozen, placement = run.state, run.frozen, run.placement
