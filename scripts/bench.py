@@ -144,8 +144,10 @@ def main(argv):
     from flax import traverse_util
 
     from configs import models
+    from peftjax import host
     from peftjax.models import hf_io
 
+    machine = host.describe()   # the CPU and its matmul rate, measured before the model loads
     model_cfg = models.get(FLAGS.model)
     if (FLAGS.random_weights or FLAGS.num_layers) and model_cfg.get("checkpoint"):
         model_cfg = model_cfg.copy_and_resolve_references()
@@ -183,7 +185,7 @@ def main(argv):
                  remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
                  num_layers=next((getattr(model.config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
                                   if hasattr(model.config, k)), None), backend=jax.default_backend(),
-                 device=jax.devices()[0].device_kind, cpu_count=os.cpu_count())
+                 device=jax.devices()[0].device_kind, cpu_count=os.cpu_count(), host=machine)
         results.append(r)
     full = next((r for r in results if r["method"] == "full"), None)
     if full is not None:

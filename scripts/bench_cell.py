@@ -42,6 +42,7 @@ def main(argv):
     import ml_collections
 
     from peftjax import data as data_lib
+    from peftjax import host
     from peftjax.grid import sweep
     from peftjax.train import loop, measure
     from peftjax.train.steps import make_eval_step, make_train_step
@@ -49,6 +50,7 @@ def main(argv):
     cell = sweep.find_cell(sweep.expand(sweep.load_definition(FLAGS.config)), FLAGS.cell)
     config = ml_collections.ConfigDict(cell.config)
     tc = config.train
+    machine = host.describe()   # the CPU and its matmul rate, before the cell is in memory
     t0 = time.perf_counter()
     run = loop.prepare(config)   # the run's own set-up: model, data, method, optimizer, placement
     task, encoded, method, placement = run.task, run.encoded, run.method, run.placement
@@ -99,7 +101,7 @@ def main(argv):
     step_s = statistics.median(times)
     evaluations = -(-tc.steps // tc.eval_every)
     print(json.dumps({
-        "cell": cell.label, "cell_id": cell.id, "backend": jax.default_backend(),
+        "cell": cell.label, "cell_id": cell.id, "backend": jax.default_backend(), "host": machine,
         "setup_s": round(setup_s, 2),
         "train": {"steps_timed": len(times), "step_s": round(step_s, 4),
                   "step_s_all": [round(x, 4) for x in times],

@@ -77,9 +77,11 @@ def _bench(workdir: str) -> None:
     from configs import models
     from peftjax import methods
     from peftjax.interop import export_adapter
+    from peftjax import host
     from peftjax.models import generation, hf_io, hooks
 
-    torch.set_num_threads(FLAGS.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(FLAGS.threads or host.cpus())
+    machine = host.describe()   # before the model is in memory: the CPU and its matmul rate
     model_cfg = models.get(FLAGS.model)
     model, params, _ = hf_io.load_from_config(model_cfg, head="causal_lm", with_tokenizer=False)
     if "causal_lm" not in model.family.heads:
@@ -149,7 +151,7 @@ def _bench(workdir: str) -> None:
                      "agreement": float(np.mean(a == b))})
     print(json.dumps({"model": FLAGS.model, "batch": FLAGS.batch, "prompt": FLAGS.prompt, "new": FLAGS.new,
                       "rank": FLAGS.rank, "repeats": FLAGS.repeats, "backend": jax.default_backend(),
-                      "torch_threads": torch.get_num_threads(),
+                      "torch_threads": torch.get_num_threads(), "host": machine,
                       "loadavg": list(os.getloadavg()),
                       "versions": {"jax": jax.__version__, "torch": torch.__version__,
                                    "transformers": transformers.__version__, "peft": peft.__version__},

@@ -65,8 +65,17 @@ WEIGHT_DECAY = 1e-4   # optax.adamw's default; torch's AdamW default (1e-2) is o
 LEARNING_RATE = 1e-4
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def _torch_matmul_gflops(torch, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of PyTorch's n × n matmul (median of ``repeats`` after one untimed call):
+    the PyTorch side's counterpart of ``peftjax.host.matmul_gflops``."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    a @ a
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    return round(2 * n ** 3 / statistics.median(times) / 1e9, 1)
 
 
 def _median(times: list[float]) -> float:
@@ -199,7 +208,9 @@ def main(argv):
         raise app.UsageError("--dtype: the comparison is fp32 only (PyTorch CPU trains in fp32 here)")
     if FLAGS.remat:
         raise app.UsageError("--remat: not compared (peft's side would need gradient checkpointing)")
-    threads = FLAGS.threads or _cpus()
+    from peftjax import host
+
+    threads = FLAGS.threads or host.cpus()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -215,6 +226,9 @@ def main(argv):
     from peftjax.models import hf_io
 
     torch.set_num_threads(threads)
+    # The machine first, while nothing else of this run is in memory: the CPU and what its
+    # cores give each side's dense matmul (the bound the step's GFLOP/s are read against).
+    machine = {**host.describe(), "torch_matmul_gflops": _torch_matmul_gflops(torch)}
     model_cfg = models.get(FLAGS.model).copy_and_resolve_references()
     with model_cfg.unlocked():
         # The PyTorch side is transformers' ForSequenceClassification, which always classifies
@@ -293,10 +307,11 @@ def main(argv):
     out = {
         "model": FLAGS.model, "head": head, "random_weights": bool(FLAGS.random_weights), "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
         "steps": FLAGS.steps, "warmup": FLAGS.warmup, "scan_layers": FLAGS.scan_layers,
-        "torch_threads": torch.get_num_threads(), "jax_threads": _cpus(),
+        "torch_threads": torch.get_num_threads(), "jax_threads": host.cpus(),
         "jax_threads_note": "XLA:CPU's intra-op pool spans the CPUs this process may use",
-        "cpus": _cpus(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "cpus": host.cpus(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "host": machine,   # the CPU, and its matmul GFLOP/s measured before the methods
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": {"jax": jax.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft_lib.__version__},

@@ -1,10 +1,13 @@
-"""Tables and a plot from experiments/speed/runs/*.json (written by experiments/speed/run.sh).
+"""Tables and a plot from experiments/speed/runs/<host>/*.json (written by experiments/speed/run.sh).
 
     python experiments/speed/make_table.py            # prints the markdown tables, writes ratios.png
 
-Train step: one row per (model, task, method) with both sides' median step time and the ratio
-peftjax / peft (below 1: peftjax is faster). Decoding: tokens/s of both sides per setting and the
-ratio peftjax / transformers (above 1: peftjax is faster).
+Runs are kept per kind of machine (``runs/<host>/``, the folder named by ``peftjax.host.label``):
+a ratio holds for the CPU it was measured on, and the machines this project is lent differ (the
+README's two hosts). Per host, train step: one row per (model, task, method) with both sides'
+median step time, the ratio peftjax / peft (below 1: peftjax is faster) and the GFLOP/s of
+peftjax's step (XLA's cost analysis over the median time). Decoding: tokens/s of both sides per
+setting and the ratio peftjax / transformers (above 1: peftjax is faster).
 """
 
 from __future__ import annotations
@@ -14,24 +17,51 @@ import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS = os.path.join(HERE, "runs")
 
 
-def load() -> tuple[list[dict], list[dict], list[dict]]:
-    steps, decoding, scans = [], [], []
-    for path in sorted(glob.glob(os.path.join(HERE, "runs", "*.json"))):
+def hosts(runs: str = RUNS) -> list[str]:
+    """The host folders under ``runs``, in name order."""
+    return sorted(d for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d)))
+
+
+def load(folder: str) -> tuple[list[dict], list[dict], list[dict], dict | None]:
+    """One host's runs: train-step rows, decoding rows, layer-scan rows, and the host description
+    the runs recorded (``peftjax.host.describe``; None for runs from before it existed)."""
+    steps, decoding, scans, machine = [], [], [], None
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             data = json.load(f)
         name = os.path.basename(path)
         if isinstance(data, list):   # scripts/bench.py rows (the layer-scan runs)
             scans += [{"file": name, **row} for row in data]
-        elif "settings" in data:
+            machine = machine or next((row["host"] for row in data if row.get("host")), None)
+            continue
+        machine = machine or data.get("host")
+        if "settings" in data:
             for row in data["settings"]:
                 decoding.append({"file": name, "model": data["model"], **row})
         else:
             for row in data["methods"]:
                 steps.append({"file": name, "model": data["model"], "head": data.get("head", "classification"),
                               "batch": data["batch"], "seq": data["seq"], "loadavg": data.get("loadavg"), **row})
-    return steps, decoding, scans
+    return steps, decoding, scans, machine
+
+
+def describe_host(name: str, machine: dict | None, steps: list[dict]) -> str:
+    """One line: the CPU, its matmul rates, and the range of GFLOP/s its train steps reached."""
+    rates = [r["flops"] / r["peftjax_step_s"] / 1e9 for r in steps if r.get("flops")]
+    reached = f"peftjax's train steps {min(rates):.0f}–{max(rates):.0f} GFLOP/s" if rates else ""
+    if machine is None:
+        return f"**{name}**: CPU not recorded (runs from before `peftjax.host`); " + reached
+    cpu = machine["cpu"]
+    isa = ", ".join(cpu.get("isa") or []) or "unknown ISA"
+    parts = [f"**{name}**: {cpu['model_name']} (vendor {cpu.get('vendor')}, family {cpu.get('family')} "
+             f"model {cpu.get('model')}; {isa}), {cpu['cpus']} CPUs"]
+    if machine.get("xla_matmul_gflops"):
+        parts.append(f"2048² fp32 matmul: XLA {machine['xla_matmul_gflops']:.0f} GFLOP/s"
+                     + (f", PyTorch {machine['torch_matmul_gflops']:.0f}" if machine.get("torch_matmul_gflops") else ""))
+    return "; ".join(parts + ([reached] if reached else []))
 
 
 def stalled(times: list[float] | None, factor: float = 1.5) -> str:
@@ -49,12 +79,15 @@ def _mib(value) -> str:
 
 
 def tables(steps: list[dict], decoding: list[dict], scans: list[dict] = ()) -> str:
-    lines = ["| model | task | batch × seq | method | peftjax s/step | peft s/step | ratio | compile s | XLA peak MiB |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = []
+    if steps:
+        lines += ["| model | task | batch × seq | method | peftjax s/step | peft s/step | ratio | peftjax GFLOP/s | compile s | XLA peak MiB |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in steps:
         compile_s = r.get("peftjax_compile_s")
+        rate = f"{r['flops'] / r['peftjax_step_s'] / 1e9:.0f}" if r.get("flops") else "–"
         lines.append(f"| {r['model']} | {r['head']} | {r['batch']} × {r['seq']} | {r['method']} | "
-                     f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | {rate} | "
                      f"{'–' if compile_s is None else f'{compile_s:.1f}'} | {_mib(r.get('peak_memory_bytes'))} |")
     if scans:
         lines += ["", "| model | layers | method | stack | compile s | s/step | stalled steps | XLA peak MiB |",
@@ -82,7 +115,8 @@ def tables(steps: list[dict], decoding: list[dict], scans: list[dict] = ()) -> s
     return "\n".join(lines)
 
 
-def plot(steps: list[dict], path: str) -> None:
+def plot(by_host: dict[str, list[dict]], path: str) -> None:
+    """One panel of step ratios per host, the same x positions for the same (model, method)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,26 +124,35 @@ def plot(steps: list[dict], path: str) -> None:
 
     short = {"all-MiniLM-L6-v2": "MiniLM", "bench-llama-small": "Llama-small", "bench-t5-small": "T5-small",
              "gpt2": "GPT-2"}
-    labels = [f"{short.get(r['model'], r['model'])} {r['method']}" for r in steps]
-    ratios = [r["ratio"] for r in steps]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(steps)), 4.5))
-    ax.bar(range(len(steps)), ratios, color=["tab:green" if x <= 0.9 else "tab:orange" if x <= 1 else "tab:red"
-                                             for x in ratios])
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.axhline(0.9, color="gray", lw=0.8, ls="--")
-    ax.set_xticks(range(len(steps)), labels, fontsize=7, rotation=60, ha="right")
-    ax.set_ylabel("peftjax / peft step time")
-    ax.set_title("Train step vs transformers + peft, 2 CPU cores (below 1: peftjax faster; dashed: 0.9)",
-                 fontsize=9)
+    keys = list(dict.fromkeys((r["model"], r["method"]) for steps in by_host.values() for r in steps))
+    fig, axes = plt.subplots(len(by_host), 1, figsize=(max(6, 0.3 * len(keys)), 2.6 * len(by_host) + 1.2),
+                             sharex=True, squeeze=False)
+    for ax, (name, steps) in zip(axes[:, 0], by_host.items()):
+        ratio = {(r["model"], r["method"]): r["ratio"] for r in steps}
+        xs = [i for i, k in enumerate(keys) if k in ratio]
+        ys = [ratio[keys[i]] for i in xs]
+        ax.bar(xs, ys, color=["tab:green" if y <= 0.9 else "tab:orange" if y <= 1 else "tab:red" for y in ys])
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+        ax.set_ylabel("peftjax / peft")
+        ax.set_title(name, fontsize=8)
+    axes[-1, 0].set_xticks(range(len(keys)), [f"{short.get(m, m)} {meth}" for m, meth in keys],
+                           fontsize=7, rotation=60, ha="right")
+    fig.suptitle("Train step vs transformers + peft, 2 CPU cores, per host "
+                 "(below 1: peftjax faster; dashed: 0.9)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    steps, decoding, scans = load()
-    print(tables(steps, decoding, scans))
-    if steps:
-        plot(steps, os.path.join(HERE, "ratios.png"))
+    by_host = {}
+    for name in hosts():
+        steps, decoding, scans, machine = load(os.path.join(RUNS, name))
+        print(f"## {name}\n\n{describe_host(name, machine, steps)}\n\n{tables(steps, decoding, scans)}\n")
+        if steps:
+            by_host[name] = steps
+    if by_host:
+        plot(by_host, os.path.join(HERE, "ratios.png"))
 
 
 if __name__ == "__main__":

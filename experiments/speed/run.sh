@@ -6,7 +6,11 @@
 set -eu
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-OUT=experiments/speed/runs
+# One folder per kind of machine (peftjax.host.label: CPU model, generation, widest vector ISA,
+# CPU count): a rerun on the same kind replaces its runs, another kind gets its own table.
+OUT=${OUT:-experiments/speed/runs/$($PY -m peftjax.host --label)}
+mkdir -p "$OUT"
+echo "writing into $OUT" >&2
 WHAT=${WHAT:-"minilm llama gpt2 t5 generate scan scan_minilm scan_gpt2 scan_t5 scan_depth scan_t5_methods"}
 STEPS=${STEPS:-10}   # a median of 10: robust to this machine's occasional 2-4 s stalls
 # Every method PEFT also has (bench_vs_peft.py's parity names). Left out where the method has nothing

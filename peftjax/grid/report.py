@@ -6,6 +6,7 @@ LaTeX (booktabs) with the best value per column in bold, plots, and a reproducib
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from peftjax import host
 from peftjax.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -655,7 +657,11 @@ def _stamp_lines(now: dict, stamps: Sequence[dict]) -> list[str]:
     if stamps:
         lines.append(f"sweep invocations: {len(stamps)}, first {stamps[0]['date']}, last {stamps[-1]['date']}")
         dev = stamps[-1].get("device", {})
-        lines.append("device: " + ", ".join(f"{k}={v}" for k, v in dev.items() if k != "host"))
+        lines.append("device: " + ", ".join(f"{k}={v}" for k, v in dev.items() if k not in ("host", "cpu")))
+        # Cells' timings compare only within one kind of machine: name every kind that ran some.
+        kinds = collections.Counter(host.label(st["device"]["cpu"]) if st.get("device", {}).get("cpu")
+                                    else "unrecorded" for st in stamps)
+        lines.append("CPUs of the sweep's invocations: " + ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items())))
         lines.append("packages: " + ", ".join(f"{k} {v}" for k, v in stamps[-1].get("packages", {}).items()))
     return lines
 

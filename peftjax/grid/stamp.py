@@ -43,9 +43,12 @@ def package_versions(packages=PACKAGES) -> dict[str, str | None]:
 
 
 def device() -> dict:
-    """The accelerator JAX uses and the host (CPU count, platform)."""
+    """The accelerator JAX uses and the host (CPU model and vector ISA, CPU count, platform): cells'
+    timings are comparable only between machines of one kind (``peftjax.host``)."""
+    from peftjax import host as host_lib
+
     info = {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu": host_lib.cpu()}
     try:
         import jax
 

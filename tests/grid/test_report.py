@@ -66,6 +66,11 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
     ResultsStore(str(tmp_path / "stamps.jsonl")).append(
         {"date": "2026-01-01T00:00:00+00:00", "commit": "abc123", "dirty": False,
          "packages": {"jax": "0.0"}, "device": {"backend": "cpu", "cpu_count": 2}})
+    # A later invocation on another kind of machine (stamps record its CPU since 2026-12-06).
+    zen3 = {"model_name": "AMD EPYC", "family": 25, "model": 1, "isa": ["avx2", "fma"], "cpus": 2}
+    ResultsStore(str(tmp_path / "stamps.jsonl")).append(
+        {"date": "2026-01-02T00:00:00+00:00", "commit": "abc123", "dirty": False,
+         "packages": {"jax": "0.0"}, "device": {"backend": "cpu", "cpu_count": 2, "cpu": zen3}})
     with open(tmp_path / "sweep.json", "w") as f:
         json.dump({"definition": {"name": "synthetic", "report": {"order": ["full", "lora", "dylora",
                                                                             "adalora", "bitfit"]}}}, f)
@@ -86,7 +91,8 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
     assert "| m | tweet_sentiment | lora | rank=4 | 76.00 | 0,1,2 | yes |" in md
     assert "RuntimeError: boom \\| bad" in md
     for needle in ("commit abc123", "packages: jax 0.0", "device: backend=cpu", "report generated",
-                   "resolved_configs.json"):
+                   "resolved_configs.json",
+                   "CPUs of the sweep's invocations: amd-epyc-f25m1-avx2-2cpu (1), unrecorded (1)"):
         assert needle in md, needle
     assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{80.0 $\pm$ 1.0}",
                                   r"tweet\_sentiment", "% sweep run at commit abc123"))

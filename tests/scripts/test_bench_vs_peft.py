@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from peftjax import host
 from tests.helpers import run_script
 
 
@@ -41,6 +42,9 @@ def test_tiny_bert_lora_both_sides():
     out = json.loads(proc.stdout)
     assert out["torch_threads"] == 1 and out["jax_threads"] >= 1
     assert out["backend"] == "cpu" and set(out["versions"]) == {"jax", "torch", "transformers", "peft"}
+    # The machine: a ratio holds for the CPU it was measured on (peftjax.host).
+    assert out["host"]["label"] == host.label() and out["host"]["cpu"] == host.cpu()
+    assert out["host"]["xla_matmul_gflops"] > 0 and out["host"]["torch_matmul_gflops"] > 0
     _check_rows(out["methods"], methods)
     row = out["methods"][0]
     # LoRA r=8 on query,value of 2 layers (hidden 32) + the 3-way classifier (32*3 + 3)
