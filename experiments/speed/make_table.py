@@ -25,19 +25,19 @@ def hosts(runs: str = RUNS) -> list[str]:
     return sorted(d for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d)))
 
 
-def load(folder: str) -> tuple[list[dict], list[dict], list[dict], dict | None]:
-    """One host's runs: train-step rows, decoding rows, layer-scan rows, and the host description
-    the runs recorded (``peftjax.host.describe``; None for runs from before it existed)."""
-    steps, decoding, scans, machine = [], [], [], None
+def load(folder: str) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """One host's runs: train-step rows, decoding rows, layer-scan rows, and the host descriptions
+    its runs recorded (``peftjax.host.describe``, one per run; none for runs from before it)."""
+    steps, decoding, scans, machines = [], [], [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             data = json.load(f)
         name = os.path.basename(path)
         if isinstance(data, list):   # scripts/bench.py rows (the layer-scan runs)
             scans += [{"file": name, **row} for row in data]
-            machine = machine or next((row["host"] for row in data if row.get("host")), None)
+            machines += [row["host"] for row in data[:1] if row.get("host")]
             continue
-        machine = machine or data.get("host")
+        machines += [data["host"]] if data.get("host") else []
         if "settings" in data:
             for row in data["settings"]:
                 decoding.append({"file": name, "model": data["model"], **row})
@@ -45,22 +45,30 @@ def load(folder: str) -> tuple[list[dict], list[dict], list[dict], dict | None]:
             for row in data["methods"]:
                 steps.append({"file": name, "model": data["model"], "head": data.get("head", "classification"),
                               "batch": data["batch"], "seq": data["seq"], "loadavg": data.get("loadavg"), **row})
-    return steps, decoding, scans, machine
+    return steps, decoding, scans, machines
 
 
-def describe_host(name: str, machine: dict | None, steps: list[dict]) -> str:
-    """One line: the CPU, its matmul rates, and the range of GFLOP/s its train steps reached."""
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}"
+
+
+def describe_host(name: str, machines: list[dict], steps: list[dict]) -> str:
+    """One line: the CPU, its matmul rates (the range over the runs: each run measures them once,
+    before its methods), and the range of GFLOP/s its train steps reached."""
     rates = [r["flops"] / r["peftjax_step_s"] / 1e9 for r in steps if r.get("flops")]
-    reached = f"peftjax's train steps {min(rates):.0f}–{max(rates):.0f} GFLOP/s" if rates else ""
-    if machine is None:
+    reached = f"peftjax's train steps {_span(rates)} GFLOP/s" if rates else ""
+    if not machines:
         return f"**{name}**: CPU not recorded (runs from before `peftjax.host`); " + reached
-    cpu = machine["cpu"]
+    cpu = machines[0]["cpu"]
     isa = ", ".join(cpu.get("isa") or []) or "unknown ISA"
     parts = [f"**{name}**: {cpu['model_name']} (vendor {cpu.get('vendor')}, family {cpu.get('family')} "
              f"model {cpu.get('model')}; {isa}), {cpu['cpus']} CPUs"]
-    if machine.get("xla_matmul_gflops"):
-        parts.append(f"2048² fp32 matmul: XLA {machine['xla_matmul_gflops']:.0f} GFLOP/s"
-                     + (f", PyTorch {machine['torch_matmul_gflops']:.0f}" if machine.get("torch_matmul_gflops") else ""))
+    xla = [m["xla_matmul_gflops"] for m in machines if m.get("xla_matmul_gflops")]
+    torch = [m["torch_matmul_gflops"] for m in machines if m.get("torch_matmul_gflops")]
+    if xla:
+        parts.append(f"2048² fp32 matmul, {len(xla)} runs: XLA {_span(xla)} GFLOP/s"
+                     + (f", PyTorch {_span(torch)}" if torch else ""))
     return "; ".join(parts + ([reached] if reached else []))
 
 
@@ -81,13 +89,14 @@ def _mib(value) -> str:
 def tables(steps: list[dict], decoding: list[dict], scans: list[dict] = ()) -> str:
     lines = []
     if steps:
-        lines += ["| model | task | batch × seq | method | peftjax s/step | peft s/step | ratio | peftjax GFLOP/s | compile s | XLA peak MiB |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| model | task | batch × seq | method | peftjax s/step | peft s/step | ratio | stalled steps | peftjax GFLOP/s | compile s | XLA peak MiB |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in steps:
         compile_s = r.get("peftjax_compile_s")
         rate = f"{r['flops'] / r['peftjax_step_s'] / 1e9:.0f}" if r.get("flops") else "–"
+        stalls = f"{stalled(r.get('peftjax_step_s_all'))} · {stalled(r.get('peft_step_s_all'))}"
         lines.append(f"| {r['model']} | {r['head']} | {r['batch']} × {r['seq']} | {r['method']} | "
-                     f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | {rate} | "
+                     f"{r['peftjax_step_s']:.3f} | {r['peft_step_s']:.3f} | {r['ratio']:.2f} | {stalls} | {rate} | "
                      f"{'–' if compile_s is None else f'{compile_s:.1f}'} | {_mib(r.get('peak_memory_bytes'))} |")
     if scans:
         lines += ["", "| model | layers | method | stack | compile s | s/step | stalled steps | XLA peak MiB |",
@@ -147,8 +156,8 @@ def plot(by_host: dict[str, list[dict]], path: str) -> None:
 def main() -> None:
     by_host = {}
     for name in hosts():
-        steps, decoding, scans, machine = load(os.path.join(RUNS, name))
-        print(f"## {name}\n\n{describe_host(name, machine, steps)}\n\n{tables(steps, decoding, scans)}\n")
+        steps, decoding, scans, machines = load(os.path.join(RUNS, name))
+        print(f"## {name}\n\n{describe_host(name, machines, steps)}\n\n{tables(steps, decoding, scans)}\n")
         if steps:
             by_host[name] = steps
     if by_host:
