@@ -135,7 +135,7 @@ def plot(by_host: dict[str, list[dict]], path: str) -> None:
              "gpt2": "GPT-2"}
     keys = list(dict.fromkeys((r["model"], r["method"]) for steps in by_host.values() for r in steps))
     fig, axes = plt.subplots(len(by_host), 1, figsize=(max(6, 0.3 * len(keys)), 2.6 * len(by_host) + 1.2),
-                             sharex=True, squeeze=False)
+                             sharex=True, sharey=True, squeeze=False)
     for ax, (name, steps) in zip(axes[:, 0], by_host.items()):
         ratio = {(r["model"], r["method"]): r["ratio"] for r in steps}
         xs = [i for i, k in enumerate(keys) if k in ratio]
