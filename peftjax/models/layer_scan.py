@@ -28,24 +28,23 @@ tables picked by index), BERT/RoBERTa/MiniLM, GPT-2 (unless its attention is sca
 BLOOM and T5 (block 0 holds the relative position bias table and runs first; blocks 1 … N-1 are
 scanned with the bias it computed: ``start``). Qwen3-MoE refuses (dense and MoE layers differ).
 
-Measured on XLA:CPU (quiet cores of experiments/speed's unrecorded host,
-``scripts/bench.py --scan_layers --num_layers=N``), the scan never wins a training run. The small Llama's LoRA train step
-compiles in 3.50 s scanned against 1.80 s unrolled at 8 layers and 6.36 s against 3.97 s at 32;
-unrolled, ~1.2 s of that compile does not depend on depth and each layer adds ~0.09 s, so no
-scan could halve the 8-layer figure, and this one still grows 0.12 s a layer: the stacking of
-every layer's param leaves, the slicing of their gradients and the per-leaf optimizer update
-stay outside the loop (a stacked param layout would remove them; not built). Steps are slower
-too (LoRA 0.385 / 0.330 s at 8 layers: the stacked copy and the loop's dynamic slices) and XLA's
-peak is higher (740 / 549 MiB). T5-small compiles 1.2-1.5x faster scanned at 6 + 6 blocks and
-3.6x at 24 + 24 (LoRA 7.59 / 27.60 s) but every method steps 2-25% slower (LoRA 0.787 / 0.741 s
-at 6 + 6), so a LoRA run past ~35 steps is faster unrolled; GPT-2 and a 24-layer MiniLM-shaped
-LoRA stack likewise compile faster and step no faster. So ``scan_layers`` is off by default; it
-is there for short runs and for accelerators, whose compilers are where MaxText and levanter
-report the gain (not measured here: no device). Those keep the layers' params stacked in the
-param tree itself; here the stack is built in every step, so on a large model the transient
-copy of the layer weights it needs would have to go first (a stacked layout for the frozen base,
-not built).
-"""
+Measured on XLA:CPU (quiet cores of experiments/speed's unrecorded host, ``scripts/bench.py
+--scan_layers --num_layers=N``), the scan never wins a training run. The small Llama's LoRA
+train step compiles in 3.50 s scanned against 1.80 s unrolled at 8 layers and 6.36 s against
+3.97 s at 32; unrolled, ~1.2 s of that compile does not depend on depth and each layer adds
+~0.09 s, so no scan could halve the 8-layer figure, and this one still grows 0.12 s a layer: the
+stacking of every layer's param leaves, the slicing of their gradients and the per-leaf
+optimizer update stay outside the loop (a stacked param layout would remove them; not built).
+Steps are slower too (LoRA 0.385 / 0.330 s at 8 layers: the stacked copy and the loop's dynamic
+slices) and XLA's peak is higher (740 / 549 MiB). T5-small compiles 1.2-1.5x faster scanned at 6
++ 6 blocks and 3.6x at 24 + 24 (LoRA 7.59 / 27.60 s) but every method steps 2-25% slower (LoRA
+0.787 / 0.741 s at 6 + 6), so a LoRA run past ~35 steps is faster unrolled; GPT-2 and a 24-layer
+MiniLM-shaped LoRA stack likewise compile faster and step no faster. So ``scan_layers`` is off
+by default; it is there for short runs and for accelerators, whose compilers are where MaxText
+and levanter report the gain (not measured here: no device). Those keep the layers' params
+stacked in the param tree itself; here the stack is built in every step, so on a large model the
+transient copy of the layer weights it needs would have to go first (a stacked layout for the
+frozen base, not built). """
 
 from __future__ import annotations
 
