@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import platform
 import re
-import time
+from typing import Any, Callable
 
 # The vector and matrix extensions that decide how fast XLA's and PyTorch's kernels run here.
 ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -53,12 +53,11 @@ def cpu(path: str = "/proc/cpuinfo") -> dict:
     """
     info = _cpuinfo(path)
     flags = set(info.get("flags", "").split())
-    out = {"model_name": info.get("model name") or platform.processor() or platform.machine(),
+    return {"model_name": info.get("model name") or platform.processor() or platform.machine(),
            "vendor": info.get("vendor_id"), "family": _int(info.get("cpu family")),
            "model": _int(info.get("model")), "stepping": _int(info.get("stepping")),
            "mhz": _float(info.get("cpu MHz")), "isa": [f for f in ISA if f in flags] if flags else None,
            "cpus": cpus(), "cpu_count": os.cpu_count()}
-    return out
 
 
 def label(info: dict | None = None) -> str:
@@ -84,13 +83,15 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return round(2 * n ** 3 / float(np.median(times)) / 1e9, 1)
+    return gflops_rate(lambda: f(a).block_until_ready(), 2 * n ** 3, repeats)
+
+
+def gflops_rate(call: Callable[[], Any], flops: float, repeats: int = 5) -> float:
+    """GFLOP/s of ``call`` (blocking until its result is ready, ``flops`` of work): the median of
+    ``repeats`` timed calls after one untimed one. The PyTorch side's matmul uses it too."""
+    from peftjax.train import measure
+
+    return round(flops / measure.median(measure.time_calls(call, repeats, warmup=1)) / 1e9, 1)
 
 
 def describe(measure: bool = True) -> dict:

@@ -66,16 +66,11 @@ LEARNING_RATE = 1e-4
 
 
 def _torch_matmul_gflops(torch, n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of PyTorch's n × n matmul (median of ``repeats`` after one untimed call):
-    the PyTorch side's counterpart of ``peftjax.host.matmul_gflops``."""
+    """fp32 GFLOP/s of PyTorch's n × n matmul: the counterpart of ``peftjax.host.matmul_gflops``."""
+    from peftjax import host
+
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
-    a @ a
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t)
-    return round(2 * n ** 3 / statistics.median(times) / 1e9, 1)
+    return host.gflops_rate(lambda: a @ a, 2 * n ** 3, repeats)
 
 
 def _median(times: list[float]) -> float:

@@ -9,6 +9,8 @@ import platform
 import subprocess
 from importlib import metadata
 
+from peftjax import host
+
 PACKAGES = ("peftjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
             "numpy", "transformers", "tensorflow-datasets", "matplotlib")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,10 +47,8 @@ def package_versions(packages=PACKAGES) -> dict[str, str | None]:
 def device() -> dict:
     """The accelerator JAX uses and the host (CPU model and vector ISA, CPU count, platform): cells'
     timings are comparable only between machines of one kind (``peftjax.host``)."""
-    from peftjax import host as host_lib
-
     info = {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "cpu": host_lib.cpu()}
+            "python": platform.python_version(), "cpu": host.cpu()}
     try:
         import jax
 
