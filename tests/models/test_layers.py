@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax.models.layers import dropout, gelu_exact, keep_mask, layer_norm
+from peftjax.models.layers import dot_rows, dropout, gelu_exact, keep_mask, layer_norm
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
@@ -59,3 +59,20 @@ def test_gelu_exact_matches_the_erf_formula_and_its_autodiff(dtype):
     assert ours.dtype == dtype
     tol = 1e-6 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), atol=tol, rtol=tol)
+
+
+def test_dot_rows_is_jnp_dot_with_the_same_gradients():
+    """The row-flattened product (the form whose weight gradient XLA:CPU runs as one 2-D product)
+    is the same function as ``jnp.dot`` on (batch, seq, n) inputs, values and both gradients."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (3, 5, 8))
+    w = jax.random.normal(kw, (8, 6))
+    g = jax.random.normal(kg, (3, 5, 6))
+    y, vjp = jax.vjp(dot_rows, x, w)
+    y_ref, vjp_ref = jax.vjp(jnp.dot, x, w)
+    assert y.shape == (3, 5, 6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert dot_rows(x[0, 0], w).shape == (6,)   # a single row keeps its rank
