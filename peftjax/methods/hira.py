@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.methods import core, lora
+from peftjax.models.layers import dot_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +65,11 @@ class HiRA(lora.LoRA):
         a, b = self.factors(params, call.x.dtype, context)
         kernel = call.kernel.astype(call.x.dtype)
         if self.merged_forward(call.x, call.kernel, call.train):
-            y = jnp.dot(call.x, kernel + kernel * (a @ b))    # y = x W0 + bias is then unused
+            # On rows (dot_rows): A and B's gradients pass through the full-size one of W0 ⊙ A B.
+            y = dot_rows(call.x, kernel + kernel * (a @ b))    # y = x W0 + bias is then unused
             return y if call.bias is None else y + call.bias
         x = core.input_dropout(call.module, call.x, self.config.dropout, call.train)
-        return call.y + jnp.dot(x, kernel * (a @ b))
+        return call.y + dot_rows(x, kernel * (a @ b))
 
     def merge_kernel(self, site, kernel, params, state):
         w = kernel.astype(jnp.float32)
