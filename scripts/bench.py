@@ -9,7 +9,8 @@ timed steps after compilation and warm-up), ``train_step_s_all`` (every timed st
 temporaries − donated), the exact byte sizes of the optimizer state, trainable tree, method state
 and frozen params, ``trainable_params``, ``flops`` (XLA cost analysis) and the backend. With
 ``full`` among the methods each row also gets ``optimizer_state_vs_full`` and
-``peak_memory_vs_full`` (ratios to full fine-tuning's figures in the same run).
+``peak_memory_vs_full`` (ratios to full fine-tuning's figures in the same run). ``--profile_dir``
+adds ``op_profile`` (where the step's time goes, per XLA op: ``peftjax.train.op_profile``).
 Each method uses its configs/methods/<name>.py defaults (override with --method_overrides; a
 ``name@variant`` entry is the method with the overrides given under that label) and
 the same random batch, AdamW, fp32 unless --dtype=bfloat16.
@@ -28,6 +29,8 @@ flags.DEFINE_integer("batch", 32, "batch size")
 flags.DEFINE_integer("seq", 64, "sequence length")
 flags.DEFINE_integer("steps", 10, "timed steps per method (after compilation and warm-up)")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+flags.DEFINE_string("head", "", "task head (classification, causal_lm, seq2seq_lm; default: classification "
+                    "where the family has it, else its LM head)")
 flags.DEFINE_integer("num_labels", 3, "classification labels (encoders)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("remat", False, "rematerialise layers in the backward pass")
@@ -38,6 +41,9 @@ flags.DEFINE_bool("scan_layers", False, "run the layer stack as one lax.scan (co
 flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over config defaults")
 flags.DEFINE_bool("random_weights", False, "random init instead of the model's checkpoint (same "
                   "shapes and speed; for machines without the offline weights)")
+flags.DEFINE_string("profile_dir", "", "also trace 3 steps of each method with jax.profiler into "
+                    "<dir>/<method>/ and add ``op_profile``: op time per step by kind and the top "
+                    "ops with their HLO shape and source (peftjax.train.op_profile)")
 flags.DEFINE_bool("inference", False, "also time inference: the adapted model, its merged form "
                   "(mergeable methods) and the base model, each a jitted forward pass")
 FLAGS = flags.FLAGS
@@ -89,6 +95,13 @@ def bench_method(label, model, base, batch, overrides, steps, warmup):
     times = measure.time_calls(one, steps, warmup)
     counts = methods.count_params(method)
     extra = {}
+    if FLAGS.profile_dir:
+        from peftjax.train import op_profile
+
+        prof = op_profile.profile(one, compiled, 3, os.path.join(FLAGS.profile_dir, label))
+        # Summed op time over the untraced median step: how much the executor overlapped ops.
+        prof["overlap"] = round(prof["op_ms_per_step"] / 1e3 / measure.median(times), 2)
+        extra["op_profile"] = prof
     if FLAGS.inference:
         extra = bench_inference(method, model, base, peft, holder["state"], batch, steps, warmup)
     nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
@@ -159,11 +172,13 @@ def main(argv):
             model_cfg.hf_config.num_hidden_layers = FLAGS.num_layers  # GPT-2/BLOOM: n_layer, T5: num_layers
             if "num_decoder_layers" in model_cfg.hf_config:  # T5's decoder stack, as deep
                 model_cfg.hf_config.num_decoder_layers = FLAGS.num_layers
-    head = "classification"
+    head = FLAGS.head or "classification"
     from peftjax.models.registry import family_for
 
     heads = family_for(model_cfg.hf_config.model_type).heads
-    if "classification" not in heads:  # an LM: encoder-decoders (T5) train text-to-text
+    if FLAGS.head and FLAGS.head not in heads:
+        raise app.UsageError(f"--head={FLAGS.head}: {FLAGS.model} has {', '.join(heads)}")
+    if head not in heads:  # an LM: encoder-decoders (T5) train text-to-text
         head = "seq2seq_lm" if "seq2seq_lm" in heads else "causal_lm"
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     model, params, _ = hf_io.load_from_config(model_cfg, head=head, num_labels=FLAGS.num_labels,
@@ -181,7 +196,7 @@ def main(argv):
     results = []
     for name in FLAGS.methods:
         r = bench_method(name, model, base, batch, overrides, FLAGS.steps, FLAGS.warmup)
-        r.update(model=FLAGS.model, batch=FLAGS.batch, seq=FLAGS.seq, dtype=FLAGS.dtype,
+        r.update(model=FLAGS.model, head=head, batch=FLAGS.batch, seq=FLAGS.seq, dtype=FLAGS.dtype,
                  remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
                  num_layers=next((getattr(model.config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
                                   if hasattr(model.config, k)), None), backend=jax.default_backend(),
