@@ -144,9 +144,9 @@ def dot_rows(x: jax.Array, w: jax.Array) -> jax.Array:
     (batch, seq, n) form it is a dot_general contracting two axes, for which XLA:CPU's layout
     assignment materialises the cotangent transposed — a strided copy fused into the cotangent's
     producer — and runs the product outside its YNN kernels. Measured on 2 CPUs (AVX-512 host of
-    experiments/speed): a (8, 128, 512) × (512, 1536) layer's backward behind a SiLU-gate
-    cotangent, 42.4 ms from the 3-D form against 11.8 ms from the rows (dx and dW both); the
-    small Llama's full fine-tuning step spent ~385 ms of 1.85 s in those copies. Only trained
+    experiments/speed; ``scripts/bench_dense_backward.py``): a (8, 128, 512) × (512, 1536)
+    layer's backward behind a SiLU-gate cotangent, 43.4 ms from the 3-D form against 12.2 ms
+    from the rows (dx and dW both); the small Llama's full fine-tuning step, 1.85 → 1.27 s. Only trained
     kernels pay it (a frozen kernel has no weight gradient), hence full fine-tuning's gap to
     PyTorch and not LoRA's.
     """
