@@ -42,15 +42,15 @@ import statistics
 import time
 
 import _bootstrap
-import bench  # its flags: --model --methods --batch --seq --steps --warmup --num_labels ...
+import bench  # its flags: --model --methods --head --batch --seq --steps --warmup --num_labels ...
 from absl import app, flags, logging
 
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the CPUs this process may use)")
 flags.DEFINE_bool("profile", False, "also time forward and forward+backward on both sides")
-flags.DEFINE_enum("head", "classification", ["classification", "causal_lm", "seq2seq_lm"],
-                  "the task both sides train: sequence classification (transformers' "
-                  "ForSequenceClassification), a causal LM over the whole batch (ForCausalLM, "
-                  "decoders) or text-to-text (ForSeq2SeqLM, T5: the batch is also the target)")
+# --head is bench.py's flag: here the task both sides train, sequence classification (the default;
+# transformers' ForSequenceClassification), a causal LM over the whole batch (ForCausalLM,
+# decoders) or text-to-text (ForSeq2SeqLM, T5: the batch is also the target).
+HEADS = ("classification", "causal_lm", "seq2seq_lm")
 flags.DEFINE_string("peft_attention", "", "transformers' attn_implementation on the PyTorch side "
                     "('' = its default, sdpa on CPU; 'eager' = the unfused composition peftjax "
                     "compiles, as a diagnostic)")
@@ -199,6 +199,9 @@ def main(argv):
     bad = [m for m in FLAGS.methods if m not in SUPPORTED]
     if bad:
         raise app.UsageError(f"--methods {bad} have no peft counterpart here; valid: {', '.join(SUPPORTED)}")
+    head = FLAGS.head or "classification"
+    if head not in HEADS:
+        raise app.UsageError(f"--head={head}: compared heads are {', '.join(HEADS)}")
     if FLAGS.dtype != "float32":
         raise app.UsageError("--dtype: the comparison is fp32 only (PyTorch CPU trains in fp32 here)")
     if FLAGS.remat:
@@ -235,7 +238,6 @@ def main(argv):
             # Same shapes, random weights on both sides (speed does not depend on the values):
             # for machines that lack the checkpoint's package.
             model_cfg.checkpoint = None
-    head = FLAGS.head
     model, params, _ = hf_io.load_from_config(model_cfg, head=head,
                                               num_labels=FLAGS.num_labels, dtype=jnp.float32,
                                               with_tokenizer=False, scan_layers=FLAGS.scan_layers)
