@@ -146,9 +146,9 @@ def dot_rows(x: jax.Array, w: jax.Array) -> jax.Array:
     producer — and runs the product outside its YNN kernels. Measured on 2 CPUs (AVX-512 host of
     experiments/speed; ``scripts/bench_dense_backward.py``): a (8, 128, 512) × (512, 1536)
     layer's backward behind a SiLU-gate cotangent, 43.4 ms from the 3-D form against 12.2 ms
-    from the rows (dx and dW both); the small Llama's full fine-tuning step, 1.85 → 1.27 s. Only trained
-    kernels pay it (a frozen kernel has no weight gradient), hence full fine-tuning's gap to
-    PyTorch and not LoRA's.
+    from the rows (dx and dW both); the small Llama's full fine-tuning step, 1.85 → 1.27 s.
+    Only trained kernels pay it (a frozen kernel has no weight gradient), hence full
+    fine-tuning's gap to PyTorch and not LoRA's.
     """
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
