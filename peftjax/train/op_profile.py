@@ -89,7 +89,8 @@ def summarize(events: list[dict], hlo_text: str, steps: int, top: int = 20) -> d
     }
 
 
-def profile(call: Callable[[], Any], compiled, steps: int, trace_dir: str, top: int = 20) -> dict[str, Any]:
+def profile(call: Callable[[], Any], compiled, steps: int, trace_dir: str,
+            top: int = 20) -> dict[str, Any]:
     """Run ``call`` (one step, blocking until done) ``steps`` times under ``jax.profiler`` into
     ``trace_dir`` (kept: open it in Perfetto or TensorBoard) and summarise it against
     ``compiled``'s HLO; ``overlap`` needs the caller's untraced step time, so it is left to it."""
