@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    import math
     import re
 
     import jax
@@ -42,9 +43,7 @@ def main(argv):
         s = jax.nn.sigmoid(gate)
         return res * up * s + res * up * gate * s * (1 - s)
 
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     out = {"host": host.label(), "input": [*lead, n], "kernel": [n, m], "forms": {}}
     for name, product in (("jnp.dot", jnp.dot), ("dot_rows", dot_rows)):
         def backward(x, w, up, gate, res, product=product):
