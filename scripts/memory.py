@@ -17,6 +17,12 @@ prints a list. Compute dtype: ``--config.train.dtype=bfloat16``; frozen params i
 peftjax/models/layers.py ``REMAT_POLICIES``); optimizer: ``--optimizer=adamw|sgd|adafactor``.
 ``--mesh=1,8,1`` (data,fsdp,tensor) adds ``sharded``: per-device bytes of each part of the train
 state under that mesh's sharding rules (``peftjax.train.memory.sharded_memory``; docs/distributed.md).
+
+``--compile_for=h100`` compiles with XLA's GPU compiler for that GPU without one attached (a
+compile-only device of jax's CUDA plugin: ``make gpu-aot`` installs it; peftjax/train/gpu_target.py
+says what the figures are): the GPU's buffer plan on a machine without a GPU. Set
+``XLA_FLAGS=--xla_gpu_autotune_level=0`` (no device to autotune on), as
+experiments/memory_table/run_gpu_aot.sh does.
 """
 
 import json
@@ -43,6 +49,8 @@ flags.DEFINE_string("method_overrides", "", "JSON {method: {key: value}} over co
 flags.DEFINE_string("mesh", "", "data,fsdp,tensor (e.g. 1,8,1): add per-device bytes of params, "
                     "gradients, optimizer and method state under that mesh (sharding rules of "
                     "peftjax.parallel, on abstract shapes: no devices needed)")
+flags.DEFINE_string("compile_for", "", "compile for this GPU without one attached (h100; needs "
+                    "`make gpu-aot`): XLA:GPU's plan instead of the default backend's")
 flags.DEFINE_string("out", "", "also write the JSON here (atomically)")
 FLAGS = flags.FLAGS
 
@@ -84,6 +92,14 @@ def main(argv):
 
     from peftjax.files import write_json_atomic
     from peftjax.train.memory import analyze_train_step
+
+    if FLAGS.compile_for:  # before any JAX computation: the CUDA plugin is discovered then
+        import functools
+
+        from peftjax.train.gpu_target import target_device
+
+        analyze_train_step = functools.partial(analyze_train_step,
+                                               device=target_device(FLAGS.compile_for))
 
     if FLAGS.mesh:  # per-device figures under a mesh, next to the single-device compiled ones
         from peftjax.train.memory import sharded_memory

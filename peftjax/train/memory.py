@@ -164,7 +164,7 @@ def abstract_state(config: Any, model, method, batch_spec: dict, *, optimizer: s
 
 def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq: int | None = None,
                        optimizer: str = "adamw", frozen_dtype: str = "float32",
-                       head: str | None = None, mesh: Any = None) -> dict:
+                       head: str | None = None, mesh: Any = None, device: Any = None) -> dict:
     """Compiles one train step of ``config`` (a ``configs/train.py`` config) on abstract shapes
     and returns its memory and compute accounting (see the module docstring).
 
@@ -178,6 +178,9 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         method's dominant term; trainable params stay fp32 master weights).
       head: the model's head (default: the trainer's choice for ``config.task``).
       mesh: not supported yet (sharded accounting comes with issue 9); passing one is an error.
+      device: compile for this device instead of JAX's default one — e.g. a compile-only GPU
+        from ``peftjax.train.gpu_target.target_device("h100")``, so a machine without a GPU gets
+        XLA:GPU's plan (the row's ``deviceless`` says so).
     """
     if mesh is not None:
         raise NotImplementedError("analyze_train_step(mesh=...) is not supported yet: sharded "
@@ -195,14 +198,27 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
                                              frozen_dtype=frozen_dtype)
     opt_state = state.opt_state
     step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
+    args = (state, frozen, batch_spec)
+    if device is not None:  # the inputs' sharding names the device, hence the compiler
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), args)
+    else:
+        device = jax.devices()[0]
+    deviceless = device not in jax.devices()
     t1 = time.perf_counter()
-    lowered = step.lower(state, frozen, batch_spec)
+    lowered = step.lower(*args)
     compiled = lowered.compile()
     t2 = time.perf_counter()
 
     from peftjax.train import measure
 
     xla = measure.memory_analysis(compiled)
+    cost = measure.cost_analysis(compiled)
+    if not cost and deviceless:
+        # A compile-only device's executable has no cost analysis: count the same program's FLOPs
+        # before optimisation on the default backend (XLA's HLO cost analysis, no compile).
+        cost = {**measure.cost_analysis(step.lower(state, frozen, batch_spec)),
+                "flops_of": "unoptimized HLO"}
     counts = methods_lib.count_params(method, abstract_base)
     trainable_b = tree_bytes(peft.trainable)
     sizes = {
@@ -223,7 +239,8 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         "quant": quantize.config_of(config).describe(),
         "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
         **({"scan_layers": True} if config.train.get("scan_layers", False) else {}),
-        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "backend": device.platform, "device_kind": device.device_kind,
+        **({"deviceless": True} if deviceless else {}),
         "jax_version": jax.__version__,
         **counts,
         "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
@@ -231,7 +248,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         "xla": xla,
         "peak_bytes": xla.get("peak_memory_bytes"),
         "peak_gib": round(xla["peak_memory_bytes"] / GIB, 3) if "peak_memory_bytes" in xla else None,
-        **measure.cost_analysis(compiled),
+        **cost,
         "trace_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
     }
     return out
