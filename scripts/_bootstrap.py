@@ -39,7 +39,7 @@ def run(main) -> None:
 
     from peftjax.models.hf_io import CheckpointError
     from peftjax.train.checkpoint import CheckpointError as RestoreError
-    from peftjax.train.gpu_target import TargetUnavailable
+    from peftjax.gpu_target import TargetUnavailable
     from peftjax.train.loop import NonFiniteLossError
 
     show = os.environ.get("PEFTJAX_TRACEBACK", "") not in ("", "0")

@@ -19,7 +19,7 @@ peftjax/models/layers.py ``REMAT_POLICIES``); optimizer: ``--optimizer=adamw|sgd
 state under that mesh's sharding rules (``peftjax.train.memory.sharded_memory``; docs/distributed.md).
 
 ``--compile_for=h100`` compiles with XLA's GPU compiler for that GPU without one attached (a
-compile-only device of jax's CUDA plugin: ``make gpu-aot`` installs it; peftjax/train/gpu_target.py
+compile-only device of jax's CUDA plugin: ``make gpu-aot`` installs it; peftjax/gpu_target.py
 says what the figures are): the GPU's buffer plan on a machine without a GPU. Set
 ``XLA_FLAGS=--xla_gpu_autotune_level=0`` (no device to autotune on), as
 experiments/memory_table/run_gpu_aot.sh does.
@@ -88,6 +88,7 @@ def method_configs(config, names: str, overrides: dict) -> list:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    import jax
     from tqdm.auto import tqdm
 
     from peftjax.files import write_json_atomic
@@ -96,7 +97,7 @@ def main(argv):
     if FLAGS.compile_for:  # before any JAX computation: the CUDA plugin is discovered then
         import functools
 
-        from peftjax.train.gpu_target import target_device
+        from peftjax.gpu_target import target_device
 
         analyze_train_step = functools.partial(analyze_train_step,
                                                device=target_device(FLAGS.compile_for))
@@ -123,10 +124,11 @@ def main(argv):
             rows.append(analyze_train_step(cfg, **kwargs))
         else:
             # A table row per method: one that does not apply to this model (no bias to tune, no
-            # target it can match) is recorded with its error instead of ending the table.
+            # target it can match), or whose compile XLA fails, is recorded with its error
+            # instead of ending the table.
             try:
                 rows.append(analyze_train_step(cfg, **kwargs))
-            except (ValueError, NotImplementedError) as e:
+            except (ValueError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
                 print(f"{cfg.method.name}: {type(e).__name__}: {e}", file=sys.stderr)
                 rows.append({"model": cfg.model.name, "method": cfg.method.name,
                              "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})

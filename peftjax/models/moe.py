@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.gpu_target import compile_platform
 from peftjax.models import hooks, quant
 from peftjax.models.layers import Dense, _zero_cotangent, activation, normal_init
 
@@ -64,7 +65,9 @@ GROUPED_MATMUL = "auto"
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Rows of ``x`` (sorted by expert; ``group_sizes[e]`` rows of expert ``e``) times their
-    expert's ``w[e]``: ``jax.lax.ragged_dot``, or ``tiled_grouped_matmul`` on the CPU backend.
+    expert's ``w[e]``: ``jax.lax.ragged_dot``, or ``tiled_grouped_matmul`` when the program is
+    compiled for the CPU (``gpu_target.compile_platform``: a deviceless GPU compile on a CPU host
+    traces the grouped GEMM).
 
     Why two: XLA's GPU/TPU backends lower ``ragged_dot`` to a grouped GEMM, while the CPU
     lowers it to a masked product over all experts (measured, 4,096 rows × 128 experts,
@@ -73,7 +76,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
     rounding (tests)."""
     mode = GROUPED_MATMUL
     if mode == "auto":
-        mode = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+        mode = "tiled" if compile_platform() == "cpu" else "ragged_dot"
     if mode == "tiled":
         return tiled_grouped_matmul(x, w, group_sizes)
     if mode != "ragged_dot":

@@ -295,9 +295,14 @@ def dequantize(q: QuantizedTensor, dtype: Any = None, trigger: jax.Array | None 
     """The float kernel of ``q`` in ``dtype`` (default: the dtype it was quantized from).
 
     Every product is formed in float32 and rounded once to ``dtype``, as bitsandbytes does; the
-    whole chain is elementwise (gathers from 16- and 256-entry tables), which XLA fuses into the
-    consumer of the kernel. ``trigger``: a value the dequantization must not start before (the
-    layer's input, or in the backward the output's cotangent; see ``after``).
+    whole chain is elementwise (gathers from 16- and 256-entry tables) and XLA fuses it into one
+    loop that writes the layer's float kernel just before its matmul — not into the matmul itself:
+    on the CPU a dot is a library call, and XLA:GPU's Triton GEMM fusion (jax 0.10.2, compiled for
+    an H100: scripts/memory.py --compile_for) takes a one-operand elementwise prologue only (a
+    convert, a scalar scale), not the per-block absmax product nor the table lookup. So one
+    layer's kernel exists at a time (``after``); a matmul reading the packed codes directly needs
+    a custom kernel. ``trigger``: a value the dequantization must not start before (the layer's
+    input, or in the backward the output's cotangent; see ``after``).
     """
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     # The dependence enters at the packed codes themselves: everything derived from them (the

@@ -179,14 +179,14 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
       head: the model's head (default: the trainer's choice for ``config.task``).
       mesh: not supported yet (sharded accounting comes with issue 9); passing one is an error.
       device: compile for this device instead of JAX's default one — e.g. a compile-only GPU
-        from ``peftjax.train.gpu_target.target_device("h100")``, so a machine without a GPU gets
+        from ``peftjax.gpu_target.target_device("h100")``, so a machine without a GPU gets
         XLA:GPU's plan (the row's ``deviceless`` says so).
     """
     if mesh is not None:
         raise NotImplementedError("analyze_train_step(mesh=...) is not supported yet: sharded "
                                   "memory accounting comes with the sharding work (issue 9); "
                                   "call it without a mesh for single-device figures")
-    from peftjax import methods as methods_lib
+    from peftjax import gpu_target, methods as methods_lib
     from peftjax.train import quantize
     from peftjax.train.steps import make_train_step
 
@@ -206,7 +206,8 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         device = jax.devices()[0]
     deviceless = device not in jax.devices()
     t1 = time.perf_counter()
-    lowered = step.lower(*args)
+    with gpu_target.compiling_for(device):  # trace-time backend choices follow the target
+        lowered = step.lower(*args)
     compiled = lowered.compile()
     t2 = time.perf_counter()
 

@@ -27,13 +27,16 @@ first initialises its backends, so call :func:`target_device` before any JAX com
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where `make gpu-aot` puts the plugin; PEFTJAX_GPU_AOT names another folder installed the same way
 # (pip install --target DIR). A plugin installed in the environment itself is found too.
 PLUGIN_DIR = os.environ.get("PEFTJAX_GPU_AOT", os.path.join(ROOT, ".gpu_aot"))
@@ -148,3 +151,27 @@ def target_device(name: str) -> jax.Device:
             "gpu_target.target_device before any JAX computation, and with JAX_PLATFORMS unset "
             "or including cpu") from e
     return topo.devices[0]
+
+
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftjax_compile_platform",
+                                                                      default=None)
+
+
+def compile_platform() -> str:
+    """The platform the program being traced will be compiled for: the target's inside
+    :func:`compiling_for`, else JAX's default backend. Trace-time choices that depend on the
+    backend read it (``moe.grouped_matmul``: a grouped GEMM on GPUs, a tiled scan on the CPU), so
+    a deviceless GPU compile traces the GPU's program, not the host's. JAX caches a function's
+    trace by its argument shapes, not by this: trace a fresh function (as ``analyze_train_step``
+    does) rather than one already traced for another platform."""
+    return _PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(device: jax.Device) -> Iterator[None]:
+    """Trace for ``device``'s platform (see :func:`compile_platform`)."""
+    token = _PLATFORM.set(device.platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)

@@ -1,4 +1,4 @@
-"""Compiling for a GPU without one (peftjax/train/gpu_target.py, scripts/memory.py --compile_for).
+"""Compiling for a GPU without one (peftjax/gpu_target.py, scripts/memory.py --compile_for).
 
 The compile itself needs jax's CUDA plugin (`make gpu-aot`, ~5 GB), which CI does not install: that
 test runs where the plugin is present and is skipped elsewhere. The errors are checked everywhere.
@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-from peftjax.train import gpu_target
+from peftjax import gpu_target
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plugin_in_env() -> bool:
@@ -61,3 +61,25 @@ def test_compiles_a_train_step_for_an_h100_without_one():
     assert x["alias_bytes"] >= b["trainable_params"] + b["optimizer_state"]
     assert r["peak_bytes"] == x["argument_bytes"] + x["output_bytes"] + x["temp_bytes"] - x["alias_bytes"]
     assert r["flops"] > 0 and r["flops_of"] == "unoptimized HLO"
+
+
+def test_trace_time_backend_choice_follows_the_target():
+    """moe.grouped_matmul picks the tiled scan for the CPU and ragged_dot (a grouped GEMM) for a
+    GPU: inside compiling_for(<a GPU device>) a CPU host traces the GPU's program."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from peftjax.models import moe
+
+    x, w = jnp.ones((6, 4)), jnp.ones((3, 4, 5))
+    sizes = jnp.array([2, 1, 3], jnp.int32)
+    # a fresh function each time: JAX caches a function's trace by its argument shapes
+    prims = lambda: str(jax.make_jaxpr(lambda *a: moe.grouped_matmul(*a))(x, w, sizes))
+    assert gpu_target.compile_platform() == jax.default_backend() == "cpu"
+    assert "ragged_dot" not in prims()
+    with gpu_target.compiling_for(types.SimpleNamespace(platform="gpu")):
+        assert gpu_target.compile_platform() == "gpu"
+        assert "ragged_dot" in prims()
+    assert gpu_target.compile_platform() == "cpu"
