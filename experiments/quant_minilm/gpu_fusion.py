@@ -1,0 +1,61 @@
+"""Does XLA:GPU fuse peftjax's dequantization into the matmul? One 4096 × 4096 layer, compiled for
+an H100 on a machine without one (peftjax/gpu_target.py; needs `make gpu-aot`):
+
+    XLA_FLAGS=--xla_gpu_autotune_level=0 python experiments/quant_minilm/gpu_fusion.py
+
+prints, per variant of ``x @ kernel`` (x: 512 × 4096 bf16), the fusions of the compiled program's
+entry computation and its temporary bytes. A kernel fused into the GEMM leaves one fusion (the
+``__triton_*gemm`` one) and no 32 MiB bf16 kernel among the temporaries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from peftjax.gpu_target import target_device  # noqa: E402  (before JAX starts its backends)
+
+DEVICE = target_device("h100")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from peftjax.models import quant  # noqa: E402
+
+N = 4096
+SHARDING = jax.sharding.SingleDeviceSharding(DEVICE)
+
+
+def on_device(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SHARDING), tree)
+
+
+def report(name: str, fn, *args) -> None:
+    compiled = jax.jit(fn).lower(*on_device(args)).compile()
+    text = compiled.as_text()
+    entry = text[text.index("ENTRY"):]
+    fusions = re.findall(r"%([\w.]+) = (\S+) fusion\(", entry)
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+    print(f"{name}: temporaries {temp:.0f} MiB; fusions: "
+          + ", ".join(f"{n} -> {shape}" for n, shape in fusions))
+
+
+def main() -> None:
+    x = jax.ShapeDtypeStruct((512, N), jnp.bfloat16)
+    w8 = jax.ShapeDtypeStruct((N, N), jnp.int8)
+    scale = jax.ShapeDtypeStruct((N,), jnp.float32)
+    report("int8 -> bf16 convert only", lambda w, x: x @ w.astype(jnp.bfloat16), w8, x)
+    report("int8 -> bf16 times a constant", lambda w, x: x @ (w.astype(jnp.bfloat16) * 3.0), w8, x)
+    report("int8 times a per-channel scale", lambda w, s, x: x @ (w.astype(jnp.float32) * s).astype(jnp.bfloat16),
+           w8, scale, x)
+    for kind in ("int8", "nf4"):
+        q = quant.abstract(quant.quantize(jnp.zeros((N, N), jnp.float32) + 0.01, kind, double_quant=True))
+        report(f"peftjax quant.dequantize ({kind})",
+               lambda q, x: x @ quant.dequantize(q, jnp.bfloat16, trigger=x), q, x)
+
+
+if __name__ == "__main__":
+    main()
