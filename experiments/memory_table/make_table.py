@@ -69,13 +69,24 @@ def table(rows: list[dict], title: str) -> str:
             f"| {gib(x['temp_bytes'])} | {gib(r['peak_bytes'])} | {r['peak_bytes'] / 1e9:.2f} | {pub} "
             f"| {r['flops'] / 1e12:.2f} | {r['compile_s']:.0f} |")
     first = rows[0]
-    lines += ["", f"backend {first['backend']} ({first['device_kind']}), jax {first['jax_version']}"]
+    how = ("; compiled without the device (scripts/memory.py --compile_for), TFLOP/step counted on "
+           "the unoptimized program" if first.get("deviceless") else "")
+    lines += ["", f"backend {first['backend']} ({first['device_kind']}), jax {first['jax_version']}{how}"]
     return "\n".join(lines) + "\n"
 
 
+SOURCES = [  # folder, title
+    ("gpu", "GPU backend (compiled on an attached NVIDIA H200)"),
+    ("h200_aot", "GPU compiler for an NVIDIA H200, without one (run_gpu_aot.sh: the cross-check)"),
+    ("h100_aot", "GPU compiler for an NVIDIA H100, without one (run_gpu_aot.sh)"),
+    ("rtx4090_aot", "GPU compiler for a GeForce RTX 4090 (24 GB), without one (run_gpu_aot.sh)"),
+    ("cpu", "CPU backend"),
+]
+
+
 def main() -> None:
-    print(table(load("gpu"), "GPU backend (compiled for one NVIDIA H200)"))
-    print(table(load("cpu"), "CPU backend"))
+    for kind, title in SOURCES:
+        print(table(load(kind), title))
 
 
 if __name__ == "__main__":
