@@ -51,7 +51,7 @@ run: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 # Optional: jax's CUDA plugin, to compile for a GPU without one (scripts/memory.py --compile_for;
-# peftjax/train/gpu_target.py). Kept out of .venv: installed there, every JAX start on a machine
+# peftjax/gpu_target.py). Kept out of .venv: installed there, every JAX start on a machine
 # without a GPU would try, and fail, to initialise CUDA. ~5 GB (the CUDA libraries it loads).
 GPU_AOT := .gpu_aot
 

@@ -21,8 +21,10 @@ take the default GEMM configurations.
 
 The plugin (``jax-cuda12-plugin[with-cuda]`` at jax's own version, with the CUDA libraries it
 loads even to compile, ~5 GB) is not a dependency of peftjax: ``make gpu-aot`` installs it into
-``.gpu_aot/`` (or ``$PEFTJAX_GPU_AOT``), which :func:`target_device` adds to ``sys.path``. JAX discovers plugins when it
-first initialises its backends, so call :func:`target_device` before any JAX computation.
+``.gpu_aot/`` (or ``$PEFTJAX_GPU_AOT``), which :func:`target_device` adds to ``sys.path``. JAX
+discovers plugins when it first initialises its backends, so call :func:`target_device` before
+any JAX computation; it then restricts the process's own backends to the CPU (an explicit
+``JAX_PLATFORMS`` wins), which is all a compile for a description needs.
 """
 
 from __future__ import annotations
