@@ -28,6 +28,17 @@ def run_script(script: str, *args: str, timeout: int = 300,
                           env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
+def load_file_module(path: str, name: str):
+    """The Python file at ``path`` (relative to the repository root) imported as module ``name``:
+    for the experiments' scripts, which are not in a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def xla_flags(devices: int | None = None) -> str:
     """XLA_FLAGS for a subprocess: the suite's (tests/conftest.py), plus a forced host device
     count where the subprocess needs several devices (fixed when its backend starts)."""

@@ -7,14 +7,11 @@ test runs where the plugin is present and is skipped elsewhere. The errors are c
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from peftjax import gpu_target
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, run_script
 
 
 def _plugin_in_env() -> bool:
@@ -24,9 +21,8 @@ def _plugin_in_env() -> bool:
         return False
 
 
-def _memory(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "scripts/memory.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def _memory(*args, env=None):
+    return run_script("memory.py", *args, timeout=600, env=env)
 
 
 def test_unknown_target_lists_the_valid_ones():

@@ -4,19 +4,11 @@ files (the GPU compiler run without a device, for an H200, against the attached 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-from tests.helpers import ROOT
-
-TABLE = os.path.join(ROOT, "experiments", "memory_table")
+from tests.helpers import load_file_module
 
 
 def make_table():
-    spec = importlib.util.spec_from_file_location("memory_make_table", os.path.join(TABLE, "make_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("experiments/memory_table/make_table.py", "memory_make_table")
 
 
 def test_every_committed_folder_tabulates():

@@ -3,19 +3,15 @@ reaches the table with its host's CPU line (the speed README is this script's ou
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_file_module
 
 SPEED = os.path.join(ROOT, "experiments", "speed")
 
 
 def make_table():
-    spec = importlib.util.spec_from_file_location("make_table", os.path.join(SPEED, "make_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("experiments/speed/make_table.py", "make_table")
 
 
 def test_each_host_folder_gives_its_tables_and_cpu_line(tmp_path):
