@@ -34,7 +34,8 @@ def load(kind: str) -> list[dict]:
             setting = [f"{r['quant']} base" if r.get("quant", "none") != "none" else "",
                        f"{r['dtype']} compute" if r.get("dtype", "float32") != "float32" else "",
                        f"{r['frozen_dtype']} frozen" if r.get("frozen_dtype", "float32") != "float32"
-                       and r.get("quant", "none") == "none" else ""]
+                       and r.get("quant", "none") == "none" else "",
+                       "cuBLAS GEMMs" if "--xla_gpu_enable_triton_gemm=false" in r.get("xla_flags", "") else ""]
             if any(setting):   # not the seed's fp32 setting: the row says which it is
                 r = {**r, "method": f"{r['method']} ({', '.join(x for x in setting if x)})"}
             key = (r["model"], r["method"], r.get("remat"), r.get("peak_bytes"), r.get("error"))

@@ -59,6 +59,10 @@ for what in $WHAT; do
       for target in h100 rtx4090; do
         mem $target llama2-7b llama2_7b_all_methods_nf4_dq_bf16 $CAUSAL $BF16 $NF4 --methods=all \
           --method_overrides="$FISHER"
+        # prompt tuning's 672-row GEMMs stop XLA's Triton GEMM tiling (an internal error, recorded
+        # in the file above): the same step with cuBLAS for every GEMM
+        XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
+          mem $target llama2-7b llama2_7b_prompt_tuning_nf4_dq_bf16_cublas $CAUSAL $BF16 $NF4 --methods=prompt_tuning
       done
       ;;
     # T5-XXL compiles take long (CPU backend: 4-16 min a row); on their own.

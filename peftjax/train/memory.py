@@ -30,6 +30,7 @@ report names its backend.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -243,6 +244,8 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         "backend": device.platform, "device_kind": device.device_kind,
         **({"deviceless": True} if deviceless else {}),
         "jax_version": jax.__version__,
+        # compiler options change the plan (autotuning, which GEMM emitter): the row keeps them
+        **({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {}),
         **counts,
         "trainable_percent": round(100.0 * counts["trainable_params"] / counts["total_params"], 4),
         "bytes": sizes,
