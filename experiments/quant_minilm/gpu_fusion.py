@@ -5,7 +5,9 @@ an H100 on a machine without one (peftjax/gpu_target.py; needs `make gpu-aot`):
 
 prints, per variant of ``x @ kernel`` (x: 512 × 4096 bf16), the fusions of the compiled program's
 entry computation and its temporary bytes. A kernel fused into the GEMM leaves one fusion (the
-``__triton_*gemm`` one) and no 32 MiB bf16 kernel among the temporaries.
+``__triton_*gemm`` one) and no 32 MiB bf16 kernel among the temporaries. Add
+``--xla_gpu_experimental_enable_subchannel_dequantisation_fusion=true`` to XLA_FLAGS for XLA's
+experimental pass that fuses per-block scales (gpu_fusion_h100_subchannel.txt).
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def main() -> None:
     report("int8 -> bf16 times a constant", lambda w, x: x @ (w.astype(jnp.bfloat16) * 3.0), w8, x)
     report("int8 times a per-channel scale", lambda w, s, x: x @ (w.astype(jnp.float32) * s).astype(jnp.bfloat16),
            w8, scale, x)
+    # per-block scales (64 rows each, as NF4's absmaxes), the product in bf16 or in f32
+    wb = jax.ShapeDtypeStruct((N // 64, 64, N), jnp.int8)
+    report("int8 times per-block scales, product in bf16",
+           lambda w, s, x: x @ (w.astype(jnp.bfloat16) * s).reshape(N, N),
+           wb, jax.ShapeDtypeStruct((N // 64, 1, N), jnp.bfloat16), x)
+    report("int8 times per-block scales, product in f32",
+           lambda w, s, x: x @ (w.astype(jnp.float32) * s).astype(jnp.bfloat16).reshape(N, N),
+           wb, jax.ShapeDtypeStruct((N // 64, 1, N), jnp.float32), x)
     for kind in ("int8", "nf4"):
         q = quant.abstract(quant.quantize(jnp.zeros((N, N), jnp.float32) + 0.01, kind, double_quant=True))
         report(f"peftjax quant.dequantize ({kind})",
