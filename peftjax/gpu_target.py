@@ -35,6 +35,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 
@@ -113,13 +114,25 @@ class TargetUnavailable(RuntimeError):
     """The GPU target cannot be compiled for here (no plugin, or JAX initialised without it)."""
 
 
-def _plugin_importable() -> bool:
-    if os.path.isdir(PLUGIN_DIR) and PLUGIN_DIR not in sys.path:
-        sys.path.append(PLUGIN_DIR)
+def cuda_plugin_found() -> bool:
+    """Whether jax's CUDA plugin is importable from the current ``sys.path``."""
     try:
         return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
     except ModuleNotFoundError:
         return False
+
+
+def _plugin_importable() -> bool:
+    if os.path.isdir(PLUGIN_DIR) and PLUGIN_DIR not in sys.path:
+        sys.path.append(PLUGIN_DIR)
+    return cuda_plugin_found()
+
+
+def placed(tree: Any, device: jax.Device) -> Any:
+    """``tree``'s arrays or shapes as ``ShapeDtypeStruct``s on ``device``: lowering a jitted
+    function on them compiles it for that device's backend (a compile-only GPU included)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def target_device(name: str) -> jax.Device:

@@ -4,7 +4,6 @@ The compile itself needs jax's CUDA plugin (`make gpu-aot`, ~5 GB), which CI doe
 test runs where the plugin is present and is skipped elsewhere. The errors are checked everywhere.
 """
 
-import importlib.util
 import json
 import os
 
@@ -12,13 +11,6 @@ import pytest
 
 from peftjax import gpu_target
 from tests.helpers import ROOT, run_script
-
-
-def _plugin_in_env() -> bool:
-    try:
-        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _memory(*args, env=None):
@@ -30,7 +22,7 @@ def test_unknown_target_lists_the_valid_ones():
         gpu_target.target_device("a100")
 
 
-@pytest.mark.skipif(_plugin_in_env(), reason="the CUDA plugin is installed in this environment")
+@pytest.mark.skipif(gpu_target.cuda_plugin_found(), reason="the CUDA plugin is installed in this environment")
 def test_missing_plugin_is_one_clear_error(tmp_path):
     out = _memory("--config=configs/train.py:model=tiny-bert,method=lora", "--compile_for=h100",
                   env={"PEFTJAX_GPU_AOT": str(tmp_path)})
@@ -41,7 +33,8 @@ def test_missing_plugin_is_one_clear_error(tmp_path):
         f"{__import__('jax').__version__}, ~5 GB) into {os.path.relpath(str(tmp_path), ROOT)}/"]
 
 
-@pytest.mark.skipif(not (_plugin_in_env() or os.path.isdir(os.path.join(gpu_target.PLUGIN_DIR, "jax_plugins"))),
+@pytest.mark.skipif(not (gpu_target.cuda_plugin_found()
+                         or os.path.isdir(os.path.join(gpu_target.PLUGIN_DIR, "jax_plugins"))),
                     reason="needs jax's CUDA plugin (make gpu-aot)")
 def test_compiles_a_train_step_for_an_h100_without_one():
     """XLA:GPU's plan of a tiny LoRA step: the row names the target, its arguments hold at least

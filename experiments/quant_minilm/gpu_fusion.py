@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from peftjax.gpu_target import target_device  # noqa: E402  (before JAX starts its backends)
+from peftjax.gpu_target import placed, target_device  # noqa: E402  (before JAX starts its backends)
 
 DEVICE = target_device("h100")
 
@@ -28,15 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 from peftjax.models import quant  # noqa: E402
 
 N = 4096
-SHARDING = jax.sharding.SingleDeviceSharding(DEVICE)
-
-
-def on_device(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SHARDING), tree)
 
 
 def report(name: str, fn, *args) -> None:
-    compiled = jax.jit(fn).lower(*on_device(args)).compile()
+    compiled = jax.jit(fn).lower(*placed(args, DEVICE)).compile()
     text = compiled.as_text()
     entry = text[text.index("ENTRY"):]
     fusions = re.findall(r"%([\w.]+) = (\S+) fusion\(", entry)

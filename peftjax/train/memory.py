@@ -201,8 +201,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
     step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
     args = (state, frozen, batch_spec)
     if device is not None:  # the inputs' sharding names the device, hence the compiler
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        args = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), args)
+        args = gpu_target.placed(args, device)
     else:
         device = jax.devices()[0]
     deviceless = device not in jax.devices()
@@ -219,8 +218,9 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
     if not cost and deviceless:
         # A compile-only device's executable has no cost analysis: count the same program's FLOPs
         # before optimisation on the default backend (XLA's HLO cost analysis, no compile).
-        cost = {**measure.cost_analysis(step.lower(state, frozen, batch_spec)),
-                "flops_of": "unoptimized HLO"}
+        with gpu_target.compiling_for(device):  # the target's program, counted on the host
+            unoptimized = step.lower(state, frozen, batch_spec)
+        cost = {**measure.cost_analysis(unoptimized), "flops_of": "unoptimized HLO"}
     counts = methods_lib.count_params(method, abstract_base)
     trainable_b = tree_bytes(peft.trainable)
     sizes = {
