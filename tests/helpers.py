@@ -29,8 +29,8 @@ def run_script(script: str, *args: str, timeout: int = 300,
 
 
 def load_file_module(path: str, name: str):
-    """The Python file at ``path`` (relative to the repository root) imported as module ``name``:
-    for the experiments' scripts, which are not in a package."""
+    """The Python file at ``path`` (absolute, or relative to the repository root) imported as
+    module ``name``: for the experiments' scripts and config files, which are not in a package."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))

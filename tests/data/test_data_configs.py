@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
 
 from peftjax.data import get_task, list_tasks
+from tests.helpers import load_file_module
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tasks"
 
 
 def load(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(f"task_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_file_module(str(path), f"task_config_{path.stem}").get_config()
 
 
 # Instruction-tuning task configs (not registry tasks; tested in tests/data/test_instructions.py).

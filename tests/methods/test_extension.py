@@ -171,13 +171,11 @@ class GainedLoRA(lora.LoRA):
 
 @pytest.fixture
 def variant_module(tmp_path):
-    import importlib.util
+    from tests.helpers import load_file_module
 
     path = tmp_path / "gained_lora.py"
     path.write_text(VARIANT_SOURCE)
-    spec = importlib.util.spec_from_file_location("gained_lora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)   # registers the variant
+    module = load_file_module(str(path), "gained_lora")   # registers the variant
     try:
         yield module
     finally:
