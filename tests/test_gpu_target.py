@@ -33,9 +33,13 @@ def test_missing_plugin_is_one_clear_error(tmp_path):
         f"{__import__('jax').__version__}, ~5 GB) into {os.path.relpath(str(tmp_path), ROOT)}/"]
 
 
-@pytest.mark.skipif(not (gpu_target.cuda_plugin_found()
-                         or os.path.isdir(os.path.join(gpu_target.PLUGIN_DIR, "jax_plugins"))),
-                    reason="needs jax's CUDA plugin (make gpu-aot)")
+NEEDS_PLUGIN = pytest.mark.skipif(
+    not (gpu_target.cuda_plugin_found()
+         or os.path.isdir(os.path.join(gpu_target.PLUGIN_DIR, "jax_plugins"))),
+    reason="needs jax's CUDA plugin (make gpu-aot)")
+
+
+@NEEDS_PLUGIN
 def test_compiles_a_train_step_for_an_h100_without_one():
     """XLA:GPU's plan of a tiny LoRA step: the row names the target, its arguments hold at least
     the params, optimizer state and batch, and the state is donated (aliased) as on the CPU."""
@@ -50,6 +54,62 @@ def test_compiles_a_train_step_for_an_h100_without_one():
     assert x["alias_bytes"] >= b["trainable_params"] + b["optimizer_state"]
     assert r["peak_bytes"] == x["argument_bytes"] + x["output_bytes"] + x["temp_bytes"] - x["alias_bytes"]
     assert r["flops"] > 0 and r["flops_of"] == "unoptimized HLO"
+
+
+@NEEDS_PLUGIN
+def test_the_fused_quantized_matmul_compiles_for_an_h100_and_reads_the_codes():
+    """peftjax/models/quant_matmul.py's Pallas kernel through XLA:GPU (Triton to PTX for sm_90a):
+    one custom call per product, forward and backward, and none of the float kernel that XLA's
+    own dequantize-then-dot writes out (experiments/quant_minilm/gpu_fusion.py)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "experiments/quant_minilm/gpu_fusion.py"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "XLA_FLAGS": "--xla_gpu_autotune_level=0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    mib = lambda row: int(row.split("temporaries ")[1].split(" MiB")[0])
+    assert mib(rows["peftjax quant.dequantize (nf4)"]) >= 32          # the bf16 kernel written out
+    for kind in ("nf4", "int8"):
+        fused = rows[f"peftjax fused kernel ({kind}), forward and input gradient"]
+        assert fused.count("__gpu$xla.gpu.triton") == 2, fused
+        assert "bf16[4096,4096]" not in fused and mib(fused) <= 1, fused   # NF4: its absmaxes
+
+
+SPILL_CHECK = """
+import sys
+from peftjax.gpu_target import compiling_for, placed, target_device
+device = target_device(sys.argv[1])
+import jax, jax.numpy as jnp
+from peftjax.models import quant, quant_matmul
+for kind in ("nf4", "int8"):
+    q = quant.abstract(jax.eval_shape(lambda: quant.quantize(jnp.zeros((4096, 11008)), kind)))
+    x, dy = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((512, 4096), (512, 11008)))
+    def step(q, x, dy):
+        y, vjp = jax.vjp(lambda x: quant_matmul.matmul(x, q), x)
+        return y, vjp(dy)[0]
+    with compiling_for(device):
+        jax.jit(step).lower(*placed((q, x, dy), device)).compile()
+"""
+
+
+@NEEDS_PLUGIN
+@pytest.mark.parametrize("target", ["h100", "rtx4090"])
+def test_the_fused_kernels_compile_without_register_spills(target):
+    """ptxas reports the fused kernels' registers (XLA logs them at verbosity 2): none spilled to
+    local memory, forward and backward, NF4 and int8, on Hopper (wgmma) and Ada (mma.sync)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_gpu_autotune_level=0", "TF_CPP_MIN_LOG_LEVEL": "0",
+           "TF_CPP_VMODULE": "subprocess_compilation=2", "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", SPILL_CHECK, target], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = [ln for ln in out.stderr.splitlines() if "ptxas info" in ln and "registers" in ln]
+    assert len(kernels) >= 4, out.stderr[-3000:]
+    assert "spilled" not in out.stderr, [ln for ln in out.stderr.splitlines() if "spill" in ln]
 
 
 def test_trace_time_backend_choice_follows_the_target():

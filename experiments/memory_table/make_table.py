@@ -35,6 +35,8 @@ def load(kind: str) -> list[dict]:
                        f"{r['dtype']} compute" if r.get("dtype", "float32") != "float32" else "",
                        f"{r['frozen_dtype']} frozen" if r.get("frozen_dtype", "float32") != "float32"
                        and r.get("quant", "none") == "none" else "",
+                       # quantized matmuls as peftjax's Pallas kernel (peftjax/models/quant_matmul.py)
+                       "fused dequant-matmul" if r.get("fused_quant_kernels") else "",
                        "cuBLAS GEMMs" if "--xla_gpu_enable_triton_gemm=false" in r.get("xla_flags", "") else ""]
             if any(setting):   # not the seed's fp32 setting: the row says which it is
                 r = {**r, "method": f"{r['method']} ({', '.join(x for x in setting if x)})"}

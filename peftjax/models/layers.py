@@ -15,9 +15,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from peftjax.models import hooks, quant, threefry
+from peftjax.models import hooks, quant, quant_matmul, threefry
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -78,7 +77,6 @@ class Dense(nn.Module):
         return hooks.active().linear(self, x, y, kernel, bias)
 
 
-@jax.custom_vjp
 def quantized_matmul(x: jax.Array, q: "quant.QuantizedTensor") -> jax.Array:
     """``x @ dequantize(q)`` in ``x``'s dtype, for a frozen quantized kernel.
 
@@ -93,7 +91,19 @@ def quantized_matmul(x: jax.Array, q: "quant.QuantizedTensor") -> jax.Array:
     and nothing derived from the codes outlives its matmul (compiled, llama2-7b QLoRA: 8.9 GiB
     peak; with the dependence at the code table, XLA held every matrix's unpacked indices from
     forward to backward: 20.9 GiB).
+
+    Compiled for a GPU, the product instead runs as one Pallas kernel that reads the packed
+    codes (``quant_matmul``: XLA:GPU does not fuse the dequantization into its GEMM); its own
+    custom VJP does the same for the backward.
     """
+    mode = quant_matmul.mode_for(q)
+    if mode != "xla":
+        return quant_matmul.matmul(x, q, mode == "interpret")
+    return _xla_quantized_matmul(x, q)
+
+
+@jax.custom_vjp
+def _xla_quantized_matmul(x: jax.Array, q: "quant.QuantizedTensor") -> jax.Array:
     return _quantized_matmul_fwd(x, q)[0]
 
 
@@ -103,17 +113,10 @@ def _quantized_matmul_fwd(x, q):
 
 def _quantized_matmul_bwd(q, dy):
     dx = jnp.dot(dy, quant.dequantize(q, dy.dtype, trigger=dy).T)
-    return dx, jax.tree.map(_zero_cotangent, q)
+    return dx, quant.zero_cotangents(q)
 
 
-def _zero_cotangent(leaf: jax.Array) -> jax.Array:
-    """Frozen codes get no gradient: float0 zeros for integer leaves, zeros otherwise."""
-    if jnp.issubdtype(leaf.dtype, jnp.integer):
-        return np.zeros(leaf.shape, jax.dtypes.float0)
-    return jnp.zeros_like(leaf)
-
-
-quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+_xla_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
 class Embed(nn.Module):

@@ -41,7 +41,7 @@ import numpy as np
 
 from peftjax.gpu_target import compile_platform
 from peftjax.models import hooks, quant
-from peftjax.models.layers import Dense, _zero_cotangent, activation, normal_init
+from peftjax.models.layers import Dense, activation, normal_init
 
 ROUTER_LOGITS = "router_logits"   # the flax collection the sparse layers sow their logits into
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -196,7 +196,7 @@ def _qgm_bwd(res, dy):
     q, group_sizes = res
     w = quant.dequantize(q, dy.dtype, trigger=dy)
     dx = grouped_matmul(dy, jnp.swapaxes(w, 1, 2), group_sizes)
-    return (dx, jax.tree.map(_zero_cotangent, q),
+    return (dx, quant.zero_cotangents(q),
             np.zeros(group_sizes.shape, jax.dtypes.float0))
 
 

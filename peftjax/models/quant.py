@@ -300,9 +300,11 @@ def dequantize(q: QuantizedTensor, dtype: Any = None, trigger: jax.Array | None 
     on the CPU a dot is a library call, and XLA:GPU's Triton GEMM fusion (jax 0.10.2, compiled for
     an H100: scripts/memory.py --compile_for) takes a one-operand elementwise prologue only (a
     convert, a scalar scale), not the per-block absmax product nor the table lookup. So one
-    layer's kernel exists at a time (``after``); a matmul reading the packed codes directly needs
-    a custom kernel. ``trigger``: a value the dequantization must not start before (the layer's
-    input, or in the backward the output's cotangent; see ``after``).
+    layer's kernel exists at a time (``after``). A GPU program's linear layers instead multiply
+    by the packed codes in ``quant_matmul``'s Pallas kernel (the same values, dequantized in
+    registers); this function then serves the CPU path and hooks that read the kernel.
+    ``trigger``: a value the dequantization must not start before (the layer's input, or in the
+    backward the output's cotangent; see ``after``).
     """
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     # The dependence enters at the packed codes themselves: everything derived from them (the
@@ -322,6 +324,17 @@ def dequantize(q: QuantizedTensor, dtype: Any = None, trigger: jax.Array | None 
     w = values.reshape(nb, q.block_size, n_out) * absmax_of(q)[:, None, :]
     w = w.reshape(experts, nb // experts * q.block_size, n_out)[:, :n_in].astype(dtype)
     return w.reshape(q.shape)
+
+
+def zero_cotangents(q: QuantizedTensor) -> QuantizedTensor:
+    """The cotangent of a frozen quantized kernel (for custom VJPs that take one): float0 zeros
+    for integer codes, zeros for float scales."""
+    def zero(leaf):
+        if jnp.issubdtype(leaf.dtype, jnp.integer):
+            return np.zeros(leaf.shape, jax.dtypes.float0)
+        return jnp.zeros_like(leaf)
+
+    return jax.tree.map(zero, q)
 
 
 def dequantize_tree(tree: dict) -> dict:

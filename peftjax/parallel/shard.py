@@ -25,6 +25,7 @@ tests check on 8 host devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable, Mapping
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from peftjax.models import quant
+from peftjax.models import quant, quant_matmul
 from peftjax.parallel import mesh as mesh_lib
 from peftjax.parallel.rules import DEFAULT_MIN_ELEMENTS, Placement, ShardingRules, describe, fit_spec
 
@@ -98,10 +99,24 @@ class TrainShardings:
         process transfers only the rows its own devices hold."""
         return {k: global_batch_array(np.asarray(v), self.batch) for k, v in batch.items()}
 
+    def _traced_partitioned(self, fn: Callable) -> Callable:
+        """``fn`` traced with ``quant_matmul.partitioned()`` on a mesh of several devices: the
+        fused quantized matmul (a Pallas call, no sharding rule) would gather sharded codes."""
+        if self.mesh.size == 1:
+            return fn
+
+        @functools.wraps(fn)
+        def traced(*args):
+            with quant_matmul.partitioned():
+                return fn(*args)
+
+        return traced
+
     def jit_train_step(self, step_fn: Callable, donate: bool = True) -> Callable:
         """``step_fn`` (``steps.make_train_step``) jitted with these shardings; metrics come out
         replicated so every process can read them."""
-        return jax.jit(step_fn, in_shardings=(self.state, self.frozen, self.batch),
+        return jax.jit(self._traced_partitioned(step_fn),
+                       in_shardings=(self.state, self.frozen, self.batch),
                        out_shardings=(self.state, self.replicated),
                        donate_argnums=(0,) if donate else ())
 
@@ -109,7 +124,7 @@ class TrainShardings:
         """``eval_fn(trainable, frozen, method_state, batch)`` with inputs as placed, the (host)
         eval batch replicated — eval batches need not divide over the mesh — and replicated
         outputs, readable on every process."""
-        jitted = jax.jit(eval_fn, in_shardings=(self.state.trainable, self.frozen,
+        jitted = jax.jit(self._traced_partitioned(eval_fn), in_shardings=(self.state.trainable, self.frozen,
                                                 self.state.method_state, self.replicated),
                          out_shardings=self.replicated)
 
@@ -294,6 +309,19 @@ class SingleDevice:
 
     def put_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
         return batch
+
+    def _traced_partitioned(self, fn: Callable) -> Callable:
+        """``fn`` traced with ``quant_matmul.partitioned()`` on a mesh of several devices: the
+        fused quantized matmul (a Pallas call, no sharding rule) would gather sharded codes."""
+        if self.mesh.size == 1:
+            return fn
+
+        @functools.wraps(fn)
+        def traced(*args):
+            with quant_matmul.partitioned():
+                return fn(*args)
+
+        return traced
 
     def jit_train_step(self, step_fn: Callable, donate: bool = True) -> Callable:
         return jax.jit(step_fn, donate_argnums=(0,) if donate else ())

@@ -188,6 +188,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
                                   "memory accounting comes with the sharding work (issue 9); "
                                   "call it without a mesh for single-device figures")
     from peftjax import gpu_target, methods as methods_lib
+    from peftjax.models import quant_matmul
     from peftjax.train import quantize
     from peftjax.train.steps import make_train_step
 
@@ -218,9 +219,15 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
     if not cost and deviceless:
         # A compile-only device's executable has no cost analysis: count the same program's FLOPs
         # before optimisation on the default backend (XLA's HLO cost analysis, no compile).
-        with gpu_target.compiling_for(device):  # the target's program, counted on the host
+        # A fused quantized matmul (a Pallas GPU kernel) does not lower for the host: counted as
+        # XLA's dequantize-then-dot (the same products), traced afresh (jit caches traces).
+        fused = "xla.gpu.triton" in lowered.as_text()
+        if fused:
+            step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
+        with gpu_target.compiling_for(device), quant_matmul.using("xla" if fused else quant_matmul.QUANT_MATMUL):
             unoptimized = step.lower(state, frozen, batch_spec)
-        cost = {**measure.cost_analysis(unoptimized), "flops_of": "unoptimized HLO"}
+        cost = {**measure.cost_analysis(unoptimized), "flops_of": "unoptimized HLO" + (
+            ", quantized matmuls as XLA's dequantize-then-dot" if fused else "")}
     counts = methods_lib.count_params(method, abstract_base)
     trainable_b = tree_bytes(peft.trainable)
     sizes = {
@@ -239,6 +246,11 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
            else {}),
         "dtype": config.train.dtype, "frozen_dtype": frozen_dtype, "optimizer": optimizer,
         "quant": quantize.config_of(config).describe(),
+        # which matmul read the quantized matrices: the setting, and how many fused (Pallas)
+        # kernels the program calls (quant_matmul: fused on a GPU, XLA's dequantize-then-dot else)
+        **({"quant_matmul": quant_matmul.QUANT_MATMUL,
+            "fused_quant_kernels": lowered.as_text().count("xla.gpu.triton")}
+           if quantize.config_of(config).enabled else {}),
         "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
         **({"scan_layers": True} if config.train.get("scan_layers", False) else {}),
         "backend": device.platform, "device_kind": device.device_kind,

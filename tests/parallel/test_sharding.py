@@ -198,3 +198,20 @@ def test_two_processes_run_the_training_loop_like_one_device(tmp_path):
     for split in ("validation", "test"):
         for k, v in single["metrics"][split].items():
             assert multi["metrics"][split][k] == pytest.approx(v, rel=1e-6), (split, k)
+
+
+def test_steps_on_a_mesh_of_several_devices_trace_the_quantized_matmul_as_partitioned():
+    """A Pallas call has no sharding rule: TrainShardings' jitted steps trace with
+    quant_matmul.partitioned() on a mesh of several devices (auto then takes XLA's path), and
+    without it on one device."""
+    import types
+
+    from peftjax.models import quant_matmul
+    from peftjax.parallel.shard import TrainShardings
+
+    seen = []
+    record = lambda *args: seen.append(quant_matmul._PARTITIONED.get())
+    for size in (8, 1):
+        sh = TrainShardings(types.SimpleNamespace(size=size), None, None, None, None, {})
+        sh._traced_partitioned(record)()
+    assert seen == [True, False]
