@@ -5,7 +5,7 @@
 # <target>_aot/*.json. GEMM autotuning needs a device: off, as in run_gpu.sh's attached-card compiles.
 #
 #   bash experiments/memory_table/run_gpu_aot.sh            # check seed quant methods (~1.5 h, 2 cores)
-#   WHAT="quant" bash experiments/memory_table/run_gpu_aot.sh
+#   WHAT="quant fused" bash experiments/memory_table/run_gpu_aot.sh
 set -u
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -15,6 +15,9 @@ COMMON="--batch=8 --seq=64 --config.train.clip_norm=0"
 LORA="--config.method.rank=8 --config.method.alpha=32 --config.method.dropout=0.1"
 BF16="--config.train.dtype=bfloat16 --frozen_dtype=bfloat16"
 NF4="--config.model.quant=nf4 --config.model.double_quant=True"
+# The rows before the fused kernel (peftjax/models/quant_matmul.py) planned XLA's
+# dequantize-then-dot; they keep that path, the `fused` entry plans the kernel.
+XLAQ="--quant_matmul=xla"
 T5="--head=seq2seq_lm --target_seq=4"
 FISHER='{"fishmask": {"num_examples": 8, "progress": false}, "child_tuning_d": {"progress": false}}'
 # mem TARGET MODEL FILE FLAGS...: one scripts/memory.py call (--config before its overrides)
@@ -40,42 +43,51 @@ for what in $WHAT; do
       mem h100 bloomz-7b1 bloomz_7b1 $CAUSAL --methods=lora,full
       mem h100 bloomz-7b1 bloomz_7b1_remat $CAUSAL --config.train.remat=block --methods=lora
       mem h100 T0_3B t0_3b $T5 --methods=lora,full
-      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_fp32 $CAUSAL $NF4
-      mem h100 bloomz-7b1 bloomz_7b1_qlora_nf4_dq_fp32 $CAUSAL $NF4
-      mem h100 T0_3B t0_3b_qlora_nf4_dq_fp32 $T5 $NF4
+      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_fp32 $CAUSAL $NF4 $XLAQ
+      mem h100 bloomz-7b1 bloomz_7b1_qlora_nf4_dq_fp32 $CAUSAL $NF4 $XLAQ
+      mem h100 T0_3B t0_3b_qlora_nf4_dq_fp32 $T5 $NF4 $XLAQ
       ;;
     # Issue 20's rows: llama2-7b LoRA r8 (q, v), bf16 compute, on an NF4 + double-quant, int8 or
     # bf16 frozen base, with and without block rematerialisation.
     quant)
-      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_bf16 $CAUSAL $BF16 $NF4
-      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_bf16_remat_block $CAUSAL $BF16 $NF4 --config.train.remat=block
-      mem h100 llama2-7b llama2_7b_lora_int8_bf16 $CAUSAL $BF16 --config.model.quant=int8
+      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_bf16 $CAUSAL $BF16 $NF4 $XLAQ
+      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_bf16_remat_block $CAUSAL $BF16 $NF4 $XLAQ --config.train.remat=block
+      mem h100 llama2-7b llama2_7b_lora_int8_bf16 $CAUSAL $BF16 --config.model.quant=int8 $XLAQ
       mem h100 llama2-7b llama2_7b_lora_bf16_base $CAUSAL $BF16
       mem h100 llama2-7b llama2_7b_lora_bf16_base_remat_block $CAUSAL $BF16 --config.train.remat=block
+      ;;
+    # Issue 20's quantized rows again, the quantized matmuls as peftjax's fused kernel (a Pallas
+    # Triton kernel reading the packed codes: what a GPU run now does).
+    fused)
+      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_bf16_fused $CAUSAL $BF16 $NF4
+      mem h100 llama2-7b llama2_7b_qlora_nf4_dq_bf16_remat_block_fused $CAUSAL $BF16 $NF4 --config.train.remat=block
+      mem h100 llama2-7b llama2_7b_lora_int8_bf16_fused $CAUSAL $BF16 --config.model.quant=int8
+      mem rtx4090 llama2-7b llama2_7b_all_methods_nf4_dq_bf16_fused $CAUSAL $BF16 $NF4 --methods=all \
+        --method_overrides="$FISHER"
       ;;
     # Every registered method on the NF4 base (bf16 compute, no remat): for an H100, and for the
     # 24 GB consumer card the issue asks about.
     methods)
       for target in h100 rtx4090; do
-        mem $target llama2-7b llama2_7b_all_methods_nf4_dq_bf16 $CAUSAL $BF16 $NF4 --methods=all \
+        mem $target llama2-7b llama2_7b_all_methods_nf4_dq_bf16 $CAUSAL $BF16 $NF4 $XLAQ --methods=all \
           --method_overrides="$FISHER"
         # prompt tuning's 672-row GEMMs stop XLA's Triton GEMM tiling (an internal error, recorded
         # in the file above): the same step with cuBLAS for every GEMM
         XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_triton_gemm=false" \
-          mem $target llama2-7b llama2_7b_prompt_tuning_nf4_dq_bf16_cublas $CAUSAL $BF16 $NF4 --methods=prompt_tuning
+          mem $target llama2-7b llama2_7b_prompt_tuning_nf4_dq_bf16_cublas $CAUSAL $BF16 $NF4 $XLAQ --methods=prompt_tuning
       done
       ;;
     # T5-XXL compiles take long (CPU backend: 4-16 min a row); on their own.
     mt0)
-      mem h100 mt0-xxl mt0_xxl_qlora_nf4_dq_fp32 $T5 $NF4
+      mem h100 mt0-xxl mt0_xxl_qlora_nf4_dq_fp32 $T5 $NF4 $XLAQ
       mem h100 mt0-xxl mt0_xxl $T5 --methods=lora,full
       ;;
     # The MoE (issue 21): XLA:GPU lowers ragged_dot to a grouped GEMM (the CPU to a masked product,
     # hence peftjax's tiled scan there); LoRA r8 q, v in fp32 and on the NF4 base.
     moe)
-      mem h100 Qwen3-30B-A3B qwen3_30b_a3b_qlora_nf4_dq_bf16 $CAUSAL $BF16 $NF4
+      mem h100 Qwen3-30B-A3B qwen3_30b_a3b_qlora_nf4_dq_bf16 $CAUSAL $BF16 $NF4 $XLAQ
       mem h100 Qwen3-30B-A3B qwen3_30b_a3b $CAUSAL
       ;;
-    *) echo "unknown WHAT entry: $what (valid: check seed quant methods mt0 moe)" >&2; exit 2 ;;
+    *) echo "unknown WHAT entry: $what (valid: check seed quant fused methods mt0 moe)" >&2; exit 2 ;;
   esac
 done

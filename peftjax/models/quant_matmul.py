@@ -109,7 +109,8 @@ def _largest_dividing(n: int, options: tuple[int, ...]) -> int | None:
 
 def tiles(q: quant.QuantizedTensor) -> bool:
     """Whether the fused kernel handles ``q``: a 2-D kernel whose ``out`` (and int8's ``in``)
-    splits into tiles of at least 16, Triton's smallest dot."""
+    splits into tiles of at least 16, Triton's smallest dot (NF4: half a block, the depth of
+    each of its dots, at least 16)."""
     if len(q.shape) != 2:
         return False
     n_in, n_out = q.shape
@@ -126,7 +127,8 @@ def tiles(q: quant.QuantizedTensor) -> bool:
 
 def _nf4_value(codes: jax.Array) -> jax.Array:
     """``NF4_CODE[codes]`` in float32 for 4-bit integer ``codes``: a select tree on the bits
-    (bit 3 first), every leaf one of the 16 float32 constants."""
+    (bit 0 picks within pairs of neighbouring codes, bit 3 between the halves), every leaf one
+    of the 16 float32 constants."""
     level = [jnp.float32(v) for v in quant.NF4_CODE]
     for bit in range(4):
         on = (codes & (1 << bit)) != 0
