@@ -320,14 +320,25 @@ def _flat_config(config: Any) -> dict[str, Any]:
     return out
 
 
+# Where the run's arrays live, not what it computes: a checkpoint restores onto any mesh
+# (docs/distributed.md), so a run killed on one mesh resumes on another with a warning (the
+# results equal up to the float summation order of the collectives).
+LAYOUT_FIELDS = ("mesh.*",)
+
+
+def _matches(field: str, patterns: tuple[str, ...]) -> bool:
+    return any(field == f or (f.endswith(".*") and field.startswith(f[:-1])) for f in patterns)
+
+
 def _safe(field: str) -> bool:
-    return any(field == f or (f.endswith(".*") and field.startswith(f[:-1])) for f in RESUME_SAFE_FIELDS)
+    return _matches(field, RESUME_SAFE_FIELDS)
 
 
 def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> None:
     """Records ``config`` in ``workdir/run_config.json`` on a fresh start; on a resume, refuses a
     config that differs from the recorded one, listing the fields, unless every differing
-    field is safe to change (evaluation and logging settings) and ``train.resume=force``."""
+    field is safe to change (evaluation and logging settings) and ``train.resume=force``, or
+    only the mesh changed (resumed with a warning: ``LAYOUT_FIELDS``)."""
     from peftjax.files import write_json_atomic
 
     path = os.path.join(workdir, RUN_CONFIG)
@@ -354,7 +365,12 @@ def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> 
     if not differ:
         return
     rows = "\n  ".join(f"{k}: {recorded.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}" for k in differ)
-    unsafe = [k for k in differ if not _safe(k)]
+    if all(_matches(k, LAYOUT_FIELDS) for k in differ):
+        log.warning("resuming %s on another mesh (the checkpoint is restored onto it):\n  %s",
+                    workdir, rows)
+        write_json_atomic(path, config.to_dict(), sort_keys=True)
+        return
+    unsafe = [k for k in differ if not _safe(k) and not _matches(k, LAYOUT_FIELDS)]
     force = config.train.get("resume", "auto") == "force"
     if force and not unsafe:
         log.warning("resuming %s with changed settings (train.resume=force):\n  %s", workdir, rows)

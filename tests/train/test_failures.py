@@ -88,6 +88,25 @@ def test_resuming_under_another_config_is_refused_with_the_fields(data_dir, tmp_
         train_and_evaluate(tiny_config(data_dir, steps=12, resume="force"), str(tmp_path))
 
 
+def test_a_run_resumes_on_another_mesh_with_a_warning_but_not_with_other_changes(data_dir, tmp_path, caplog):
+    """The mesh says where arrays live, not what is computed (a checkpoint restores onto any mesh):
+    a mesh change alone resumes, logged; with a training field beside it the resume is refused,
+    both fields listed."""
+    from peftjax.train.compose import check_workdir_config
+
+    check_workdir_config(tiny_config(data_dir), str(tmp_path), has_checkpoint=False)
+    moved = tiny_config(data_dir)
+    moved.mesh.fsdp, moved.mesh.tensor = 4, 2
+    with caplog.at_level("WARNING"):
+        check_workdir_config(moved, str(tmp_path), has_checkpoint=True)
+    assert "on another mesh" in caplog.text and "mesh.fsdp: 1 -> 4" in caplog.text
+    changed = tiny_config(data_dir, steps=12)
+    changed.mesh.fsdp = 2
+    with pytest.raises(ValueError, match=r"(?s)mesh.fsdp: 4 -> 2.*train.steps: 8 -> 12.*"
+                                         r"train.steps change the training itself"):
+        check_workdir_config(changed, str(tmp_path), has_checkpoint=True)
+
+
 def test_adapter_with_edited_rank_is_refused(data_dir, tmp_path):
     """An adapter folder whose method_config rank was edited 8 → 4 loaded rank-8 tensors under a
     rank-4 method (the scaling doubled silently); every mismatch is now listed."""
