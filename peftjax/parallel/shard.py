@@ -310,19 +310,6 @@ class SingleDevice:
     def put_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
         return batch
 
-    def _traced_partitioned(self, fn: Callable) -> Callable:
-        """``fn`` traced with ``quant_matmul.partitioned()`` on a mesh of several devices: the
-        fused quantized matmul (a Pallas call, no sharding rule) would gather sharded codes."""
-        if self.mesh.size == 1:
-            return fn
-
-        @functools.wraps(fn)
-        def traced(*args):
-            with quant_matmul.partitioned():
-                return fn(*args)
-
-        return traced
-
     def jit_train_step(self, step_fn: Callable, donate: bool = True) -> Callable:
         return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
 
