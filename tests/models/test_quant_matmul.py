@@ -144,3 +144,26 @@ def test_the_compiled_kernel_on_this_gpu(kind):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref_y, np.float32), rtol=2e-2, atol=5e-2)
     np.testing.assert_allclose(np.asarray(vjp(dy)[0], np.float32), np.asarray(ref_vjp(dy)[0], np.float32),
                                rtol=2e-2, atol=5e-2)
+
+
+def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
+    """experiments/quant_minilm/gpu_bench.py (for a machine lent a GPU) runs end to end with tiny
+    shapes and the kernel interpreted, and refuses a CPU for real timings."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script = "experiments/quant_minilm/gpu_bench.py"
+    out = subprocess.run([sys.executable, script, "--smoke", f"--out={tmp_path}/b.json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.load(open(tmp_path / "b.json"))["rows"]
+    assert {(r["kind"], r["path"]) for r in rows} == {
+        (k, p) for k in ("nf4", "int8") for p in ("fused", "xla", "bf16 matmul (no quantization)")}
+    assert all(r["median_s"] > 0 for r in rows)
+    assert all(r["max_abs_dev_from_xla"] < 1e-2 for r in rows if r["path"] == "fused")
+    refused = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "needs a GPU" in refused.stderr
