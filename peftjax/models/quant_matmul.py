@@ -28,6 +28,14 @@ codes in registers (strided loads of ``x`` do it instead). The backward's ``dx =
 (the base is frozen: no ``dW``) is the same tile of codes used transposed, its even and odd
 outputs stored with stride 2.
 
+The trade: each program dequantizes its tile of codes for its own 64 rows of ``x``, so a weight
+is decoded once per 64 rows (8 times for the memory table's 512-token batch), each time a
+~20-operation select chain on the ALUs, where XLA's path decodes it once and pays a write and a
+read of the bf16 kernel instead (bitsandbytes' training path, ``MatMul4Bit``, is the latter: it
+dequantizes, then calls cuBLAS; its fused ``gemv_4bit`` serves one-token inference). The kernel
+saves the memory; whether it is also faster at a given batch is for
+``experiments/quant_minilm/gpu_bench.py`` on a card to say (not measured yet).
+
 Which path a layer takes: ``QUANT_MATMUL`` (like ``moe.GROUPED_MATMUL``): ``auto`` uses the fused
 kernel when the program is compiled for a GPU (``gpu_target.compile_platform``, a deviceless
 compile included) and XLA's dequantize-then-dot elsewhere (the CPU has no Triton); ``fused`` /
