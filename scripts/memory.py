@@ -23,8 +23,8 @@ compile-only device of jax's CUDA plugin: ``make gpu-aot`` installs it; peftjax/
 says what the figures are): the GPU's buffer plan on a machine without a GPU. Set
 ``XLA_FLAGS=--xla_gpu_autotune_level=0`` (no device to autotune on), as
 experiments/memory_table/run_gpu_aot.sh does. On a quantized base (``--config.model.quant=nf4``)
-a GPU program's matmuls read the packed codes in a fused Pallas kernel; ``--quant_matmul=xla``
-plans XLA's dequantize-then-dot instead (the row's ``quant_matmul`` and ``fused_quant_kernels``).
+a GPU program's matmuls read the packed codes in a fused Pallas kernel;
+``--config.model.quant_matmul=xla`` plans XLA's dequantize-then-dot instead (the row's ``quant_matmul`` and ``fused_quant_kernels``).
 """
 
 import json
@@ -53,9 +53,6 @@ flags.DEFINE_string("mesh", "", "data,fsdp,tensor (e.g. 1,8,1): add per-device b
                     "peftjax.parallel, on abstract shapes: no devices needed)")
 flags.DEFINE_string("compile_for", "", "compile for this GPU without one attached (h100; needs "
                     "`make gpu-aot`): XLA:GPU's plan instead of the default backend's")
-flags.DEFINE_enum("quant_matmul", "auto", ["auto", "xla", "fused"],
-                  "matmul on a quantized base (model.quant): auto = the fused Pallas kernel when "
-                  "compiling for a GPU, XLA's dequantize-then-dot elsewhere (peftjax/models/quant_matmul.py)")
 flags.DEFINE_string("out", "", "also write the JSON here (atomically)")
 FLAGS = flags.FLAGS
 
@@ -99,9 +96,6 @@ def main(argv):
     from peftjax.files import write_json_atomic
     from peftjax.train.memory import analyze_train_step
 
-    from peftjax.models import quant_matmul
-
-    quant_matmul.QUANT_MATMUL = FLAGS.quant_matmul
     if FLAGS.compile_for:  # before any JAX computation: the CUDA plugin is discovered then
         import functools
 

@@ -77,6 +77,21 @@ def test_the_fused_quantized_matmul_compiles_for_an_h100_and_reads_the_codes():
         assert "bf16[4096,4096]" not in fused and mib(fused) <= 1, fused   # NF4: its absmaxes
 
 
+@NEEDS_PLUGIN
+def test_a_quantized_step_for_a_gpu_calls_the_fused_kernel_unless_configured_otherwise():
+    rows = {}
+    for matmul in ("auto", "xla"):
+        out = _memory("--config=configs/train.py:model=tiny-llama,method=lora", "--head=causal_lm",
+                      "--batch=4", "--seq=16", "--compile_for=h100", "--config.model.quant=nf4",
+                      f"--config.model.quant_matmul={matmul}",
+                      env={"XLA_FLAGS": "--xla_gpu_autotune_level=0"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[matmul] = json.loads(out.stdout)
+    assert rows["auto"]["fused_quant_kernels"] > 0 and rows["xla"]["fused_quant_kernels"] == 0
+    assert rows["auto"]["flops_of"].endswith("quantized matmuls as XLA's dequantize-then-dot")
+    assert rows["xla"]["flops"] == rows["auto"]["flops"]   # the same program, counted on the host
+
+
 SPILL_CHECK = """
 import sys
 from peftjax.gpu_target import compiling_for, placed, target_device

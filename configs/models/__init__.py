@@ -48,8 +48,10 @@ def from_folder(folder: str) -> ml_collections.ConfigDict:
 
 
 # Storage of the frozen base, for every model (peftjax/train/quantize.py): quant none | int8 |
-# nf4 (QLoRA's 4-bit NormalFloat); double_quant quantizes NF4's block absmaxes again (QLoRA §3).
-QUANT_DEFAULTS = dict(quant="none", double_quant=True)
+# nf4 (QLoRA's 4-bit NormalFloat); double_quant quantizes NF4's block absmaxes again (QLoRA §3);
+# quant_matmul how a quantized matrix is multiplied (peftjax/models/quant_matmul.py): auto = the
+# fused Pallas kernel in a GPU program, XLA's dequantize-then-dot elsewhere; xla | fused force one.
+QUANT_DEFAULTS = dict(quant="none", double_quant=True, quant_matmul="auto")
 
 
 def with_quant_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

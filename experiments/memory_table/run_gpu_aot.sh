@@ -17,7 +17,7 @@ BF16="--config.train.dtype=bfloat16 --frozen_dtype=bfloat16"
 NF4="--config.model.quant=nf4 --config.model.double_quant=True"
 # The rows before the fused kernel (peftjax/models/quant_matmul.py) planned XLA's
 # dequantize-then-dot; they keep that path, the `fused` entry plans the kernel.
-XLAQ="--quant_matmul=xla"
+XLAQ="--config.model.quant_matmul=xla"
 T5="--head=seq2seq_lm --target_seq=4"
 FISHER='{"fishmask": {"num_examples": 8, "progress": false}, "child_tuning_d": {"progress": false}}'
 # mem TARGET MODEL FILE FLAGS...: one scripts/memory.py call (--config before its overrides)

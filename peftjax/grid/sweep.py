@@ -133,6 +133,7 @@ NEUTRAL_DEFAULTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("train", {"select_metric": ""}),                      # the selection metric (issue 18)
     ("train", {"scan_layers": False}),                     # the layer scan (issue 22)
     ("method", {"target_parameters": ""}),                 # LoRA on expert params (issue 21)
+    ("model", {"quant_matmul": "auto"}),                   # the fused quantized matmul (issue 20)
 )
 
 

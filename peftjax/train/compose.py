@@ -320,10 +320,11 @@ def _flat_config(config: Any) -> dict[str, Any]:
     return out
 
 
-# Where the run's arrays live, not what it computes: a checkpoint restores onto any mesh
-# (docs/distributed.md), so a run killed on one mesh resumes on another with a warning (the
-# results equal up to the float summation order of the collectives).
-LAYOUT_FIELDS = ("mesh.*",)
+# Where and how the run computes, not what: a checkpoint restores onto any mesh
+# (docs/distributed.md), and both quantized-matmul paths form the same weights
+# (peftjax/models/quant_matmul.py), so a run killed under one resumes under another with a
+# warning (the results equal up to float summation order).
+LAYOUT_FIELDS = ("mesh.*", "model.quant_matmul")
 
 
 def _matches(field: str, patterns: tuple[str, ...]) -> bool:
@@ -366,8 +367,8 @@ def check_workdir_config(config: Any, workdir: str, *, has_checkpoint: bool) -> 
         return
     rows = "\n  ".join(f"{k}: {recorded.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}" for k in differ)
     if all(_matches(k, LAYOUT_FIELDS) for k in differ):
-        log.warning("resuming %s on another mesh (the checkpoint is restored onto it):\n  %s",
-                    workdir, rows)
+        log.warning("resuming %s on another mesh or quantized-matmul path (the same computation "
+                    "up to float summation order):\n  %s", workdir, rows)
         write_json_atomic(path, config.to_dict(), sort_keys=True)
         return
     unsafe = [k for k in differ if not _safe(k) and not _matches(k, LAYOUT_FIELDS)]

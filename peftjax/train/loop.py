@@ -240,8 +240,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         log.info("resumed from step %d", start)
     metrics_log.truncate_after(start)  # rows of steps that will be redone (all on a fresh start)
 
-    train_step = placement.jit_train_step(make_train_step(method, tx))  # the seed is in the state
-    eval_fn = placement.jit_eval_step(make_eval_step(method, lm_classes))
+    qcfg = quantize.config_of(config)   # model.quant_matmul: the path its quantized matmuls take
+    train_step = placement.jit_train_step(  # the seed is in the state
+        quantize.traced(make_train_step(method, tx), qcfg))
+    eval_fn = placement.jit_eval_step(quantize.traced(make_eval_step(method, lm_classes), qcfg))
 
     times: list[float] = []
     # One executable per batch shape, compiled ahead of time: the first one also gives XLA's

@@ -30,6 +30,7 @@ report names its backend.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -188,7 +189,6 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
                                   "memory accounting comes with the sharding work (issue 9); "
                                   "call it without a mesh for single-device figures")
     from peftjax import gpu_target, methods as methods_lib
-    from peftjax.models import quant_matmul
     from peftjax.train import quantize
     from peftjax.train.steps import make_train_step
 
@@ -199,7 +199,8 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
     peft, frozen, tx, state = abstract_state(config, model, method, batch_spec, optimizer=optimizer,
                                              frozen_dtype=frozen_dtype)
     opt_state = state.opt_state
-    step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
+    qcfg = quantize.config_of(config)
+    step = jax.jit(quantize.traced(make_train_step(method, tx, config.seed), qcfg), donate_argnums=(0,))
     args = (state, frozen, batch_spec)
     if device is not None:  # the inputs' sharding names the device, hence the compiler
         args = gpu_target.placed(args, device)
@@ -223,8 +224,10 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         # XLA's dequantize-then-dot (the same products), traced afresh (jit caches traces).
         fused = "xla.gpu.triton" in lowered.as_text()
         if fused:
-            step = jax.jit(make_train_step(method, tx, config.seed), donate_argnums=(0,))
-        with gpu_target.compiling_for(device), quant_matmul.using("xla" if fused else quant_matmul.QUANT_MATMUL):
+            step = jax.jit(quantize.traced(make_train_step(method, tx, config.seed),
+                                           dataclasses.replace(qcfg, matmul="xla")),
+                           donate_argnums=(0,))
+        with gpu_target.compiling_for(device):
             unoptimized = step.lower(state, frozen, batch_spec)
         cost = {**measure.cost_analysis(unoptimized), "flops_of": "unoptimized HLO" + (
             ", quantized matmuls as XLA's dequantize-then-dot" if fused else "")}
@@ -248,9 +251,9 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         "quant": quantize.config_of(config).describe(),
         # which matmul read the quantized matrices: the setting, and how many fused (Pallas)
         # kernels the program calls (quant_matmul: fused on a GPU, XLA's dequantize-then-dot else)
-        **({"quant_matmul": quant_matmul.QUANT_MATMUL,
+        **({"quant_matmul": qcfg.matmul,
             "fused_quant_kernels": lowered.as_text().count("xla.gpu.triton")}
-           if quantize.config_of(config).enabled else {}),
+           if qcfg.enabled else {}),
         "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
         **({"scan_layers": True} if config.train.get("scan_layers", False) else {}),
         "backend": device.platform, "device_kind": device.device_kind,

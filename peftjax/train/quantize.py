@@ -33,17 +33,19 @@ quantize and is refused with a clear error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
-from peftjax.models import quant
+from peftjax.models import quant, quant_matmul
 
 log = logging.getLogger(__name__)
 
 QUANT_KINDS = ("none",) + quant.KINDS
+MATMUL_MODES = ("auto", "xla", "fused")   # quant_matmul.MODES less the tests' interpreter
 # Linear layers kept in float even when frozen: the LM head (bitsandbytes' and QLoRA's practice:
 # its output feeds the loss directly and it is a small part of a 7B model).
 KEEP_FLOAT = r"(^|\.)lm_head$"
@@ -56,6 +58,7 @@ class QuantConfig:
     kind: str = "none"
     double_quant: bool = True
     block_size: int = quant.NF4_BLOCK
+    matmul: str = "auto"          # quant_matmul.QUANT_MATMUL for the run's steps
     keep_float: str = KEEP_FLOAT
 
     def __post_init__(self):
@@ -63,6 +66,9 @@ class QuantConfig:
             raise ValueError(f"model.quant={self.kind!r} is invalid; valid: {' | '.join(QUANT_KINDS)}")
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"model.double_quant={self.double_quant!r} is invalid; valid: True | False")
+        if self.matmul not in MATMUL_MODES:
+            raise ValueError(f"model.quant_matmul={self.matmul!r} is invalid; valid: "
+                             f"{' | '.join(MATMUL_MODES)}")
 
     @property
     def enabled(self) -> bool:
@@ -80,7 +86,22 @@ def config_of(config: Any) -> QuantConfig:
     model = config.model if hasattr(config, "model") else config["model"]
     get = model.get if hasattr(model, "get") else (lambda k, d=None: getattr(model, k, d))
     return QuantConfig(kind=get("quant", "none") or "none",
-                       double_quant=bool(get("double_quant", True)))
+                       double_quant=bool(get("double_quant", True)),
+                       matmul=get("quant_matmul", "auto") or "auto")
+
+
+def traced(fn: Callable, qcfg: QuantConfig) -> Callable:
+    """``fn`` traced with the run's quantized-matmul path (``model.quant_matmul``; jit traces a
+    function when it first runs, so the setting holds inside the wrapper)."""
+    if not qcfg.enabled or qcfg.matmul == "auto":
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with quant_matmul.using(qcfg.matmul):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def has_quantized(tree: Mapping[str, Any]) -> bool:

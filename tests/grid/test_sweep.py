@@ -249,6 +249,10 @@ def test_quantization_fields_at_their_neutral_defaults_keep_cell_ids():
         cfg["model"].update(quant=quant, double_quant=dq)
         ids.add(sweep.cell_id(cfg))
     assert len(ids) == 5
+    # model.quant_matmul (the fused kernel, added later again) at "auto": the quantized cells too
+    nf4 = copy.deepcopy(config)
+    nf4["model"].update(quant="nf4", double_quant=True)
+    assert sweep.cell_id({**nf4, "model": {**nf4["model"], "quant_matmul": "auto"}}) == sweep.cell_id(nf4)
 
 
 def test_report_fields_are_checked_and_do_not_change_cells():

@@ -97,11 +97,13 @@ def test_a_run_resumes_on_another_mesh_with_a_warning_but_not_with_other_changes
     check_workdir_config(tiny_config(data_dir), str(tmp_path), has_checkpoint=False)
     moved = tiny_config(data_dir)
     moved.mesh.fsdp, moved.mesh.tensor = 4, 2
+    moved.model.quant_matmul = "xla"      # the other path to the same weights: layout too
     with caplog.at_level("WARNING"):
         check_workdir_config(moved, str(tmp_path), has_checkpoint=True)
     assert "on another mesh" in caplog.text and "mesh.fsdp: 1 -> 4" in caplog.text
+    assert "model.quant_matmul: 'auto' -> 'xla'" in caplog.text
     changed = tiny_config(data_dir, steps=12)
-    changed.mesh.fsdp = 2
+    changed.mesh.fsdp, changed.model.quant_matmul = 2, "xla"
     with pytest.raises(ValueError, match=r"(?s)mesh.fsdp: 4 -> 2.*train.steps: 8 -> 12.*"
                                          r"train.steps change the training itself"):
         check_workdir_config(changed, str(tmp_path), has_checkpoint=True)

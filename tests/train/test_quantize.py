@@ -95,6 +95,27 @@ def test_bad_quant_settings_list_the_valid_ones():
         quantize.QuantConfig("nf2")
     with pytest.raises(ValueError, match="valid: True | False"):
         quantize.QuantConfig("nf4", double_quant="yes")
+    with pytest.raises(ValueError, match=r"model.quant_matmul='triton' is invalid; valid: auto \| xla \| fused"):
+        quantize.QuantConfig("nf4", matmul="triton")
+
+
+def test_the_configured_matmul_path_holds_where_the_steps_trace():
+    """model.quant_matmul reaches the run's jitted steps (quantize.traced): fused forces the Pallas
+    kernel on this CPU, auto keeps XLA's path here (see tests/models/test_quant_matmul.py)."""
+    from configs.train import get_config
+
+    config = get_config("model=tiny-llama,method=lora")
+    assert config.model.quant_matmul == "auto"   # every model config has the field
+    model, base = tiny_model("llama")
+    method = methods.create("lora", model, METHOD_CONFIGS["lora"])
+    peft = quantize.setup(method, jax.random.PRNGKey(1), base, fisher_context(model),
+                          quantize.QuantConfig("nf4"))
+    tx = optax.sgd(0.1)
+    state = init_state(peft.trainable, peft.state, tx)
+    batch = learnable_batch(model)
+    for matmul, fused in (("fused", True), ("xla", False), ("auto", False)):
+        step = quantize.traced(make_train_step(method, tx, seed=0), quantize.QuantConfig("nf4", matmul=matmul))
+        assert ("pallas_call" in str(jax.make_jaxpr(step)(state, peft.frozen, batch))) == fused
 
 
 def test_base_rewriting_init_quantizes_the_residual():
