@@ -86,23 +86,27 @@ def partitioned() -> Iterator[None]:
         _PARTITIONED.reset(token)
 
 
+_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftjax_quant_matmul",
+                                                                  default=None)
+
+
 @contextlib.contextmanager
 def using(mode: str) -> Iterator[None]:
-    """``QUANT_MATMUL = mode`` while tracing inside the block (e.g. XLA's path for a FLOP count
-    on the CPU of a program compiled for a GPU)."""
-    global QUANT_MATMUL
-    previous, QUANT_MATMUL = QUANT_MATMUL, mode
+    """``mode`` instead of ``QUANT_MATMUL`` while tracing inside the block (a run's
+    ``model.quant_matmul``; XLA's path for a FLOP count on the CPU of a program compiled for a
+    GPU). A context variable: threads tracing side by side keep their own."""
+    token = _MODE.set(mode)
     try:
         yield
     finally:
-        QUANT_MATMUL = previous
+        _MODE.reset(token)
 
 
 def mode_for(q: quant.QuantizedTensor) -> str:
     """``"xla"`` or ``"fused"`` / ``"interpret"`` for a matmul on ``q`` (see module docstring)."""
-    mode = QUANT_MATMUL
+    mode = _MODE.get() or QUANT_MATMUL
     if mode not in MODES:
-        raise ValueError(f"quant_matmul.QUANT_MATMUL={mode!r} is invalid; valid: {', '.join(MODES)}")
+        raise ValueError(f"quantized matmul mode {mode!r} is invalid; valid: {', '.join(MODES)}")
     if mode == "auto":
         on_gpu = compile_platform() in GPU_PLATFORMS
         mode = "fused" if on_gpu and not _PARTITIONED.get() else "xla"

@@ -84,6 +84,9 @@ def test_which_path_a_layer_takes():
         assert quant_matmul.mode_for(nf4) == "fused"
         with quant_matmul.partitioned():                           # a pallas call has no sharding rule
             assert quant_matmul.mode_for(nf4) == "xla"
+        with quant_matmul.using("xla"):                            # a run's model.quant_matmul
+            assert quant_matmul.mode_for(nf4) == "xla"
+        assert quant_matmul.mode_for(nf4) == "fused"
         # shapes it does not tile: an expert stack, an out dim not a multiple of 16
         assert quant_matmul.mode_for(quant.quantize(jnp.ones((2, 64, 32)), "nf4")) == "xla"
         assert quant_matmul.mode_for(quant.quantize(_kernel(64, 24), "nf4")) == "xla"
@@ -92,7 +95,7 @@ def test_which_path_a_layer_takes():
 
 def test_a_bad_mode_lists_the_valid_ones(monkeypatch):
     monkeypatch.setattr(quant_matmul, "QUANT_MATMUL", "triton")
-    with pytest.raises(ValueError, match="QUANT_MATMUL='triton' is invalid; valid: auto, xla, fused, interpret"):
+    with pytest.raises(ValueError, match="mode 'triton' is invalid; valid: auto, xla, fused, interpret"):
         quant_matmul.mode_for(quant.quantize(_kernel(64, 32), "nf4"))
 
 
