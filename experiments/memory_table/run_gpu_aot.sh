@@ -88,6 +88,12 @@ for what in $WHAT; do
       mem h100 Qwen3-30B-A3B qwen3_30b_a3b_qlora_nf4_dq_bf16 $CAUSAL $BF16 $NF4 $XLAQ
       mem h100 Qwen3-30B-A3B qwen3_30b_a3b $CAUSAL
       ;;
-    *) echo "unknown WHAT entry: $what (valid: check seed quant fused methods mt0 moe)" >&2; exit 2 ;;
+    # The MoE's QLoRA row with the fused kernel on the expert stacks too (rows in tiles of one
+    # expert): for an H100 and for the 24 GB RTX 4090.
+    moe_fused)
+      mem h100 Qwen3-30B-A3B qwen3_30b_a3b_qlora_nf4_dq_bf16_fused $CAUSAL $BF16 $NF4
+      mem rtx4090 Qwen3-30B-A3B qwen3_30b_a3b_qlora_nf4_dq_bf16_fused $CAUSAL $BF16 $NF4
+      ;;
+    *) echo "unknown WHAT entry: $what (valid: check seed quant fused methods mt0 moe moe_fused)" >&2; exit 2 ;;
   esac
 done

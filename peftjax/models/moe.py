@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.gpu_target import compile_platform
-from peftjax.models import hooks, quant
+from peftjax.models import hooks, quant, quant_matmul
 from peftjax.models.layers import Dense, activation, normal_init
 
 ROUTER_LOGITS = "router_logits"   # the flax collection the sparse layers sow their logits into
@@ -179,11 +179,54 @@ def grouped_linear(module: nn.Module, name: str, x: jax.Array, kernel: Any,
     return hooks.active().grouped_linear(module, name, x, y, kernel, group_sizes)
 
 
-@jax.custom_vjp
 def quantized_grouped_matmul(x: jax.Array, q: Any, group_sizes: jax.Array) -> jax.Array:
-    """``ragged_dot(x, dequantize(q))`` whose backward dequantizes again instead of keeping
-    the float expert stack from the forward (``layers.quantized_matmul``'s reasoning: otherwise
-    every layer's dequantized experts would live until the backward)."""
+    """``ragged_dot(x, dequantize(q))`` for a quantized expert stack: compiled for a GPU, the
+    fused kernel (``quant_matmul``) on the rows in tiles of one expert each, reading each
+    expert's packed codes; elsewhere XLA's path, whose backward dequantizes again instead of
+    keeping the float expert stack from the forward (``layers.quantized_matmul``'s reasoning:
+    otherwise every layer's dequantized experts would live until the backward)."""
+    mode = quant_matmul.mode_for(q)
+    if mode != "xla":
+        return _fused_grouped(x, q, group_sizes, mode == "interpret")
+    return _xla_quantized_grouped(x, q, group_sizes)
+
+
+def _fused_tile(rows: int, experts: int) -> int:
+    """Rows per tile of the fused grouped kernel: the power of two nearest the mean group size,
+    16..64 (16: Triton's smallest dot; 64: the 2-D kernel's row tile)."""
+    return int(min(64, max(16, 2 ** math.ceil(math.log2(max(1.0, rows / experts))))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_grouped(x, q, group_sizes, interpret):
+    return _fused_grouped_fwd(x, q, group_sizes, interpret)[0]
+
+
+def _fused_grouped_products(a, q, group_sizes, interpret, transpose):
+    tile = _fused_tile(a.shape[0], q.shape[0])
+    n_tiles, source, valid, tile_expert, back = _tile_layout(group_sizes, a.shape[0], q.shape[0], tile)
+    tiles = _to_tiles(a, source, valid, n_tiles, tile).reshape(n_tiles * tile, a.shape[1])
+    run = quant_matmul.backward if transpose else quant_matmul.forward
+    out = run(tiles, q, quant_matmul.scales_of(q, a), experts=tile_expert, tile=tile,
+              interpret=interpret)
+    return out[back]
+
+
+def _fused_grouped_fwd(x, q, group_sizes, interpret):
+    return _fused_grouped_products(x, q, group_sizes, interpret, False), (q, group_sizes)
+
+
+def _fused_grouped_bwd(interpret, res, dy):
+    q, group_sizes = res
+    dx = _fused_grouped_products(dy, q, group_sizes, interpret, True)
+    return dx, quant.zero_cotangents(q), np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+_fused_grouped.defvjp(_fused_grouped_fwd, _fused_grouped_bwd)
+
+
+@jax.custom_vjp
+def _xla_quantized_grouped(x: jax.Array, q: Any, group_sizes: jax.Array) -> jax.Array:
     return _qgm_fwd(x, q, group_sizes)[0]
 
 
@@ -200,7 +243,7 @@ def _qgm_bwd(res, dy):
             np.zeros(group_sizes.shape, jax.dtypes.float0))
 
 
-quantized_grouped_matmul.defvjp(_qgm_fwd, _qgm_bwd)
+_xla_quantized_grouped.defvjp(_qgm_fwd, _qgm_bwd)
 
 
 class StackedExperts(nn.Module):

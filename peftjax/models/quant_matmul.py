@@ -40,8 +40,10 @@ Which path a layer takes: ``QUANT_MATMUL`` (like ``moe.GROUPED_MATMUL``): ``auto
 kernel when the program is compiled for a GPU (``gpu_target.compile_platform``, a deviceless
 compile included) and XLA's dequantize-then-dot elsewhere (the CPU has no Triton); ``fused`` /
 ``xla`` force one; ``interpret`` runs the fused kernel through Pallas' interpreter (any backend:
-how the tests check its values on a CPU). Shapes the kernel does not tile (an expert stack, an
-int8 kernel whose ``in`` is not a multiple of 16, an ``out`` not a multiple of 16) take XLA's path.
+how the tests check its values on a CPU). Shapes the kernel does not tile (an int8 kernel whose
+``in`` is not a multiple of 16, an ``out`` not a multiple of 16) take XLA's path. A mixture of
+experts' quantized stack (``moe.quantized_grouped_matmul``) takes the same kernels: its rows,
+sorted by expert, come in tiles of one expert each, and each program reads its expert's codes.
 So does ``auto`` in a program partitioned over several devices (``partitioned``, set by
 ``parallel.shard``): a Pallas call has no sharding rule, so XLA's partitioner would gather every
 sharded quantized matrix onto each device for it.
@@ -120,12 +122,12 @@ def _largest_dividing(n: int, options: tuple[int, ...]) -> int | None:
 
 
 def tiles(q: quant.QuantizedTensor) -> bool:
-    """Whether the fused kernel handles ``q``: a 2-D kernel whose ``out`` (and int8's ``in``)
-    splits into tiles of at least 16, Triton's smallest dot (NF4: half a block, the depth of
-    each of its dots, at least 16)."""
-    if len(q.shape) != 2:
+    """Whether the fused kernel handles ``q``: a 2-D kernel or an expert stack whose ``out``
+    (and int8's ``in``) splits into tiles of at least 16, Triton's smallest dot (NF4: half a
+    block, the depth of each of its dots, at least 16)."""
+    if len(q.shape) not in (2, 3):
         return False
-    n_in, n_out = q.shape
+    n_in, n_out = q.shape[-2:]
     if _largest_dividing(n_out, (128, 64, 32, 16)) is None:
         return False
     if q.kind == "int8":
@@ -167,30 +169,36 @@ def _dot(a: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. x: (BM, K) row block; codes/scales: a column block (forward) or row block (backward).
+# Kernels. Each program takes one tile of rows (``x`` or ``dy``) and the index of the expert its
+# rows belong to (``expert_ref``: 0 for a 2-D kernel; an expert stack's codes are its experts'
+# rows end to end, so the expert picks a row offset into the codes and scales).
 
 
-def _nf4_forward_kernel(x_ref, data_ref, absmax_ref, y_ref, *, block: int):
+def _nf4_forward_kernel(expert_ref, x_ref, data_ref, absmax_ref, y_ref, *, block: int, blocks: int):
     half = block // 2
+    first = expert_ref[0] * blocks                  # the expert's first block of 64 inputs
 
     def step(b, acc):
-        high, low = _nf4_tiles(data_ref[pl.ds(b * half, half), :],
-                               absmax_ref[pl.ds(b, 1), :], x_ref.dtype)
+        high, low = _nf4_tiles(data_ref[pl.ds((first + b) * half, half), :],
+                               absmax_ref[pl.ds(first + b, 1), :], x_ref.dtype)
         even = x_ref[:, pl.ds(b * block, half, stride=2)]
         odd = x_ref[:, pl.ds(b * block + 1, half, stride=2)]
         return acc + _dot(even, high) + _dot(odd, low)
 
     acc = jnp.zeros(y_ref.shape, jnp.float32)
-    y_ref[...] = jax.lax.fori_loop(0, absmax_ref.shape[0], step, acc).astype(y_ref.dtype)
+    y_ref[...] = jax.lax.fori_loop(0, blocks, step, acc).astype(y_ref.dtype)
 
 
-def _nf4_backward_kernel(dy_ref, data_ref, absmax_ref, dx_ref, *, block: int, tile_n: int):
+def _nf4_backward_kernel(expert_ref, dy_ref, data_ref, absmax_ref, dx_ref, *, block: int,
+                         blocks: int, tile_n: int):
     """One block of 64 inputs: ``dx[:, even] = dy · highᵀ``, ``dx[:, odd] = dy · lowᵀ``."""
     half = block // 2
+    row = expert_ref[0] * blocks + pl.program_id(1)
 
     def step(j, accs):
         cols = pl.ds(j * tile_n, tile_n)
-        high, low = _nf4_tiles(data_ref[:, cols], absmax_ref[:, cols], dy_ref.dtype)
+        high, low = _nf4_tiles(data_ref[pl.ds(row * half, half), cols],
+                               absmax_ref[pl.ds(row, 1), cols], dy_ref.dtype)
         dy = dy_ref[:, cols]
         return accs[0] + _dot(dy, high, True), accs[1] + _dot(dy, low, True)
 
@@ -200,22 +208,26 @@ def _nf4_backward_kernel(dy_ref, data_ref, absmax_ref, dx_ref, *, block: int, ti
     dx_ref[:, pl.ds(1, half, stride=2)] = odd.astype(dx_ref.dtype)
 
 
-def _int8_forward_kernel(x_ref, data_ref, scale_ref, y_ref, *, tile_k: int):
-    scale = scale_ref[...]
+def _int8_forward_kernel(expert_ref, x_ref, data_ref, scale_ref, y_ref, *, n_in: int, tile_k: int):
+    e = expert_ref[0]
+    scale = scale_ref[pl.ds(e, 1), :]
 
     def step(k, acc):
-        rows = pl.ds(k * tile_k, tile_k)
-        w = _int8_tile(data_ref[rows, :], scale, x_ref.dtype)
-        return acc + _dot(x_ref[:, rows], w)
+        w = _int8_tile(data_ref[pl.ds(e * n_in + k * tile_k, tile_k), :], scale, x_ref.dtype)
+        return acc + _dot(x_ref[:, pl.ds(k * tile_k, tile_k)], w)
 
     acc = jnp.zeros(y_ref.shape, jnp.float32)
-    y_ref[...] = jax.lax.fori_loop(0, data_ref.shape[0] // tile_k, step, acc).astype(y_ref.dtype)
+    y_ref[...] = jax.lax.fori_loop(0, n_in // tile_k, step, acc).astype(y_ref.dtype)
 
 
-def _int8_backward_kernel(dy_ref, data_ref, scale_ref, dx_ref, *, tile_n: int):
+def _int8_backward_kernel(expert_ref, dy_ref, data_ref, scale_ref, dx_ref, *, n_in: int,
+                          tile_n: int):
+    e = expert_ref[0]
+    rows = pl.ds(e * n_in + pl.program_id(1) * dx_ref.shape[1], dx_ref.shape[1])
+
     def step(j, acc):
         cols = pl.ds(j * tile_n, tile_n)
-        w = _int8_tile(data_ref[:, cols], scale_ref[:, cols], dy_ref.dtype)
+        w = _int8_tile(data_ref[rows, cols], scale_ref[pl.ds(e, 1), cols], dy_ref.dtype)
         return acc + _dot(dy_ref[:, cols], w, True)
 
     acc = jnp.zeros(dx_ref.shape, jnp.float32)
@@ -225,7 +237,7 @@ def _int8_backward_kernel(dy_ref, data_ref, scale_ref, dx_ref, *, tile_n: int):
 # --------------------------------------------------------------------------------------------
 # Launchers.
 
-def _row_tile(m: int) -> int:
+def row_tile(m: int) -> int:
     """Rows per program: 64, or the smallest power of two ≥ 16 holding ``m`` (few tokens)."""
     return 64 if m >= 64 else max(16, 1 << (m - 1).bit_length())
 
@@ -243,64 +255,87 @@ def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, *args):
         interpret=interpret)(*args)
 
 
-def _scales(q: quant.QuantizedTensor, trigger: jax.Array) -> jax.Array:
-    """Float32 scales as the kernel reads them: NF4's absmaxes ``(in_p / block, out)`` (double
-    quantization decoded), int8's per-output absmaxes as a ``(1, out)`` row. Made dependent on
-    ``trigger`` (``quant.after``) so that XLA decodes each layer's absmaxes where its matmul runs,
-    not all layers' at the start of the step."""
+def scales_of(q: quant.QuantizedTensor, trigger: jax.Array) -> jax.Array:
+    """Float32 scales as the kernels read them: NF4's absmaxes ``(E·in_p / block, out)`` (double
+    quantization decoded), int8's per-output absmaxes ``(E, out)`` (E = 1 for a 2-D kernel).
+    Made dependent on ``trigger`` (``quant.after``) so that XLA decodes each layer's absmaxes
+    where its matmul runs, not all layers' at the start of the step."""
     q = dataclasses.replace(q, scale=quant.after(q.scale, trigger))
     if q.kind == "int8":
-        return q.scale.astype(jnp.float32)[None, :]
+        return q.scale.astype(jnp.float32).reshape(-1, q.shape[-1])
     return quant.absmax_of(q)
 
 
+def _codes(q: quant.QuantizedTensor) -> jax.Array:
+    """The codes as 2-D rows: NF4's already are; an int8 stack's experts end to end."""
+    return q.data.reshape(-1, q.shape[-1])
+
+
+def _tiling(q: quant.QuantizedTensor, rows: int, experts: jax.Array | None, tile: int | None):
+    """(rows per program, each program's expert): one expert for a 2-D kernel's row tiles."""
+    if experts is None:
+        tile = row_tile(rows) if tile is None else tile
+        return tile, jnp.zeros((-(-rows // tile),), jnp.int32)
+    return tile, experts.astype(jnp.int32)
+
+
 def forward(x: jax.Array, q: quant.QuantizedTensor, scales: jax.Array, *,
+            experts: jax.Array | None = None, tile: int | None = None,
             interpret: bool = False) -> jax.Array:
-    """``x @ dequantize(q, x.dtype)`` for 2-D ``x`` ``(M, in)``, by the fused kernel."""
-    m, n_in = x.shape
-    n_out = q.shape[1]
-    bm, bn = _row_tile(m), _largest_dividing(n_out, (128, 64, 32, 16))
+    """``x @ dequantize(q, x.dtype)`` for 2-D ``x`` ``(M, in)``, by the fused kernel. For an
+    expert stack ``q`` ``(E, in, out)``, ``x``'s rows come in tiles of ``tile`` rows, tile ``t``
+    multiplied by expert ``experts[t]`` (``moe``'s grouped layout)."""
+    n_in, n_out = q.shape[-2:]
+    bm, expert_of = _tiling(q, x.shape[0], experts, tile)
+    bn = _largest_dividing(n_out, (128, 64, 32, 16))
+    n_experts = q.shape[0] if len(q.shape) == 3 else 1
     if q.kind == "nf4":
-        x = jnp.pad(x, ((0, 0), (0, 2 * q.data.shape[0] - n_in)))   # the blocks' zero padding
-        kernel = functools.partial(_nf4_forward_kernel, block=q.block_size)
+        blocks = scales.shape[0] // n_experts
+        x = jnp.pad(x, ((0, 0), (0, blocks * q.block_size - n_in)))   # the blocks' zero padding
+        kernel = functools.partial(_nf4_forward_kernel, block=q.block_size, blocks=blocks)
     else:
-        kernel = functools.partial(_int8_forward_kernel,
+        kernel = functools.partial(_int8_forward_kernel, n_in=n_in,
                                    tile_k=_largest_dividing(n_in, (64, 32, 16)))
     xp = _pad_rows(x, bm)
     rows, k = xp.shape
+    codes = _codes(q)
     y = _call(kernel, jax.ShapeDtypeStruct((rows, n_out), x.dtype), (rows // bm, n_out // bn),
-              [pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-               pl.BlockSpec((q.data.shape[0], bn), lambda i, j: (0, j)),
+              [pl.BlockSpec((1,), lambda i, j: (i,)),
+               pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+               pl.BlockSpec((codes.shape[0], bn), lambda i, j: (0, j)),
                pl.BlockSpec((scales.shape[0], bn), lambda i, j: (0, j))],
-              pl.BlockSpec((bm, bn), lambda i, j: (i, j)), interpret, xp, q.data, scales)
-    return y[:m]
+              pl.BlockSpec((bm, bn), lambda i, j: (i, j)), interpret,
+              expert_of, xp, codes, scales)
+    return y[:x.shape[0]]
 
 
 def backward(dy: jax.Array, q: quant.QuantizedTensor, scales: jax.Array, *,
+             experts: jax.Array | None = None, tile: int | None = None,
              interpret: bool = False) -> jax.Array:
-    """``dy @ dequantize(q, dy.dtype).T`` for 2-D ``dy`` ``(M, out)``, by the fused kernel."""
-    m, n_out = dy.shape
-    n_in = q.shape[0]
-    bm, bn = _row_tile(m), _largest_dividing(n_out, BACKWARD_TILE_N)
+    """``dy @ dequantize(q, dy.dtype).T`` for 2-D ``dy`` ``(M, out)``, by the fused kernel (an
+    expert stack's tiles as in ``forward``)."""
+    n_in, n_out = q.shape[-2:]
+    bm, expert_of = _tiling(q, dy.shape[0], experts, tile)
+    bn = _largest_dividing(n_out, BACKWARD_TILE_N)
+    n_experts = q.shape[0] if len(q.shape) == 3 else 1
     dyp = _pad_rows(dy, bm)
     rows = dyp.shape[0]
     if q.kind == "nf4":
-        block = q.block_size
-        k_tile, codes_rows, scale_rows = block, block // 2, 1
-        kernel = functools.partial(_nf4_backward_kernel, block=block, tile_n=bn)
-        k = 2 * q.data.shape[0]
+        blocks = scales.shape[0] // n_experts
+        k_tile, k = q.block_size, blocks * q.block_size
+        kernel = functools.partial(_nf4_backward_kernel, block=k_tile, blocks=blocks, tile_n=bn)
     else:
-        k_tile = _largest_dividing(n_in, (64, 32, 16))
-        codes_rows, scale_rows = k_tile, 1
-        kernel = functools.partial(_int8_backward_kernel, tile_n=bn)
-        k = n_in
-    scale_map = ((lambda i, b: (b, 0)) if q.kind == "nf4" else (lambda i, b: (0, 0)))
+        k_tile, k = _largest_dividing(n_in, (64, 32, 16)), n_in
+        kernel = functools.partial(_int8_backward_kernel, n_in=n_in, tile_n=bn)
+    codes = _codes(q)
     dx = _call(kernel, jax.ShapeDtypeStruct((rows, k), dy.dtype), (rows // bm, k // k_tile),
-               [pl.BlockSpec((bm, n_out), lambda i, b: (i, 0)),
-                pl.BlockSpec((codes_rows, n_out), lambda i, b: (b, 0)),
-                pl.BlockSpec((scale_rows, n_out), scale_map)],
-               pl.BlockSpec((bm, k_tile), lambda i, b: (i, b)), interpret, dyp, q.data, scales)
-    return dx[:m, :n_in]
+               [pl.BlockSpec((1,), lambda i, b: (i,)),
+                pl.BlockSpec((bm, n_out), lambda i, b: (i, 0)),
+                pl.BlockSpec(codes.shape, lambda i, b: (0, 0)),
+                pl.BlockSpec(scales.shape, lambda i, b: (0, 0))],
+               pl.BlockSpec((bm, k_tile), lambda i, b: (i, b)), interpret,
+               expert_of, dyp, codes, scales)
+    return dx[:dy.shape[0], :n_in]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -311,12 +346,12 @@ def matmul(x: jax.Array, q: quant.QuantizedTensor, interpret: bool = False) -> j
 
 
 def _matmul_fwd(x, q, interpret):
-    y = forward(x.reshape(-1, x.shape[-1]), q, _scales(q, x), interpret=interpret)
+    y = forward(x.reshape(-1, x.shape[-1]), q, scales_of(q, x), interpret=interpret)
     return y.reshape(*x.shape[:-1], q.shape[1]), q
 
 
 def _matmul_bwd(interpret, q, dy):
-    dx = backward(dy.reshape(-1, dy.shape[-1]), q, _scales(q, dy), interpret=interpret)
+    dx = backward(dy.reshape(-1, dy.shape[-1]), q, scales_of(q, dy), interpret=interpret)
     return dx.reshape(*dy.shape[:-1], q.shape[0]), quant.zero_cotangents(q)
 
 

@@ -87,8 +87,8 @@ def test_which_path_a_layer_takes():
         with quant_matmul.using("xla"):                            # a run's model.quant_matmul
             assert quant_matmul.mode_for(nf4) == "xla"
         assert quant_matmul.mode_for(nf4) == "fused"
-        # shapes it does not tile: an expert stack, an out dim not a multiple of 16
-        assert quant_matmul.mode_for(quant.quantize(jnp.ones((2, 64, 32)), "nf4")) == "xla"
+        assert quant_matmul.mode_for(quant.quantize(jnp.ones((2, 64, 32)), "nf4")) == "fused"  # experts
+        # shapes it does not tile: an out dim not a multiple of 16, int8's in dim neither
         assert quant_matmul.mode_for(quant.quantize(_kernel(64, 24), "nf4")) == "xla"
         assert quant_matmul.mode_for(quant.quantize(_kernel(40, 32), "int8")) == "xla"
 
@@ -170,3 +170,33 @@ def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
     refused = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode != 0 and "needs a GPU" in refused.stderr
+
+
+@pytest.mark.parametrize("kind,double_quant,n_in,dtype", [("nf4", True, 96, jnp.float32),
+                                                          ("nf4", False, 128, jnp.bfloat16),
+                                                          ("int8", False, 48, jnp.float32)])
+def test_an_expert_stack_through_the_kernel_matches_xlas_grouped_path(kind, double_quant, n_in, dtype,
+                                                                      monkeypatch):
+    """A MoE's quantized stack (moe.quantized_grouped_matmul): rows sorted by expert, uneven
+    groups and an empty expert, each tile of rows reading its own expert's codes; forward and
+    input gradient equal XLA's dequantize-then-grouped-matmul."""
+    from peftjax.models import moe
+
+    experts, n_out = 4, 32
+    stack = jnp.asarray(np.random.default_rng(3).standard_normal((experts, n_in, n_out)) * 0.05,
+                        jnp.float32)
+    q = quant.quantize(stack, kind, double_quant=double_quant)
+    sizes = jnp.array([13, 0, 40, 7], jnp.int32)
+    x, dy = _rows(60, n_in, dtype), _rows(60, n_out, dtype, seed=2)
+
+    def run(mode):
+        monkeypatch.setattr(quant_matmul, "QUANT_MATMUL", mode)
+        f = lambda x: moe.quantized_grouped_matmul(x, q, sizes)
+        assert ("pallas_call" in str(jax.make_jaxpr(f)(x))) == (mode == "interpret")
+        y, vjp = jax.vjp(f, x)
+        return y, vjp(dy)[0]
+
+    (y, dx), (ref_y, ref_dx) = run("interpret"), run("xla")
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref_y, np.float32), **tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(ref_dx, np.float32), **tol)
