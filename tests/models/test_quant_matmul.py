@@ -163,8 +163,9 @@ def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.load(open(tmp_path / "b.json"))["rows"]
-    assert {(r["kind"], r["path"]) for r in rows} == {
-        (k, p) for k in ("nf4", "int8") for p in ("fused", "xla", "bf16 matmul (no quantization)")}
+    assert {(r["kind"], r["path"], "experts" in r) for r in rows} == {
+        (k, p, False) for k in ("nf4", "int8") for p in ("fused", "xla", "bf16 matmul (no quantization)")
+    } | {(k, p, True) for k in ("nf4", "int8") for p in ("fused", "xla")}
     assert all(r["median_s"] > 0 for r in rows)
     assert all(r["max_abs_dev_from_xla"] < 1e-2 for r in rows if r["path"] == "fused")
     refused = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True,
