@@ -41,12 +41,15 @@ kernel when the program is compiled for a GPU (``gpu_target.compile_platform``, 
 compile included) and XLA's dequantize-then-dot elsewhere (the CPU has no Triton); ``fused`` /
 ``xla`` force one; ``interpret`` runs the fused kernel through Pallas' interpreter (any backend:
 how the tests check its values on a CPU). Shapes the kernel does not tile (an int8 kernel whose
-``in`` is not a multiple of 16, an ``out`` not a multiple of 16) take XLA's path. A mixture of
-experts' quantized stack (``moe.quantized_grouped_matmul``) takes the same kernels: its rows,
-sorted by expert, come in tiles of one expert each, and each program reads its expert's codes.
-So does ``auto`` in a program partitioned over several devices (``partitioned``, set by
+``in`` is not a multiple of 16, an ``out`` not a multiple of 16) take XLA's path. So does
+``auto`` in a program partitioned over several devices (``partitioned``, set by
 ``parallel.shard``): a Pallas call has no sharding rule, so XLA's partitioner would gather every
-sharded quantized matrix onto each device for it.
+sharded quantized matrix onto each device for it. A run sets its path with
+``--config.model.quant_matmul`` (``train.quantize.traced``, which traces its steps ``using`` it).
+
+A mixture of experts' quantized stack (``moe.quantized_grouped_matmul``) takes the same kernels:
+its rows, sorted by expert, come in tiles of one expert each, and each program reads its
+expert's codes (an expert stack's codes are its experts' rows end to end).
 """
 
 from __future__ import annotations
