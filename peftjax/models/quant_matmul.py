@@ -274,7 +274,7 @@ def _codes(q: quant.QuantizedTensor) -> jax.Array:
     return q.data.reshape(-1, q.shape[-1])
 
 
-def _tiling(q: quant.QuantizedTensor, rows: int, experts: jax.Array | None, tile: int | None):
+def _tiling(rows: int, experts: jax.Array | None, tile: int | None):
     """(rows per program, each program's expert): one expert for a 2-D kernel's row tiles."""
     if experts is None:
         tile = row_tile(rows) if tile is None else tile
@@ -289,7 +289,7 @@ def forward(x: jax.Array, q: quant.QuantizedTensor, scales: jax.Array, *,
     expert stack ``q`` ``(E, in, out)``, ``x``'s rows come in tiles of ``tile`` rows, tile ``t``
     multiplied by expert ``experts[t]`` (``moe``'s grouped layout)."""
     n_in, n_out = q.shape[-2:]
-    bm, expert_of = _tiling(q, x.shape[0], experts, tile)
+    bm, expert_of = _tiling(x.shape[0], experts, tile)
     bn = _largest_dividing(n_out, (128, 64, 32, 16))
     n_experts = q.shape[0] if len(q.shape) == 3 else 1
     if q.kind == "nf4":
@@ -318,7 +318,7 @@ def backward(dy: jax.Array, q: quant.QuantizedTensor, scales: jax.Array, *,
     """``dy @ dequantize(q, dy.dtype).T`` for 2-D ``dy`` ``(M, out)``, by the fused kernel (an
     expert stack's tiles as in ``forward``)."""
     n_in, n_out = q.shape[-2:]
-    bm, expert_of = _tiling(q, dy.shape[0], experts, tile)
+    bm, expert_of = _tiling(dy.shape[0], experts, tile)
     bn = _largest_dividing(n_out, BACKWARD_TILE_N)
     n_experts = q.shape[0] if len(q.shape) == 3 else 1
     dyp = _pad_rows(dy, bm)

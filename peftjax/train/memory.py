@@ -212,6 +212,8 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         lowered = step.lower(*args)
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    # Fused quantized matmuls (Pallas GPU kernels) in the program: read once from its text.
+    fused_kernels = lowered.as_text().count("xla.gpu.triton") if qcfg.enabled else 0
 
     from peftjax.train import measure
 
@@ -222,7 +224,7 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         # before optimisation on the default backend (XLA's HLO cost analysis, no compile).
         # A fused quantized matmul (a Pallas GPU kernel) does not lower for the host: counted as
         # XLA's dequantize-then-dot (the same products), traced afresh (jit caches traces).
-        fused = "xla.gpu.triton" in lowered.as_text()
+        fused = fused_kernels > 0
         if fused:
             step = jax.jit(quantize.traced(make_train_step(method, tx, config.seed),
                                            dataclasses.replace(qcfg, matmul="xla")),
@@ -248,11 +250,11 @@ def analyze_train_step(config: Any, *, batch: int = 8, seq: int = 64, target_seq
         **({"target_seq": target_seq or seq} if any(n.startswith("decoder_") for n in model.input_names)
            else {}),
         "dtype": config.train.dtype, "frozen_dtype": frozen_dtype, "optimizer": optimizer,
-        "quant": quantize.config_of(config).describe(),
+        "quant": qcfg.describe(),
         # which matmul read the quantized matrices: the setting, and how many fused (Pallas)
         # kernels the program calls (quant_matmul: fused on a GPU, XLA's dequantize-then-dot else)
         **({"quant_matmul": qcfg.matmul,
-            "fused_quant_kernels": lowered.as_text().count("xla.gpu.triton")}
+            "fused_quant_kernels": fused_kernels}
            if qcfg.enabled else {}),
         "clip_norm": float(config.train.clip_norm), "remat": str(config.train.remat),
         **({"scan_layers": True} if config.train.get("scan_layers", False) else {}),
