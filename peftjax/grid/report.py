@@ -122,14 +122,20 @@ class Selection:
     rows: list
     candidates: dict
     grid_size: int = 0   # grid values the definition gives this variant (0: not known)
+    seeds_expected: int = 0   # seeds the definition runs at the chosen value (0: not known)
 
     @property
     def incomplete(self) -> str:
-        """A note when the choice was made before every grid value finished (an interim report:
-        a pending value may still win), else ``""``."""
+        """A note when the row is interim, else ``""``: the choice was made before every grid
+        value finished (a pending value may still win), or fewer of its seeds than the
+        definition runs have finished (its mean and interval will move)."""
+        notes = []
         done = len(self.candidates)
-        return (f"selection incomplete: {done} of {self.grid_size} grid values finished"
-                if self.grid_size > done else "")
+        if self.grid_size > done:
+            notes.append(f"selection incomplete: {done} of {self.grid_size} grid values finished")
+        if self.seeds_expected > len(self.rows):
+            notes.append(f"{len(self.rows)} of {self.seeds_expected} seeds finished")
+        return "; ".join(notes)
 
     def stat(self, path: str) -> tuple[float, float]:
         return _mean_std([_get(r, path) for r in self.rows])
@@ -222,17 +228,73 @@ def select(rows: Sequence[dict], fixed: dict | None = None,
     return out
 
 
-def grid_sizes(definition: Mapping[str, Any], sels: Sequence[Selection]) -> list[int]:
-    """How many grid values the definition gives each selection's (model, task, variant); 0
-    without a definition."""
+def _definition_groups(definition: Mapping[str, Any]) -> dict[tuple, tuple[set, set]]:
+    """(model, task, variant) → (its grid values as hp keys, its seeds) under the definition;
+    ``{}`` without one."""
     if not definition or not definition.get("variants"):
-        return [0] * len(sels)
+        return {}
     from peftjax.grid import sweep
 
-    values: dict[tuple, set] = {}
+    groups: dict[tuple, tuple[set, set]] = {}
     for c in sweep.expand(definition):
-        values.setdefault((c.model, c.task, c.variant), set()).add(_hp_key(c.hp))
-    return [len(values.get((s.model, s.task, s.variant), ())) for s in sels]
+        hps, seeds = groups.setdefault((c.model, c.task, c.variant), (set(), set()))
+        hps.add(_hp_key(c.hp))
+        seeds.add(c.seed)
+    return groups
+
+
+def set_expectations(definition: Mapping[str, Any], sels: Sequence[Selection]) -> None:
+    """Gives each selection the grid size and seed count its definition asks for, so an
+    interim row (a sweep still running) says what it is still missing."""
+    groups = _definition_groups(definition)
+    for s in sels:
+        hps, seeds = groups.get((s.model, s.task, s.variant), ((), ()))
+        s.grid_size, s.seeds_expected = len(hps), len(seeds)
+
+
+@dataclasses.dataclass
+class Progress:
+    """How much of a sweep definition has finished: ``total`` counts the cells it will run —
+    those runnable now plus, under two-stage tuning, one cell per (variant, other seed) still
+    waiting for its selection — and ``pending`` names what is left per (model, task)."""
+
+    finished: int
+    total: int
+    pending: dict   # (model, task) -> {variant: cells left}
+
+    def summary(self) -> list[str]:
+        """Markdown lines for an interim report; none once every cell has finished."""
+        if self.finished >= self.total:
+            return []
+        lines = [f"**Interim report: {self.finished} of the definition's {self.total} cells have "
+                 "finished.** A row may still change (its notes say how: a grid value or a seed "
+                 "not finished yet), and variants with no finished selection are not in the "
+                 "tables. Cells left:"]
+        for (model, task), left in sorted(self.pending.items()):
+            lines.append(f"- {model} × {task}: " + ", ".join(f"{v} ({n})" for v, n in left.items()))
+        return lines + [""]
+
+
+def progress(definition: Mapping[str, Any], rows: Sequence[dict]) -> Progress | None:
+    """The definition's :class:`Progress` given a store's rows; None without a definition."""
+    if not definition or not definition.get("variants"):
+        return None
+    from peftjax.grid import sweep
+
+    run, deferred = sweep.expand_with_selection(definition, rows)
+    done = {sweep.recorded_id(r) or r["cell"] for r in finished_rows(rows)} | \
+        {r["cell"] for r in finished_rows(rows)}
+    pending: dict[tuple, dict[str, int]] = {}
+    for c in run:
+        if c.id not in done:
+            left = pending.setdefault((c.model, c.task), {})
+            left[c.variant] = left.get(c.variant, 0) + 1
+    later = sorted({(c.model, c.task, c.variant, c.seed) for c in deferred})
+    for model, task, variant, _ in later:
+        left = pending.setdefault((model, task), {})
+        left[variant] = left.get(variant, 0) + 1
+    finished = sum(c.id in done for c in run)
+    return Progress(finished, len(run) + len(later), pending)
 
 
 def _scale(metric: str) -> float:
@@ -368,12 +430,15 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     written: dict[str, Any] = {"plots": []}
 
     sels = select(rows, selection_seeds=definition.get("selection_seeds"))
-    for s, size in zip(sels, grid_sizes(definition, sels)):
-        s.grid_size = size
+    set_expectations(definition, sels)
+    done = progress(definition, all_rows)
     tasks = _order_names(sorted({s.task for s in sels}), definition.get("tasks") or [])
     md = [f"# {name}", ""]
     if command:
         md += [f"Command: `{command}`", ""]
+    if done is not None:
+        md += done.summary()
+        written["progress"] = done
     if stale:
         md += [f"({stale} finished cells in results.jsonl are not cells of the current definition "
                "(a setting changed since they ran) and are left out.)", ""]
@@ -469,6 +534,8 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     configs_path = os.path.join(out, "resolved_configs.json")
     _write_text(configs_path, json.dumps(configs, indent=1, sort_keys=True) + "\n")
     md += _stamp_md(now, stamps, len(rows), len(latest), os.path.relpath(configs_path, out))
+    if done is not None and done.finished < done.total:
+        tex += [f"% INTERIM: {done.finished} of the definition's {done.total} cells had finished."]
     tex += ["% Reproducibility stamp:", *[f"% {line}" for line in _stamp_lines(now, stamps)]]
     written["md"] = os.path.join(out, "report.md")
     written["tex"] = os.path.join(out, "report.tex")

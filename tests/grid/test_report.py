@@ -209,19 +209,57 @@ def test_adalora_allocation_is_plotted_only_once_its_budget_reached_the_target(t
 def test_a_choice_made_before_its_grid_finished_is_flagged():
     """An interim report (a sweep still running) chooses among the grid values finished so far;
     a pending value may still win, so the row says so."""
-    from peftjax.grid.report import Selection, _hp_key, grid_sizes
+    from peftjax.grid.report import Selection, _hp_key, set_expectations
 
     d = {"name": "t", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0],
          "base": {"train": {"steps": 4}},
          "variants": {"a": {"method": "lora", "grid": {"train": {"learning_rate": [1e-3, 2e-3, 3e-3]}}}}}
     keys = [_hp_key({"train.learning_rate": lr}) for lr in (1e-3, 2e-3, 3e-3)]
     sel = Selection("tiny-bert", "tweet_sentiment", "a", "lora", "accuracy", True,
-                    {"train.learning_rate": 1e-3}, [], {keys[0]: (0.7, [0])})
-    (sel.grid_size,) = grid_sizes(d, [sel])
+                    {"train.learning_rate": 1e-3}, [{"seed": 0}], {keys[0]: (0.7, [0])})
+    set_expectations(d, [sel])
     assert sel.incomplete == "selection incomplete: 1 of 3 grid values finished"
     sel.candidates = {k: (0.7, [0]) for k in keys}
     assert sel.incomplete == ""
-    assert grid_sizes({}, [sel]) == [0]
+    set_expectations({}, [sel])
+    assert (sel.grid_size, sel.seeds_expected, sel.incomplete) == (0, 0, "")
+
+
+def test_an_interim_report_says_how_much_of_its_definition_is_left():
+    """A report written while the sweep runs counts the definition's cells (two-stage tuning's
+    later seeds included), names what is left per variant, and marks rows missing seeds."""
+    from peftjax.grid import sweep
+    from peftjax.grid.report import progress, set_expectations
+
+    d = {"name": "t", "models": ["tiny-bert"], "tasks": ["tweet_sentiment"], "seeds": [0, 1],
+         "selection_seeds": [0], "base": {"train": {"steps": 4}},
+         "variants": {"tuned": {"method": "lora", "grid": {"train": {"learning_rate": [1e-3, 3e-3]}}},
+                      "plain": {"method": "full"}}}
+    cells = {(c.variant, c.hp.get("train.learning_rate"), c.seed): c for c in sweep.expand(d)}
+
+    def done(variant, lr, seed, val):
+        c = cells[(variant, lr, seed)]
+        return {**row("tweet_sentiment", variant, c.method, seed, c.hp, val, val, 10),
+                "cell": c.id, "model": "tiny-bert", "config": c.config}
+
+    rows = [done("tuned", 1e-3, 0, 0.7), done("plain", None, 0, 0.8)]
+    p = progress(d, rows)
+    # tuned: 2 values on seed 0, then seed 1 at the chosen one; plain: seeds 0 and 1.
+    assert (p.finished, p.total) == (2, 5)
+    assert p.pending == {("tiny-bert", "tweet_sentiment"): {"tuned": 2, "plain": 1}}
+    text = "\n".join(p.summary())
+    assert "2 of the definition's 5 cells" in text and "tuned (2), plain (1)" in text
+    sels = {s.variant: s for s in select(rows, selection_seeds=[0])}
+    set_expectations(d, list(sels.values()))
+    assert sels["tuned"].incomplete == ("selection incomplete: 1 of 2 grid values finished; "
+                                        "1 of 2 seeds finished")
+    assert sels["plain"].incomplete == "1 of 2 seeds finished"
+    # 3e-3 wins on validation; its seed 1 is then the only later cell, and once every cell has
+    # finished the report is no longer interim.
+    rows += [done("tuned", 3e-3, 0, 0.75), done("plain", None, 1, 0.8), done("tuned", 3e-3, 1, 0.75)]
+    p = progress(d, rows)
+    assert (p.finished, p.total, p.summary()) == (5, 5, [])
+    assert progress({}, rows) is None
 
 
 def test_margin_over_the_majority_class_is_a_column_and_a_checked_floor(tmp_path):
