@@ -1,6 +1,10 @@
-"""Report building blocks: the kill-safe results store and the rank-allocation heat map."""
+"""Report building blocks: the kill-safe results store, the rank-allocation heat map and the
+score-vs-parameters plot."""
 
 import json
+import os
+
+import numpy as np
 
 from peftjax.grid import ResultsStore, markdown_table, rank_allocation_heatmap
 from peftjax.grid.plots import split_site
@@ -31,3 +35,54 @@ def test_rank_heatmap_writes_png_and_pdf(tmp_path):
     assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "pdf"]
     assert all((tmp_path / f"ranks.{e}").stat().st_size > 1000 for e in ("png", "pdf"))
     assert split_site("model.layers.12.mlp.up_proj") == (12, "mlp.up_proj")
+
+
+def test_score_axis_breaks_only_at_a_gap_wider_than_half_the_range():
+    from peftjax.grid.plots import _axis_break
+
+    # A class-prior baseline 40 points below the methods: broken between it and the rest.
+    assert _axis_break([81.6, 81.5, 80.0, 74.1, 68.1, 42.9]) == (42.9, 68.1)
+    assert _axis_break([81.6, 80.0, 76.0, 72.0]) is None   # no gap that wide
+    assert _axis_break([80.0, 40.0]) is None               # two points: nothing to squeeze
+
+
+def test_crowded_labels_do_not_overlap(tmp_path):
+    """Twenty methods within two points of each other (a comparison's usual top cluster) and a
+    far baseline: every label stays inside its panel and clear of every other label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from peftjax.grid import plots
+
+    rng = np.random.default_rng(0)
+    points = [{"label": f"method_{i}", "params": float(10 ** rng.uniform(4, 7)),
+               "mean": float(80 + 2 * rng.random()), "std": 0.3} for i in range(20)]
+    points.append({"label": "majority", "params": 0, "mean": 42.9, "std": 0.0})
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig: closed.append(fig)   # keep the figure to inspect its labels
+    try:
+        paths = plots.score_vs_params(points, str(tmp_path / "pareto"), ylabel="acc", title="t")
+    finally:
+        plt.close = real_close
+    assert sorted(os.path.basename(p) for p in paths) == ["pareto.pdf", "pareto.png"]
+    (fig,) = closed
+    fig.canvas.draw()   # the last draw was the PDF's, shifted to its tight bounding box
+    renderer = fig.canvas.get_renderer()
+    top, bottom = fig.axes[:2]              # the break put the prior in a panel of its own
+    assert bottom.get_ylim()[1] < 80 < top.get_ylim()[0] + 5
+    boxes = []
+    for ax in (top, bottom):
+        frame = ax.get_window_extent(renderer)
+        for t in ax.texts:
+            b = Text.get_window_extent(t, renderer)   # the words, not the leader line
+            assert frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+            boxes.append((t.get_text(), b))
+    assert sorted(name for name, _ in boxes) == sorted(p["label"] for p in points)
+    for i, (a, ba) in enumerate(boxes):
+        for b, bb in boxes[i + 1:]:
+            assert not ba.overlaps(bb), (a, b)
+    real_close(fig)
