@@ -205,9 +205,13 @@ def score_vs_params(points: list[dict], stem: str, *, ylabel: str, title: str = 
 
 def grouped_bars(labels: list[str], series: dict[str, list[float | None]], stem: str, *,
                  ylabel: str, title: str = "", log: bool = False) -> list[str]:
-    """One bar per label for each series (e.g. per method, one bar per task)."""
+    """One bar per label for each series (e.g. per method, one bar per task). A label with no
+    value in any series (a baseline with no step to time) gets no empty slot."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(labels) * max(1, len(series)) + 1.5), 3.8))
+    keep = [i for i in range(len(labels)) if any(v[i] is not None for v in series.values())]
+    labels = [labels[i] for i in keep]
+    series = {name: [values[i] for i in keep] for name, values in series.items()}
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(labels) * max(1, len(series)) + 1.5), 3.8))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for k, (name, values) in enumerate(series.items()):
@@ -219,11 +223,27 @@ def grouped_bars(labels: list[str], series: dict[str, list[float | None]], stem:
         ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    if len(series) > 1:   # above the axes, where no bar can be hidden behind it
+        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(series),
+                  borderaxespad=0.2, frameon=False)
     paths = _save(fig, stem)
     plt.close(fig)
     return paths
+
+
+_DASHES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D")
+
+
+def line_style(i: int) -> dict:
+    """The ``i``-th series' colour, dash and marker: tab10's ten colours, then the same colours
+    dashed with another marker, so that up to 40 series stay told apart (one colour cycle
+    would give two series the same line from the eleventh on)."""
+    import matplotlib
+
+    k = (i // 10) % len(_DASHES)
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "linestyle": _DASHES[k],
+            "marker": _MARKERS[k]}
 
 
 def curves(series: dict[str, tuple[list[float], list[float], list[float]]], stem: str, *,
@@ -231,9 +251,12 @@ def curves(series: dict[str, tuple[list[float], list[float], list[float]]], stem
     """Lines with a ±std band: ``series[label] = (x, mean, std)`` (learning curves, ablations)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, (x, mean, std) in series.items():
+    for i, (label, (x, mean, std)) in enumerate(series.items()):
         x, mean, std = (np.asarray(v, float) for v in (x, mean, std))
-        (line,) = ax.plot(x, mean, marker="o" if len(x) <= 12 else None, ms=3, lw=1.2, label=label)
+        style = line_style(i)
+        if len(x) > 12:
+            style["marker"] = None
+        (line,) = ax.plot(x, mean, ms=3, lw=1.2, label=label, **style)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
     if logx:
         ax.set_xscale("log", base=2)
@@ -241,7 +264,10 @@ def curves(series: dict[str, tuple[list[float], list[float], list[float]]], stem
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
+    if len(series) > 8:   # beside the axes: inside, a long legend hides the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
     paths = _save(fig, stem)
     plt.close(fig)
     return paths

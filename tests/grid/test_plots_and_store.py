@@ -86,3 +86,33 @@ def test_crowded_labels_do_not_overlap(tmp_path):
         for b, bb in boxes[i + 1:]:
             assert not ba.overlaps(bb), (a, b)
     real_close(fig)
+
+
+def test_every_series_of_a_long_legend_has_its_own_line():
+    from peftjax.grid.plots import line_style
+
+    styles = [line_style(i) for i in range(40)]
+    keys = {(s["color"], s["linestyle"], s["marker"]) for s in styles}
+    assert len(keys) == 40
+    assert styles[0]["color"] == styles[10]["color"] and styles[0]["linestyle"] != styles[10]["linestyle"]
+
+
+def test_bars_leave_out_labels_without_a_value(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftjax.grid import plots
+
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig: closed.append(fig)
+    try:
+        plots.grouped_bars(["full", "lora", "majority"], {"a": [2.0, 1.0, None], "b": [None, 1.5, None]},
+                           str(tmp_path / "bars"), ylabel="MB")
+    finally:
+        plt.close = real_close
+    (fig,) = closed
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["full", "lora"]
+    real_close(fig)
