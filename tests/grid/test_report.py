@@ -291,3 +291,13 @@ def test_margin_over_the_majority_class_is_a_column_and_a_checked_floor(tmp_path
     # Without the floor: the column, no verdict.
     md = "\n".join(uncertainty_section(select(store.read()), draws=200))
     assert "over majority" in md and "Margin over the majority class" not in md
+
+
+def test_the_grid_table_lists_values_in_numeric_order():
+    from peftjax.grid.report import _hp_key, _hp_order
+
+    keys = [_hp_key({"train.learning_rate": lr}) for lr in (3e-4, 1e-5, 0.1, 3e-5, 1e-4)]
+    ordered = [json.loads(k)["train.learning_rate"] for k in sorted(keys, key=_hp_order)]
+    assert ordered == [1e-5, 3e-5, 1e-4, 3e-4, 0.1]
+    mixed = [_hp_key({"method.init": "pissa"}), _hp_key({"method.init": "default"})]
+    assert [json.loads(k)["method.init"] for k in sorted(mixed, key=_hp_order)] == ["default", "pissa"]
