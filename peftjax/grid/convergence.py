@@ -108,15 +108,22 @@ def section(found: Sequence[Check], plot_dir: str | None = None, tolerance: floa
     md.append("")
     if plot_dir:
         for task in sorted({c.task for c in found}):
-            series = {}
-            for c in (c for c in found if c.task == task):
-                for tag, (xs, ys) in zip((f"{c.steps} steps", f"{c.long_steps} steps"), c.curves):
+            series, styles = {}, {}
+            for j, c in enumerate(c for c in found if c.task == task):
+                # One colour per variant: its budget run solid with markers, its long run dashed.
+                colour = plots.line_style(j)["color"]
+                for tag, (xs, ys), look in zip(
+                        (f"{c.steps} steps", f"{c.long_steps} steps"), c.curves,
+                        ({"linestyle": "-", "marker": "o"}, {"linestyle": "--", "marker": None})):
                     if xs and ys and not any(math.isnan(y) for y in ys):
-                        series[f"{c.variant}, {tag}"] = (xs, [k * y for y in ys], [0.0] * len(ys))
+                        label = f"{c.variant}, {tag}"
+                        series[label] = (xs, [k * y for y in ys], [0.0] * len(ys))
+                        styles[label] = {"color": colour, **look}
             if series:
                 paths += plots.curves(series, os.path.join(plot_dir, f"convergence_{task}"),
                                       xlabel="step", ylabel=f"validation {found[0].metric}",
-                                      title=f"{task}: the budget vs a longer run (chosen rates)")
+                                      title=f"{task}: the budget vs a longer run (chosen rates)",
+                                      styles=styles)
     return md, paths
 
 

@@ -247,8 +247,11 @@ def line_style(i: int) -> dict:
 
 
 def curves(series: dict[str, tuple[list[float], list[float], list[float]]], stem: str, *,
-           xlabel: str, ylabel: str, title: str = "", logx: bool = False) -> list[str]:
-    """Lines with a ±std band: ``series[label] = (x, mean, std)`` (learning curves, ablations)."""
+           xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+           styles: Mapping[str, dict] | None = None) -> list[str]:
+    """Lines with a ±std band: ``series[label] = (x, mean, std)`` (learning curves, ablations).
+    ``styles[label]``: matplotlib line properties for that series, over :func:`line_style`'s
+    (e.g. one colour for two runs of one method, dashed for the second)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (label, (x, mean, std)) in enumerate(series.items()):
@@ -256,6 +259,7 @@ def curves(series: dict[str, tuple[list[float], list[float], list[float]]], stem
         style = line_style(i)
         if len(x) > 12:
             style["marker"] = None
+        style.update((styles or {}).get(label, {}))
         (line,) = ax.plot(x, mean, ms=3, lw=1.2, label=label, **style)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
     if logx:

@@ -116,3 +116,28 @@ def test_bars_leave_out_labels_without_a_value(tmp_path):
     (fig,) = closed
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["full", "lora"]
     real_close(fig)
+
+
+def test_curves_take_a_style_per_series(tmp_path):
+    """The convergence plot draws a method's two runs in one colour, the long one dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftjax.grid import plots
+
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig: closed.append(fig)
+    try:
+        plots.curves({"a, 4 steps": ([1, 2], [0.5, 0.6], [0, 0]), "a, 16 steps": ([1, 2], [0.4, 0.7], [0, 0])},
+                     str(tmp_path / "c"), xlabel="step", ylabel="acc",
+                     styles={"a, 4 steps": {"color": "red"}, "a, 16 steps": {"color": "red", "linestyle": "--"}})
+    finally:
+        plt.close = real_close
+    (fig,) = closed
+    short, long = fig.axes[0].get_lines()
+    assert short.get_color() == long.get_color() == "red"
+    assert (short.get_linestyle(), long.get_linestyle()) == ("-", "--")
+    real_close(fig)
