@@ -631,8 +631,10 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
                        + ("*" if iv.excludes_zero else ""))
     md = [f"Test scores with {100 * level:.0f}% paired-bootstrap intervals ({draws} resamples of the "
           f"{len(labels)} test examples × the {k} seeds). Δ: difference in {main} (points) to "
-          "the reference, * where its interval excludes 0. Tier: 1 is best; variants share a tier "
-          f"unless their {main} intervals do not overlap — within a tier they are not ranked."
+          "the reference, * where its interval excludes 0. Tier: 1 is best; variants whose "
+          f"{main} intervals overlap share a tier, and so does any chain of overlapping intervals, "
+          "so a variant is in a lower tier only when its interval lies entirely below every "
+          "interval of each tier above — within a tier they are not ranked."
           + (" Over majority: accuracy points above the majority class (the class prior)."
              if majority is not None else ""), "",
           "| variant | tier | test accuracy | test macro-F1 | "

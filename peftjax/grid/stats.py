@@ -129,12 +129,22 @@ def difference(preds_a: np.ndarray, preds_b: np.ndarray, labels: np.ndarray, met
 
 
 def unranked_groups(intervals: Sequence[Interval]) -> list[int]:
-    """Tier labels (0 = best) such that two methods get different tiers only when their
-    intervals do not overlap and every method of the better tier is above: a method's tier is
-    one more than the tier of the best method whose interval lies entirely above it."""
-    order = np.argsort([-iv.estimate for iv in intervals])
+    """Tier labels (0 = best): the groups of intervals joined by overlaps, best first.
+
+    Two methods get different tiers only when their intervals do not overlap, and then every
+    method of the better tier lies entirely above every method of the worse one, so reading
+    the tiers as a ranking never ranks two methods whose intervals overlap. A chain of
+    overlapping intervals (A overlaps B, B overlaps C) is therefore one tier even where A and C
+    do not overlap: splitting it anywhere would rank a pair that overlaps. The paired
+    differences (:func:`difference`) are the finer test between two methods."""
+    order = sorted(range(len(intervals)), key=lambda i: -intervals[i].high)
     tiers = [0] * len(intervals)
-    for pos, i in enumerate(order):
-        above = [tiers[j] + 1 for j in order[:pos] if intervals[j].low > intervals[i].high]
-        tiers[i] = max(above, default=0)
+    tier, floor = 0, None   # floor: the lowest bound of the current tier so far
+    for i in order:
+        if floor is not None and intervals[i].high < floor:
+            tier += 1
+            floor = intervals[i].low
+        else:
+            floor = intervals[i].low if floor is None else min(floor, intervals[i].low)
+        tiers[i] = tier
     return tiers

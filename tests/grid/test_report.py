@@ -168,7 +168,7 @@ def test_intervals_state_differences_and_tiers_in_the_selection_metric(tmp_path)
             r["primary_metric"] = "macro_f1"
             store.append(r)
     md = open(write_report(str(tmp_path))["md"]).read()
-    assert "Δ: difference in macro_f1" in md and "unless their macro_f1 intervals" in md
+    assert "Δ: difference in macro_f1" in md and "variants whose macro_f1 intervals overlap share a tier" in md
 
 
 def test_rows_of_cells_outside_the_current_definition_are_left_out():

@@ -45,8 +45,23 @@ def test_intervals_cover_and_pair():
     assert a.overlaps(b) and dd.excludes_zero
 
 
-def test_tiers_never_split_overlapping_intervals():
+def test_tiers_never_rank_two_overlapping_intervals():
     I = stats.Interval
-    ivs = [I(0.80, 0.78, 0.82), I(0.79, 0.77, 0.81), I(0.70, 0.68, 0.72), I(0.60, 0.50, 0.79)]
-    tiers = stats.unranked_groups(ivs)
-    assert tiers[0] == tiers[1] == 0 and tiers[2] == 1 and tiers[3] == 0
+
+    def check(ivs, expected):
+        tiers = stats.unranked_groups(ivs)
+        assert tiers == expected
+        for a, ta in zip(ivs, tiers):   # different tiers: the better one lies entirely above
+            for b, tb in zip(ivs, tiers):
+                if ta < tb:
+                    assert not a.overlaps(b) and a.low > b.high
+
+    # A chain (tweet_methods' LoRA, BitFit, LN tuning): BitFit overlaps both, so LN tuning
+    # cannot be put below BitFit's tier although LoRA lies entirely above it.
+    check([I(81.6, 80.4, 82.8), I(79.4, 78.1, 80.7), I(78.6, 77.3, 79.9), I(74.1, 72.6, 75.4),
+           I(42.9, 41.4, 44.5)], [0, 0, 0, 1, 2])
+    # A wide interval overlapping both groups joins them (else it would sit above one it overlaps).
+    check([I(0.80, 0.78, 0.82), I(0.79, 0.77, 0.81), I(0.70, 0.68, 0.72), I(0.60, 0.50, 0.79)],
+          [0, 0, 0, 0])
+    check([I(0.80, 0.78, 0.82), I(0.79, 0.77, 0.81), I(0.70, 0.68, 0.72)], [0, 0, 1])
+    check([], [])
