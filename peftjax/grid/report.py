@@ -130,6 +130,7 @@ class Selection:
     candidates: dict
     grid_size: int = 0   # grid values the definition gives this variant (0: not known)
     seeds_expected: int = 0   # seeds the definition runs at the chosen value (0: not known)
+    tier: int | None = None   # 0 = first; set by uncertainty_section where intervals exist
 
     @property
     def incomplete(self) -> str:
@@ -321,8 +322,10 @@ def task_table(sels: Sequence[Selection], metrics: Sequence[str]) -> tuple[list[
 
     Columns: variant, method, chosen hps, seeds, test metrics (mean ± std over seeds, ×100 for
     rates), validation primary metric, trainable params, % of total, peak memory, step time.
-    Best: the highest (or, for losses, lowest) mean score; the fewest params, least memory and
-    fastest step.
+    Best: the fewest params, least memory and fastest step; for scores, where the selections
+    have tiers (:func:`uncertainty_section`, run first), every variant of the first tier in the
+    main metric's test column and no other score — a single bold best would rank variants whose
+    intervals overlap — else the highest (for losses, lowest) mean score.
     """
     header = ["variant", "method", "chosen hp", "seeds"] + [f"test {m}" for m in metrics] + [
         f"val {sels[0].metric}" if sels else "val", "trainable", "% of total", "peak memory",
@@ -352,7 +355,14 @@ def task_table(sels: Sequence[Selection], metrics: Sequence[str]) -> tuple[list[
         cols_value.append(values)
     best = [[False] * len(header) for _ in sels]
     first_value_col = 4
+    n_scores = len(metrics) + 1   # test metrics, then validation
+    tiered = any(s.tier is not None for s in sels)
     for j in range(len(cols_value[0]) if cols_value else 0):
+        if tiered and j < n_scores:
+            if j == 0:   # the main metric's test column
+                for i, s in enumerate(sels):
+                    best[i][first_value_col] = s.tier == 0
+            continue
         col = np.asarray([v[j] for v in cols_value], float)
         if np.all(np.isnan(col)):
             continue
@@ -453,7 +463,9 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
            "validation score over seeds are chosen; within each run the training loop keeps the "
            "step with the best validation score and evaluates test there once. Test is reported "
            "for the chosen setting only, as mean ± std (sample std) over its seeds. Best value per "
-           "column in bold (highest score; fewest params, least memory, fastest step). Step time "
+           "column in bold (fewest params, least memory, fastest step; for scores, the first "
+           "tier of the interval table under each table, in the main metric's test column — "
+           "variants not ranked apart — or, without intervals, the highest score). Step time "
            "is each cell's steady step as it ran — beside another cell when the sweep ran several "
            "workers, on whichever host ran it (the stamp lists them) — so it compares variants "
            "only roughly; scripts/bench.py times methods side by side on quiet cores.", ""]
@@ -465,10 +477,11 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
                 continue
             metrics_names = list(_get(ts[0].rows[0], "metrics.test") or {}) or [ts[0].metric]
             metrics_names = [ts[0].metric] + [m for m in metrics_names if m != ts[0].metric]
+            margin = ((definition.get("report") or {}).get("min_over_majority") or {}).get(task)
+            intervals = uncertainty_section(ts, min_over_majority=margin)   # sets the tiers
             header, text, best = task_table(ts, metrics_names)
             md += [f"## {model} × {task}", "", render_markdown(header, text, best), ""]
-            margin = ((definition.get("report") or {}).get("min_over_majority") or {}).get(task)
-            md += uncertainty_section(ts, min_over_majority=margin)
+            md += intervals
             tex += [render_latex(header, text, best, f"{model} on {task}: test "
                                  f"{ts[0].metric} at the hyperparameters chosen on validation "
                                  "(mean ± std over seeds).",
@@ -626,6 +639,8 @@ def uncertainty_section(ts: Sequence[Selection], level: float = 0.95, draws: int
                                                        classes, level)
     order = list(data)
     tiers = stats.unranked_groups([ivs[v][main] for v in order])
+    for s in ts:
+        s.tier = tiers[order.index(s.variant)] if s.variant in order else None
     fmt = lambda iv: f"{100 * iv.estimate:.1f} [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"  # noqa: E731
     dfmt = lambda iv: (f"{100 * iv.estimate:+.1f} [{100 * iv.low:+.1f}, {100 * iv.high:+.1f}]"  # noqa: E731
                        + ("*" if iv.excludes_zero else ""))

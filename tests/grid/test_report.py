@@ -154,6 +154,12 @@ def test_report_gives_paired_intervals_differences_tiers_and_flags(tmp_path):
     assert lines["full"].split("|")[2].strip() == lines["lora"].split("|")[2].strip() == "1"  # same tier
     assert "learning_rate=0.01 is the grid's highest" in lines["vera"]
     assert "predicts one class for 100.0% of examples" in lines["prefix"]
+    # The score table bolds the whole first tier (full and lora overlap), not one best.
+    table = {line.split("|")[1].strip(): line.split("|") for line in md.splitlines()
+             if line.startswith("| ") and "±" in line}
+    test_col = 5   # | variant | method | chosen hp | seeds | test accuracy | ...
+    assert table["full"][test_col].strip().startswith("**") and table["lora"][test_col].strip().startswith("**")
+    assert "**" not in table["bitfit"][test_col] and "**" not in table["full"][test_col + 2]
 
 
 def test_intervals_state_differences_and_tiers_in_the_selection_metric(tmp_path):
