@@ -231,6 +231,57 @@ def grouped_bars(labels: list[str], series: dict[str, list[float | None]], stem:
     return paths
 
 
+def small_multiples(panels: Mapping[str, dict], stem: str, *, xlabel: str, ylabel: str,
+                    title: str = "", logx: bool = True, cols: int = 5,
+                    floor: float | None = None) -> list[str]:
+    """One small panel per label, on shared axes: ``panels[label] = {"x": [...], "y": [...],
+    "chosen": x or None, "note": str}`` — the chosen point ringed in red, the note in the
+    corner. Why: a hyperparameter grid per method (learning-rate sensitivity) is read one
+    method at a time; twenty lines on one axes are not.
+
+    ``floor``: the shared y axis starts there; a point below it (a rate that diverged to the
+    class prior) is drawn as a ▼ on the floor with its value, so one collapse does not flatten
+    every other curve into the top of its panel."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 0.6, 1.9 * rows + 0.8), sharex=True,
+                             sharey=True, squeeze=False)
+    for ax, (label, p) in zip(axes.ravel(), panels.items()):
+        xs, ys = np.asarray(p["x"], float), np.asarray(p["y"], float)
+        order = np.argsort(xs)
+        shown = ys if floor is None else np.maximum(ys, floor)
+        ax.plot(xs[order], shown[order], marker="o", ms=3, lw=1.2, color="tab:blue")
+        for x, y in zip(xs, ys):
+            if floor is not None and y < floor:
+                ax.plot([x], [floor], marker="v", ms=6, color="tab:blue", clip_on=False)
+                ax.annotate(f"{y:.0f}", (x, floor), xytext=(4, 2), textcoords="offset points", fontsize=6)
+        if p.get("chosen") is not None:
+            k = int(np.argmin(np.abs(xs - p["chosen"])))
+            ax.plot([xs[k]], [shown[k]], marker="o", ms=8, mfc="none", mec="tab:red", mew=1.5)
+        ax.set_title(label, fontsize=8)
+        if p.get("note"):
+            ax.text(0.03, 0.04, p["note"], transform=ax.transAxes, fontsize=6, color="0.35")
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    if floor is not None:
+        top = max(max(p["y"]) for p in panels.values())
+        axes[0, 0].set_ylim(floor - 0.04 * (top - floor), top + 0.06 * (top - floor))
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    paths = _save(fig, stem)
+    plt.close(fig)
+    return paths
+
+
 _DASHES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D")
 

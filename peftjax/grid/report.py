@@ -510,6 +510,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
                     lc, os.path.join(plot_dir, f"curves_{tag}"), xlabel="step",
                     ylabel=f"validation {ts[0].metric}", title=f"{model} × {task}: learning curves "
                     "(chosen hps, mean ± std over seeds)")
+            written["plots"] += _sensitivity_plot(ts, plot_dir, tag, model, task)
             written["plots"] += _rank_plots(rows, ts, plot_dir, tag, model, task)
     # Memory and step time per variant (one bar per task).
     labels = _order_names(sorted({s.variant for s in sels}), variant_order)
@@ -737,6 +738,47 @@ def _rank_plots(rows, ts: Sequence[Selection], plot_dir: str, tag: str, model: s
                 ranks, os.path.join(plot_dir, f"rank_allocation_{tag}_{s.variant}"),
                 title=f"{s.variant} on {task}: final rank allocation (seed {s.rows[0]['seed']})")
     return paths
+
+
+def _sensitivity_plot(ts: Sequence[Selection], plot_dir: str, tag: str, model: str,
+                      task: str) -> list[str]:
+    """Validation score against the one numeric hyperparameter the variants' grids vary (the
+    learning rate of a per-method tuning grid), one panel per variant with its choice ringed:
+    where the choice sits on its curve, and how flat the curve is around it, says whether the
+    grid was wide enough and how much the rate matters. Variants whose grid varies something
+    else (a baseline's smoothing) are left out."""
+    from peftjax.grid import plots
+
+    grids = {}
+    for s in ts:
+        keys = {k for hk in s.candidates for k in json.loads(hk)}
+        if len(keys) != 1 or len(s.candidates) < 2:
+            continue
+        (key,) = keys
+        points = [(json.loads(hk)[key], _scale(s.metric) * val) for hk, (val, _) in s.candidates.items()
+                  if not math.isnan(val)]
+        if len(points) >= 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                    for x, _ in points):
+            grids[s.variant] = (key, points, s)
+    counts: dict[str, int] = {}
+    for key, _, _ in grids.values():
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return []
+    key = max(counts, key=counts.get)   # the key most variants tune
+    panels = {}
+    for variant, (k, points, s) in grids.items():
+        if k == key:
+            done = len(s.candidates)
+            panels[variant] = {"x": [x for x, _ in points], "y": [v for _, v in points],
+                               "chosen": s.hp.get(key),
+                               "note": f"{done} of {s.grid_size} values run" if s.grid_size > done else ""}
+    ys = [y for p in panels.values() for y in p["y"]]
+    floor = max(ys) - 15 if min(ys) < max(ys) - 15 else None   # a collapse would flatten the rest
+    return plots.small_multiples(panels, os.path.join(plot_dir, f"sensitivity_{tag}"),
+                                 xlabel=key.split(".")[-1].replace("_", " "), floor=floor,
+                                 ylabel=f"validation {ts[0].metric} (selection seeds)",
+                                 title=f"{model} × {task}: each variant's tuning grid (choice ringed)")
 
 
 def _stamp_lines(now: dict, stamps: Sequence[dict]) -> list[str]:

@@ -141,3 +141,29 @@ def test_curves_take_a_style_per_series(tmp_path):
     assert short.get_color() == long.get_color() == "red"
     assert (short.get_linestyle(), long.get_linestyle()) == ("-", "--")
     real_close(fig)
+
+
+def test_small_multiples_floor_keeps_a_collapse_from_flattening_the_rest(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peftjax.grid import plots
+
+    panels = {"lora": {"x": [3e-4, 1e-3, 3e-3], "y": [78.8, 80.4, 76.3], "chosen": 1e-3, "note": ""},
+              "lora_qv": {"x": [3e-4, 1e-3, 1e-2], "y": [75.9, 78.6, 45.3], "chosen": 1e-3, "note": "2 of 3"}}
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig: closed.append(fig)
+    try:
+        paths = plots.small_multiples(panels, str(tmp_path / "s"), xlabel="lr", ylabel="acc", floor=65.4)
+    finally:
+        plt.close = real_close
+    assert len(paths) == 2
+    (fig,) = closed
+    low, high = fig.axes[0].get_ylim()
+    assert 64 < low < 65.4 and high > 80.4          # the collapse at 45 is not in the range...
+    qv = fig.axes[1]
+    assert "45" in [t.get_text() for t in qv.texts]  # ...but marked on the floor with its value
+    real_close(fig)

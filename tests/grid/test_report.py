@@ -100,7 +100,7 @@ def test_report_from_synthetic_results_writes_tables_plots_and_stamp(tmp_path):
     plots = {os.path.basename(p) for p in out["plots"]}
     for task in TASKS:
         for stem in (f"pareto_m_{task}", f"curves_m_{task}", f"rank_ablation_m_{task}",
-                     f"rank_allocation_m_{task}_adalora"):
+                     f"rank_allocation_m_{task}_adalora", f"sensitivity_m_{task}"):
             assert {f"{stem}.png", f"{stem}.pdf"} <= plots, stem
     assert {"memory.png", "memory.pdf", "step_time.png", "step_time.pdf"} <= plots
     assert all(os.path.getsize(p) > 1000 for p in out["plots"])
