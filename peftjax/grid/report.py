@@ -481,6 +481,10 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             intervals = uncertainty_section(ts, min_over_majority=margin)   # sets the tiers
             header, text, best = task_table(ts, metrics_names)
             md += [f"## {model} × {task}", "", render_markdown(header, text, best), ""]
+            heads = {s.first("head_params") for s in ts} - {None, 0}   # baselines have no head
+            if len(heads) == 1:
+                md += [f"Trainable: the method's own parameters; every fine-tuned variant also "
+                       f"trains the task head ({heads.pop():,} parameters), which no count includes.", ""]
             md += intervals
             tex += [render_latex(header, text, best, f"{model} on {task}: test "
                                  f"{ts[0].metric} at the hyperparameters chosen on validation "

@@ -126,7 +126,8 @@ def _preds_row(variant, seed, accuracy, labels, rng, **kw):
     p = labels.copy()
     flip = rng.random(len(labels)) > accuracy
     p[flip] = (p[flip] + 1) % 3
-    r = row("tweet_sentiment", variant, variant, seed, kw.pop("hp", {}), accuracy, accuracy, 10, **kw)
+    r = row("tweet_sentiment", variant, variant, seed, kw.pop("hp", {}), accuracy, accuracy, 10,
+            head_params=1155, **kw)
     r["test_predictions"] = {"predictions": "".join(map(str, p)), "labels": "".join(map(str, labels))}
     return r
 
@@ -154,6 +155,7 @@ def test_report_gives_paired_intervals_differences_tiers_and_flags(tmp_path):
     assert lines["full"].split("|")[2].strip() == lines["lora"].split("|")[2].strip() == "1"  # same tier
     assert "learning_rate=0.01 is the grid's highest" in lines["vera"]
     assert "predicts one class for 100.0% of examples" in lines["prefix"]
+    assert "also trains the task head (1,155 parameters)" in md   # the counts exclude it
     # The score table bolds the whole first tier (full and lora overlap), not one best.
     table = {line.split("|")[1].strip(): line.split("|") for line in md.splitlines()
              if line.startswith("| ") and "±" in line}
