@@ -3,7 +3,7 @@
 A checkpoint holds the trainable side alone (tests/train/test_loop.py), so everything else a
 method builds must come back the same on resume: a base rewritten from the init's factors
 (PiSSA, OLoRA, LoRA-GA: W0 − s·B₀A₀, not from the trained ones), masks from a Fisher pass
-(FishMask, Child-tuning_D), rank schedules (AdaLoRA, DyLoRA), frozen projections (VeRA, LoRA-FA's
+(FishMask, Child-tuning_D), a base quantized on load (QLoRA), rank schedules (AdaLoRA, DyLoRA), frozen projections (VeRA, LoRA-FA's
 A). The grid resumes killed cells under every method, so a method that resumed differently
 would silently change a committed result. Two data-dependent inits run in ``make test``; the
 rest are ``slow``.
@@ -25,7 +25,8 @@ def data_dir(tmp_path_factory):
 SMALL = {"fishmask": {"num_examples": 32}, "lora_ga": {"num_examples": 32}, "adapter": {"bottleneck": 8}}
 FAST = {"lora_ga", "fishmask"}
 CASES = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow)
-         for m in sorted(methods.registered())] + [pytest.param("pissa", marks=pytest.mark.slow)]
+         for m in sorted(methods.registered())] + [pytest.param("pissa", marks=pytest.mark.slow),
+                                                   pytest.param("lora_nf4", marks=pytest.mark.slow)]
 
 
 def test_every_registered_method_is_covered():
@@ -34,9 +35,11 @@ def test_every_registered_method_is_covered():
 
 @pytest.mark.parametrize("method", CASES)
 def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path, method, caplog):
-    config = tiny_config(data_dir, method="lora" if method == "pissa" else method)
+    config = tiny_config(data_dir, method="lora" if method in ("pissa", "lora_nf4") else method)
     if method == "pissa":
         config.method.init = "pissa"
+    if method == "lora_nf4":   # a base quantized on load, as the grid's lora_nf4 cells
+        config.model.quant, config.model.double_quant = "nf4", True
     for key, value in SMALL.get(method, {}).items():
         config.method[key] = value
     a = train_and_evaluate(config, str(tmp_path / "a"))
