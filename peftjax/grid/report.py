@@ -290,8 +290,9 @@ def progress(definition: Mapping[str, Any], rows: Sequence[dict]) -> Progress | 
     from peftjax.grid import sweep
 
     run, deferred = sweep.expand_with_selection(definition, rows)
-    done = {sweep.recorded_id(r) or r["cell"] for r in finished_rows(rows)} | \
-        {r["cell"] for r in finished_rows(rows)}
+    ok = finished_rows(rows)
+    # A row counts under its recorded id and under the id its config hashes to now.
+    done = {r["cell"] for r in ok} | ({sweep.recorded_id(r) for r in ok} - {None})
     pending: dict[tuple, dict[str, int]] = {}
     for c in run:
         if c.id not in done:
