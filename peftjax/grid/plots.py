@@ -98,10 +98,10 @@ def _axis_break(ys: list[float]) -> tuple[float, float] | None:
 
 
 def _place_labels(ax, xs: list[float], ys: list[float], labels: list[str], fontsize: float = 7) -> None:
-    """Labels the points inside ``ax``'s limits without overlaps: each label takes the first
-    free spot (in display space) from a list of offsets that move out from its point, right
-    side first at each distance, and a thin leader line joins a label placed away from its point. The limits
-    must be final."""
+    """Labels the points inside ``ax``'s limits without overlaps: each label, from the top
+    point down, takes the first free spot (in display space) among offsets that move out from
+    its point, right side before left at each distance; a thin leader line joins a label placed
+    away from its point. The limits must be final."""
     from matplotlib.transforms import Bbox
 
     renderer = ax.figure.canvas.get_renderer()
@@ -129,7 +129,6 @@ def _place_labels(ax, xs: list[float], ys: list[float], labels: list[str], fonts
                 break
         if chosen is None:   # nowhere free: the nearest spot, overlapping
             dx, dy, ha = candidates[0]
-            box = None
         else:
             dx, dy, ha, box = chosen
             taken.append(box)
