@@ -234,8 +234,8 @@ def small_multiples(panels: Mapping[str, dict], stem: str, *, xlabel: str, ylabe
                     title: str = "", logx: bool = True, cols: int = 5,
                     floor: float | None = None) -> list[str]:
     """One small panel per label, on shared axes: ``panels[label] = {"x": [...], "y": [...],
-    "chosen": x or None, "note": str}`` — the chosen point ringed in red, the note in the
-    corner. Why: a hyperparameter grid per method (learning-rate sensitivity) is read one
+    "chosen": x or None, "note": str, "diverged": [x, ...]}`` — the chosen point ringed in red,
+    the note in the corner, a value whose run diverged marked ✕ "NaN" at the bottom. Why: a hyperparameter grid per method (learning-rate sensitivity) is read one
     method at a time; twenty lines on one axes are not.
 
     ``floor``: the shared y axis starts there; a point below it (a rate that diverged to the
@@ -259,6 +259,11 @@ def small_multiples(panels: Mapping[str, dict], stem: str, *, xlabel: str, ylabe
         if p.get("chosen") is not None:
             k = int(np.argmin(np.abs(xs - p["chosen"])))
             ax.plot([xs[k]], [shown[k]], marker="o", ms=8, mfc="none", mec="tab:red", mew=1.5)
+        for x in p.get("diverged", ()):   # no score: the run went NaN/inf
+            y0 = floor if floor is not None else float(np.nanmin(ys))
+            ax.plot([x], [y0], marker="x", ms=6, mew=1.5, color="tab:red", clip_on=False)
+            ax.annotate("NaN", (x, y0), xytext=(4, 2), textcoords="offset points", fontsize=6,
+                        color="tab:red")
         ax.set_title(label, fontsize=8)
         if p.get("note"):
             ax.text(0.03, 0.04, p["note"], transform=ax.transAxes, fontsize=6, color="0.35")

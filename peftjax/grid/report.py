@@ -111,6 +111,13 @@ def primary_of(row: dict) -> tuple[str, bool]:
     return metric, metric not in LOWER_IS_BETTER_METRICS
 
 
+def _divergence_text(hk: str, by_seed: Mapping[int, int], named: bool = True) -> str:
+    """``learning_rate=0.3 diverged (NaN/inf) at step 57 (seed 0)``; without the value when
+    ``named`` is False (a table row that already names it)."""
+    where = ", ".join(f"step {step} (seed {seed})" for seed, step in sorted(by_seed.items()))
+    return (f"{_hp_text(json.loads(hk))} " if named else "") + f"diverged (NaN/inf) at {where}"
+
+
 @dataclasses.dataclass
 class Selection:
     """The hyperparameters chosen on validation for one (model, task, variant), and their seeds.
@@ -131,6 +138,7 @@ class Selection:
     grid_size: int = 0   # grid values the definition gives this variant (0: not known)
     seeds_expected: int = 0   # seeds the definition runs at the chosen value (0: not known)
     tier: int | None = None   # 0 = first; set by uncertainty_section where intervals exist
+    diverged: dict = dataclasses.field(default_factory=dict)   # hp key -> {seed: step it diverged at}
 
     @property
     def incomplete(self) -> str:
@@ -138,12 +146,19 @@ class Selection:
         value finished (a pending value may still win), or fewer of its seeds than the
         definition runs have finished (its mean and interval will move)."""
         notes = []
-        done = len(self.candidates)
+        done = len(set(self.candidates) | set(self.diverged))
         if self.grid_size > done:
             notes.append(f"selection incomplete: {done} of {self.grid_size} grid values finished")
-        if self.seeds_expected > len(self.rows):
+        lost = self.diverged.get(_hp_key(self.hp), {})
+        if self.seeds_expected > len(self.rows) + len(lost):
             notes.append(f"{len(self.rows)} of {self.seeds_expected} seeds finished")
-        return "; ".join(notes)
+        return "; ".join(notes + self.divergence_notes())
+
+    def divergence_notes(self) -> list[str]:
+        """One note per grid value whose run diverged, with the seeds and the step."""
+        return [_divergence_text(hk, by_seed)
+                for hk, by_seed in sorted(self.diverged.items(), key=lambda kv: _hp_order(kv[0]))]
+
 
     def stat(self, path: str) -> tuple[float, float]:
         return _mean_std([_get(r, path) for r in self.rows])
@@ -163,6 +178,16 @@ def finished_rows(rows: Sequence[dict]) -> list[dict]:
         if "cell" in r:
             latest[r["cell"]] = r
     return [r for r in latest.values() if r.get("status", "ok") == "ok"]
+
+
+def diverged_rows(rows: Sequence[dict]) -> list[dict]:
+    """The latest line of each cell, keeping those whose run diverged (NaN/inf; the runner's
+    ``diverged_at_step``): a value of a grid that lost, not a cell to rerun."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if "cell" in r:
+            latest[r["cell"]] = r
+    return [r for r in latest.values() if r.get("status") == "failed" and "diverged_at_step" in r]
 
 
 def read_definition(workdir: str) -> dict:
@@ -251,6 +276,19 @@ def _definition_groups(definition: Mapping[str, Any]) -> dict[tuple, tuple[set, 
     return groups
 
 
+def attach_divergences(sels: Sequence[Selection], diverged: Sequence[dict]) -> dict[tuple, dict]:
+    """Files each diverged run under its selection (``Selection.diverged``); returns the
+    (model, task, variant) groups that have no selection because every run diverged, with their
+    divergences, so the report can name them rather than drop them."""
+    by_key = {(s.model, s.task, s.variant): s for s in sels}
+    orphans: dict[tuple, dict] = {}
+    for r in diverged:
+        key = (r["model"], r["task"], r["variant"])
+        target = by_key[key].diverged if key in by_key else orphans.setdefault(key, {})
+        target.setdefault(_hp_key(r.get("hp")), {})[r["seed"]] = r["diverged_at_step"]
+    return orphans
+
+
 def set_expectations(definition: Mapping[str, Any], sels: Sequence[Selection]) -> None:
     """Gives each selection the grid size and seed count its definition asks for, so an
     interim row (a sweep still running) says what it is still missing."""
@@ -290,7 +328,7 @@ def progress(definition: Mapping[str, Any], rows: Sequence[dict]) -> Progress | 
     from peftjax.grid import sweep
 
     run, deferred = sweep.expand_with_selection(definition, rows)
-    ok = finished_rows(rows)
+    ok = finished_rows(rows) + diverged_rows(rows)   # a diverged run is settled, not left
     # A row counts under its recorded id and under the id its config hashes to now.
     done = {r["cell"] for r in ok} | ({sweep.recorded_id(r) for r in ok} - {None})
     pending: dict[tuple, dict[str, int]] = {}
@@ -449,8 +487,10 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
 
     sels = select(rows, selection_seeds=definition.get("selection_seeds"))
     set_expectations(definition, sels)
+    lost = attach_divergences(sels, current_rows(diverged_rows(all_rows), definition)[0])
     done = progress(definition, all_rows)
-    tasks = _order_names(sorted({s.task for s in sels}), definition.get("tasks") or [])
+    tasks = _order_names(sorted({s.task for s in sels} | {t for _, t, _ in lost}),
+                         definition.get("tasks") or [])
     md = [f"# {name}", ""]
     if command:
         md += [f"Command: `{command}`", ""]
@@ -471,10 +511,17 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
            "workers, on whichever host ran it (the stamp lists them) — so it compares variants "
            "only roughly; scripts/bench.py times methods side by side on quiet cores.", ""]
     tex = [r"% Generated by scripts/report.py; needs \usepackage{booktabs}.", ""]
-    for model in _order_names(sorted({s.model for s in sels}), definition.get("models") or []):
+    for model in _order_names(sorted({s.model for s in sels} | {m for m, _, _ in lost}),
+                              definition.get("models") or []):
         for task in tasks:
             ts = _order([s for s in sels if s.task == task and s.model == model], variant_order)
+            all_lost = [f"**{variant}** has no row: every run of its grid diverged (NaN/inf): "
+                        + "; ".join(_divergence_text(hk, by_seed) for hk, by_seed in
+                                    sorted(by_hk.items(), key=lambda kv: _hp_order(kv[0]))) + "."
+                        for (m, t, variant), by_hk in lost.items() if (m, t) == (model, task)]
             if not ts:
+                if all_lost:
+                    md += [f"## {model} × {task}", ""] + [line for x in all_lost for line in (x, "")]
                 continue
             metrics_names = list(_get(ts[0].rows[0], "metrics.test") or {}) or [ts[0].metric]
             metrics_names = [ts[0].metric] + [m for m in metrics_names if m != ts[0].metric]
@@ -486,7 +533,12 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             if len(heads) == 1:
                 md += [f"Trainable: the method's own parameters; every fine-tuned variant also "
                        f"trains the task head ({heads.pop():,} parameters), which no count includes.", ""]
+            diverged_notes = [f"{s.variant}: " + "; ".join(s.divergence_notes()) for s in ts if s.diverged]
+            if diverged_notes:
+                md += ["Diverged runs (each a grid value that lost; nothing of them was saved): "
+                       + " — ".join(diverged_notes) + ".", ""]
             md += intervals
+            md += [line for x in all_lost for line in (x, "")]
             tex += [render_latex(header, text, best, f"{model} on {task}: test "
                                  f"{ts[0].metric} at the hyperparameters chosen on validation "
                                  "(mean ± std over seeds).",
@@ -547,11 +599,19 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
             md += [f"![{os.path.basename(p)[:-4]}]({rel})", ""]
     md += ["## Validation scores across each hyperparameter grid", "",
            "| model | task | variant | hp | val (mean over seeds) | seeds | chosen |", "|---|---|---|---|---|---|---|"]
-    for s in sorted(sels, key=lambda s: (s.model, s.task, s.variant)):
-        for hk, (val, seeds) in sorted(s.candidates.items(), key=lambda c: _hp_order(c[0])):
-            chosen = hk == _hp_key(s.hp)
-            md.append(f"| {s.model} | {s.task} | {s.variant} | {_hp_text(json.loads(hk))} | "
-                      f"{_scale(s.metric) * val:.2f} | {','.join(map(str, seeds))} | {'yes' if chosen else ''} |")
+    grids = [(s.model, s.task, s.variant, s.candidates, s.diverged, _hp_key(s.hp), _scale(s.metric))
+             for s in sels] + [(m, t, v, {}, by_hk, None, 1.0) for (m, t, v), by_hk in lost.items()]
+    for model, task, variant, cands, div, chosen_hk, k in sorted(grids, key=lambda g: g[:3]):
+        for hk in sorted(set(cands) | set(div), key=_hp_order):
+            text = _hp_text(json.loads(hk))
+            if hk in cands:
+                val, seeds = cands[hk]
+                score = f"{k * val:.2f}" + (f" ({_divergence_text(hk, div[hk], named=False)})"
+                                            if hk in div else "")
+            else:
+                score, seeds = _divergence_text(hk, div[hk], named=False), sorted(div[hk])
+            md.append(f"| {model} | {task} | {variant} | {text} | {score} | {','.join(map(str, seeds))} | "
+                      f"{'yes' if hk == chosen_hk else ''} |")
     md.append("")
     if failed:
         md += ["## Failed cells", "", "| cell | label | error |", "|---|---|---|"]
@@ -756,14 +816,15 @@ def _sensitivity_plot(ts: Sequence[Selection], plot_dir: str, tag: str, model: s
 
     grids = {}
     for s in ts:
-        keys = {k for hk in s.candidates for k in json.loads(hk)}
-        if len(keys) != 1 or len(s.candidates) < 2:
+        values = set(s.candidates) | set(s.diverged)
+        keys = {k for hk in values for k in json.loads(hk)}
+        if len(keys) != 1 or len(values) < 2:
             continue
         (key,) = keys
         points = [(json.loads(hk)[key], _scale(s.metric) * val) for hk, (val, _) in s.candidates.items()
                   if not math.isnan(val)]
-        if len(points) >= 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-                                    for x, _ in points):
+        if points and all(isinstance(json.loads(hk)[key], (int, float)) and not isinstance(json.loads(hk)[key], bool)
+                          and json.loads(hk)[key] > 0 for hk in values):
             grids[s.variant] = (key, points, s)
     counts: dict[str, int] = {}
     for key, _, _ in grids.values():
@@ -774,12 +835,15 @@ def _sensitivity_plot(ts: Sequence[Selection], plot_dir: str, tag: str, model: s
     panels = {}
     for variant, (k, points, s) in grids.items():
         if k == key:
-            done = len(s.candidates)
+            done = len(set(s.candidates) | set(s.diverged))
+            lost = [json.loads(hk)[key] for hk in s.diverged if hk not in s.candidates]
             panels[variant] = {"x": [x for x, _ in points], "y": [v for _, v in points],
-                               "chosen": s.hp.get(key),
+                               "chosen": s.hp.get(key), "diverged": lost,
                                "note": f"{done} of {s.grid_size} values run" if s.grid_size > done else ""}
     ys = [y for p in panels.values() for y in p["y"]]
-    floor = max(ys) - 15 if min(ys) < max(ys) - 15 else None   # a collapse would flatten the rest
+    # A collapse would flatten the rest; a divergence needs a floor to be drawn on.
+    spread = min(ys) < max(ys) - 15 or any(p["diverged"] for p in panels.values())
+    floor = max(ys) - 15 if spread else None
     return plots.small_multiples(panels, os.path.join(plot_dir, f"sensitivity_{tag}"),
                                  xlabel=key.split(".")[-1].replace("_", " "), floor=floor,
                                  ylabel=f"validation {ts[0].metric} (selection seeds)",

@@ -138,7 +138,9 @@ def _task_info(task: str, config: Mapping[str, Any] | None = None) -> dict:
 
 def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
     """Runs one cell and returns its results row (``status`` ok or failed; never raises on a
-    cell's own error: the error and traceback are in the row)."""
+    cell's own error: the error and traceback are in the row). A run that diverged (NaN/inf
+    loss, gradient or state) is failed with ``diverged_at_step``: it is not rerun, and the
+    selection of its variant treats it as a finished value that lost (``sweep``, ``report``)."""
     celldir = os.path.join(workdir, "cells", cell.id)
     os.makedirs(celldir, exist_ok=True)
     write_json_atomic(os.path.join(celldir, "cell.json"), cell.to_dict(), indent=1, sort_keys=True)
@@ -149,7 +151,10 @@ def run_cell(cell: Cell, workdir: str, cell_fn: CellFn) -> dict:
     try:
         result = cell_fn(cell, celldir)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the grid
-        return {**row, "status": "failed", "error": f"{type(e).__name__}: {e}",
+        from peftjax.train.loop import NonFiniteLossError
+
+        diverged = {"diverged_at_step": e.step} if isinstance(e, NonFiniteLossError) else {}
+        return {**row, "status": "failed", **diverged, "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(), "config": cell.config,
                 "cell_seconds": time.time() - t0}
     return {**result, **row, "status": "ok", "config": result.get("config", cell.config),

@@ -356,7 +356,8 @@ def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigD
     Without ``selection_seeds`` every cell runs (nothing deferred). With it, a variant whose grid
     has several values runs them all on the selection seeds; its other seeds run only the value
     chosen on validation from ``results`` (the sweep's results rows), once every selection cell
-    of that (model, task, variant) has finished ok — until then they are deferred.
+    of that (model, task, variant) has finished ok or diverged — until then they are deferred.
+    A value whose run diverged (NaN/inf) lost; if every value diverged, nothing more runs.
     """
     from peftjax.grid import report
 
@@ -364,6 +365,7 @@ def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigD
     d = _plain(definition)
     sel_seeds = set(d.get("selection_seeds") or d["seeds"])
     done = {recorded_id(r) or r["cell"]: r for r in report.finished_rows(results)}
+    diverged = {recorded_id(r) or r["cell"] for r in report.diverged_rows(results)}
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.model, c.task, c.variant), []).append(c)
@@ -377,8 +379,10 @@ def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigD
         run.extend(selection)
         rows = [done[c.id] for c in selection if c.id in done]
         others = [c for c in group if c.seed not in sel_seeds]
-        if len(rows) < len(selection):
+        if len(rows) + sum(c.id in diverged for c in selection) < len(selection):
             deferred.extend(others)
+            continue
+        if not rows:   # every value diverged: no choice, and its other seeds would too
             continue
         (chosen,) = report.select(rows)
         run.extend(c for c in others if c.hp == chosen.hp)

@@ -53,7 +53,13 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss, the gradient norm or the state became NaN/inf; nothing of it was saved."""
+    """The loss, the gradient norm or the state became NaN/inf; nothing of it was saved.
+    ``step``: the update at which it happened (a sweep records it: a learning rate that
+    diverges is a result of its grid, not a failure to retry)."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class MetricsLog:
@@ -394,7 +400,7 @@ def _non_finite(what: str, step: int, method, task, tc, ckpt) -> NonFiniteLossEr
         f"{what} at step {step} ({method.name} on {task.name}, lr={tc.learning_rate}); stopping "
         f"without saving that state. {where} Start a new --workdir with a lower learning rate, "
         "gradient clipping (train.clip_norm) or fp32 (train.dtype): this config would diverge "
-        "again, and another config does not resume this workdir.")
+        "again, and another config does not resume this workdir.", step=step)
 
 
 def _best_tree(best: dict, names: tuple[str, ...]) -> dict:

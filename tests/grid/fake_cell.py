@@ -1,7 +1,8 @@
 """A fast stand-in for training, for the runner tests: each cell "trains" for ``train.steps``
 steps of ``FAKE_STEP_SECONDS`` seconds, checkpointing its step to ``celldir/progress`` and
 resuming from it, as the real loop does. Variants listed in ``FAKE_FAIL_VARIANTS`` raise; those
-in ``FAKE_CRASH_VARIANTS`` end their process at once (as a segfault or the OOM killer would)."""
+in ``FAKE_CRASH_VARIANTS`` end their process at once (as a segfault or the OOM killer would);
+cells at a learning rate ≥ ``FAKE_DIVERGE_FROM_LR`` diverge (NaN at step 2)."""
 
 import os
 import time
@@ -10,6 +11,11 @@ import time
 def cell(cell, celldir: str) -> dict:
     if cell.variant in os.environ.get("FAKE_FAIL_VARIANTS", "").split(","):
         raise RuntimeError(f"fake failure of {cell.variant}")
+    lr = cell.config["train"]["learning_rate"]
+    if lr >= float(os.environ.get("FAKE_DIVERGE_FROM_LR", "inf")):
+        from peftjax.train import NonFiniteLossError
+
+        raise NonFiniteLossError(f"loss is NaN at step 2 (lr={lr})", step=2)
     if cell.variant in os.environ.get("FAKE_CRASH_VARIANTS", "").split(","):
         os._exit(3)
     progress = os.path.join(celldir, "progress")

@@ -67,6 +67,50 @@ def test_failures_are_recorded_and_isolated_finished_cells_skipped_and_retry(tmp
         assert sweep.Cell.from_dict(json.load(f)) == cells[0]
 
 
+def test_a_diverged_run_is_a_lost_grid_value_not_a_cell_to_rerun(tmp_path, monkeypatch):
+    """A learning rate that diverges (NaN/inf) is a result of the grid: the row records the step,
+    the cell is not rerun, its variant's selection goes on among the other values (two-stage
+    tuning schedules the later seeds), and the report names it where the value would be."""
+    from peftjax.grid import report
+
+    d = {**definition(), "seeds": [0, 1], "selection_seeds": [0]}
+    monkeypatch.setenv("FAKE_DIVERGE_FROM_LR", "2e-3")
+    cells, deferred = sweep.expand_with_selection(d)
+    counts = runner.run(cells, str(tmp_path), cell_fn=FAKE, progress=False)
+    assert (counts["ok"], counts["failed"]) == (3, 1)   # a: 1e-3 ok, 2e-3 diverged; broken: 2 seeds
+    rows = ResultsStore(os.path.join(tmp_path, "results.jsonl")).read()
+    (lost,) = report.diverged_rows(rows)
+    assert lost["diverged_at_step"] == 2 and lost["hp"] == {"train.learning_rate": 2e-3}
+    assert lost["error"].startswith("NonFiniteLossError: loss is NaN at step 2")
+    # The selection is settled: 1e-3 wins, and its seed 1 is now runnable.
+    more, deferred = sweep.expand_with_selection(d, rows)
+    later = [c for c in more if c.variant == "a" and c.seed == 1]
+    assert not deferred and [c.hp for c in later] == [{"train.learning_rate": 1e-3}]
+    counts = runner.run(more, str(tmp_path), cell_fn=FAKE, progress=False)
+    assert (counts["ok"], counts["skipped_failed"]) == (1, 1)   # the diverged cell is not rerun
+    with open(os.path.join(tmp_path, "sweep.json"), "w") as f:
+        json.dump({"definition": d}, f)
+    written = report.write_report(str(tmp_path))
+    md = open(written["md"]).read()
+    assert any("sensitivity_" in p for p in written["plots"])   # the lost value marked ✕ there
+    assert "Diverged runs (each a grid value that lost" in md
+    assert "a: learning_rate=0.002 diverged (NaN/inf) at step 2 (seed 0)" in md
+    assert "| a | learning_rate=0.002 | diverged (NaN/inf) at step 2 (seed 0) | 0 |" in md   # the grid
+    assert "Interim report" not in md   # settled: nothing is left of the definition
+    # Every value diverged: no choice, no later seeds, and the report says so instead of a row.
+    monkeypatch.setenv("FAKE_DIVERGE_FROM_LR", "0")
+    other = tmp_path / "all"
+    cells, _ = sweep.expand_with_selection(d)
+    runner.run(cells, str(other), cell_fn=FAKE, progress=False)
+    more, deferred = sweep.expand_with_selection(d, ResultsStore(str(other / "results.jsonl")).read())
+    assert not deferred and not [c for c in more if c.variant == "a" and c.seed == 1]
+    with open(other / "sweep.json", "w") as f:
+        json.dump({"definition": d}, f)
+    md = open(report.write_report(str(other))["md"]).read()
+    assert ("**a** has no row: every run of its grid diverged (NaN/inf): learning_rate=0.001 diverged "
+            "(NaN/inf) at step 2 (seed 0); learning_rate=0.002 diverged") in md
+
+
 def test_worker_processes_run_every_cell_once_and_survive_a_crashing_cell(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_CRASH_VARIANTS", "broken")  # the worker process dies (exit code 3)
     cells = sweep.expand(definition())
