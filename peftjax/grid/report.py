@@ -539,9 +539,12 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
                        + " — ".join(diverged_notes) + ".", ""]
             md += intervals
             md += [line for x in all_lost for line in (x, "")]
+            tiered = any(s.tier is not None for s in ts)
             tex += [render_latex(header, text, best, f"{model} on {task}: test "
                                  f"{ts[0].metric} at the hyperparameters chosen on validation "
-                                 "(mean ± std over seeds).",
+                                 "(mean ± std over seeds)."
+                                 + (" Bold scores: the first tier of 95% paired-bootstrap "
+                                    "intervals, not ranked apart." if tiered else ""),
                                  f"tab:{model}-{task}".replace("_", "-")), ""]
             # Plots for this (model, task).
             tag = f"{model}_{task}".replace("/", "_")

@@ -156,6 +156,8 @@ def test_report_gives_paired_intervals_differences_tiers_and_flags(tmp_path):
     assert "learning_rate=0.01 is the grid's highest" in lines["vera"]
     assert "predicts one class for 100.0% of examples" in lines["prefix"]
     assert "also trains the task head (1,155 parameters)" in md   # the counts exclude it
+    tex = open(tmp_path / "report.tex").read()
+    assert r"Bold scores: the first tier of 95\% paired-bootstrap intervals" in tex
     # The score table bolds the whole first tier (full and lora overlap), not one best.
     table = {line.split("|")[1].strip(): line.split("|") for line in md.splitlines()
              if line.startswith("| ") and "±" in line}
