@@ -37,6 +37,22 @@ def test_rank_heatmap_writes_png_and_pdf(tmp_path):
     assert split_site("model.layers.12.mlp.up_proj") == (12, "mlp.up_proj")
 
 
+def _kept_figure(monkeypatch, draw):
+    """``(draw(), its figure)``: a plots function closes its figure once saved; this keeps it
+    open so a test can inspect what was drawn (the caller closes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    out = draw()
+    monkeypatch.undo()
+    (fig,) = closed
+    return out, fig
+
+
 def test_score_axis_breaks_only_at_a_gap_wider_than_half_the_range():
     from peftjax.grid.plots import _axis_break
 
@@ -46,12 +62,9 @@ def test_score_axis_breaks_only_at_a_gap_wider_than_half_the_range():
     assert _axis_break([80.0, 40.0]) is None               # two points: nothing to squeeze
 
 
-def test_crowded_labels_do_not_overlap(tmp_path):
+def test_crowded_labels_do_not_overlap(tmp_path, monkeypatch):
     """Twenty methods within two points of each other (a comparison's usual top cluster) and a
     far baseline: every label stays inside its panel and clear of every other label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.text import Text
 
@@ -61,15 +74,9 @@ def test_crowded_labels_do_not_overlap(tmp_path):
     points = [{"label": f"method_{i}", "params": float(10 ** rng.uniform(4, 7)),
                "mean": float(80 + 2 * rng.random()), "std": 0.3} for i in range(20)]
     points.append({"label": "majority", "params": 0, "mean": 42.9, "std": 0.0})
-    closed = []
-    real_close = plt.close
-    plt.close = lambda fig: closed.append(fig)   # keep the figure to inspect its labels
-    try:
-        paths = plots.score_vs_params(points, str(tmp_path / "pareto"), ylabel="acc", title="t")
-    finally:
-        plt.close = real_close
+    paths, fig = _kept_figure(monkeypatch, lambda: plots.score_vs_params(
+        points, str(tmp_path / "pareto"), ylabel="acc", title="t"))
     assert sorted(os.path.basename(p) for p in paths) == ["pareto.pdf", "pareto.png"]
-    (fig,) = closed
     fig.canvas.draw()   # the last draw was the PDF's, shifted to its tight bounding box
     renderer = fig.canvas.get_renderer()
     top, bottom = fig.axes[:2]              # the break put the prior in a panel of its own
@@ -85,7 +92,7 @@ def test_crowded_labels_do_not_overlap(tmp_path):
     for i, (a, ba) in enumerate(boxes):
         for b, bb in boxes[i + 1:]:
             assert not ba.overlaps(bb), (a, b)
-    real_close(fig)
+    plt.close(fig)
 
 
 def test_every_series_of_a_long_legend_has_its_own_line():
@@ -97,73 +104,46 @@ def test_every_series_of_a_long_legend_has_its_own_line():
     assert styles[0]["color"] == styles[10]["color"] and styles[0]["linestyle"] != styles[10]["linestyle"]
 
 
-def test_bars_leave_out_labels_without_a_value(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def test_bars_leave_out_labels_without_a_value(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from peftjax.grid import plots
 
-    closed = []
-    real_close = plt.close
-    plt.close = lambda fig: closed.append(fig)
-    try:
-        plots.grouped_bars(["full", "lora", "majority"], {"a": [2.0, 1.0, None], "b": [None, 1.5, None]},
-                           str(tmp_path / "bars"), ylabel="MB")
-    finally:
-        plt.close = real_close
-    (fig,) = closed
+    _, fig = _kept_figure(monkeypatch, lambda: plots.grouped_bars(
+        ["full", "lora", "majority"], {"a": [2.0, 1.0, None], "b": [None, 1.5, None]},
+        str(tmp_path / "bars"), ylabel="MB"))
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["full", "lora"]
-    real_close(fig)
+    plt.close(fig)
 
 
-def test_curves_take_a_style_per_series(tmp_path):
+def test_curves_take_a_style_per_series(tmp_path, monkeypatch):
     """The convergence plot draws a method's two runs in one colour, the long one dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from peftjax.grid import plots
 
-    closed = []
-    real_close = plt.close
-    plt.close = lambda fig: closed.append(fig)
-    try:
-        plots.curves({"a, 4 steps": ([1, 2], [0.5, 0.6], [0, 0]), "a, 16 steps": ([1, 2], [0.4, 0.7], [0, 0])},
-                     str(tmp_path / "c"), xlabel="step", ylabel="acc",
-                     styles={"a, 4 steps": {"color": "red"}, "a, 16 steps": {"color": "red", "linestyle": "--"}})
-    finally:
-        plt.close = real_close
-    (fig,) = closed
+    _, fig = _kept_figure(monkeypatch, lambda: plots.curves(
+        {"a, 4 steps": ([1, 2], [0.5, 0.6], [0, 0]), "a, 16 steps": ([1, 2], [0.4, 0.7], [0, 0])},
+        str(tmp_path / "c"), xlabel="step", ylabel="acc",
+        styles={"a, 4 steps": {"color": "red"}, "a, 16 steps": {"color": "red", "linestyle": "--"}}))
     short, long = fig.axes[0].get_lines()
     assert short.get_color() == long.get_color() == "red"
     assert (short.get_linestyle(), long.get_linestyle()) == ("-", "--")
-    real_close(fig)
+    plt.close(fig)
 
 
-def test_small_multiples_floor_keeps_a_collapse_from_flattening_the_rest(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def test_small_multiples_floor_keeps_a_collapse_from_flattening_the_rest(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from peftjax.grid import plots
 
     panels = {"lora": {"x": [3e-4, 1e-3, 3e-3], "y": [78.8, 80.4, 76.3], "chosen": 1e-3, "note": ""},
               "lora_qv": {"x": [3e-4, 1e-3, 1e-2], "y": [75.9, 78.6, 45.3], "chosen": 1e-3, "note": "2 of 3"}}
-    closed = []
-    real_close = plt.close
-    plt.close = lambda fig: closed.append(fig)
-    try:
-        paths = plots.small_multiples(panels, str(tmp_path / "s"), xlabel="lr", ylabel="acc", floor=65.4)
-    finally:
-        plt.close = real_close
+    paths, fig = _kept_figure(monkeypatch, lambda: plots.small_multiples(
+        panels, str(tmp_path / "s"), xlabel="lr", ylabel="acc", floor=65.4))
     assert len(paths) == 2
-    (fig,) = closed
     low, high = fig.axes[0].get_ylim()
     assert 64 < low < 65.4 and high > 80.4          # the collapse at 45 is not in the range...
     qv = fig.axes[1]
     assert "45" in [t.get_text() for t in qv.texts]  # ...but marked on the floor with its value
-    real_close(fig)
+    plt.close(fig)
