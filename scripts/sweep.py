@@ -83,9 +83,17 @@ def main(argv):
     if FLAGS.dry_run:
         if FLAGS.workdir and os.path.exists(os.path.join(FLAGS.workdir, "results.jsonl")):
             state = runner.status(cells, FLAGS.workdir)
+            # A diverged run is failed for the runner (not rerun) but a lost grid value for the
+            # selection: listed as such.
+            from peftjax.grid import report
+
+            lost = {sweep.recorded_id(r) or r["cell"]
+                    for r in report.diverged_rows(_results(FLAGS.workdir))}
+            state = {cid: "diverged" if cid in lost and s == "failed" else s for cid, s in state.items()}
             for c in cells:
-                print(f"{c.id}  {state[c.id]:<7}  {c.label}")
-            counts = {s: list(state.values()).count(s) for s in ("ok", "failed", "pending")}
+                print(f"{c.id}  {state[c.id]:<8}  {c.label}")
+            counts = {s: list(state.values()).count(s) for s in ("ok", "diverged", "failed", "pending")}
+            counts = {k: v for k, v in counts.items() if v or k != "diverged"}
             print(f"{len(cells)} cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + waiting)
         else:
             print(sweep.describe(cells) + waiting)
