@@ -118,6 +118,11 @@ def _divergence_text(hk: str, by_seed: Mapping[int, int], named: bool = True) ->
     return (f"{_hp_text(json.loads(hk))} " if named else "") + f"diverged (NaN/inf) at {where}"
 
 
+def _divergence_notes(by_hk: Mapping[str, Mapping[int, int]]) -> list[str]:
+    """``_divergence_text`` of each diverged grid value, in the grid's numeric order."""
+    return [_divergence_text(hk, by_hk[hk]) for hk in sorted(by_hk, key=_hp_order)]
+
+
 @dataclasses.dataclass
 class Selection:
     """The hyperparameters chosen on validation for one (model, task, variant), and their seeds.
@@ -156,8 +161,7 @@ class Selection:
 
     def divergence_notes(self) -> list[str]:
         """One note per grid value whose run diverged, with the seeds and the step."""
-        return [_divergence_text(hk, by_seed)
-                for hk, by_seed in sorted(self.diverged.items(), key=lambda kv: _hp_order(kv[0]))]
+        return _divergence_notes(self.diverged)
 
 
     def stat(self, path: str) -> tuple[float, float]:
@@ -171,23 +175,21 @@ class Selection:
         return None
 
 
+def latest_by_cell(rows: Sequence[dict]) -> dict[str, dict]:
+    """The last line of each cell (a retried cell's new line supersedes its failure)."""
+    return {r["cell"]: r for r in rows if "cell" in r}
+
+
 def finished_rows(rows: Sequence[dict]) -> list[dict]:
     """The latest line of each cell, keeping those that finished (status ok)."""
-    latest: dict[str, dict] = {}
-    for r in rows:
-        if "cell" in r:
-            latest[r["cell"]] = r
-    return [r for r in latest.values() if r.get("status", "ok") == "ok"]
+    return [r for r in latest_by_cell(rows).values() if r.get("status", "ok") == "ok"]
 
 
 def diverged_rows(rows: Sequence[dict]) -> list[dict]:
     """The latest line of each cell, keeping those whose run diverged (NaN/inf; the runner's
     ``diverged_at_step``): a value of a grid that lost, not a cell to rerun."""
-    latest: dict[str, dict] = {}
-    for r in rows:
-        if "cell" in r:
-            latest[r["cell"]] = r
-    return [r for r in latest.values() if r.get("status") == "failed" and "diverged_at_step" in r]
+    return [r for r in latest_by_cell(rows).values()
+            if r.get("status") == "failed" and "diverged_at_step" in r]
 
 
 def read_definition(workdir: str) -> dict:
@@ -469,9 +471,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
     all_rows = ResultsStore(os.path.join(workdir, "results.jsonl")).read()
     if not all_rows:
         raise ValueError(f"{workdir}/results.jsonl has no results; run scripts/sweep.py first")
-    latest: dict[str, dict] = {}
-    for r in all_rows:
-        latest[r["cell"]] = r
+    latest = latest_by_cell(all_rows)
     rows = finished_rows(all_rows)
     failed = [r for r in latest.values() if r.get("status") == "failed"]
     definition = read_definition(workdir)
@@ -516,8 +516,7 @@ def write_report(workdir: str, out: str | None = None, *, title: str | None = No
         for task in tasks:
             ts = _order([s for s in sels if s.task == task and s.model == model], variant_order)
             all_lost = [f"**{variant}** has no row: every run of its grid diverged (NaN/inf): "
-                        + "; ".join(_divergence_text(hk, by_seed) for hk, by_seed in
-                                    sorted(by_hk.items(), key=lambda kv: _hp_order(kv[0]))) + "."
+                        + "; ".join(_divergence_notes(by_hk)) + "."
                         for (m, t, variant), by_hk in lost.items() if (m, t) == (model, task)]
             if not ts:
                 if all_lost:
@@ -819,27 +818,29 @@ def _sensitivity_plot(ts: Sequence[Selection], plot_dir: str, tag: str, model: s
 
     grids = {}
     for s in ts:
-        values = set(s.candidates) | set(s.diverged)
-        keys = {k for hk in values for k in json.loads(hk)}
-        if len(keys) != 1 or len(values) < 2:
+        hps = {hk: json.loads(hk) for hk in set(s.candidates) | set(s.diverged)}
+        keys = {k for hp in hps.values() for k in hp}
+        if len(keys) != 1 or len(hps) < 2:
             continue
         (key,) = keys
-        points = [(json.loads(hk)[key], _scale(s.metric) * val) for hk, (val, _) in s.candidates.items()
+        xs = {hk: hp[key] for hk, hp in hps.items()}
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in xs.values()):
+            continue
+        points = [(xs[hk], _scale(s.metric) * val) for hk, (val, _) in s.candidates.items()
                   if not math.isnan(val)]
-        if points and all(isinstance(json.loads(hk)[key], (int, float)) and not isinstance(json.loads(hk)[key], bool)
-                          and json.loads(hk)[key] > 0 for hk in values):
-            grids[s.variant] = (key, points, s)
+        if points:
+            grids[s.variant] = (key, points, s, xs)
     counts: dict[str, int] = {}
-    for key, _, _ in grids.values():
+    for key, *_ in grids.values():
         counts[key] = counts.get(key, 0) + 1
     if not counts:
         return []
     key = max(counts, key=counts.get)   # the key most variants tune
     panels = {}
-    for variant, (k, points, s) in grids.items():
+    for variant, (k, points, s, xs) in grids.items():
         if k == key:
-            done = len(set(s.candidates) | set(s.diverged))
-            lost = [json.loads(hk)[key] for hk in s.diverged if hk not in s.candidates]
+            done = len(xs)
+            lost = [xs[hk] for hk in s.diverged if hk not in s.candidates]
             panels[variant] = {"x": [x for x, _ in points], "y": [v for _, v in points],
                                "chosen": s.hp.get(key), "diverged": lost,
                                "note": f"{done} of {s.grid_size} values run" if s.grid_size > done else ""}
