@@ -106,23 +106,19 @@ def main(argv):
         for cell in runner.adopt(sweep.expand(FLAGS.config), FLAGS.workdir, FLAGS.adopt_from):
             print(f"adopted from {FLAGS.adopt_from}: {cell.label}")
         cells, deferred = _cells()
-    total = {"ok": 0, "failed": 0, "skipped_ok": 0}
-    while True:  # each round may release the deferred seeds of variants whose selection finished
-        counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
-                            cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress,
-                            compile_cache=FLAGS.compile_cache)
-        print(json.dumps(counts))
-        total = {k: total.get(k, 0) + counts.get(k, 0) for k in set(total) | set(counts)}
-        more, deferred = _cells()
-        if not {c.id for c in more} - {c.id for c in cells}:
-            break
-        cells = more
+    # After every finished cell the sweep is re-expanded on the results so far: a variant whose
+    # selection just finished has its other seeds queued at once, ahead of later variants.
+    counts = runner.run(cells, FLAGS.workdir, workers=FLAGS.workers, retry_failed=FLAGS.retry_failed,
+                        cell_fn=FLAGS.cell_fn, definition=definition, progress=FLAGS.progress,
+                        compile_cache=FLAGS.compile_cache, more=lambda: _cells()[0])
+    print(json.dumps(counts))
+    _, deferred = _cells()
     if deferred:
         print(f"{len(deferred)} cells still wait for a selection (its cells failed?): "
               + ", ".join(c.label for c in deferred[:5]), file=sys.stderr)
     print(f"results: {os.path.join(FLAGS.workdir, 'results.jsonl')}\n"
           f"report:  python scripts/report.py {FLAGS.workdir}")
-    return 1 if total["failed"] else 0
+    return 1 if counts["failed"] else 0
 
 
 if __name__ == "__main__":

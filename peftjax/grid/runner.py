@@ -317,7 +317,8 @@ def _worker(wid: int, parent_pid: int, tasks, results, cell_fn_spec: str, workdi
 
 def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: bool = False,
         cell_fn: str = DEFAULT_CELL_FN, definition: Mapping[str, Any] | None = None,
-        progress: bool = True, compile_cache: bool = True) -> dict[str, int]:
+        progress: bool = True, compile_cache: bool = True,
+        more: Callable[[], Sequence[Cell]] | None = None) -> dict[str, int]:
     """Runs every pending cell of ``cells`` in ``workdir``; returns counts by outcome.
 
     ``workers=1`` runs the cells one after another in this process; ``workers=N`` in N spawned
@@ -326,6 +327,14 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     persistent compilation cache in ``<workdir>/jax_cache`` (``use_compilation_cache``). The
     default cell keeps a method's data pass (a Fisher estimate) in ``<workdir>/cache``
     (``methods/pass_cache.py``), shared by the cells that would repeat it.
+
+    ``more``, if given, is asked after every finished cell for the cells to run now (the sweep
+    re-expanded on the results so far: a variant whose learning-rate selection just finished
+    releases its other seeds). Its new pending cells join the queue at their place in its list,
+    so a variant's seeds run as soon as its choice is known, ahead of later variants, instead
+    of waiting for the end of a round (an interim report then has whole variants, and no
+    worker idles while the released cells wait). Cells are handed to workers one at a time as
+    they free up, so the queue's order is the order cells start.
     """
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
@@ -345,21 +354,15 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
         write_json_atomic(os.path.join(workdir, "sweep.json"),
                           {"definition": definition, "cells": [c.id for c in cells]}, indent=1, sort_keys=True)
     store = ResultsStore(os.path.join(workdir, "results.jsonl"))
-    state = status(cells, workdir)
-    todo = [c for c in cells if state[c.id] == "pending" or (retry_failed and state[c.id] == "failed")]
     # No bars at all: the cells' training bars go too (train.progress is display only; the
     # workers inherit the environment, train_cell reads it).
     os.environ[QUIET_CELLS] = "" if progress else "1"
     os.environ[CACHE_DIR] = os.path.join(os.path.abspath(workdir), "cache")
-    for c in todo:
-        if state[c.id] == "failed":  # start a retried cell afresh
-            shutil.rmtree(os.path.join(workdir, "cells", c.id), ignore_errors=True)
-    counts = {"total": len(cells), "skipped_ok": sum(s == "ok" for s in state.values()),
-              "skipped_failed": sum(s == "failed" for s in state.values()) - (
-                  sum(state[c.id] == "failed" for c in todo)),
-              "ok": 0, "failed": 0}
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="sweep",
-               position=0, dynamic_ncols=True, disable=not progress, smoothing=0.0)
+    counts = {"total": 0, "skipped_ok": 0, "skipped_failed": 0, "ok": 0, "failed": 0}
+    bar = tqdm(total=0, unit="cell", desc="sweep", position=0, dynamic_ncols=True,
+               disable=not progress, smoothing=0.0)
+    queue = _Queue(workdir, retry_failed, counts, bar)
+    queue.add(cells)
 
     def record(row: dict) -> None:
         store.append(row)
@@ -367,18 +370,56 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
         bar.update(1)
         if row["status"] == "failed":
             bar.write(f"FAILED {row['label']} ({row['cell']}): {row['error']}")
+        if more is not None:
+            queue.add(more())
 
     try:
         if workers == 1:
             fn = load_cell_fn(cell_fn)
-            for cell in todo:
+            while queue:
+                cell = queue.pop()
                 bar.set_postfix_str(cell.label)
                 record(run_cell(cell, workdir, fn))
         else:
-            _run_pool(todo, workdir, workers, cell_fn, bar, record, compile_cache)
+            _run_pool(queue, workdir, workers, cell_fn, bar, record, compile_cache)
     finally:
         bar.close()
     return counts
+
+
+class _Queue:
+    """The cells still to start, in the order of the latest cell list given (``add``), each
+    cell once: a cell already finished (or failed, unless retried) is counted as skipped, not
+    queued; a retried failed cell starts afresh."""
+
+    def __init__(self, workdir: str, retry_failed: bool, counts: dict, bar) -> None:
+        self.workdir, self.retry_failed, self.counts, self.bar = workdir, retry_failed, counts, bar
+        self.seen: dict[str, Cell] = {}
+        self.todo: list[Cell] = []
+
+    def add(self, cells: Sequence[Cell]) -> None:
+        fresh = list({c.id: c for c in cells if c.id not in self.seen}.values())
+        if not fresh:
+            return
+        state = status(fresh, self.workdir)
+        self.seen.update((c.id, c) for c in fresh)
+        retried = {c.id for c in fresh if state[c.id] == "failed" and self.retry_failed}
+        starts = [c for c in fresh if state[c.id] == "pending" or c.id in retried]
+        self.counts["total"] += len(fresh)
+        self.counts["skipped_ok"] += sum(state[c.id] == "ok" for c in fresh)
+        self.counts["skipped_failed"] += sum(state[c.id] == "failed" for c in fresh) - len(retried)
+        for cid in retried:
+            shutil.rmtree(os.path.join(self.workdir, "cells", cid), ignore_errors=True)
+        place = {c.id: i for i, c in enumerate(cells)}
+        self.todo = sorted(self.todo + starts, key=lambda c: place.get(c.id, len(place)))
+        self.bar.total += len(fresh)
+        self.bar.update(len(fresh) - len(starts))
+
+    def pop(self) -> Cell:
+        return self.todo.pop(0)
+
+    def __len__(self) -> int:
+        return len(self.todo)
 
 
 def _failed_row(cell: Cell, error: str) -> dict:
@@ -388,20 +429,17 @@ def _failed_row(cell: Cell, error: str) -> dict:
             **_task_info(cell.task, cell.config)}
 
 
-def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, bar, record,
+def _run_pool(queue: _Queue, workdir: str, workers: int, cell_fn: str, bar, record,
               compile_cache: bool = True) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     # Results go through a SimpleQueue: a put is written to the pipe before it returns (no
     # feeder thread), so a worker that dies right after announcing a cell has announced it.
+    # A cell is put in ``tasks`` only when a worker is free for it (at most ``workers`` in
+    # flight), so cells released while others run still start in the queue's order.
     tasks, results = ctx.Queue(), ctx.SimpleQueue()
-    for cell in todo:
-        tasks.put(cell.to_dict())
-    by_id = {c.id: c for c in todo}
-    n = min(workers, len(todo))
-    for _ in range(n):
-        tasks.put(None)
+    by_id: dict[str, Cell] = {}
     procs: dict[int, Any] = {}
     running: dict[int, str] = {}
 
@@ -412,20 +450,29 @@ def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, ba
         p.start()
         procs[wid] = p
 
-    for wid in range(n):
-        start(wid)
-    remaining = len(todo)
+    def dispatch() -> None:
+        while queue and len(by_id) - len(finished) < workers:
+            cell = queue.pop()
+            by_id[cell.id] = cell
+            tasks.put(cell.to_dict())
+            # A free slot: never started, or its worker ended between cells. A worker that died
+            # mid-cell keeps its slot until the loop below has recorded its cell.
+            free = [w for w in range(workers)
+                    if w not in procs or (not procs[w].is_alive() and w not in running)]
+            if workers - len(free) < len(by_id) - len(finished):
+                start(free[0])
+
     restarts = 0
     finished: set[str] = set()
 
     def finish(row: dict) -> None:
-        nonlocal remaining
         finished.add(row["cell"])
-        record(row)
-        remaining -= 1
+        record(row)   # may add cells to the queue (``more``)
+        dispatch()
 
+    dispatch()
     try:
-        while remaining:
+        while len(by_id) > len(finished):
             if not results.empty():
                 kind, wid, payload = results.get()
                 if kind == "start":
@@ -439,23 +486,28 @@ def _run_pool(todo: Sequence[Cell], workdir: str, workers: int, cell_fn: str, ba
             dead = [wid for wid, p in procs.items() if not p.is_alive()]
             if not results.empty():  # read what the dead said before judging them
                 continue
+            in_flight = len(by_id) > len(finished)
             for wid in dead:
                 p = procs[wid]
+                if p.is_alive():  # already replaced (``dispatch`` starts workers as needed)
+                    continue
                 if wid in running:  # died mid-cell (segfault, OOM killer)
+                    start(wid)  # its replacement takes the next cell dispatched
                     finish(_failed_row(by_id[running.pop(wid)],
                                        f"worker process died (exit code {p.exitcode})"))
-                    start(wid)  # takes the sentinel the dead worker never reached
-                elif p.exitcode != 0 and remaining:  # died between cells (e.g. at start-up)
+                elif p.exitcode != 0 and in_flight:  # died between cells (e.g. at start-up)
                     restarts += 1
                     if restarts > 3 * workers:
                         raise RuntimeError(f"sweep workers keep dying (last exit code "
                                            f"{p.exitcode}); run with --workers=1 to see why")
                     start(wid)
-            if remaining and not any(p.is_alive() for p in procs.values()):
+            if len(by_id) > len(finished) and not any(p.is_alive() for p in procs.values()):
                 # Every worker is gone yet cells are unaccounted for (a worker died between
                 # taking a cell and announcing it): record them rather than wait forever.
-                for cell in [c for c in todo if c.id not in finished]:
+                for cell in [c for cid, c in by_id.items() if cid not in finished]:
                     finish(_failed_row(cell, "lost: its worker process died before reporting it"))
+        for _ in procs:   # every cell is done: each worker takes one sentinel and ends
+            tasks.put(None)
     finally:
         for p in procs.values():
             if p.is_alive():

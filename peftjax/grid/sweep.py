@@ -35,7 +35,8 @@ Two-stage tuning (``selection_seeds``, a subset of ``seeds``): a variant with a 
 grid value on the selection seeds only; once those cells have finished, the value with the best
 mean validation score (``peftjax.grid.report.select``) runs on the other seeds. Before that, the
 other seeds' cells are *deferred* (``expand_with_selection`` reports them; the sweep script
-re-expands after each round). Test is read for the chosen value only, as always.
+re-expands after every finished cell, so they start as soon as the choice is made, ahead of
+later variants: ``runner.run(more=...)``). Test is read for the chosen value only, as always.
 
 Everything is validated at expansion, before any cell runs: an unknown model, task, method or
 config key, or a value of the wrong type, raises :class:`GridError` naming the cell and the

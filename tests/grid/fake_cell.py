@@ -18,6 +18,7 @@ def cell(cell, celldir: str) -> dict:
         raise NonFiniteLossError(f"loss is NaN at step 2 (lr={lr})", step=2)
     if cell.variant in os.environ.get("FAKE_CRASH_VARIANTS", "").split(","):
         os._exit(3)
+    started = time.time()
     progress = os.path.join(celldir, "progress")
     start = int(open(progress).read()) if os.path.exists(progress) else 0
     with open(os.path.join(celldir, "starts"), "a") as f:  # one line per (re)start of the cell
@@ -34,4 +35,4 @@ def cell(cell, celldir: str) -> dict:
                                                "test": {"accuracy": score - 0.01, "macro_f1": score}},
             "trainable_params": 1000, "trainable_percent": 1.0, "step_time_s": 0.01,
             "peak_memory_bytes": 1e6, "config": cell.config, "resumed_from": start,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "started": started}

@@ -123,6 +123,33 @@ def test_worker_processes_run_every_cell_once_and_survive_a_crashing_cell(tmp_pa
     assert len({r[0]["pid"] for r in rows.values() if r[0]["status"] == "ok"} - {os.getpid()}) >= 1
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_seeds_a_selection_releases_start_before_later_variants_in_the_same_run(tmp_path, monkeypatch,
+                                                                             workers):
+    """With ``more`` (the sweep re-expanded after every cell), a variant's other seeds join the
+    queue as soon as its selection finishes, ahead of later variants: one run, no idle rounds."""
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.1")
+    d = {**definition(seeds=(0, 1, 2)), "selection_seeds": [0]}
+    d["variants"] = {"a": d["variants"]["a"], "b": {**d["variants"]["a"], "method": "bitfit"}}
+    store = ResultsStore(os.path.join(tmp_path, "results.jsonl"))
+    cells, deferred = sweep.expand_with_selection(d)
+    assert len(cells) == 4 and len(deferred) == 8
+    counts = runner.run(cells, str(tmp_path), workers=workers, cell_fn=FAKE, progress=False,
+                        more=lambda: sweep.expand_with_selection(d, store.read())[0])
+    rows = sorted(store.read(), key=lambda r: r["started"])
+    assert (counts["total"], counts["ok"], counts["failed"]) == (8, 8, 0)
+    chosen = {"train.learning_rate": 2e-3}   # the fake cell scores the larger rate higher
+    assert sorted((r["variant"], r["seed"]) for r in rows if r["seed"]) == [
+        ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert all(r["hp"] == chosen for r in rows if r["seed"])
+    order = [(r["variant"], r["seed"], r["hp"]["train.learning_rate"]) for r in rows]
+    if workers == 1:
+        assert order == [("a", 0, 1e-3), ("a", 0, 2e-3), ("a", 1, 2e-3), ("a", 2, 2e-3),
+                         ("b", 0, 1e-3), ("b", 0, 2e-3), ("b", 1, 2e-3), ("b", 2, 2e-3)]
+    else:   # b's first rate fills the worker a's selection leaves; a's seeds come next
+        assert order.index(("a", 1, 2e-3)) < order.index(("b", 0, 2e-3))
+
+
 def test_bad_cell_function_fails_before_running(tmp_path):
     with pytest.raises(ValueError, match="module:function"):
         runner.run(sweep.expand(definition())[:1], str(tmp_path), cell_fn="nocolon", progress=False)
