@@ -350,9 +350,6 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
                         "(sweep.NEUTRAL_DEFAULTS): %s", len(moved), workdir,
                         ", ".join(f"{a} -> {b}" for a, b in list(moved.items())[:10]))
     ResultsStore(os.path.join(workdir, "stamps.jsonl")).append(stamp())
-    if definition is not None:
-        write_json_atomic(os.path.join(workdir, "sweep.json"),
-                          {"definition": definition, "cells": [c.id for c in cells]}, indent=1, sort_keys=True)
     store = ResultsStore(os.path.join(workdir, "results.jsonl"))
     # No bars at all: the cells' training bars go too (train.progress is display only; the
     # workers inherit the environment, train_cell reads it).
@@ -362,7 +359,14 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
     bar = tqdm(total=0, unit="cell", desc="sweep", position=0, dynamic_ncols=True,
                disable=not progress, smoothing=0.0)
     queue = _Queue(workdir, retry_failed, counts, bar)
-    queue.add(cells)
+
+    def add(cells: Sequence[Cell]) -> None:
+        """Queues the new ones; ``sweep.json`` lists every cell this run has been given."""
+        if queue.add(cells) and definition is not None:
+            write_json_atomic(os.path.join(workdir, "sweep.json"),
+                              {"definition": definition, "cells": list(queue.seen)}, indent=1, sort_keys=True)
+
+    add(cells)
 
     def record(row: dict) -> None:
         store.append(row)
@@ -371,7 +375,7 @@ def run(cells: Sequence[Cell], workdir: str, *, workers: int = 1, retry_failed: 
         if row["status"] == "failed":
             bar.write(f"FAILED {row['label']} ({row['cell']}): {row['error']}")
         if more is not None:
-            queue.add(more())
+            add(more())
 
     try:
         if workers == 1:
@@ -397,10 +401,11 @@ class _Queue:
         self.seen: dict[str, Cell] = {}
         self.todo: list[Cell] = []
 
-    def add(self, cells: Sequence[Cell]) -> None:
+    def add(self, cells: Sequence[Cell]) -> int:
+        """Queues the cells not seen before; returns how many there were."""
         fresh = list({c.id: c for c in cells if c.id not in self.seen}.values())
         if not fresh:
-            return
+            return 0
         state = status(fresh, self.workdir)
         self.seen.update((c.id, c) for c in fresh)
         retried = {c.id for c in fresh if state[c.id] == "failed" and self.retry_failed}
@@ -414,6 +419,7 @@ class _Queue:
         self.todo = sorted(self.todo + starts, key=lambda c: place.get(c.id, len(place)))
         self.bar.total += len(fresh)
         self.bar.update(len(fresh) - len(starts))
+        return len(fresh)
 
     def pop(self) -> Cell:
         return self.todo.pop(0)

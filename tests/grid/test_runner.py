@@ -135,9 +135,11 @@ def test_seeds_a_selection_releases_start_before_later_variants_in_the_same_run(
     cells, deferred = sweep.expand_with_selection(d)
     assert len(cells) == 4 and len(deferred) == 8
     counts = runner.run(cells, str(tmp_path), workers=workers, cell_fn=FAKE, progress=False,
-                        more=lambda: sweep.expand_with_selection(d, store.read())[0])
+                        definition=d, more=lambda: sweep.expand_with_selection(d, store.read())[0])
     rows = sorted(store.read(), key=lambda r: r["started"])
     assert (counts["total"], counts["ok"], counts["failed"]) == (8, 8, 0)
+    with open(os.path.join(tmp_path, "sweep.json")) as f:   # lists the released cells too
+        assert sorted(json.load(f)["cells"]) == sorted(r["cell"] for r in rows)
     chosen = {"train.learning_rate": 2e-3}   # the fake cell scores the larger rate higher
     assert sorted((r["variant"], r["seed"]) for r in rows if r["seed"]) == [
         ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
