@@ -85,10 +85,7 @@ def main(argv):
             state = runner.status(cells, FLAGS.workdir)
             # A diverged run is failed for the runner (not rerun) but a lost grid value for the
             # selection: listed as such.
-            from peftjax.grid import report
-
-            lost = {sweep.recorded_id(r) or r["cell"]
-                    for r in report.diverged_rows(_results(FLAGS.workdir))}
+            lost = sweep.diverged_ids(_results(FLAGS.workdir))
             state = {cid: "diverged" if cid in lost and s == "failed" else s for cid, s in state.items()}
             for c in cells:
                 print(f"{c.id}  {state[c.id]:<8}  {c.label}")

@@ -235,8 +235,9 @@ def small_multiples(panels: Mapping[str, dict], stem: str, *, xlabel: str, ylabe
                     floor: float | None = None) -> list[str]:
     """One small panel per label, on shared axes: ``panels[label] = {"x": [...], "y": [...],
     "chosen": x or None, "note": str, "diverged": [x, ...]}`` — the chosen point ringed in red,
-    the note in the corner, a value whose run diverged marked ✕ "NaN" at the bottom. Why: a hyperparameter grid per method (learning-rate sensitivity) is read one
-    method at a time; twenty lines on one axes are not.
+    the note in the corner, a value whose run diverged marked ✕ "NaN" at the bottom. Why: a
+    hyperparameter grid per method (learning-rate sensitivity) is read one method at a time;
+    twenty lines on one axes are not.
 
     ``floor``: the shared y axis starts there; a point below it (a rate that diverged to the
     class prior) is drawn as a ▼ on the floor with its value, so one collapse does not flatten

@@ -163,7 +163,6 @@ class Selection:
         """One note per grid value whose run diverged, with the seeds and the step."""
         return _divergence_notes(self.diverged)
 
-
     def stat(self, path: str) -> tuple[float, float]:
         return _mean_std([_get(r, path) for r in self.rows])
 

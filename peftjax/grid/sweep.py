@@ -350,6 +350,14 @@ def expand(definition: Mapping[str, Any] | ml_collections.ConfigDict) -> list[Ce
     return cells
 
 
+def diverged_ids(results: Sequence[dict]) -> set[str]:
+    """The ids of cells whose latest run diverged (NaN/inf): a grid value that lost, which the
+    runner counts as failed (not rerun) and the selection as settled."""
+    from peftjax.grid import report
+
+    return {recorded_id(r) or r["cell"] for r in report.diverged_rows(results)}
+
+
 def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigDict,
                           results: Sequence[dict] = ()) -> tuple[list[Cell], list[Cell]]:
     """``(cells to run, deferred cells)`` under two-stage tuning (``selection_seeds``).
@@ -366,7 +374,7 @@ def expand_with_selection(definition: Mapping[str, Any] | ml_collections.ConfigD
     d = _plain(definition)
     sel_seeds = set(d.get("selection_seeds") or d["seeds"])
     done = {recorded_id(r) or r["cell"]: r for r in report.finished_rows(results)}
-    diverged = {recorded_id(r) or r["cell"] for r in report.diverged_rows(results)}
+    diverged = diverged_ids(results)
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.model, c.task, c.variant), []).append(c)
