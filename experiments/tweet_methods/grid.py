@@ -98,7 +98,8 @@ VARIANTS = {
     "prompt_tuning": {"method": "prompt_tuning", **lrs(3e-3, 3e-2, 3e-1)},
     # At 1600 steps 1e-3 won tweet_sentiment's validation at the grid's lower edge (77.43; best step
     # the last one); 3e-3 stayed at the class prior (validation 42.9-44.3: training loss back at
-    # ln 3 once warm-up reached the peak rate): extended downwards.
+    # ln 3 once warm-up reached the peak rate): extended downwards, towards Li & Liang's rates for
+    # prefixes trained through the MLP (5e-5..8e-5 on GPT-2), as these are.
     "prefix_tuning": {"method": "prefix_tuning", **lrs(3e-4, 1e-3, 3e-3, 1e-2)},
     # At 1600 steps 3e-3 won tweet_sentiment's validation at the grid's upper edge (77.97 vs
     # 76.44 at 1e-3, 74.21 at 3e-4; best step the last one at every rate): extended, on both tasks.
