@@ -131,9 +131,9 @@ def test_committed_definitions_expand():
         "full", "linear_probe", "lora", "lora_qv", "adapter_houlsby", "bitfit", "prompt_tuning"}
     # 3 learning rates x 3 seeds before selection; AdaLoRA's, Pfeiffer adapters',
     # Child-tuning_D's, _F's, HiRA's, (IA)3's, LN tuning's, LoRA-FA's, LoRA-GA's, prefix
-    # tuning's and VeRA's grids (sentiment), query/value LoRA's, full fine-tuning's, BitFit's and prompt
-    # tuning's (both tasks) were extended by one value each; LoRA on NF4 and int8 bases (issue 20)
-    # at LoRA's chosen rate run their 3 seeds directly
+    # tuning's and VeRA's grids (sentiment), query/value LoRA's, full fine-tuning's, BitFit's
+    # and prompt tuning's (both tasks) were extended by one value each; LoRA on NF4 and int8
+    # bases (issue 20) at LoRA's chosen rate run their 3 seeds directly
     assert len(cells) == ((25 + 7) * 3 + 19) * 3 + 2 * 3
     run, deferred = sweep.expand_with_selection(tweets)
     assert len(run) == (25 + 7) * 3 + 19 + 2 * 3 and {c.seed for c in run} == {0, 1, 2}
