@@ -9,8 +9,18 @@ fresh folder under ``--workdir``:
 * **before**: the definition with ``--before`` applied over every cell (default: no length
   grouping, batches padded to powers of two) and no persistent compilation cache — a sweep as it
   ran before those features;
-* **after**: the definition as written, with the sweep's compilation cache (empty at the start,
-  so filling it is paid for).
+* **after**: the definition with ``--after`` applied over every cell (default: nothing, the
+  definition as written), with the sweep's compilation cache (empty at the start, so filling it
+  is paid for).
+
+``--after`` lets a definition written before the throughput settings existed be measured with
+them on, so that "the same definition, before and after" holds for an old grid too, e.g. the
+40-step tweet_methods that issue 18 called "today"::
+
+    git show 58864fa:experiments/tweet_methods/grid.py > /tmp/grid_40step.py
+    python scripts/bench_sweep.py --config=/tmp/grid_40step.py --only='tweet_sentiment/(full|lora|bitfit)/' \\
+        --limit=9 --workers=2 --workdir=/tmp/bench_40step \\
+        --after='{"train": {"group_by_length": 50, "bucket_multiple": 8}}'
 
 For each side it prints cells, wall time and cells per hour, the mean seconds per cell, the
 fixed overhead per cell (cell seconds − steps × steady step time: set-up, compilation,
@@ -38,12 +48,14 @@ flags.DEFINE_integer("limit", 4, "cells per side (the first that --only selects)
 flags.DEFINE_integer("workers", 2, "cells run at once (as scripts/sweep.py --workers)")
 flags.DEFINE_string("before", '{"train": {"group_by_length": 0, "bucket_multiple": 0}}',
                     "JSON {section: {key: value}} applied over every cell for the 'before' side")
+flags.DEFINE_string("after", "{}", "JSON {section: {key: value}} applied over every cell for the "
+                    "'after' side ({}: the definition as written)")
 flags.DEFINE_string("cell_fn", "peftjax.grid.runner:train_cell", "as scripts/sweep.py --cell_fn")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _overridden(cell, overrides: dict):
+def _overridden(cell, overrides: dict, flag: str = "--before"):
     """The cell with ``overrides`` set in its resolved config (and the id that config hashes to)."""
     import dataclasses
 
@@ -53,23 +65,23 @@ def _overridden(cell, overrides: dict):
     for section, values in overrides.items():
         for key, value in values.items():
             if key not in config.get(section, {}):
-                raise ValueError(f"--before: {section}.{key} is not a key of the train config")
+                raise ValueError(f"{flag}: {section}.{key} is not a key of the train config")
             config[section][key] = value
     return dataclasses.replace(cell, config=config, id=sweep.cell_id(config, cell.rank_sweep))
 
 
-def _check_train_overrides(overrides: dict) -> None:
-    """``--before``'s train keys against configs/train.py's before the definition is expanded
+def _check_train_overrides(overrides: dict, flag: str = "--before") -> None:
+    """``--before``'s (or ``--after``'s) train keys against configs/train.py's before the definition is expanded
     (building its models takes seconds; a typo should not)."""
     from configs.train import train_defaults
 
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise ValueError(f"--before must be a JSON object of sections, e.g. "
+        raise ValueError(f"{flag} must be a JSON object of sections, e.g. "
                          f'{{"train": {{"bucket_multiple": 0}}}}; got {overrides!r}')
     valid = train_defaults()
     unknown = sorted(set(overrides.get("train", {})) - set(valid))
     if unknown:
-        raise ValueError(f"--before: {', '.join('train.' + k for k in unknown)} is not a key of the "
+        raise ValueError(f"{flag}: {', '.join('train.' + k for k in unknown)} is not a key of the "
                          f"train config; valid: {', '.join(sorted(valid))}")
 
 
@@ -111,16 +123,19 @@ def main(argv):
         return 2
     try:
         before = json.loads(FLAGS.before)
+        after = json.loads(FLAGS.after)
         _check_train_overrides(before)
+        _check_train_overrides(after, "--after")
         cells = sweep.select(FLAGS.only, sweep.expand(FLAGS.config))[0][:FLAGS.limit]
         before_cells = [_overridden(c, before) for c in cells]
+        after_cells = [_overridden(c, after, "--after") for c in cells]
     except (ValueError, sweep.GridError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     definition = sweep._plain(FLAGS.config)
     print(f"{len(cells)} cells per side, {FLAGS.workers} workers:\n  " + "\n  ".join(c.label for c in cells))
     sides = [_side("before", before_cells, os.path.join(FLAGS.workdir, "before"), False, definition),
-             _side("after", cells, os.path.join(FLAGS.workdir, "after"), True, definition)]
+             _side("after", after_cells, os.path.join(FLAGS.workdir, "after"), True, definition)]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     print(f"{'side':<7} {'cells':>5} {'wall s':>8} {'cells/h':>8} {'s/cell':>7} {'overhead s':>10} "
           f"{'step s':>7} {'pad train':>9} {'pad val':>8}")
@@ -132,7 +147,7 @@ def main(argv):
     print(f"after/before: {ratio:.2f}x cells per hour")
     write_json_atomic(os.path.join(FLAGS.workdir, "bench_sweep.json"),
                       {"sides": sides, "ratio": ratio, "cells": [c.label for c in cells],
-                       "before_overrides": before, "workers": FLAGS.workers}, indent=1)
+                       "before_overrides": before, "after_overrides": after, "workers": FLAGS.workers}, indent=1)
     return 0
 
 
