@@ -71,8 +71,8 @@ def _overridden(cell, overrides: dict, flag: str = "--before"):
 
 
 def _check_train_overrides(overrides: dict, flag: str = "--before") -> None:
-    """``--before``'s (or ``--after``'s) train keys against configs/train.py's before the definition is expanded
-    (building its models takes seconds; a typo should not)."""
+    """``--before``'s (or ``--after``'s) train keys against configs/train.py's, before the
+    definition is expanded (building its models takes seconds; a typo should not)."""
     from configs.train import train_defaults
 
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
@@ -147,7 +147,8 @@ def main(argv):
     print(f"after/before: {ratio:.2f}x cells per hour")
     write_json_atomic(os.path.join(FLAGS.workdir, "bench_sweep.json"),
                       {"sides": sides, "ratio": ratio, "cells": [c.label for c in cells],
-                       "before_overrides": before, "after_overrides": after, "workers": FLAGS.workers}, indent=1)
+                       "before_overrides": before, "after_overrides": after,
+                       "workers": FLAGS.workers}, indent=1)
     return 0
 
 
