@@ -55,7 +55,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _overridden(cell, overrides: dict, flag: str = "--before"):
+def _overridden(cell, overrides: dict, flag: str):
     """The cell with ``overrides`` set in its resolved config (and the id that config hashes to)."""
     import dataclasses
 
@@ -70,11 +70,12 @@ def _overridden(cell, overrides: dict, flag: str = "--before"):
     return dataclasses.replace(cell, config=config, id=sweep.cell_id(config, cell.rank_sweep))
 
 
-def _check_train_overrides(overrides: dict, flag: str = "--before") -> None:
-    """``--before``'s (or ``--after``'s) train keys against configs/train.py's, before the
-    definition is expanded (building its models takes seconds; a typo should not)."""
+def _parsed_overrides(flag: str) -> dict:
+    """``--before``'s or ``--after``'s JSON, its train keys checked against configs/train.py's
+    before the definition is expanded (building its models takes seconds; a typo should not)."""
     from configs.train import train_defaults
 
+    overrides = json.loads(getattr(FLAGS, flag.lstrip("-")))
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise ValueError(f"{flag} must be a JSON object of sections, e.g. "
                          f'{{"train": {{"bucket_multiple": 0}}}}; got {overrides!r}')
@@ -83,6 +84,7 @@ def _check_train_overrides(overrides: dict, flag: str = "--before") -> None:
     if unknown:
         raise ValueError(f"{flag}: {', '.join('train.' + k for k in unknown)} is not a key of the "
                          f"train config; valid: {', '.join(sorted(valid))}")
+    return overrides
 
 
 def _side(name: str, cells, workdir: str, compile_cache: bool, definition: dict) -> dict:
@@ -122,12 +124,9 @@ def main(argv):
               "nothing (no results, no compilation cache)", file=sys.stderr)
         return 2
     try:
-        before = json.loads(FLAGS.before)
-        after = json.loads(FLAGS.after)
-        _check_train_overrides(before)
-        _check_train_overrides(after, "--after")
+        before, after = _parsed_overrides("--before"), _parsed_overrides("--after")
         cells = sweep.select(FLAGS.only, sweep.expand(FLAGS.config))[0][:FLAGS.limit]
-        before_cells = [_overridden(c, before) for c in cells]
+        before_cells = [_overridden(c, before, "--before") for c in cells]
         after_cells = [_overridden(c, after, "--after") for c in cells]
     except (ValueError, sweep.GridError) as e:
         print(f"error: {e}", file=sys.stderr)
